@@ -1,0 +1,240 @@
+"""Model directories: the native format, and Hugging Face GPT-2 export and import.
+
+Native (`relaygpt-native`):
+    config.json        model config, tokenizer identity, chat template, provenance
+    model.safetensors  weights (a tied LM head is stored once, as transformer.wte.weight)
+    tokenizer/         tokenizer.json + ranks.tiktoken
+
+Hugging Face (`--format hf`): config.json (model_type gpt2), model.safetensors with Conv1D
+layouts, vocab.json + merges.txt, loadable by `transformers.GPT2LMHeadModel.from_pretrained`.
+
+Loading never unpickles: weights come from safetensors only. Directories are written under a
+temporary name and renamed into place, so an interrupted export never looks complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.bpe import gpt2_files_from_ranks
+from model.chat import TEMPLATE_INFO
+from model.config import GPTConfig
+from model.errors import RelayError
+from model.gpt import GPT
+from model.tokenizer import EOT, Tokenizer
+
+NATIVE_FORMAT = "relaygpt-native"
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RelayError(f"{out}: exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _weights_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as transformer.wte.weight
+    return state
+
+
+def save_model_dir(model: GPT, tokenizer: Tokenizer, out: str | Path, provenance: dict | None = None) -> Path:
+    """Write a native model directory for `model` and `tokenizer`."""
+    meta = {
+        "format": NATIVE_FORMAT,
+        "version": 1,
+        "model": model.config.to_dict(),
+        "tokenizer": {**tokenizer.identity, "path": "tokenizer"},
+        "chat_template": TEMPLATE_INFO,
+        "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})},
+    }
+    with atomic_dir(out) as tmp:
+        save_file(_weights_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp / "tokenizer")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RelayError(f"{path.parent}: not a model directory (no config.json)") from None
+    except json.JSONDecodeError as exc:
+        raise RelayError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict]:
+    """Model, tokenizer and metadata from a native or a Hugging Face GPT-2 directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RelayError(f"{path}: model directory does not exist")
+    meta = _read_json(path / "config.json")
+    if meta.get("model_type") == "gpt2":
+        model, tokenizer, meta = import_hf(path)
+    elif meta.get("format") == NATIVE_FORMAT:
+        config = GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
+        tokenizer = Tokenizer.from_dir(path / meta["tokenizer"].get("path", "tokenizer"))
+        if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
+            raise RelayError(f"{path / 'tokenizer'}: tokenizer sha256 does not match config.json; the directory was modified")
+        with torch.device("meta"):
+            model = GPT(config)
+        state = _load_safetensors(path / "model.safetensors")
+        if config.tie_embeddings:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        _assign(model, state, path)
+    else:
+        raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 (model_type gpt2)")
+    if dtype is not None or device != "cpu":
+        model = model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, tokenizer, meta
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise RelayError(f"{path}: missing") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise RelayError(f"{path}: cannot read weights ({exc})") from None
+
+
+def _assign(model: GPT, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Load `state` into a model built on the meta device (no double allocation)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise RelayError(f"{where}: weights do not match the config (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise RelayError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[name].shape)}")
+    model.load_state_dict(state, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+
+
+# ---- Hugging Face GPT-2 ------------------------------------------------------------------
+
+def hf_incompatibilities(config: GPTConfig) -> list[str]:
+    """Why `config` cannot be expressed as a transformers GPT-2 (empty when it can)."""
+    needs = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True}
+    out = [f"model.{k} is {getattr(config, k)!r} (GPT-2 needs {v!r})" for k, v in needs.items() if getattr(config, k) != v]
+    if config.kv_heads != config.n_head:
+        out.append(f"model.n_kv_head is {config.kv_heads} (GPT-2 has no grouped-query attention; needs n_head = {config.n_head})")
+    return out
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
+    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
+    config = model.config
+    problems = hf_incompatibilities(config)
+    if problems:
+        raise RelayError("--format hf needs a GPT-2-compatible model: " + "; ".join(problems))
+    hf_config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.padded_vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.mlp_hidden,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.eot_id,
+        "eos_token_id": tokenizer.eot_id,
+        "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
+    }
+    state = {}
+    for name, tensor in _weights_for_saving(model).items():
+        state[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor
+    vocab, merges = gpt2_files_from_ranks(tokenizer.mergeable_ranks, tokenizer.special_tokens)
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
+            "model_max_length": config.block_size, "add_prefix_space": False,
+        }, indent=2) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def import_hf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
+    """A transformers GPT-2 directory (config.json, model.safetensors, vocab.json, merges.txt)."""
+    path = Path(path)
+    hf = _read_json(path / "config.json")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise RelayError(f"{path / 'config.json'}: activation_function {activation!r} is not supported (gelu_new only)")
+    vocab_size = hf.get("relaygpt", {}).get("vocab_size", hf["vocab_size"])
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        block_size=hf.get("n_positions", 1024),
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+        n_inner=hf.get("n_inner") or None,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        dropout=0.0,
+        pad_vocab_multiple=64,
+    )
+    recorded = hf.get("relaygpt", {}).get("tokenizer", {})
+    tokenizer = Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+    if recorded and recorded.get("sha256") != tokenizer.sha256:
+        raise RelayError(f"{path}: vocab.json / merges.txt do not match the tokenizer recorded in config.json")
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise RelayError(f"{path}: no model.safetensors (only safetensors weights are loaded; pickled .bin files are refused)")
+    raw = _load_safetensors(weights)
+    state = {}
+    for name, tensor in raw.items():
+        key = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of old checkpoints
+        state[key] = tensor.t().contiguous() if key.endswith(CONV1D_SUFFIXES) else tensor
+    state.pop("lm_head.weight", None)
+    wte = state["transformer.wte.weight"]
+    if wte.size(0) < config.padded_vocab_size:  # pad the vocabulary with zero rows
+        state["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(config.padded_vocab_size - wte.size(0), wte.size(1))])
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    with torch.device("meta"):
+        model = GPT(config)
+    _assign(model, {k: v.float() for k, v in state.items()}, weights)
+    meta = {"format": "hf-gpt2", "model": config.to_dict(), "tokenizer": tokenizer.identity, "provenance": {"imported_from": str(path.resolve())}}
+    return model, tokenizer, meta

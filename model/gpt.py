@@ -1,0 +1,249 @@
+"""The GPT model: a plain decoder-only transformer with GPT-2 parameter names.
+
+No distributed code lives here: data, tensor and pipeline parallelism are applied from the
+outside (DeepSpeed wraps this module; `model/pipe.py` re-cuts the same blocks into pipeline
+layers). Inference state (the KV cache) is passed in by the caller, see `model/generate.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import GPTConfig
+
+IGNORE_INDEX = -100  # a label with this value contributes nothing to the loss
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: GPTConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for `position_ids` (B, T), each (B, 1, T, head_dim/2).
+
+    Computed per forward in fp32: the cost is T * head_dim/2 multiplications, nothing next
+    to the matmuls, and it keeps pipeline stages free of shared buffers.
+    """
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (
+        -torch.arange(0, half, device=position_ids.device, dtype=torch.float32) / half
+    )
+    angles = position_ids.float()[:, None, :, None] * inv_freq  # (B, 1, T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of every head of x (B, nh, T, hs) by the given angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, written in place as tokens arrive.
+
+    k, v: (n_layer, B, n_kv_head, max_len, head_dim). `length` is how many positions are
+    filled (the same for every row: prompts of different lengths are left-padded).
+    `key_mask` (B, max_len) marks the positions that hold real tokens; None means all do.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device, dtype) -> None:
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        self.key_mask: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) after the cached positions; return all keys and values."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv_out = (config.n_head + 2 * config.kv_heads) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hs)
+        # Without a cache or a mask the plain causal kernel applies; a cache or padding
+        # brings its own mask (built once per forward in GPT.attention_mask).
+        is_causal = attn_mask is None and kv_cache is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU fuses gate and up projections into one matmul (gate first).
+        fc_out = config.mlp_hidden * (2 if self.swiglu else 1)
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, attn_mask=None, kv_cache=None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over labels that are not IGNORE_INDEX, in fp32.
+
+    A batch with no supervised token gives 0 (with a gradient of zeros) instead of NaN.
+    """
+    flat = labels.reshape(-1)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    count = (flat != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=make_norm(config),
+        )
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(lambda m: init_weights(m, config))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) — (B, 1, V) with `last_only` — and the loss when labels are given.
+
+        labels (B, T) are already aligned with the inputs (labels[t] is the token after
+        input t); IGNORE_INDEX marks positions outside the loss.
+        attention_mask (B, T) marks real tokens (0 on left padding); with a KV cache it
+        covers the new tokens only and is remembered for later steps.
+        """
+        B, T = input_ids.shape
+        offset = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        if offset + T > self.config.block_size and self.config.position == "learned":
+            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(input_ids)  # (B, T, C)
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(position_ids)
+        x = self.transformer.drop(x)
+        rope = rope_tables(self.config, position_ids) if self.config.position == "rope" else None
+        attn_mask = self.attention_mask(T, attention_mask, kv_cache, input_ids.device)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return logits, loss
+
+    @staticmethod
+    def attention_mask(T, padding_mask, kv_cache, device) -> torch.Tensor | None:
+        """Boolean (B, 1, T, Tk) mask of allowed keys, or None when plain causal suffices."""
+        offset = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and padding_mask is not None:
+            if kv_cache.key_mask is None:
+                kv_cache.key_mask = torch.ones(padding_mask.size(0), kv_cache.max_len, dtype=torch.bool, device=device)
+            kv_cache.key_mask[:, offset : offset + T] = padding_mask.bool()
+        key_mask = kv_cache.key_mask if kv_cache is not None else padding_mask
+        if key_mask is None and (kv_cache is None or T == 1):
+            return None  # causal kernel, or one new token that may see the whole cache
+        Tk = offset + T
+        rows = torch.arange(offset, Tk, device=device)[:, None]
+        causal = torch.arange(Tk, device=device)[None, :] <= rows  # (T, Tk)
+        if key_mask is None:
+            return causal[None, None]
+        allowed = causal[None] & key_mask[:, None, :Tk].bool()  # (B, T, Tk)
+        # A padding query would see no key at all and produce NaN, which then leaks through
+        # zero attention weights; letting it see itself keeps every row finite.
+        allowed |= (rows == torch.arange(Tk, device=device)[None, :])[None]
+        return allowed[:, None]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_weights(module: nn.Module, config: GPTConfig) -> None:
+    """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, (CausalSelfAttention, MLP)):
+        nn.init.normal_(module.c_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))

@@ -1,0 +1,165 @@
+"""The GPT cut into DeepSpeed pipeline layers: the same blocks, as LayerSpecs.
+
+Layer order (indices are what DeepSpeed partitions and names parameters by):
+
+    0            token embedding            (TiedLayerSpec "embed" when embeddings are tied)
+    1            position embedding + dropout
+    2 .. L+1     transformer blocks
+    L+2          final norm
+    L+3          LM head                    (the tied "embed" module again, used as a matmul)
+
+With tied embeddings the first and last stages each hold a copy of the token embedding and
+DeepSpeed all-reduces its gradient between them, so they stay one matrix. `gpt_key` maps a
+pipeline parameter name to the GPT parameter name, which is how weights move between the two
+layouts (tests, checkpoint export). This is the only file in model/ that imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import GPTConfig
+from model.gpt import Block, init_weights, lm_loss, make_norm, rope_tables
+
+EMBED_KEY = "embed"
+
+
+class TokenEmbeddingPipe(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids)  # (B, T, C)
+
+
+def tied_head(module: TokenEmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    """The token embedding used as the LM head on the last stage."""
+    return F.linear(x, module.wte.weight)  # (B, T, V)
+
+
+class PositionPipe(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.learned = config.position == "learned"
+        if self.learned:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+            nn.init.normal_(self.wpe.weight, mean=0.0, std=0.02)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.learned:
+            x = x + self.wpe(torch.arange(x.size(1), device=x.device))
+        return self.drop(x)
+
+
+class BlockPipe(Block):
+    """A transformer block that takes only hidden states (pipeline stages pass one tensor)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.config = config
+        self.apply(lambda m: init_weights(m, config))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rope = None
+        if self.config.position == "rope":
+            positions = torch.arange(x.size(1), device=x.device).expand(x.size(0), -1)
+            rope = rope_tables(self.config, positions)
+        return super().forward(x, rope)
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_f = make_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(x)
+
+
+class LMHeadPipe(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)
+
+
+def layer_specs(config: GPTConfig) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if config.tie_embeddings:
+        embed = TiedLayerSpec(EMBED_KEY, TokenEmbeddingPipe, config, tied_weight_attr=["wte.weight"])
+        head = TiedLayerSpec(EMBED_KEY, TokenEmbeddingPipe, config, forward_fn=tied_head, tied_weight_attr=["wte.weight"])
+    else:
+        embed = LayerSpec(TokenEmbeddingPipe, config)
+        head = LayerSpec(LMHeadPipe, config)
+    blocks = [LayerSpec(BlockPipe, config) for _ in range(config.n_layer)]
+    return [embed, LayerSpec(PositionPipe, config), *blocks, LayerSpec(FinalNormPipe, config), head]
+
+
+def build_pipeline(
+    config: GPTConfig,
+    num_stages: int,
+    *,
+    partition_method: str = "type:BlockPipe",
+    activation_checkpoint_interval: int = 0,
+    topology=None,
+    seed: int = 1234,
+):
+    """A DeepSpeed PipelineModule of `config` over `num_stages` (needs torch.distributed up).
+
+    partition_method "type:BlockPipe" balances the transformer blocks across stages (the
+    embedding rides with the first, the head with the last); "parameters" balances by size.
+    """
+    from deepspeed.pipe import PipelineModule
+
+    return PipelineModule(
+        layers=layer_specs(config),
+        num_stages=None if topology is not None else num_stages,
+        topology=topology,
+        loss_fn=lm_loss,
+        partition_method=partition_method,
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        checkpointable_layers=["BlockPipe"],
+        base_seed=seed,
+    )
+
+
+_LAYER_KEY = re.compile(r"^(\d+)\.(.+)$")
+
+
+def gpt_key(config: GPTConfig, pipe_key: str) -> str:
+    """The GPT parameter name of a PipelineModule parameter name."""
+    if pipe_key.startswith(f"tied_modules.{EMBED_KEY}."):
+        return "transformer." + pipe_key.removeprefix(f"tied_modules.{EMBED_KEY}.")
+    match = _LAYER_KEY.match(pipe_key)
+    if not match:
+        raise KeyError(f"not a pipeline parameter name: {pipe_key}")
+    layer, rest = int(match.group(1)), match.group(2)
+    if layer == 0 or layer == 1:  # token embedding (untied) / position embedding
+        return f"transformer.{rest}"
+    if layer < config.n_layer + 2:
+        return f"transformer.h.{layer - 2}.{rest}"
+    if layer == config.n_layer + 2:
+        return f"transformer.{rest}"
+    return rest  # lm_head.weight
+
+
+def load_gpt_state(pipe: nn.Module, config: GPTConfig, gpt_state: dict[str, torch.Tensor]) -> None:
+    """Copy GPT weights into the layers this pipeline stage holds."""
+    own = pipe.state_dict()
+    pipe.load_state_dict({key: gpt_state[gpt_key(config, key)] for key in own}, strict=True)
+
+
+def gpt_state_of_stage(pipe: nn.Module, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """This stage's weights under their GPT names (a union over stages is the full model)."""
+    return {gpt_key(config, key): value for key, value in pipe.state_dict().items()}

@@ -1,0 +1,95 @@
+"""Generation over files of prompts: read JSONL, generate in batches, write JSONL in order.
+
+Input lines hold `prompt` (text), `messages` (a chat, rendered with the chat template) or
+`prompt_tokens` (ids). Each output line is the input object plus `completion`,
+`prompt_tokens`, `completion_tokens` and `finish_reason` (DESIGN.md, "Generation output").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from model.chat import render_chat
+from model.errors import RelayError
+from model.generate import SamplingParams, generate
+from model.tokenizer import Tokenizer
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Rows of a prompts file; a malformed line is an error naming file:line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise RelayError(f"{path}: prompts file does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise RelayError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RelayError(f"{path}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict) or not ({"prompt", "messages", "prompt_tokens"} & row.keys()):
+            raise RelayError(f"{path}:{n}: each line needs one of 'prompt', 'messages' or 'prompt_tokens'")
+        row["_line"] = n
+        rows.append(row)
+    if not rows:
+        raise RelayError(f"{path}: no prompts in the file")
+    return rows
+
+
+def prompt_ids(row: dict, tokenizer: Tokenizer, chat: bool, where: str) -> list[int]:
+    """Token ids of one prompt row; with `chat`, rendered with the template + open assistant turn."""
+    if "prompt_tokens" in row:
+        ids = row["prompt_tokens"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < tokenizer.n_vocab for i in ids):
+            raise RelayError(f"{where}: prompt_tokens must be a list of ids in [0, {tokenizer.n_vocab})")
+        return ids
+    if chat:
+        messages = row.get("messages") or [{"role": "user", "content": row.get("prompt", "")}]
+        try:
+            return render_chat(tokenizer, messages, add_generation_prompt=True)[0]
+        except RelayError as exc:
+            raise RelayError(f"{where}: {exc}") from None
+    if "prompt" not in row or not isinstance(row["prompt"], str):
+        raise RelayError(f"{where}: 'messages' needs --chat; without it give 'prompt' text")
+    return tokenizer.encode(row["prompt"])
+
+
+def complete_rows(model, tokenizer: Tokenizer, rows: list[dict], params: SamplingParams, *, chat: bool, batch_size: int, where: str = "") -> list[dict]:
+    """Generate for `rows` (batched, sorted by length to limit padding); results in input order."""
+    if chat:
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, tokenizer.end_of_turn_id, tokenizer.eot_id)})
+    elif not params.stop_token_ids:
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (tokenizer.eot_id,)})
+    prompts = [prompt_ids(row, tokenizer, chat, f"{where}:{row.get('_line', i + 1)}") for i, row in enumerate(rows)]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    results: list[dict | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        completions = generate(model, [prompts[i] for i in batch], params)
+        for i, completion in zip(batch, completions):
+            row = {k: v for k, v in rows[i].items() if k != "_line"}
+            row.update(
+                completion=tokenizer.decode(completion.tokens),
+                prompt_tokens=prompts[i],
+                completion_tokens=completion.tokens,
+                finish_reason=completion.finish_reason,
+            )
+            results[i] = row
+    return results  # type: ignore[return-value]
+
+
+def write_jsonl(rows: list[dict], out: str | Path) -> None:
+    """Write rows to `out` via a temporary file, so a failed run leaves no partial output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)

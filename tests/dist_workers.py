@@ -1,0 +1,34 @@
+"""Functions that run inside the processes of tests/distributed.py (importable by spawn)."""
+
+from __future__ import annotations
+
+
+def pipeline_losses(config_kwargs: dict, stage_counts: list[int], batch_seed: int) -> dict:
+    """Loss of one batch through a DeepSpeed PipelineModule for each number of stages."""
+    import deepspeed
+    import torch
+
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from model.pipe import build_pipeline, load_gpt_state
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    config = GPTConfig(**config_kwargs)
+    torch.manual_seed(0)
+    reference = GPT(config)
+    g = torch.Generator().manual_seed(batch_seed)
+    x = torch.randint(0, config.vocab_size, (4, 24), generator=g)
+    y = torch.randint(0, config.vocab_size, (4, 24), generator=g)
+    out = {}
+    for stages in stage_counts:
+        pipe = build_pipeline(config, stages)
+        load_gpt_state(pipe, config, reference.state_dict())
+        # Every data-parallel rank gets the whole batch, so each computes the full-batch loss;
+        # with 2 stages, eval_batch broadcasts the last stage's loss to the first.
+        engine, *_ = deepspeed.initialize(model=pipe, config={
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "steps_per_print": 10**9,
+        })
+        out[stages] = float(engine.eval_batch(iter([(x, y)])))
+    return out

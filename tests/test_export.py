@@ -1,0 +1,82 @@
+"""Native model directories: exact round trips, clear refusals, nothing half-written."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, tiny_config
+from model.errors import RelayError
+from model.export import export_hf, load_model_dir, save_model_dir
+from model.generate import SamplingParams, generate
+from model.gpt import GPT
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_native_round_trip_is_exact(arch, trained_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(trained_tokenizer.n_vocab, **ARCHITECTURES[arch])).eval()
+    save_model_dir(model, trained_tokenizer, tmp_path / "m", provenance={"stage": "test"})
+    loaded, tok, meta = load_model_dir(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert tok == trained_tokenizer and meta["provenance"]["stage"] == "test"
+    assert meta["tokenizer"]["sha256"] == trained_tokenizer.sha256
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    if model.config.tie_embeddings:
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    # Generation from the export equals generation from the in-memory model.
+    prompts = [trained_tokenizer.encode("ROMEO:"), trained_tokenizer.encode("To be, or not to be")]
+    params = SamplingParams(max_new_tokens=20)
+    assert [c.tokens for c in generate(loaded, prompts, params)] == [c.tokens for c in generate(model, prompts, params)]
+
+
+def test_hf_export_refuses_non_gpt2_architectures(trained_tokenizer, tmp_path):
+    model = GPT(tiny_config(trained_tokenizer.n_vocab, **ARCHITECTURES["modern"]))
+    with pytest.raises(RelayError, match=r"model\.position is 'rope' \(GPT-2 needs 'learned'\)"):
+        export_hf(model, trained_tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_loading_refuses_bad_directories(trained_tokenizer, tmp_path):
+    with pytest.raises(RelayError, match="does not exist"):
+        load_model_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RelayError, match="no config.json"):
+        load_model_dir(tmp_path / "empty")
+    model = GPT(tiny_config(trained_tokenizer.n_vocab))
+    save_model_dir(model, trained_tokenizer, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RelayError, match="cannot read weights"):
+        load_model_dir(tmp_path / "m")
+    save_model_dir(model, trained_tokenizer, tmp_path / "m2")
+    meta = json.loads((tmp_path / "m2" / "config.json").read_text())
+    meta["model"]["n_layer"] = 3
+    (tmp_path / "m2" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(RelayError, match="weights do not match the config"):
+        load_model_dir(tmp_path / "m2")
+
+
+def test_failed_export_leaves_no_directory(trained_tokenizer, tmp_path, monkeypatch):
+    import model.export as export
+
+    model = GPT(tiny_config(trained_tokenizer.n_vocab))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_file", boom)
+    with pytest.raises(OSError):
+        save_model_dir(model, trained_tokenizer, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_re_export_replaces_the_previous_directory(trained_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    first = GPT(tiny_config(trained_tokenizer.n_vocab))
+    second = GPT(tiny_config(trained_tokenizer.n_vocab))
+    save_model_dir(first, trained_tokenizer, tmp_path / "m")
+    save_model_dir(second, trained_tokenizer, tmp_path / "m")
+    loaded, _, _ = load_model_dir(tmp_path / "m")
+    assert torch.equal(loaded.transformer.wte.weight, second.transformer.wte.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
