@@ -34,6 +34,13 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a job field (repeatable)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the job's output_dir)")
+    p.add_argument("--run-id", default="default", help="run directory name under OUT/<job-name>/ (default: default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relaygpt", description="Train, fine-tune, evaluate and chat with GPT models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=_positive_int, required=True, help="full vocabulary, special tokens included")
     train.add_argument("--out", required=True, metavar="DIR")
     train.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare and inspect a job's data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = data_sub.add_parser("prepare", help="tokenizer + token shards for every data stage of a job")
+    inspect = data_sub.add_parser("inspect", help="rendered samples and statistics of a prepared stage")
+    for p in (prep, inspect):
+        _add_job_args(p)
+    prep.set_defaults(func=cmd_data_prepare)
+    inspect.add_argument("--stage", choices=("pretrain", "sft"), default="sft")
+    inspect.add_argument("-n", type=_positive_int, default=3, dest="num_samples", help="samples to show")
+    inspect.set_defaults(func=cmd_data_inspect)
 
     export = sub.add_parser("export", help="write a model directory (native or Hugging Face GPT-2)")
     export.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR", help="a native or Hugging Face GPT-2 model directory")
@@ -91,6 +109,45 @@ def cmd_tokenizer_train(args) -> int:
     start = time.perf_counter()
     tok = train_tokenizer_from_files(args.input, args.vocab_size, args.out)
     print(f"trained {tok.n_vocab}-token BPE in {time.perf_counter() - start:.1f}s -> {args.out} (sha256 {tok.sha256[:12]})")
+    return 0
+
+
+def _job_and_run_dir(args):
+    from jobs.spec import load_job
+
+    job = load_job(args.job, args.overrides)
+    return job, job.run_dir(args.run_id, args.out)
+
+
+def cmd_data_prepare(args) -> int:
+    import time
+
+    from pipelines.data.prepare import prepare_data
+
+    job, run_dir = _job_and_run_dir(args)
+    start = time.perf_counter()
+    result = prepare_data(job, run_dir)
+    print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir / 'tokenizer'}")
+    for stage in ("pretrain", "sft"):
+        if stage in result:
+            m = result[stage]
+            state = "up to date" if m["cached"] else "prepared"
+            counts = ", ".join(f"{name} {split['tokens']} tokens" for name, split in m["splits"].items())
+            print(f"{stage}: {state} ({counts}) -> {run_dir / 'data' / stage}")
+    print(f"done in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from pipelines.data.inspect import describe
+    from pipelines.data.prepare import prepare_data
+
+    job, run_dir = _job_and_run_dir(args)
+    if args.stage == "pretrain" and job.data.pretrain is None or args.stage == "sft" and job.data.sft is None:
+        raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
+    result = prepare_data(job, run_dir, stages=(args.stage,))
+    seq_len = job.model.config(result["tokenizer"].n_vocab).block_size
+    print(describe(run_dir / "data" / args.stage, result["tokenizer"], args.num_samples, seq_len))
     return 0
 
 

@@ -61,17 +61,3 @@ def trained_tokenizer(tmp_path_factory, shakespeare):
     tok = Tokenizer.train([shakespeare[:300_000]], 1024, name="shakespeare-1k")
     tok.save(tmp_path_factory.mktemp("tok") / "shakespeare-1k")
     return tok
-
-
-def tiny_config(vocab_size: int, **overrides):
-    from model.config import GPTConfig
-
-    base = dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=64)
-    return GPTConfig(**{**base, **overrides})
-
-
-# Architectures every numerics test runs on: GPT-2 style and the modern variant.
-ARCHITECTURES = {
-    "gpt2": {},
-    "modern": dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
-}

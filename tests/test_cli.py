@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from model.export import load_model_dir, save_model_dir
 from model.gpt import GPT
 

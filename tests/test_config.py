@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import ARCHITECTURES, tiny_config
+from helpers import ARCHITECTURES, tiny_config
 from model.config import PRESETS, GPTConfig, preset
 from model.errors import ConfigError
 from model.gpt import GPT

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, tiny_config
+from helpers import ARCHITECTURES, tiny_config
 from model.errors import RelayError
 from model.export import export_hf, load_model_dir, save_model_dir
 from model.generate import SamplingParams, generate

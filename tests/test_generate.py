@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, tiny_config
+from helpers import ARCHITECTURES, tiny_config
 from model.errors import ConfigError
 from model.generate import SamplingParams, generate, generate_naive, stream
 from model.gpt import GPT

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ARCHITECTURES, tiny_config
+from helpers import ARCHITECTURES, tiny_config
 from model.export import export_hf, import_hf
 from model.gpt import GPT, IGNORE_INDEX
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHITECTURES
+from helpers import ARCHITECTURES
 from dist_workers import pipeline_losses
 from distributed import run_distributed
 from model.config import GPTConfig

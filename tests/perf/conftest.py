@@ -5,14 +5,12 @@ asserts a wall-clock time."""
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import conftest as _root  # noqa: E402,F401  (offline environment, tiktoken cache)
+# tests/conftest.py (the offline environment, the tiktoken cache, shared fixtures) applies here too.
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 

@@ -1,0 +1,140 @@
+"""Batches for training: fixed-length windows in a seeded shuffled order, sharded by rank.
+
+Pretraining windows are `seq_len + 1` consecutive tokens at a stride of `seq_len`; SFT rows
+are the packed rows themselves, with their loss masks. Each epoch visits the windows in a
+permutation fixed by (seed, epoch). At every step the next `micro_batch * dp_size` windows of
+the permutation are taken and data-parallel rank r gets the r-th slice, so ranks see disjoint
+windows; an epoch's remainder that cannot fill a whole step is skipped. The state (epoch,
+position) is the same on every rank and is all a checkpoint needs for a resumed run to see
+exactly the batches the uninterrupted run would have seen.
+
+Pipeline engines: the first and the last stage of a data-parallel rank build the same loader
+(same rank, seed and state), so both see the same batches (inputs and labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.errors import RelayError
+from model.gpt import IGNORE_INDEX
+from pipelines.data.shards import load_split, read_manifest, verify_shards
+
+
+class TokenWindows:
+    """Overlapping-by-one windows over a pretraining split's token stream."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+        self.num_windows = max(0, (len(tokens) - 1) // seq_len)
+
+    def window(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        start = i * self.seq_len
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64), None
+
+
+class PackedRows:
+    """SFT rows (rows, seq_len + 1) with their loss masks."""
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, row_len: int) -> None:
+        self.tokens, self.mask = tokens.reshape(-1, row_len), mask.reshape(-1, row_len)
+        self.seq_len = row_len - 1
+        self.num_windows = len(self.tokens)
+
+    def window(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.asarray(self.tokens[i], dtype=np.int64), np.asarray(self.mask[i])
+
+
+def open_split(directory: str | Path, split: str, seq_len: int | None = None, verify: bool = True):
+    """Windows of a prepared data directory's split; shards are hash-checked first."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise RelayError(f"{directory}: no manifest.json; prepare the data first (relaygpt data prepare)")
+    if verify:
+        verify_shards(directory, manifest)
+    if manifest["kind"] == "sft":
+        tokens = load_split(directory, manifest, split)
+        mask = load_split(directory, manifest, split, key="mask_file")
+        return PackedRows(tokens, mask, manifest["row_len"])
+    if seq_len is None:
+        raise ValueError("pretraining windows need seq_len")
+    return TokenWindows(load_split(directory, manifest, split), seq_len)
+
+
+def to_batch(windows, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) LongTensors (B, T); y is IGNORE_INDEX where the mask excludes the target."""
+    rows, masks = zip(*(windows.window(int(i)) for i in indices))
+    data = torch.from_numpy(np.stack(rows))
+    x, y = data[:, :-1].contiguous(), data[:, 1:].clone()
+    if masks[0] is not None:
+        keep = torch.from_numpy(np.stack(masks)[:, 1:].astype(bool))
+        y[~keep] = IGNORE_INDEX
+    return x, y
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    position: int = 0  # windows of this epoch's permutation already handed out (all ranks)
+
+
+class BatchLoader:
+    """Infinite iterator of this rank's micro-batches, resumable from `state_dict()`."""
+
+    def __init__(self, windows, micro_batch: int, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0) -> None:
+        self.windows, self.micro_batch = windows, micro_batch
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.step_windows = micro_batch * dp_size
+        if windows.num_windows < self.step_windows:
+            raise RelayError(
+                f"the data has {windows.num_windows} windows of {windows.seq_len} tokens, fewer than one step needs "
+                f"(micro_batch {micro_batch} x data-parallel {dp_size}); add data or shrink the batch"
+            )
+        self.state = LoaderState()
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.windows.num_windows // self.step_windows
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows.num_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_indices(self) -> np.ndarray:
+        if self.state.position + self.step_windows > self.windows.num_windows:
+            self.state = LoaderState(self.state.epoch + 1, 0)
+        start = self.state.position + self.dp_rank * self.micro_batch
+        indices = self._permutation(self.state.epoch)[start : start + self.micro_batch]
+        self.state.position += self.step_windows
+        return indices
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_batch(self.windows, self.next_indices())
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoaderState(int(state["epoch"]), int(state["position"]))
+
+
+def eval_batches(windows, micro_batch: int, *, dp_rank: int = 0, dp_size: int = 1, max_batches: int | None = None):
+    """Validation batches in file order, disjoint across ranks; every rank yields the same count."""
+    per_step = micro_batch * dp_size
+    steps = windows.num_windows // per_step
+    if max_batches is not None:
+        steps = min(steps, max_batches)
+    for step in range(steps):
+        start = step * per_step + dp_rank * micro_batch
+        yield to_batch(windows, range(start, start + micro_batch))
