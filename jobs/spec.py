@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from model.config import PRESETS, GPTConfig
 from model.errors import RelayError
-from model.tokenizer import STANDARD_ENCODINGS
+from pipelines.data.config import DataSpec, TokenizerSpec
+from pipelines.spec_base import Strict
+from pipelines.train_config import ClusterSpec, StagesSpec
 
 
 class JobError(RelayError):
@@ -29,102 +31,6 @@ class JobError(RelayError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems))
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ---- tokenizer ---------------------------------------------------------------------------
-
-class TrainTokenizerSpec(Strict):
-    """A byte-level BPE trained on the pretraining text."""
-
-    vocab_size: int = Field(ge=512, description="full vocabulary, special tokens included")
-    max_chars: int = Field(20_000_000, ge=1, description="at most this much pretraining text is read for training")
-
-
-class TokenizerSpec(Strict):
-    """Exactly one of: a standard encoding, a .tiktoken file (+ sha256), a directory, or train."""
-
-    encoding: str | None = None
-    file: str | None = None
-    sha256: str | None = None
-    dir: str | None = None
-    train: TrainTokenizerSpec | None = None
-
-    @field_validator("encoding")
-    @classmethod
-    def _known_encoding(cls, value):
-        if value is not None and value not in STANDARD_ENCODINGS:
-            raise ValueError(f"unknown encoding {value!r}; valid: {', '.join(STANDARD_ENCODINGS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [k for k in ("encoding", "file", "dir", "train") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of encoding, file, dir, train (got {', '.join(given) or 'none'})")
-        if self.sha256 is not None and self.file is None:
-            raise ValueError("sha256 applies to tokenizer.file only")
-        return self
-
-
-# ---- data --------------------------------------------------------------------------------
-
-SFT_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
-
-
-class SourceSpec(Strict):
-    """One data source. `weight` scales how many of its documents enter the mix: 2.0 repeats
-    every document twice, 0.5 keeps a deterministic half."""
-
-    type: Literal["text", "json", "parquet", "csv", "hub", "synthetic"]
-    path: str | None = Field(None, description="file or glob (text, json, parquet, csv)")
-    field: str | None = Field(None, description="text field (pretraining from json/parquet/csv/hub); default 'text'")
-    split_by: Literal["file", "blank_line"] = Field("file", description="text files: one document per file or per blank-line block")
-    name: str | None = Field(None, description="hub dataset name")
-    config: str | None = Field(None, description="hub dataset config")
-    split: str = Field("train", description="hub dataset split")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_response"] = "auto"
-    weight: float = Field(1.0, gt=0)
-
-    @model_validator(mode="after")
-    def _needs(self):
-        if self.type in ("text", "json", "parquet", "csv") and not self.path:
-            raise ValueError(f"a {self.type} source needs 'path'")
-        if self.type == "hub" and not self.name:
-            raise ValueError("a hub source needs 'name' (the dataset name on the hub)")
-        return self
-
-
-class PretrainDataSpec(Strict):
-    sources: list[SourceSpec] = Field(min_length=1)
-    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="documents held out for validation (by document hash)")
-    shard_tokens: int = Field(1 << 26, ge=1024, description="tokens per shard file")
-
-
-class SFTDataSpec(Strict):
-    sources: list[SourceSpec] = Field(min_length=1)
-    val_fraction: float = Field(0.05, ge=0, lt=0.5)
-    seq_len: int | None = Field(None, ge=8, description="packed row length; default the model's block_size")
-
-
-class SyntheticSpec(Strict):
-    """The offline demo world (pipelines/data/synthetic.py)."""
-
-    seed: int = 0
-    num_people: int = Field(48, ge=4)
-    held_out_fraction: float = Field(0.25, gt=0, lt=1)
-    mentions_per_fact: int = Field(8, ge=1, description="how often pretraining states each fact, in varied phrasings")
-    num_arithmetic: int = Field(300, ge=0)
-
-
-class DataSpec(Strict):
-    num_proc: int = Field(2, ge=1, description="processes for tokenization (datasets.map)")
-    pretrain: PretrainDataSpec | None = None
-    sft: SFTDataSpec | None = None
-    synthetic: SyntheticSpec = SyntheticSpec()
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -174,6 +80,43 @@ class JobSpec(Strict):
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerSpec
     data: DataSpec
+    stages: StagesSpec = StagesSpec()
+    cluster: ClusterSpec = ClusterSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        """Cross-field checks, each naming its field; raised together as one error per line."""
+        problems = []
+        config = self.model.config(vocab_size=1024)
+        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > config.block_size:
+            problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {config.block_size}")
+        for name in ("pretrain", "sft"):
+            stage = getattr(self.stages, name)
+            if stage is None:
+                continue
+            where, ds = f"stages.{name}", stage.deepspeed
+            if getattr(self.data, name) is None:
+                problems.append(f"{where}: needs a data.{name} section")
+            pp, workers = ds.pipeline_stages, self.cluster.num_workers
+            if pp > 1 and ds.zero_stage > 1:
+                problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} cannot be combined with pipeline_stages {pp}; "
+                                "DeepSpeed's pipeline engine supports ZeRO 0 and 1")
+            if pp > config.n_layer:
+                problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {config.n_layer} layers (at most one stage per layer)")
+            if workers % pp:
+                problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})")
+            elif stage.global_batch is not None:
+                dp = workers // pp
+                if stage.global_batch != stage.micro_batch * stage.grad_accum * dp:
+                    problems.append(f"{where}.global_batch: {stage.global_batch} != micro_batch {stage.micro_batch} x grad_accum "
+                                    f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
+            if stage.seq_len is not None and stage.seq_len > config.block_size:
+                problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {config.block_size}")
+            if name == "sft" and stage.seq_len is not None:
+                problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     # Where the job file lives: relative paths in it resolve against this folder.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -255,6 +198,13 @@ def _format_loc(loc: tuple) -> str:
 def _problems(exc: ValidationError, where: str, lines: dict[tuple, int]) -> list[str]:
     problems = []
     for err in exc.errors():
+        if err["type"] == "value_error" and "\n" in err["msg"] or re.match(r"Value error, [a-z_]+(\.[a-z_0-9]+)+: ", err["msg"]):
+            for line_msg in err["msg"].removeprefix("Value error, ").split("\n"):
+                path, _, text = line_msg.partition(": ")
+                loc = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+                line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+                problems.append(f"{where}:{line}: {path}: {text}" if line else f"{where}: {path}: {text}")
+            continue
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("list", "union"))))
         named = re.search(r"unknown key '([^']+)'", err["msg"])
         if named and (*loc, named.group(1)) in lines:  # a section's validator naming one of its keys

@@ -130,8 +130,46 @@ def build_pipeline(
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=["BlockPipe"],
+        seed_layers=True,  # layer i is initialised under seed + i, whatever stage holds it
+        seed_fn=seed_layer,
         base_seed=seed,
     )
+
+
+def seed_layer(seed) -> None:
+    """Seed torch before building a layer. (DeepSpeed's default also seeds `random` with the
+    layer index as a numpy integer, which Python 3.11's random.seed rejects.)"""
+    torch.manual_seed(int(seed))
+
+
+def layer_classes(config: GPTConfig) -> list[type[nn.Module]]:
+    """The module class of every pipeline layer index (the tied head repeats the embedding)."""
+    head = TokenEmbeddingPipe if config.tie_embeddings else LMHeadPipe
+    return [TokenEmbeddingPipe, PositionPipe, *([BlockPipe] * config.n_layer), FinalNormPipe, head]
+
+
+@torch.no_grad()
+def init_like_pipeline(model: nn.Module, seed: int) -> nn.Module:
+    """Initialise a plain GPT exactly as `build_pipeline(seed=seed)` initialises its layers.
+
+    The pipeline seeds layer i with seed + i before building it, so its weights do not depend
+    on how layers are spread over stages; doing the same here makes a pp=1 run start from the
+    very weights a pp=2 or pp=4 run starts from. (A tied head is the embedding again: the
+    pipeline copies the first stage's embedding to the last stage, so it is skipped here.)
+    """
+    config = model.config
+    state = {}
+    for idx, cls in enumerate(layer_classes(config)):
+        if idx == config.n_layer + 3 and config.tie_embeddings:
+            continue
+        torch.manual_seed(seed + idx)
+        layer = cls(config)
+        for key, value in layer.state_dict().items():
+            state[gpt_key(config, f"{idx}.{key}")] = value
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 _LAYER_KEY = re.compile(r"^(\d+)\.(.+)$")

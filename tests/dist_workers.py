@@ -32,3 +32,15 @@ def pipeline_losses(config_kwargs: dict, stage_counts: list[int], batch_seed: in
         })
         out[stages] = float(engine.eval_batch(iter([(x, y)])))
     return out
+
+
+def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, until_step=None) -> dict:
+    """Run one training stage; rank 0 returns the loss of every step it logged."""
+    from jobs.spec import load_job
+    from pipelines.train import train_stage
+
+    job = load_job(job_path, overrides)
+    seen = []
+    result = train_stage(job, stage, run_dir, report=lambda m: seen.append(dict(m)), until_step=until_step)
+    losses = {m["step"]: m["train/loss"] for m in seen if "train/loss" in m}
+    return {"losses": losses, "result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}}

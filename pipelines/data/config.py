@@ -1,0 +1,105 @@
+"""Configs of the data pipeline: tokenizer and data sections of the job file.
+
+Owned here, beside the code that uses them, and composed into the job spec (jobs/spec.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from model.tokenizer import STANDARD_ENCODINGS
+from pipelines.spec_base import Strict
+
+
+# ---- tokenizer ---------------------------------------------------------------------------
+
+class TrainTokenizerSpec(Strict):
+    """A byte-level BPE trained on the pretraining text."""
+
+    vocab_size: int = Field(ge=512, description="full vocabulary, special tokens included")
+    max_chars: int = Field(20_000_000, ge=1, description="at most this much pretraining text is read for training")
+
+
+class TokenizerSpec(Strict):
+    """Exactly one of: a standard encoding, a .tiktoken file (+ sha256), a directory, or train."""
+
+    encoding: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    dir: str | None = None
+    train: TrainTokenizerSpec | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value):
+        if value is not None and value not in STANDARD_ENCODINGS:
+            raise ValueError(f"unknown encoding {value!r}; valid: {', '.join(STANDARD_ENCODINGS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("encoding", "file", "dir", "train") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of encoding, file, dir, train (got {', '.join(given) or 'none'})")
+        if self.sha256 is not None and self.file is None:
+            raise ValueError("sha256 applies to tokenizer.file only")
+        return self
+
+
+# ---- data --------------------------------------------------------------------------------
+
+SFT_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
+
+
+class SourceSpec(Strict):
+    """One data source. `weight` scales how many of its documents enter the mix: 2.0 repeats
+    every document twice, 0.5 keeps a deterministic half."""
+
+    type: Literal["text", "json", "parquet", "csv", "hub", "synthetic"]
+    path: str | None = Field(None, description="file or glob (text, json, parquet, csv)")
+    field: str | None = Field(None, description="text field (pretraining from json/parquet/csv/hub); default 'text'")
+    split_by: Literal["file", "blank_line"] = Field("file", description="text files: one document per file or per blank-line block")
+    name: str | None = Field(None, description="hub dataset name")
+    config: str | None = Field(None, description="hub dataset config")
+    split: str = Field("train", description="hub dataset split")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_response"] = "auto"
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.type in ("text", "json", "parquet", "csv") and not self.path:
+            raise ValueError(f"a {self.type} source needs 'path'")
+        if self.type == "hub" and not self.name:
+            raise ValueError("a hub source needs 'name' (the dataset name on the hub)")
+        return self
+
+
+class PretrainDataSpec(Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="documents held out for validation (by document hash)")
+    shard_tokens: int = Field(1 << 26, ge=1024, description="tokens per shard file")
+
+
+class SFTDataSpec(Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    val_fraction: float = Field(0.05, ge=0, lt=0.5)
+    seq_len: int | None = Field(None, ge=8, description="packed row length; default the model's block_size")
+
+
+class SyntheticSpec(Strict):
+    """The offline demo world (pipelines/data/synthetic.py)."""
+
+    seed: int = 0
+    num_people: int = Field(48, ge=4)
+    held_out_fraction: float = Field(0.25, gt=0, lt=1)
+    mentions_per_fact: int = Field(8, ge=1, description="how often pretraining states each fact, in varied phrasings")
+    num_arithmetic: int = Field(300, ge=0)
+
+
+class DataSpec(Strict):
+    num_proc: int = Field(2, ge=1, description="processes for tokenization (datasets.map)")
+    pretrain: PretrainDataSpec | None = None
+    sft: SFTDataSpec | None = None
+    synthetic: SyntheticSpec = SyntheticSpec()

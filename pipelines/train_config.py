@@ -1,0 +1,76 @@
+"""Configs of a training stage (pretrain or SFT): budget, batch, optimizer, DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.spec_base import Strict
+
+
+class OptimizerSpec(Strict):
+    """AdamW with decay / no-decay groups; warmup then decay to lr * min_lr_ratio."""
+
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the floor of the decay, as a fraction of lr")
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
+
+
+class DeepSpeedSpec(Strict):
+    """Rendered into the DeepSpeed config; `extra` is merged in last for anything not covered."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = Field(False, description="keep optimizer states (and the step) on the CPU")
+    pipeline_stages: int = Field(1, ge=1, description="pp: >1 cuts the model into a DeepSpeed PipelineModule")
+    partition_method: str = Field("type:BlockPipe", description="how layers are spread over pipeline stages: type:BlockPipe | parameters | uniform")
+    activation_checkpoint_interval: int = Field(0, ge=0, description="recompute activations every N layers (0: keep them)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainStageSpec(Strict):
+    """One training stage. The run is sized by `steps` or by `tokens` (one of the two)."""
+
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1, description="size the run in tokens: steps = ceil(tokens / tokens per step)")
+    micro_batch: int = Field(8, ge=1, description="sequences per worker per forward")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    global_batch: int | None = Field(None, ge=1, description="if given, must equal micro_batch x grad_accum x data-parallel size")
+    seq_len: int | None = Field(None, ge=8, description="pretraining window length; default the model's block_size (SFT rows come from data.sft.seq_len)")
+    optimizer: OptimizerSpec = OptimizerSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(10, ge=1, description="validation micro-batches per rank")
+    checkpoint_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+    log_every: int = Field(10, ge=1)
+    peak_tflops: float | None = Field(None, gt=0, description="peak FLOP/s (in TFLOP/s) per device for MFU when the GPU is not in the built-in table")
+    init: str | None = Field(None, description="start from a model directory; for sft the default is the pretrain stage's export")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of steps, tokens")
+        return self
+
+
+class StagesSpec(Strict):
+    pretrain: TrainStageSpec | None = None
+    sft: TrainStageSpec | None = None
+
+
+class ClusterSpec(Strict):
+    """Where the job runs. No address: an embedded Ray on this machine."""
+
+    address: str | None = Field(None, description="Ray address (ray://host:10001 or host:6379); none starts a local Ray")
+    num_workers: int = Field(1, ge=1, description="training workers (= world size = data-parallel x pipeline)")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1, description="worker failures Ray Train recovers from (-1: unlimited)")

@@ -1,0 +1,163 @@
+"""The training engine: parallel layouts agree, resume is exact, checkpoints are safe, SFT masks.
+
+Real DeepSpeed engines under gloo on 1 or 2 local processes, a tiny model, a few steps each.
+"""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.spec import load_job
+from pipelines.data.prepare import prepare_data
+from train_helpers import prepared_run, train, write_base_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The job file and one prepared run directory to copy the data from."""
+    root = tmp_path_factory.mktemp("engine")
+    job_path = write_base_job(root)
+    job = load_job(job_path)
+    prepare_data(job, root / "template")
+    return job_path, root / "template", root
+
+
+def fresh(base, name):
+    job_path, template, root = base
+    return prepared_run(job_path, template, root / name)
+
+
+def weights(run_dir, stage="pretrain"):
+    return load_file(str(run_dir / stage / "model" / "model.safetensors"))
+
+
+def assert_losses_close(a, b, tol):
+    assert a.keys() == b.keys() and len(a) >= 5
+    for step in a:
+        assert abs(a[step] - b[step]) < tol, f"step {step}: {a[step]} vs {b[step]}"
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_pipeline_2_matches_pipeline_1(base, zero_stage):
+    """Tied embeddings across the first and last stage; gradient clipping active (norm > 1)."""
+    job_path = base[0]
+    common = ["stages.pretrain.grad_accum=2", f"stages.pretrain.deepspeed.zero_stage={zero_stage}"]
+    pp1 = train(1, job_path, fresh(base, f"pp1-z{zero_stage}"), common)
+    pp2 = train(2, job_path, fresh(base, f"pp2-z{zero_stage}"), common + ["stages.pretrain.deepspeed.pipeline_stages=2", "cluster.num_workers=2"])
+    assert_losses_close(pp1["losses"], pp2["losses"], 1e-4)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_zero_stages_match_zero_0(base, zero_stage):
+    job_path = base[0]
+    reference = train(2, job_path, fresh(base, f"z0-{zero_stage}"), ["cluster.num_workers=2"])
+    other = train(2, job_path, fresh(base, f"z{zero_stage}"), ["cluster.num_workers=2", f"stages.pretrain.deepspeed.zero_stage={zero_stage}"])
+    assert_losses_close(reference["losses"], other["losses"], 1e-4)
+
+
+def test_data_parallel_2_equals_accumulation_2(base):
+    job_path = base[0]
+    dp2 = train(2, job_path, fresh(base, "dp2"), ["cluster.num_workers=2"])
+    acc2 = train(1, job_path, fresh(base, "acc2"), ["stages.pretrain.grad_accum=2"])
+    assert_losses_close(dp2["losses"], acc2["losses"], 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["pp1", "pp2"])
+def test_resume_continues_exactly(base, layout):
+    job_path = base[0]
+    extra = ["cluster.num_workers=2", "stages.pretrain.deepspeed.pipeline_stages=2"] if layout == "pp2" else []
+    world = 2 if layout == "pp2" else 1
+    straight = train(world, job_path, fresh(base, f"straight-{layout}"), extra)
+    run = fresh(base, f"resumed-{layout}")
+    first = train(world, job_path, run, extra, until_step=3)  # interrupted at step 3 (checkpointed)
+    second = train(world, job_path, run, extra)  # finds step 3 and continues to 6
+    combined = {**first["losses"], **second["losses"]}
+    assert sorted(second["losses"]) == [4, 5, 6]
+    for step, loss in straight["losses"].items():
+        assert abs(combined[step] - loss) < 1e-6, f"step {step}: {combined[step]} vs {loss}"
+    a, b = weights(base[2] / f"straight-{layout}"), weights(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_truncated_checkpoint_is_skipped_and_the_previous_used(base, capfd):
+    job_path = base[0]
+    run = fresh(base, "truncated")
+    train(1, job_path, run, ["stages.pretrain.steps=6"])
+    newest = run / "pretrain" / "checkpoints" / "step_00000006"
+    victim = max((p for p in newest.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    capfd.readouterr()
+    again = train(1, job_path, run, ["stages.pretrain.steps=8"])  # a longer run of the same job
+    out = capfd.readouterr().out
+    assert f"skipping checkpoint {newest}" in out and "truncated" in out
+    assert "resumed from" in out and "step_00000003" in out
+    assert sorted(again["losses"]) == [4, 5, 6, 7, 8]
+
+
+def test_sft_starts_from_the_pretrain_export_and_learns(base):
+    job_path = base[0]
+    run = fresh(base, "sft")
+    train(1, job_path, run)
+    sft = train(1, job_path, run, stage="sft")
+    losses = sft["losses"]
+    assert losses[max(losses)] < losses[min(losses)]
+    from model.export import load_model_dir
+
+    model, tok, meta = load_model_dir(run / "sft" / "model")
+    assert meta["provenance"]["stage"] == "sft" and model.config.vocab_size == tok.n_vocab
+
+
+def test_changing_masked_targets_leaves_the_loss_unchanged(base):
+    from model.export import load_model_dir
+    from pipelines.data.loader import open_split, to_batch
+
+    run = base[1]
+    rows = open_split(run / "data" / "sft", "train")
+    tokens, mask = rows.window(0)
+
+    class One:
+        seq_len = rows.seq_len
+
+        def __init__(self, t):
+            self.t = t
+
+        def window(self, i):
+            return self.t, mask
+
+    torch.manual_seed(0)
+    from model.gpt import GPT
+    from helpers import tiny_config
+
+    model = GPT(tiny_config(2048, block_size=32))
+    x, y = to_batch(One(tokens), [0])
+    base_loss = model(x, labels=y)[1]
+    masked = int(np.flatnonzero(mask[1:] == 0)[0]) + 1
+    supervised = int(np.flatnonzero(mask[1:] == 1)[0]) + 1
+    changed = tokens.copy()
+    changed[masked] = (changed[masked] + 1) % 700
+    _, y_masked = to_batch(One(changed), [0])
+    assert torch.equal(model(x, labels=y_masked)[1], base_loss)
+    changed = tokens.copy()
+    changed[supervised] = (changed[supervised] + 1) % 700
+    _, y_sup = to_batch(One(changed), [0])
+    assert not torch.equal(model(x, labels=y_sup)[1], base_loss)
+
+
+def test_tensorboard_has_the_scalars(base):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    job_path = base[0]
+    run = fresh(base, "tb")
+    train(1, job_path, run)
+    acc = EventAccumulator(str(run / "pretrain" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/achieved_tflops_per_device",
+                "perf/step_time_s", "perf/peak_memory_gb", "val/loss", "val/bpb"}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert "config/job" in " ".join(acc.Tags()["tensors"]) or acc.Tags().get("text")
