@@ -44,3 +44,71 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
     result = train_stage(job, stage, run_dir, report=lambda m: seen.append(dict(m)), until_step=until_step)
     losses = {m["step"]: m["train/loss"] for m in seen if "train/loss" in m}
     return {"losses": losses, "result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
+
+
+def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmup: int, threads: int) -> dict:
+    """Seconds per optimizer step of the relaygpt Engine on this process group (rank 0 reports)."""
+    import time
+
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.distributed import init_distributed
+    from pipelines.engine import Engine
+    from pipelines.train_config import TrainStageSpec
+
+    torch.set_num_threads(threads)
+    init_distributed()
+    config = GPTConfig(**config_kwargs)
+    stage = TrainStageSpec(**stage_kwargs)
+    engine = Engine(config, stage, total_steps=steps + warmup, init_state=None, seed=0)
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
+
+    def batches():
+        while True:
+            x = torch.randint(0, config.vocab_size, (stage.micro_batch, config.block_size), generator=g)
+            yield x, torch.roll(x, -1, dims=1)
+
+    it = batches()
+    for _ in range(warmup):
+        engine.train_step(it)
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = engine.train_step(it)["loss"]
+    torch.distributed.barrier()
+    return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
+
+
+def plain_loop_throughput(config_kwargs: dict, micro_batch: int, steps: int, warmup: int, threads: int) -> dict:
+    """Seconds per step of a plain PyTorch loop: GPT, AdamW groups, clipping — the engine's peer."""
+    import time
+
+    import torch
+
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from pipelines.engine import param_groups
+
+    torch.set_num_threads(threads)
+    config = GPTConfig(**config_kwargs)
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    opt = torch.optim.AdamW(param_groups(model.named_parameters(), 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x = torch.randint(0, config.vocab_size, (micro_batch, config.block_size), generator=g)
+        _, loss = model(x, labels=torch.roll(x, -1, dims=1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}

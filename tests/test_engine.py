@@ -161,3 +161,44 @@ def test_tensorboard_has_the_scalars(base):
     assert expected <= tags, expected - tags
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert "config/job" in " ".join(acc.Tags()["tensors"]) or acc.Tags().get("text")
+
+
+def test_the_worker_runs_under_torchrun(base, tmp_path):
+    import subprocess
+    import sys
+
+    from distributed import free_port
+
+    job_path = base[0]
+    run = fresh(base, "torchrun")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "pipelines.worker", str(job_path), "--stage", "pretrain", "--run-dir", str(run),
+           "--set", "cluster.num_workers=2", "--set", "stages.pretrain.deepspeed.pipeline_stages=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "[pretrain] done: 6 steps" in proc.stdout
+    assert (run / "pretrain" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("pretrain_layout, sft_layout", [
+    (["stages.pretrain.deepspeed.pipeline_stages=2"], []),  # pp=2 pretrain -> pp=1, dp=2 SFT
+    ([], ["stages.sft.deepspeed.pipeline_stages=2"]),       # dp=2 pretrain -> pp=2 SFT
+])
+def test_export_is_independent_of_the_layout(base, pretrain_layout, sft_layout):
+    job_path = base[0]
+    run = fresh(base, "layout-" + str(len(pretrain_layout)))
+    two = ["cluster.num_workers=2"]
+    train(2, job_path, run, two + pretrain_layout)
+    sft = train(2, job_path, run, two + sft_layout, stage="sft")
+    assert sft["result"]["step"] == 4
+    # The same SFT on one process from the same export gives the same losses.
+    single = fresh(base, "layout-single-" + str(len(pretrain_layout)))
+    import shutil
+
+    shutil.copytree(run / "pretrain" / "model", single / "pretrain" / "model")
+    sft_dp = 1 if sft_layout else 2  # one process accumulates what the data-parallel ranks split
+    one = train(1, job_path, single, [f"stages.sft.grad_accum={sft_dp}"], stage="sft")
+    assert sorted(one["losses"]) == sorted(sft["losses"]) == [1, 2, 3, 4]
+    for step in one["losses"]:
+        assert abs(one["losses"][step] - sft["losses"][step]) < 1e-4

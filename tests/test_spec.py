@@ -1,0 +1,66 @@
+"""Job-file checks on training stages: refused before any worker starts, the field named."""
+
+import pytest
+import yaml
+
+from jobs.spec import JobError, load_job
+from pipelines.engine import deepspeed_config, lr_multiplier
+from pipelines.train_config import OptimizerSpec, TrainStageSpec
+
+
+def job_file(tmp_path, stages, cluster=None):
+    data = {"name": "s", "model": {"preset": "tiny", "n_layer": 4}, "tokenizer": {"encoding": "gpt2"},
+            "data": {"pretrain": {"sources": [{"type": "synthetic"}]}, "sft": {"sources": [{"type": "synthetic"}]}},
+            "stages": stages, "cluster": cluster or {"num_workers": 2}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("stage, cluster, field, words", [
+    ({"steps": 5, "deepspeed": {"pipeline_stages": 2, "zero_stage": 2}}, None,
+     "stages.pretrain.deepspeed.zero_stage", "ZeRO-2 cannot be combined with pipeline_stages 2"),
+    ({"steps": 5, "deepspeed": {"pipeline_stages": 2, "zero_stage": 3}}, None,
+     "stages.pretrain.deepspeed.zero_stage", "ZeRO-3 cannot be combined"),
+    ({"steps": 5, "deepspeed": {"pipeline_stages": 8}}, {"num_workers": 8},
+     "stages.pretrain.deepspeed.pipeline_stages", "8 stages but the model has 4 layers"),
+    ({"steps": 5, "micro_batch": 4, "grad_accum": 2, "global_batch": 12}, None,
+     "stages.pretrain.global_batch", "12 != micro_batch 4 x grad_accum 2 x data-parallel 2 = 16"),
+    ({"steps": 5, "deepspeed": {"pipeline_stages": 2}}, {"num_workers": 3},
+     "cluster.num_workers", "3 workers is not a multiple of stages.pretrain.deepspeed.pipeline_stages (2)"),
+    ({"steps": 5, "tokens": 100}, None, "stages.pretrain", "exactly one of steps, tokens"),
+    ({"steps": 5, "seq_len": 4096}, None, "stages.pretrain.seq_len", "exceeds the model's block_size 256"),
+    ({"steps": 5, "deepspeed": {"zero_stage": 4}}, None, "stages.pretrain.deepspeed.zero_stage", "Input should be 0, 1, 2 or 3"),
+])
+def test_bad_stage_settings_name_the_field(tmp_path, stage, cluster, field, words):
+    with pytest.raises(JobError) as info:
+        load_job(job_file(tmp_path, {"pretrain": stage}, cluster))
+    message = str(info.value)
+    assert f"{field}: " in message and words in message, message
+    assert "job.yaml:" in message
+
+
+def test_a_good_stage_renders_the_deepspeed_config(tmp_path):
+    job = load_job(job_file(tmp_path, {"pretrain": {"steps": 5, "micro_batch": 4, "grad_accum": 2, "global_batch": 16,
+                                                    "deepspeed": {"zero_stage": 2, "offload_optimizer": True,
+                                                                  "extra": {"zero_optimization": {"overlap_comm": True}}}}}))
+    stage = job.stages.pretrain
+    config = deepspeed_config(stage, dp=2, precision="bf16")
+    assert config["train_batch_size"] == 16 and config["train_micro_batch_size_per_gpu"] == 4
+    assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}, "overlap_comm": True}
+    assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize("schedule, at_end", [("cosine", 0.1), ("linear", 0.1), ("constant", 1.0)])
+def test_learning_rate_schedules(schedule, at_end):
+    fn = lr_multiplier(OptimizerSpec(warmup_steps=4, schedule=schedule, min_lr_ratio=0.1), total_steps=20)
+    assert [fn(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert fn(4) == pytest.approx(1.0) and fn(20) == pytest.approx(at_end)
+    if schedule == "cosine":
+        assert fn(12) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    if schedule == "linear":
+        assert fn(12) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_tokens_budget_is_accepted():
+    assert TrainStageSpec(tokens=10_000).steps is None
