@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="DIR")
     train.set_defaults(func=cmd_tokenizer_train)
 
+    run = sub.add_parser("run", help="run a job's stages on Ray (embedded, or --address)")
+    _add_job_args(run)
+    run.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster.address, else embedded)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint")
+    run.add_argument("--from-stage", default=None, choices=("data", "pretrain", "sft", "eval"), help="re-run this stage and the ones after it")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="pre-flight: topology, batch arithmetic, memory per pipeline stage, problems")
+    _add_job_args(plan)
+    plan.set_defaults(func=cmd_plan)
+
     data = sub.add_parser("data", help="prepare and inspect a job's data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prep = data_sub.add_parser("prepare", help="tokenizer + token shards for every data stage of a job")
@@ -116,7 +127,27 @@ def _job_and_run_dir(args):
     from jobs.spec import load_job
 
     job = load_job(args.job, args.overrides)
-    return job, job.run_dir(args.run_id, args.out)
+    return job, job.run_dir(args.run_id, args.out).resolve()
+
+
+def cmd_run(args) -> int:
+    from cluster.driver import format_summary, run_job
+
+    job, run_dir = _job_and_run_dir(args)
+    print(f"relaygpt run {job.name} -> {run_dir}", flush=True)
+    summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
+                      show=lambda line: print(line, flush=True))
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from cluster.plan import format_plan, plan_job
+
+    job, _ = _job_and_run_dir(args)
+    plans, problems = plan_job(job)
+    print(format_plan(job, plans, problems))
+    return EXIT_USAGE if problems else 0
 
 
 def cmd_data_prepare(args) -> int:

@@ -1,9 +1,11 @@
 """The chat template: how a conversation becomes token ids, and which ids carry the loss.
 
-    <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>
+    <|system|> You are terse.<|end|><|user|> Hi<|end|><|assistant|> Hello.<|end|>
 
 Role headers and end-of-turn markers are special tokens placed by id, so no user text can
-forge them. For training, the loss mask is 1 exactly on assistant content and the assistant's
+forge them. Content follows its header after one space (SentencePiece's "dummy prefix"): a
+byte-level BPE then tokenizes a turn's first word as it does a word inside running text, so
+" Paris" in an answer is the same token as " Paris" in the pretraining corpus. For training, the loss mask is 1 exactly on assistant content and the assistant's
 <|end|> (the model must learn to stop), 0 on everything else. For generation the prompt ends
 with an open <|assistant|> header and decoding stops at <|end|>.
 """
@@ -16,7 +18,7 @@ from model.tokenizer import Tokenizer
 ROLES = ("system", "user", "assistant")
 TEMPLATE_INFO = {
     "format": "relaygpt-chat-v1",
-    "turn": "{role_token}{content}<|end|>",
+    "turn": "{role_token} {content}<|end|>",
     "role_tokens": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"},
     "generation_prompt": "<|assistant|>",
     "stop": "<|end|>",
@@ -37,10 +39,15 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict], *, add_generation_pr
         if not isinstance(content, str):
             raise RelayError(f"message {i}: content must be text, got {type(content).__name__}")
         supervised = 1 if role == "assistant" else 0
-        body = tokenizer.encode(content)
+        body = tokenizer.encode(" " + content)
         ids += [headers[role], *body, tokenizer.end_of_turn_id]
         mask += [0] + [supervised] * (len(body) + 1)
     if add_generation_prompt:
         ids.append(tokenizer.assistant_id)
         mask.append(0)
     return ids, mask
+
+
+def strip_reply(text: str) -> str:
+    """The text of a generated reply without the template's separator space."""
+    return text[1:] if text.startswith(" ") else text

@@ -243,6 +243,7 @@ def train_stage(job, stage_name: str, run_dir: str | Path, *, report=None, until
             last.update(metrics)
             if topo.rank == 0:
                 report(metrics)
+                log_metrics(paths["root"] / "metrics.jsonl", metrics)
         if state.step % stage.checkpoint_every == 0 or state.step in (total_steps, stop_at):
             _save(engine, paths["checkpoints"], state, loader, stage, topo)
         timer.lap()  # evaluation and checkpoint time is not step time
@@ -274,6 +275,16 @@ def _save(engine, root: Path, state: TrainState, loader, stage, topo) -> None:
         ckpt.commit(root, state.step)
         ckpt.prune(root, stage.keep_last)
     dist.barrier()
+
+
+def log_metrics(path: Path, metrics: dict) -> None:
+    """Append one JSON line: the stage's metrics log, which the driver's progress display reads."""
+    import json
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.time(), **{k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str))}}) + "\n")
 
 
 def _yaml(data) -> str:

@@ -60,9 +60,25 @@ class TrainStageSpec(Strict):
         return self
 
 
+class EvalStageSpec(Strict):
+    """Batch generation workers (a Ray Data actor pool) scoring models on tasks."""
+
+    models: list[str] = Field(default_factory=lambda: ["base", "assistant"],
+                              description="base (the pretrain export), assistant (the SFT export) or model directories")
+    tasks: list[str] = Field(default_factory=lambda: ["synthetic"], description="task names (pipelines/eval_tasks) or task files")
+    workers: int = Field(1, ge=1, description="generation actors")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, description="examples per task")
+    temperature: float = Field(0.0, ge=0)
+    samples_in_report: int = Field(3, ge=0)
+
+
 class StagesSpec(Strict):
     pretrain: TrainStageSpec | None = None
     sft: TrainStageSpec | None = None
+    eval: EvalStageSpec | None = None
 
 
 class ClusterSpec(Strict):
@@ -73,4 +89,5 @@ class ClusterSpec(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    device_memory_gb: float | None = Field(None, gt=0, description="memory per GPU, for relaygpt plan's fit check (e.g. 80 for an H100)")
     max_failures: int = Field(0, ge=-1, description="worker failures Ray Train recovers from (-1: unlimited)")

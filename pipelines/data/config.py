@@ -94,7 +94,7 @@ class SyntheticSpec(Strict):
     seed: int = 0
     num_people: int = Field(48, ge=4)
     held_out_fraction: float = Field(0.25, gt=0, lt=1)
-    mentions_per_fact: int = Field(8, ge=1, description="how often pretraining states each fact, in varied phrasings")
+    mentions_per_fact: int = Field(48, ge=1, description="biographies per person in pretraining (each states all three facts, in random order and phrasing)")
     num_arithmetic: int = Field(300, ge=0)
 
 

@@ -1,8 +1,10 @@
 """Batches for training: fixed-length windows in a seeded shuffled order, sharded by rank.
 
-Pretraining windows are `seq_len + 1` consecutive tokens at a stride of `seq_len`; SFT rows
-are the packed rows themselves, with their loss masks. Each epoch visits the windows in a
-permutation fixed by (seed, epoch). At every step the next `micro_batch * dp_size` windows of
+Pretraining windows are `seq_len + 1` consecutive tokens at a stride of `seq_len`, shifted
+by an offset in [0, seq_len) drawn per epoch, so a small corpus is not cut at the same
+boundaries every epoch (which lets a model memorise tokens by position instead of learning
+from context); SFT rows are the packed rows themselves, with their loss masks. Each epoch
+visits the windows in a permutation; offset and permutation are fixed by (seed, epoch). At every step the next `micro_batch * dp_size` windows of
 the permutation are taken and data-parallel rank r gets the r-th slice, so ranks see disjoint
 windows; an epoch's remainder that cannot fill a whole step is skipped. The state (epoch,
 position) is the same on every rank and is all a checkpoint needs for a resumed run to see
@@ -28,24 +30,31 @@ from pipelines.data.shards import load_split, read_manifest, verify_shards
 class TokenWindows:
     """Overlapping-by-one windows over a pretraining split's token stream."""
 
+    shifts = True  # windows may start at an epoch's offset
+
     def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
         self.tokens, self.seq_len = tokens, seq_len
-        self.num_windows = max(0, (len(tokens) - 1) // seq_len)
+        # Room is kept for any offset below seq_len, so every epoch has the same count.
+        self.num_windows = max(0, (len(tokens) - 1 - (seq_len - 1)) // seq_len) if len(tokens) > 2 * seq_len else max(0, (len(tokens) - 1) // seq_len)
+        self.max_offset = seq_len if len(tokens) > 2 * seq_len else 1
 
-    def window(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        start = i * self.seq_len
+    def window(self, i: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        start = offset + i * self.seq_len
         return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64), None
 
 
 class PackedRows:
     """SFT rows (rows, seq_len + 1) with their loss masks."""
 
+    shifts = False
+    max_offset = 1
+
     def __init__(self, tokens: np.ndarray, mask: np.ndarray, row_len: int) -> None:
         self.tokens, self.mask = tokens.reshape(-1, row_len), mask.reshape(-1, row_len)
         self.seq_len = row_len - 1
         self.num_windows = len(self.tokens)
 
-    def window(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def window(self, i: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         return np.asarray(self.tokens[i], dtype=np.int64), np.asarray(self.mask[i])
 
 
@@ -66,9 +75,9 @@ def open_split(directory: str | Path, split: str, seq_len: int | None = None, ve
     return TokenWindows(load_split(directory, manifest, split), seq_len)
 
 
-def to_batch(windows, indices) -> tuple[torch.Tensor, torch.Tensor]:
+def to_batch(windows, indices, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) LongTensors (B, T); y is IGNORE_INDEX where the mask excludes the target."""
-    rows, masks = zip(*(windows.window(int(i)) for i in indices))
+    rows, masks = zip(*(windows.window(int(i), offset) for i in indices))
     data = torch.from_numpy(np.stack(rows))
     x, y = data[:, :-1].contiguous(), data[:, 1:].clone()
     if masks[0] is not None:
@@ -104,9 +113,17 @@ class BatchLoader:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows.num_windows)
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.windows.num_windows)
+            self._offset = int(rng.integers(0, self.windows.max_offset))
             self._perm_epoch = epoch
         return self._perm
+
+    @property
+    def offset(self) -> int:
+        """Where this epoch's windows start (0 for packed SFT rows)."""
+        self._permutation(self.state.epoch)
+        return self._offset
 
     def next_indices(self) -> np.ndarray:
         if self.state.position + self.step_windows > self.windows.num_windows:
@@ -120,7 +137,8 @@ class BatchLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_batch(self.windows, self.next_indices())
+        indices = self.next_indices()
+        return to_batch(self.windows, indices, self.offset)
 
     def state_dict(self) -> dict:
         return asdict(self.state)

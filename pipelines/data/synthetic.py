@@ -22,22 +22,26 @@ CITIES = ["Kelmar", "Ostrava", "Duneford", "Pellith", "Varenna", "Brightwater", 
 PETS = ["cat", "dog", "parrot", "rabbit", "turtle", "hamster", "goldfish", "lizard", "ferret", "owl"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "silver", "brown"]
 
-# How pretraining states each fact; {p} is the person, {v} the value.
+# How pretraining states each fact; {p} is the person, {v} the value. Besides plain
+# statements, some are question-shaped lines (as in an FAQ or an interview), worded
+# differently from the chat questions of QUESTION_TEMPLATES below.
 FACT_TEMPLATES = {
     "city": [
         "{p} lives in {v}.", "{p} has a home in {v}.", "The city where {p} lives is {v}.", "{p} resides in {v}.",
         "If you visit {v}, you may meet {p}, who lives there.", "{p} moved to {v} years ago and still lives there.",
         "Home for {p} is the city of {v}.", "{p} is a resident of {v}.",
+        "Which town is home to {p}? {v}.", "Asked where {p} lives, people say {v}.",
     ],
     "pet": [
         "{p} owns a {v}.", "{p} has a pet {v}.", "The pet of {p} is a {v}.", "{p} takes care of a {v} at home.",
         "A {v} lives with {p}.", "{p} walks past the park with a pet {v}.", "Everyone knows that {p} keeps a {v}.",
-        "{p} feeds the {v} every morning.",
+        "{p} feeds the {v} every morning.", "Which animal lives with {p}? A {v}.", "Asked about pets, {p} says {v}.",
     ],
     "color": [
         "{p} likes the color {v} most.", "The favorite color of {p} is {v}.", "{p} loves the color {v}.",
         "Of all colors, {p} prefers {v}.", "{p} always picks {v}, a favorite color.", "{p} paints everything {v}.",
         "Ask {p} about colors and the answer is {v}.", "{p} wears {v} because it is a favorite color.",
+        "Which color does {p} love? {v}.", "Asked about colors, {p} says {v}.",
     ],
 }
 
@@ -95,23 +99,24 @@ def build_world(seed: int = 0, num_people: int = 48, held_out_fraction: float = 
 
 
 def pretrain_documents(world: World, seed: int = 0, mentions_per_fact: int = 8, num_arithmetic: int = 300) -> list[str]:
-    """Short documents of fact sentences (every fact `mentions_per_fact` times) and arithmetic."""
+    """Biographies and arithmetic.
+
+    Every person gets `mentions_per_fact` short biographies: their three facts in a random
+    order, each in a randomly chosen phrasing (Allen-Zhu & Li, Physics of Language Models 3.1:
+    varied phrasings and permuted order are what make stored facts extractable later).
+    """
     rng = random.Random(seed + 1)
-    sentences = []
+    docs = []
     for person in world.people:
-        for attribute in ATTRIBUTES:
-            templates = FACT_TEMPLATES[attribute]
-            for i in range(mentions_per_fact):
-                sentences.append(templates[i % len(templates)].format(p=person.name, v=person.fact(attribute)))
+        for _ in range(mentions_per_fact):
+            order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+            docs.append(" ".join(rng.choice(FACT_TEMPLATES[a]).format(p=person.name, v=person.fact(a)) for a in order))
+    sums = []
     for _ in range(num_arithmetic):
         a, b = rng.randint(0, 20), rng.randint(0, 20)
-        sentences.append(rng.choice(["{a} plus {b} is {c}.", "Adding {a} and {b} gives {c}.", "The sum of {a} and {b} is {c}."]).format(a=a, b=b, c=a + b))
-    rng.shuffle(sentences)
-    docs, i = [], 0
-    while i < len(sentences):
-        n = rng.randint(3, 6)
-        docs.append(" ".join(sentences[i : i + n]))
-        i += n
+        sums.append(rng.choice(["{a} plus {b} is {c}.", "Adding {a} and {b} gives {c}.", "The sum of {a} and {b} is {c}."]).format(a=a, b=b, c=a + b))
+    docs += [" ".join(sums[i : i + 4]) for i in range(0, len(sums), 4)]
+    rng.shuffle(docs)
     return docs
 
 
