@@ -64,6 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(plan)
     plan.set_defaults(func=cmd_plan)
 
+    sub_p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs)")
+    _add_job_args(sub_p)
+    sub_p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HOST:8265")
+    sub_p.add_argument("--resume", action="store_true")
+    sub_p.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    for name, helptext in (("list", "submitted jobs"), ("status", "a job's status"), ("logs", "a job's output"), ("stop", "stop a job")):
+        jp = jobs_sub.add_parser(name, help=helptext)
+        if name != "list":
+            jp.add_argument("job_id", metavar="ID")
+        if name == "logs":
+            jp.add_argument("--follow", action="store_true", help="stream until the job ends")
+        jp.add_argument("--address", required=True, help="http://HOST:8265")
+        jp.set_defaults(func=cmd_jobs)
+
+    ev = sub.add_parser("eval", help="evaluate one model directory on a task (generation workers on Ray)")
+    ev.add_argument("model_dir", metavar="MODEL_DIR")
+    ev.add_argument("--task", required=True, action="append", metavar="NAME_OR_FILE", help="task name or task YAML (repeatable)")
+    ev.add_argument("--job", default=None, metavar="JOB.yaml", help="the job whose synthetic world the 'synthetic' task uses")
+    ev.add_argument("--data", default=None, metavar="FILE", help="local data file for the task (instead of its source)")
+    ev.add_argument("--workers", type=_positive_int, default=1)
+    ev.add_argument("--limit", type=_positive_int, default=None, help="examples per task")
+    ev.add_argument("--batch-size", type=_positive_int, default=16)
+    ev.add_argument("--out", default=None, metavar="DIR", help="write predictions.jsonl, metrics.json, report.md here")
+    ev.add_argument("--address", default=None)
+    ev.set_defaults(func=cmd_eval)
+
     data = sub.add_parser("data", help="prepare and inspect a job's data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prep = data_sub.add_parser("prepare", help="tokenizer + token shards for every data stage of a job")
@@ -87,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, metavar="FILE.jsonl")
     gen.add_argument("--chat", action="store_true", help="render prompts with the chat template, stop at end of turn")
     gen.add_argument("--batch-size", type=_positive_int, default=8)
+    gen.add_argument("--workers", type=_positive_int, default=1, help="generation workers; more than 1 runs a Ray Data actor pool")
+    gen.add_argument("--address", default=None, help="Ray cluster for --workers (default: embedded)")
     _add_sampling(gen, temperature=0.0)
     gen.set_defaults(func=cmd_generate)
 
@@ -205,16 +236,103 @@ def _sampling(args):
 
 def cmd_generate(args) -> int:
     from model.export import load_model_dir
-    from model.generate import prepare_for_inference
-    from pipelines.generation import complete_rows, read_prompts, write_jsonl
+    from pipelines.generation import prompt_ids, read_prompts, write_jsonl
 
     params = _sampling(args)
     rows = read_prompts(args.prompts)
-    model, tokenizer, _ = load_model_dir(args.model_dir)
-    prepare_for_inference(model)
-    results = complete_rows(model, tokenizer, rows, params, chat=args.chat, batch_size=args.batch_size, where=args.prompts)
+    _, tokenizer, _ = load_model_dir(args.model_dir)  # checks the directory and every row before any worker starts
+    for i, row in enumerate(rows):
+        prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}")
+    results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address)
     write_jsonl(results, args.out)
     print(f"wrote {len(results)} completions to {args.out}")
+    return 0
+
+
+def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None):
+    """In this process for one worker; a Ray Data actor pool for more."""
+    if workers == 1:
+        from pipelines.evaluate import GenerationWorker
+
+        worker = GenerationWorker(str(model_dir), params, chat, batch_size)
+        return [worker.generate_rows([dict(r) for r in rows])][0]
+    from cluster.launch import generate_on_ray
+    from cluster.runtime import ray_session
+
+    with ray_session(address, num_cpus=workers):
+        return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size)
+
+
+def cmd_submit(args) -> int:
+    from cluster.submit import submit
+
+    job, _ = _job_and_run_dir(args)
+    job_id = submit(job, args.address, run_id=args.run_id, out=args.out, resume=args.resume)
+    print(f"submitted {job.name} as {job_id}")
+    print(f"  follow:  relaygpt jobs logs {job_id} --follow --address {args.address}")
+    print(f"  status:  relaygpt jobs status {job_id} --address {args.address}")
+    print(f"  stop:    relaygpt jobs stop {job_id} --address {args.address}")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from cluster import submit as jobs
+
+    if args.jobs_command == "list":
+        rows = jobs.list_jobs(args.address)
+        print(f"{'ID':<28} {'STATUS':<10} {'JOB':<20} ENTRYPOINT")
+        for r in rows:
+            print(f"{r['id']:<28} {r['status']:<10} {r['job']:<20} {r['entrypoint']}")
+    elif args.jobs_command == "status":
+        print(jobs.status(args.address, args.job_id))
+    elif args.jobs_command == "logs":
+        if args.follow:
+            state = jobs.follow(args.address, args.job_id, lambda text: print(text, end="", flush=True))
+            print(f"\n[job {args.job_id} {state}]")
+            return 0 if state == "SUCCEEDED" else 1
+        print(jobs.logs(args.address, args.job_id), end="")
+    else:
+        print("stop requested" if jobs.stop(args.address, args.job_id) else "the job had already ended")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from model.export import load_model_dir
+    from pipelines.evaluate import apply_stops, load_task, render_prompt, score, summarise, write_report
+    from model.chat import strip_reply
+
+    job = None
+    if args.job:
+        from jobs.spec import load_job
+
+        job = load_job(args.job)
+    tasks = [load_task(t, job=job, limit=args.limit, data_file=args.data) for t in args.task]
+    load_model_dir(args.model_dir)
+    metrics, predictions = {"model": {}}, []
+    for task in tasks:
+        rows = [render_prompt(task, ex) for ex in task.examples]
+        params = {"max_new_tokens": task.max_new_tokens}
+        results = _generate_rows(args.model_dir, rows, params, task.style == "chat", args.workers, args.batch_size, args.address)
+        scored = []
+        for ex, res in zip(task.examples, results):
+            text = apply_stops(res["completion"], task.stop)
+            text = strip_reply(text) if task.style == "chat" else text
+            ok = score(task.metric, text, ex["target"])
+            scored.append(ok)
+            predictions.append({"model": "model", "task": task.name, "input": ex["input"], "reference": ex["target"], "prediction": text, "correct": ok})
+        metrics["model"][task.name] = summarise(task, scored)
+        print(f"{task.name}: {metrics['model'][task.name]:.3f} ({sum(scored)}/{len(scored)})")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for p in predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        write_report(out, metrics, predictions)
+        print(f"wrote {out}")
     return 0
 
 

@@ -71,12 +71,49 @@ def _clear_stage(run_dir: Path, stage: str) -> None:
 
 
 def preflight(job) -> None:
-    """The planner's checks; any problem stops the run before Ray starts."""
+    """The planner's checks and the inputs' existence; any problem stops the run before Ray starts."""
     from cluster.plan import plan_job
 
     _, problems = plan_job(job)
+    problems += missing_inputs(job)
     if problems:
         raise RelayError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+def missing_inputs(job) -> list[str]:
+    """Files the job names that are not there (data sources, tokenizer, init models, eval tasks)."""
+    import glob
+
+    problems = []
+    for name in ("pretrain", "sft"):
+        section = getattr(job.data, name)
+        for i, source in enumerate(section.sources if section else []):
+            if source.type in ("text", "json", "parquet", "csv") and not glob.glob(str(job.path(source.path)), recursive=True):
+                problems.append(f"data.{name}.sources[{i}].path: no file matches {source.path!r} (looked for {job.path(source.path)})")
+    tok = job.tokenizer
+    for field in ("file", "dir"):
+        value = getattr(tok, field)
+        if value and not job.path(value).exists():
+            problems.append(f"tokenizer.{field}: {job.path(value)} does not exist")
+    for name in ("pretrain", "sft"):
+        stage = getattr(job.stages, name)
+        if stage is not None and stage.init and not job.path(stage.init).is_dir():
+            problems.append(f"stages.{name}.init: model directory {job.path(stage.init)} does not exist")
+    if job.stages.eval is not None:
+        from pipelines.evaluate import TASK_DIR
+
+        for i, task in enumerate(job.stages.eval.tasks):
+            if task != "synthetic" and not (TASK_DIR / f"{task}.yaml").exists() and not job.path(task).exists():
+                shipped = ", ".join(["synthetic", *sorted(p.stem for p in TASK_DIR.glob("*.yaml"))])
+                problems.append(f"stages.eval.tasks[{i}]: {task!r} is neither a task file nor a shipped task ({shipped})")
+        for i, model in enumerate(job.stages.eval.models):
+            if model == "base" and job.stages.pretrain is None and not (job.run_dir() / "pretrain" / "model").exists():
+                problems.append(f"stages.eval.models[{i}]: 'base' is the pretrain export, but the job has no pretrain stage")
+            if model == "assistant" and job.stages.sft is None and not (job.run_dir() / "sft" / "model").exists():
+                problems.append(f"stages.eval.models[{i}]: 'assistant' is the SFT export, but the job has no sft stage")
+            if model not in ("base", "assistant") and not job.path(model).is_dir():
+                problems.append(f"stages.eval.models[{i}]: model directory {job.path(model)} does not exist")
+    return problems
 
 
 def check_resources(job) -> None:
@@ -103,6 +140,10 @@ def run_job(job, run_dir: Path, *, address: str | None = None, resume: bool = Fa
     if from_stage is not None and from_stage not in stages_of(job):
         raise RelayError(f"--from-stage: {from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
     preflight(job)
+    from cluster.runtime import check_reachable
+
+    if address or job.cluster.address:
+        check_reachable(address or job.cluster.address)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(yaml.safe_dump(job.resolved_dict(), sort_keys=False))
     prints = fingerprints(job)

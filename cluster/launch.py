@@ -45,8 +45,20 @@ def _get(ref):
 
 def _train_loop(config: dict) -> None:
     """What every Ray Train worker runs: the same function torchrun runs."""
+    import os
+    import socket
+
+    import ray
+    import ray.train
+
     from pipelines.train import train_stage
 
+    # Where each rank runs (node, host, pid): for placement checks and debugging.
+    rank = ray.train.get_context().get_world_rank()
+    where = Path(config["run_dir"]) / config["stage"] / "workers"
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"rank_{rank}.json").write_text(json.dumps({
+        "rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}))
     train_stage(config["job"], config["stage"], config["run_dir"], report=lambda metrics: None)
 
 

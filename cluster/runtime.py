@@ -31,27 +31,58 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
                          "is it running (ray start --head)?") from None
 
 
+def is_loopback(address: str) -> bool:
+    """A cluster on this machine's loopback: the driver must register on 127.0.0.1 too, or Ray
+    looks for a raylet on the machine's network address and waits for it."""
+    host = urlparse(address if "://" in address else f"tcp://{address}").hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def keep_on_loopback() -> None:
+    """Make Ray treat this node as 127.0.0.1 (its single-machine mode). Ray otherwise rewrites
+    127.0.0.1 into the machine's network address when it connects. Must run before `import ray`,
+    and only for an embedded or a loopback cluster, never when joining real nodes."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 @contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     """Connect to (or start) Ray for the duration of the block; leaves a caller's session alone."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or is_loopback(address):
+        keep_on_loopback()
     import ray
 
     if ray.is_initialized():
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
+    if address:  # RAY_ADDRESS is set for a driver that runs as a Ray Job
         check_reachable(address)
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        extra = {"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True, **extra)
     else:
-        cpus = max(os.cpu_count() or 1, num_cpus or 1)
-        # The dashboard serves Ray's state API, which Ray Train polls; it listens on loopback only.
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 logging_level="WARNING", log_to_driver=True)
+        start_embedded(num_cpus)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_embedded(num_cpus: int | None = None) -> None:
+    """A local Ray with at least `num_cpus` logical CPUs, every service on 127.0.0.1."""
+    keep_on_loopback()
+    import ray
+
+    cpus = max(os.cpu_count() or 1, num_cpus or 1)
+    # The dashboard serves Ray's state API, which Ray Train polls; it listens on loopback only.
+    # A free port, not 8265: an embedded Ray must not collide with a cluster already on this machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    # address="local": always a new Ray, never one that a file in /tmp/ray names from earlier.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=True)
 
 
 def cluster_resources() -> dict:

@@ -204,14 +204,17 @@ class GenerationWorker:
         self.params = SamplingParams(**params)
         self.chat, self.batch_size = chat, batch_size
 
-    def __call__(self, batch: dict) -> dict:
+    def generate_rows(self, rows: list[dict]) -> list[dict]:
         from pipelines.generation import complete_rows
 
-        keys = list(batch)
-        rows = [{k: _plain(batch[k][i]) for k in keys} for i in range(len(batch[keys[0]]))]
-        prompts = [json.loads(r.pop("_row")) if "_row" in r else r for r in rows]
-        done = complete_rows(self.model, self.tokenizer, prompts, self.params, chat=self.chat, batch_size=self.batch_size)
-        return {"_index": [r["_index"] for r in rows], "_result": [json.dumps(d, ensure_ascii=False) for d in done]}
+        return complete_rows(self.model, self.tokenizer, rows, self.params, chat=self.chat, batch_size=self.batch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        """A Ray Data batch of {"_index", "_row" (JSON)} -> {"_index", "_result" (JSON)}."""
+        indices = [int(i) for i in _plain(batch["_index"])]
+        rows = [json.loads(r) for r in _plain(batch["_row"])]
+        done = self.generate_rows(rows)
+        return {"_index": indices, "_result": [json.dumps(d, ensure_ascii=False) for d in done]}
 
 
 def _plain(value):

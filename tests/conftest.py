@@ -30,6 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray in the tests stays on 127.0.0.1
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
@@ -61,3 +62,15 @@ def trained_tokenizer(tmp_path_factory, shakespeare):
     tok = Tokenizer.train([shakespeare[:300_000]], 1024, name="shakespeare-1k")
     tok.save(tmp_path_factory.mktemp("tok") / "shakespeare-1k")
     return tok
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray for the whole test session (starting one costs 10-30 s), loopback only."""
+    import ray
+
+    from cluster.runtime import start_embedded
+
+    start_embedded(num_cpus=4)
+    yield ray
+    ray.shutdown()

@@ -98,7 +98,10 @@ def test_loss_mask_is_exactly_the_assistant_tokens(gpt2_tokenizer):
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]
     ids, mask = render_chat(tok, messages)
-    e = tok.encode
+
+    def e(text):  # a turn's content follows its header after one space
+        return tok.encode(" " + text)
+
     expected_ids = [tok.system_id, *e("Be kind."), tok.end_of_turn_id, tok.user_id, *e("Hi there"), tok.end_of_turn_id,
                     tok.assistant_id, *e("Hello!"), tok.end_of_turn_id, tok.user_id, *e("Bye"), tok.end_of_turn_id,
                     tok.assistant_id, *e("See you"), tok.end_of_turn_id]

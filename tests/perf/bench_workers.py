@@ -1,0 +1,63 @@
+"""Generation worker pool throughput (CPU).
+
+A 6-layer, 384-wide model (random weights), 64 prompts of 8-40 tokens, 48 new tokens each,
+greedy. Peers measured in this run:
+  - model/generate.py called directly in this process, 1 thread (what one worker does);
+  - the Ray Data actor pool with 1 worker x 1 thread: the same work, plus Ray Data (overhead);
+  - 1 worker x 2 threads against 2 workers x 1 thread: the two cores used by threads or by
+    workers (scaling with workers).
+"""
+
+import time
+
+import torch
+
+from cluster.launch import generate_on_ray
+from model.config import GPTConfig
+from model.export import save_model_dir
+from model.gpt import GPT
+from model.tokenizer import Tokenizer
+from pipelines.evaluate import GenerationWorker
+
+NEW, PROMPTS, BATCH = 48, 64, 16
+
+
+def _rows():
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt_tokens": torch.randint(0, 4000, (int(n),), generator=g).tolist()}
+            for n in torch.randint(8, 41, (PROMPTS,), generator=g)]
+
+
+def test_generation_worker_pool(ray_cluster, tmp_path, shared_data, record):
+    tok = Tokenizer.from_file(shared_data / "tiktoken" / "r50k_base.tiktoken")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=128, n_layer=6, n_head=6, n_embd=384))
+    model_dir = save_model_dir(model, tok, tmp_path / "m")
+    rows = _rows()
+    params = {"max_new_tokens": NEW}
+    tokens = PROMPTS * NEW
+
+    def direct():
+        worker = GenerationWorker(str(model_dir), params, chat=False, batch_size=BATCH, threads=1)
+        start = time.perf_counter()
+        worker.generate_rows([dict(r) for r in rows])
+        return time.perf_counter() - start
+
+    def pool(workers, cpus):
+        start = time.perf_counter()
+        out = generate_on_ray(str(model_dir), rows, params, chat=False, workers=workers, cpus_per_worker=cpus, batch_size=BATCH)
+        assert len(out) == PROMPTS
+        return time.perf_counter() - start
+
+    pool(1, 1)  # warm Ray Data up once
+    t_direct = min(direct() for _ in range(2))
+    t_one = min(pool(1, 1) for _ in range(2))
+    t_one_two_threads = min(pool(1, 2) for _ in range(2))
+    t_two = min(pool(2, 1) for _ in range(2))
+    torch.set_num_threads(2)
+    record("generation_workers", tokens_per_s_direct_1_thread=tokens / t_direct, tokens_per_s_ray_1_worker=tokens / t_one,
+           ray_overhead_ratio=t_direct / t_one, tokens_per_s_1_worker_2_threads=tokens / t_one_two_threads,
+           tokens_per_s_2_workers_1_thread=tokens / t_two, workers_vs_threads=t_one_two_threads / t_two,
+           scaling_2_vs_1_worker=t_one / t_two)
+    print(f"Ray Data worker vs direct: {t_direct / t_one:.2f}x; 2 workers vs 1 (1 thread each): {t_one / t_two:.2f}x; "
+          f"2 workers x 1 thread vs 1 worker x 2 threads: {t_one_two_threads / t_two:.2f}x")

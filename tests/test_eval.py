@@ -1,0 +1,98 @@
+"""Evaluation tasks on the real GSM8K / BBH files, and generation workers on Ray."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from model.export import save_model_dir
+from model.gpt import GPT
+from pipelines.evaluate import extract_number, load_task, normalize, render_prompt, score
+
+
+@pytest.fixture(scope="module")
+def gsm8k(shared_data):
+    return load_task("gsm8k", data_file=str(shared_data / "eval" / "gsm8k_test.jsonl"))
+
+
+def test_gsm8k_loads_with_few_shot_and_extracts_answers(gsm8k, shared_data):
+    rows = [json.loads(line) for line in (shared_data / "eval" / "gsm8k_test.jsonl").read_text().splitlines()]
+    assert len(gsm8k.fewshot) == 4 and len(gsm8k.examples) == len(rows) - 4
+    first = gsm8k.examples[0]
+    assert first["input"] == rows[4]["question"] and extract_number(first["target"]) == rows[4]["answer"].split("####")[-1].strip().replace(",", "")
+    # Every reference in the file has a '####' answer that parses.
+    assert all(extract_number(r["answer"]) is not None for r in rows)
+    assert extract_number("Natalia sold 48/2 = 24 clips in May.\n#### 72") == "72"
+    assert extract_number("so the total is $1,234.") == "1234"
+    assert extract_number("The answer is 18.0") == "18"
+    prompt = render_prompt(gsm8k, first)["prompt"]
+    assert prompt.count("Question:") == 5 and prompt.endswith("Answer:")
+
+
+def test_gsm8k_scores_known_predictions(gsm8k):
+    ex = gsm8k.examples[0]
+    right = extract_number(ex["target"])
+    assert score("numeric", f"Let me think. ... so it is {right}.", ex["target"])
+    assert score("numeric", f"steps\n#### {right}", ex["target"])
+    assert not score("numeric", f"#### {int(right) + 1}", ex["target"])
+    assert not score("numeric", "I do not know", ex["target"])
+
+
+@pytest.mark.parametrize("task", ["boolean_expressions", "multistep_arithmetic_two", "object_counting"])
+def test_bbh_tasks_load_and_score(task, shared_data):
+    loaded = load_task(f"bbh_{task}", data_file=str(shared_data / "eval" / "bbh" / f"{task}.json"))
+    raw = json.loads((shared_data / "eval" / "bbh" / f"{task}.json").read_text())["examples"]
+    assert len(loaded.examples) == len(raw) - 3
+    for ex in loaded.examples[:20]:
+        assert score("multiple_choice", ex["target"] + "\nBecause...", ex["target"])
+        assert score("multiple_choice", f" {ex['target']}.", ex["target"])
+    wrong = {"True": "False", "False": "True"}
+    ex = loaded.examples[0]
+    other = wrong.get(ex["target"], "-99999")
+    assert not score("multiple_choice", other, ex["target"])
+
+
+def test_exact_match_normalises():
+    assert normalize("  The Brightwater!! ") == "brightwater"
+    assert score("exact_match", "brightwater.", "Brightwater")
+    assert not score("exact_match", "Brightwater city", "Brightwater")
+
+
+def test_task_errors_are_clear(tmp_path):
+    from model.errors import RelayError
+
+    with pytest.raises(RelayError, match="neither a task file nor a shipped task"):
+        load_task("nope")
+    bad = tmp_path / "t.yaml"
+    bad.write_text("name: t\nsource: {file: d.jsonl}\nmetric: bleu\n")
+    with pytest.raises(RelayError, match="metric must be one of"):
+        load_task(str(bad))
+    bad.write_text("name: t\nsource: {file: d.jsonl}\n")
+    with pytest.raises(RelayError, match="d.jsonl does not exist"):
+        load_task(str(bad))
+    (tmp_path / "d.jsonl").write_text('{"question": "x"}\n')
+    bad.write_text("name: t\nsource: {file: d.jsonl}\ninput_field: question\n")
+    with pytest.raises(RelayError, match="example 0 lacks 'question' or 'target'"):
+        load_task(str(bad))
+
+
+@pytest.mark.slow
+def test_generate_with_two_workers_equals_one(ray_cluster, tmp_path, trained_tokenizer):
+    torch.manual_seed(0)
+    model_dir = save_model_dir(GPT(tiny_config(trained_tokenizer.n_vocab, block_size=128)), trained_tokenizer, tmp_path / "m")
+    texts = ["To be", "ROMEO: O, she doth teach the torches to burn bright!", "A", "What light through yonder window breaks?",
+             "First Citizen: Before we proceed any further, hear me speak.", "Nay"] * 3
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    from cluster.cli import main
+
+    assert main(["generate", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "one.jsonl"), "--max-new-tokens", "16",
+                 "--batch-size", "4"]) == 0
+    assert main(["generate", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "two.jsonl"), "--max-new-tokens", "16",
+                 "--batch-size", "4", "--workers", "2"]) == 0
+    one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
+    assert one == two
+    assert [json.loads(line)["id"] for line in two.splitlines()] == list(range(len(texts)))

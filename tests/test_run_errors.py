@@ -1,0 +1,93 @@
+"""Bad job files: each is one line naming the field or file:line, exit 2, and no Ray started."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cluster.cli as cli
+import cluster.runtime
+from distributed import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((REPO / "jobs" / "tiny-assistant.yaml").read_text())
+
+
+def _edit(job: dict, path: str, value):
+    keys = path.split(".")
+    node = job
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+
+
+_DELETE = object()
+
+CASES = [
+    ("unknown top-level key", {"stagez": {}}, None, ["stagez: unknown key", "did you mean 'stages'"]),
+    ("unknown nested key", {"stages.pretrain.stpes": 10}, None, ["stages.pretrain.stpes: unknown key", "did you mean 'steps'"]),
+    ("wrong type", {"stages.pretrain.micro_batch": "eight"}, None, ["stages.pretrain.micro_batch", "valid integer"]),
+    ("missing section", {"tokenizer": _DELETE}, None, ["tokenizer: required field is missing"]),
+    ("missing data file", {"data.pretrain.sources": [{"type": "text", "path": "no/such/*.txt"}]}, None,
+     ["data.pretrain.sources[0].path: no file matches"]),
+    ("pipeline with ZeRO-2", {"stages.pretrain.deepspeed": {"zero_stage": 2, "pipeline_stages": 2}}, None,
+     ["stages.pretrain.deepspeed.zero_stage", "ZeRO-2 cannot be combined with pipeline_stages 2"]),
+    ("more stages than layers", {"stages.pretrain.deepspeed": {"pipeline_stages": 8}, "cluster.num_workers": 8}, None,
+     ["stages.pretrain.deepspeed.pipeline_stages: 8 stages but the model has 4 layers"]),
+    ("workers not a multiple of pp", {"stages.sft.deepspeed": {"pipeline_stages": 2}, "cluster.num_workers": 3}, None,
+     ["cluster.num_workers: 3 workers is not a multiple of stages.sft.deepspeed.pipeline_stages (2)"]),
+    ("global batch does not divide", {"stages.pretrain.global_batch": 20}, None,
+     ["stages.pretrain.global_batch: 20 != micro_batch 8 x grad_accum 1 x data-parallel 2 = 16"]),
+    ("unreachable address", {"cluster.address": "127.0.0.1:PORT"}, None, ["cluster.address: cannot reach the Ray cluster at 127.0.0.1:"]),
+    ("unknown preset", {"model.preset": "gpt-5"}, None, ["model.preset", "unknown preset 'gpt-5'"]),
+    ("unknown tokenizer", {"tokenizer": {"encoding": "gpt9"}}, None, ["tokenizer.encoding", "unknown encoding 'gpt9'"]),
+    ("both steps and tokens", {"stages.pretrain.tokens": 1000}, None, ["stages.pretrain", "exactly one of steps, tokens"]),
+    ("negative learning rate", {"stages.sft.optimizer.lr": -0.1}, None, ["stages.sft.optimizer.lr", "greater than 0"]),
+    ("unknown eval task", {"stages.eval.tasks": ["synthetic", "mmlu-pro"]}, None, ["stages.eval.tasks[1]: 'mmlu-pro' is neither a task file"]),
+    ("sft without sft data", {"data.sft": _DELETE}, None, ["stages.sft: needs a data.sft section"]),
+    ("model too big for memory", {"model.preset": "13b", "stages.sft": _DELETE, "stages.eval": _DELETE}, None, ["stages.pretrain: pipeline stage 0 needs", "GiB per device"]),
+    ("invalid YAML", None, "name: x\nstages: [unclosed\n", ["invalid YAML"]),
+    ("bad --set path", {}, None, ["--set data.pretrain.sources.9.weight: data.pretrain.sources.9 does not exist"]),
+    ("init model missing", {"stages.sft.init": "no/such/model"}, None, ["stages.sft.init: model directory", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("name, edits, raw, needles", CASES, ids=[c[0] for c in CASES])
+def test_bad_job_is_one_line_exit_2_without_ray(name, edits, raw, needles, tmp_path, monkeypatch, capsys):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a job that should have been refused")
+
+    monkeypatch.setattr(cluster.runtime, "ray_session", no_ray)
+    monkeypatch.setattr(cluster.runtime, "start_embedded", no_ray)
+    path = tmp_path / "job.yaml"
+    if raw is not None:
+        path.write_text(raw)
+    else:
+        job = yaml.safe_load(yaml.safe_dump(TINY))
+        for key, value in edits.items():
+            if value == "127.0.0.1:PORT" or (isinstance(value, str) and "PORT" in value):
+                value = value.replace("PORT", str(free_port()))
+            _edit(job, key, value)
+        path.write_text(yaml.safe_dump(job, sort_keys=False))
+    extra = ["--set", "data.pretrain.sources.9.weight=1"] if name == "bad --set path" else []
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("stage.json"))
+
+
+def test_more_gpus_than_the_cluster_has(ray_cluster, tmp_path):
+    from cluster.driver import run_job
+    from jobs.spec import load_job
+    from model.errors import RelayError
+
+    job = load_job(REPO / "jobs" / "tiny-assistant.yaml", ["cluster.gpus_per_worker=1", "cluster.device_memory_gb=80"])
+    with pytest.raises(RelayError, match=r"cluster.gpus_per_worker: the job needs 2 GPUs .* but the Ray cluster has 0"):
+        run_job(job, tmp_path / "run", show=lambda line: None)
+    assert not (tmp_path / "run" / "data" / "stage.json").exists()
