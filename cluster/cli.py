@@ -177,6 +177,10 @@ def cmd_plan(args) -> int:
 
     job, _ = _job_and_run_dir(args)
     plans, problems = plan_job(job)
+    if job.cluster.address:  # a named cluster: check it has the resources, as relaygpt run does
+        from cluster.driver import cluster_problems
+
+        problems += cluster_problems(job)
     print(format_plan(job, plans, problems))
     return EXIT_USAGE if problems else 0
 
@@ -300,8 +304,8 @@ def cmd_eval(args) -> int:
     import json
 
     from model.export import load_model_dir
-    from pipelines.evaluate import apply_stops, load_task, render_prompt, score, summarise, write_report
     from model.chat import strip_reply
+    from pipelines.evaluate import apply_stops, load_task, render_prompt, score, summarise, write_report
 
     job = None
     if args.job:
@@ -312,6 +316,12 @@ def cmd_eval(args) -> int:
     load_model_dir(args.model_dir)
     metrics, predictions = {"model": {}}, []
     for task in tasks:
+        if task.metric == "bpb":
+            from pipelines.evaluate import bits_per_byte_of_texts
+
+            metrics["model"][task.name] = bits_per_byte_of_texts(args.model_dir, [ex["target"] for ex in task.examples])
+            print(f"{task.name}: {metrics['model'][task.name]:.4f} bits per byte ({len(task.examples)} texts)")
+            continue
         rows = [render_prompt(task, ex) for ex in task.examples]
         params = {"max_new_tokens": task.max_new_tokens}
         results = _generate_rows(args.model_dir, rows, params, task.style == "chat", args.workers, args.batch_size, args.address)

@@ -116,6 +116,19 @@ def missing_inputs(job) -> list[str]:
     return problems
 
 
+def cluster_problems(job) -> list[str]:
+    """Connect to the job's cluster and report what it lacks (empty when it has enough)."""
+    from cluster.runtime import check_reachable, ray_session
+
+    try:
+        check_reachable(job.cluster.address)
+        with ray_session(job.cluster.address):
+            check_resources(job)
+    except RelayError as exc:
+        return [str(exc)]
+    return []
+
+
 def check_resources(job) -> None:
     from cluster.runtime import cluster_resources
 

@@ -150,6 +150,8 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     for i, row in enumerate(rows):
         if metric != "bpb" and (input_field not in row or target_field not in row):
             raise RelayError(f"{where}: example {i} lacks '{input_field}' or '{target_field}' (fields: {', '.join(sorted(row))})")
+        if metric == "bpb" and target_field not in row and "text" not in row:
+            raise RelayError(f"{where}: example {i} has no '{target_field}' or 'text' field to score (fields: {', '.join(sorted(row))})")
         examples.append({"input": row.get(input_field, ""), "target": str(row.get(target_field, row.get("text", "")))})
     shots = int(spec.get("shots", 0))
     task = Task(name=spec.get("name", path.stem), metric=metric, style=spec.get("style", "completion"),
@@ -258,6 +260,33 @@ def _short(text: str, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def bits_per_byte_of_texts(model_dir: str, texts: list[str], threads: int | None = None) -> float:
+    """Bits per byte of `texts` under a model: each text scored on its own, in windows of the
+    context length, every token predicted from the tokens before it in its window."""
+    import torch
+
+    from model.export import load_model_dir
+    from model.gpt import lm_loss
+    from pipelines.metrics import bits_per_byte
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer, _ = load_model_dir(model_dir)
+    window = model.config.block_size
+    nats, nbytes = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = [tokenizer.eot_id] + tokenizer.encode(text)  # end-of-text stands for the document start
+            nbytes += len(text.encode("utf-8"))
+            for start in range(0, len(ids) - 1, window):
+                chunk = torch.tensor(ids[start : start + window + 1])[None]
+                if chunk.size(1) < 2:
+                    break
+                logits, _ = model(chunk[:, :-1])
+                nats += float(lm_loss(logits, chunk[:, 1:])) * (chunk.size(1) - 1)
+    return bits_per_byte(nats, nbytes)
+
+
 def summarise(task: Task, scored: list[bool]) -> float:
     return sum(scored) / len(scored) if scored else math.nan
 
@@ -290,6 +319,9 @@ def run_eval(job, run_dir: Path, generate) -> dict:
             raise RelayError(f"stages.eval.models: {model} has no model directory at {model_dir}")
         metrics[model] = {}
         for task in tasks:
+            if task.metric == "bpb":  # no generation: the likelihood of held-out text
+                metrics[model][task.name] = bits_per_byte_of_texts(str(model_dir), [ex["target"] for ex in task.examples])
+                continue
             rows = [render_prompt(task, ex) for ex in task.examples]
             params = {"max_new_tokens": task.max_new_tokens, "temperature": spec.temperature, "seed": job.seed}
             results = generate(str(model_dir), rows, params, task.style == "chat")

@@ -96,3 +96,35 @@ def test_generate_with_two_workers_equals_one(ray_cluster, tmp_path, trained_tok
     one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
     assert one == two
     assert [json.loads(line)["id"] for line in two.splitlines()] == list(range(len(texts)))
+
+
+def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_tokenizer, shakespeare):
+    import math
+
+    from pipelines.evaluate import bits_per_byte_of_texts
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(trained_tokenizer.n_vocab, block_size=64)).eval()
+    model_dir = save_model_dir(model, trained_tokenizer, tmp_path / "m")
+    texts = [shakespeare[500_000:500_300], shakespeare[600_000:600_050]]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    task = load_task("text_bpb", data_file=str(tmp_path / "held.jsonl"))
+    assert task.metric == "bpb" and [e["target"] for e in task.examples] == texts
+    got = bits_per_byte_of_texts(str(model_dir), texts)
+    # Reference: token by token with the full preceding context of each 64-token window.
+    nats, nbytes = 0.0, 0
+    for text in texts:
+        ids = [trained_tokenizer.eot_id] + trained_tokenizer.encode(text)
+        nbytes += len(text.encode())
+        for start in range(0, len(ids) - 1, 64):
+            chunk = ids[start:start + 65]
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([chunk[:-1]]))
+            logp = torch.log_softmax(logits[0].float(), -1)
+            nats -= sum(float(logp[i, chunk[i + 1]]) for i in range(len(chunk) - 1))
+    assert abs(got - nats / (math.log(2) * nbytes)) < 1e-4
+    assert 2 < got < 8  # an untrained model: ~log2(900) bits per token over ~2.4 bytes per token
+    from cluster.cli import main
+
+    assert main(["eval", str(model_dir), "--task", "text_bpb", "--data", str(tmp_path / "held.jsonl"), "--out", str(tmp_path / "e")]) == 0
+    assert abs(json.loads((tmp_path / "e" / "metrics.json").read_text())["model"]["text_bpb"] - got) < 1e-9

@@ -91,3 +91,20 @@ def test_more_gpus_than_the_cluster_has(ray_cluster, tmp_path):
     with pytest.raises(RelayError, match=r"cluster.gpus_per_worker: the job needs 2 GPUs .* but the Ray cluster has 0"):
         run_job(job, tmp_path / "run", show=lambda line: None)
     assert not (tmp_path / "run" / "data" / "stage.json").exists()
+
+
+def test_plan_reports_a_cluster_without_the_gpus(ray_cluster):
+    from cluster.driver import cluster_problems
+    from jobs.spec import load_job
+
+    job = load_job(REPO / "jobs" / "tiny-assistant.yaml", ["cluster.address=127.0.0.1:6379", "cluster.gpus_per_worker=1"])
+    # ray_session leaves the test session's Ray alone, so this asks the running cluster.
+    import cluster.runtime as runtime
+
+    original = runtime.check_reachable
+    runtime.check_reachable = lambda address, timeout=3.0: None
+    try:
+        problems = cluster_problems(job)
+    finally:
+        runtime.check_reachable = original
+    assert problems and "needs 2 GPUs" in problems[0] and "has 0" in problems[0]
