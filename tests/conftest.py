@@ -71,6 +71,6 @@ def ray_cluster():
 
     from cluster.runtime import start_embedded
 
-    start_embedded(num_cpus=4)
+    start_embedded(num_cpus=8)  # logical CPUs: headroom so a test never waits on one that a previous test still holds
     yield ray
     ray.shutdown()
