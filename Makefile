@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/relaygpt run jobs/tiny-assistant.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --ignore=tests/perf
+	$(BIN)/python -m pytest -q tests --ignore=tests/perf --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -s tests/perf

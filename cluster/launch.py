@@ -101,6 +101,9 @@ def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
     return None
 
 
+ACTOR_START_TIMEOUT_S = 600
+
+
 def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: bool, workers: int,
                     cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch_size: int = 16) -> list[dict]:
     """Completions for `rows`, in input order, from a pool of `workers` generation actors."""
@@ -108,18 +111,31 @@ def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: boo
 
     from pipelines.evaluate import GenerationWorker
 
+    have = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0):
+            raise RelayError(f"generation workers: {workers} worker(s) need {amount:g} {kind}s in all, "
+                             f"but the Ray cluster has {have.get(kind, 0):g}; use fewer workers or less per worker")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    # A pool that cannot start (its resources are held elsewhere) is an error after this long, not a hang.
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     items = [{"_index": i, "_row": json.dumps(row, ensure_ascii=False)} for i, row in enumerate(rows)]
     blocks = max(workers, min(len(items), workers * 4))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     threads = max(1, int(cpus_per_worker))
     gpus = {"num_gpus": gpus_per_worker} if gpus_per_worker else {}
-    out = ds.map_batches(
+    pool = ds.map_batches(
         GenerationWorker,
         fn_constructor_kwargs={"model_dir": str(model_dir), "params": params, "chat": chat, "batch_size": batch_size, "threads": threads},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, **gpus,
-    ).take_all()
+    )
+    try:
+        out = pool.take_all()
+    except ray.exceptions.GetTimeoutError:
+        raise RelayError(f"generation workers: the pool of {workers} did not start within {ACTOR_START_TIMEOUT_S} s; "
+                         "the cluster's CPUs/GPUs are held by other work (ray status shows what is running)") from None
     out.sort(key=lambda r: r["_index"])
     return [json.loads(r["_result"]) for r in out]

@@ -60,7 +60,13 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     if address:  # RAY_ADDRESS is set for a driver that runs as a Ray Job
         check_reachable(address)
         extra = {"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True, **extra)
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True, **extra)
+        except (ConnectionError, RuntimeError) as exc:
+            cause = str(exc.__cause__ or exc).splitlines()[0]
+            hint = (" (a head on this machine must be started with --node-ip-address 127.0.0.1 to be joined at 127.0.0.1; "
+                    "otherwise use its network address)") if is_loopback(address) else ""
+            raise RelayError(f"cluster.address: could not join the Ray cluster at {address}: {cause}{hint}") from None
     else:
         start_embedded(num_cpus)
     try:

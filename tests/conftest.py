@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,13 +69,78 @@ def trained_tokenizer(tmp_path_factory, shakespeare):
     return tok
 
 
+@dataclass(frozen=True)
+class RayHead:
+    """A running `ray start --head` on 127.0.0.1: the address drivers join, the dashboard URL
+    Ray Jobs talks to, and the environment (its auth token) a client needs."""
+
+    address: str
+    dashboard: str
+    env: dict
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One embedded Ray for the whole test session (starting one costs 10-30 s), loopback only."""
-    import ray
+def ray_head(tmp_path_factory):
+    """One Ray cluster for the whole test session: a `ray start --head --block` process group
+    on loopback, with its own auth token, stopped (SIGTERM, then SIGKILL) at the end.
 
-    from cluster.runtime import start_embedded
+    Tests drive it the way users do: each `relaygpt` command is its own short-lived driver
+    joining with --address (or submitting through the dashboard). The pytest process itself
+    never becomes a Ray driver, so nothing a test does in-process (forking tokenizer workers,
+    spawning DeepSpeed ranks) can disturb a driver's connections to the cluster.
+    """
+    from distributed import free_port
 
-    start_embedded(num_cpus=8)  # logical CPUs: headroom so a test never waits on one that a previous test still holds
-    yield ray
-    ray.shutdown()
+    bin_dir = Path(sys.executable).parent
+    ports = {name: free_port() for name in ("port", "dashboard", "agent_listen", "agent_grpc", "metrics", "runtime_env", "client")}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, **auth, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(ports["port"]),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]), "--include-dashboard", "true",
+           "--dashboard-agent-listen-port", str(ports["agent_listen"]), "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
+           "--metrics-export-port", str(ports["metrics"]), "--runtime-env-agent-port", str(ports["runtime_env"]),
+           "--ray-client-server-port", str(ports["client"]),
+           # Logical CPUs: headroom so a test never waits on CPUs a previous test's workers still release.
+           "--num-cpus", "8", "--temp-dir", str(tmp_path_factory.mktemp("rayhead")), "--disable-usage-stats"]
+    log = open(tmp_path_factory.mktemp("rayhead-log") / "head.log", "w+b")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(address=f"127.0.0.1:{ports['port']}", dashboard=f"http://127.0.0.1:{ports['dashboard']}", env=auth)
+    try:
+        _wait_for_head(head, proc, log)
+        yield head
+    finally:
+        _stop_process_group(proc)
+        log.close()
+
+
+def _wait_for_head(head: RayHead, proc: subprocess.Popen, log, timeout: float = 120) -> None:
+    """Until Ray Jobs answers on the dashboard (the last service a head brings up)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        check = subprocess.run([sys.executable, "-m", "cluster.cli", "jobs", "list", "--address", head.dashboard],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, **head.env})
+        if check.returncode == 0:
+            return
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail("ray start exited: " + log.read().decode(errors="replace")[-2000:])
+        time.sleep(2)
+    pytest.fail(f"the Ray head did not come up in {timeout:.0f} s")
+
+
+def _stop_process_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM to the head's process group (ray start stops its services), then SIGKILL to
+    whatever of the group is left: GCS, raylet, dashboard and workers all belong to it."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

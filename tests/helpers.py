@@ -15,3 +15,22 @@ ARCHITECTURES = {
     "gpt2": {},
     "modern": dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
 }
+
+
+def relaygpt(*args, env: dict | None = None, stdin: str | None = None, timeout: float = 300):
+    """Run the `relaygpt` command in a fresh process (its own driver), as a user would."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(proc, *needles) -> None:
+    """Exit status 2 and one line on stderr naming what was wrong, no traceback."""
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    for needle in needles:
+        assert needle in err, err

@@ -2,28 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import assert_one_line_error, relaygpt, tiny_config
 from model.export import load_model_dir, save_model_dir
 from model.gpt import GPT
-
-
-def relaygpt(*args, stdin=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    err = proc.stderr.strip()
-    assert "Traceback" not in err and err.count("\n") == 0, err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.fixture(scope="module")

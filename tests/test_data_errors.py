@@ -1,12 +1,11 @@
 """Bad data and bad job files: one line naming file:line or the field, exit 2, nothing half-written."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
+from helpers import assert_one_line_error, relaygpt
 from jobs.spec import JobError, load_job
 from model.errors import RelayError
 from pipelines.data.loader import open_split
@@ -15,16 +14,7 @@ from test_data import prepare, write_job
 
 
 def data_prepare(path, *extra):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "data", "prepare", str(path), *extra],
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line(proc, *needles):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert "Traceback" not in err and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, err
+    return relaygpt("data", "prepare", path, *extra)
 
 
 def sft_job(tmp_path, rows=None, raw=None, name="c.jsonl", **source):
@@ -38,36 +28,36 @@ def sft_job(tmp_path, rows=None, raw=None, name="c.jsonl", **source):
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = sft_job(tmp_path, raw=b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
-    assert_one_line(data_prepare(path), "c.jsonl:2", "malformed JSON")
+    assert_one_line_error(data_prepare(path), "c.jsonl:2", "malformed JSON")
     assert not (tmp_path / "runs" / "t" / "default" / "data" / "sft").exists()
 
 
 def test_misspelled_text_field_lists_the_fields(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"body": "x", "id": 1}\n')
     path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "json", "path": "d.jsonl", "field": "txt"}]}})
-    assert_one_line(data_prepare(path), "d.jsonl:1", "no field 'txt'", "fields: body, id")
+    assert_one_line_error(data_prepare(path), "d.jsonl:1", "no field 'txt'", "fields: body, id")
 
 
 @pytest.mark.parametrize("content, message", [(b"", "the file is empty"), (b"[]", "the dataset is empty"), (b"   \n", "the file is empty")])
 def test_empty_inputs(tmp_path, content, message):
-    assert_one_line(data_prepare(sft_job(tmp_path, raw=content, name="c.json")), message)
+    assert_one_line_error(data_prepare(sft_job(tmp_path, raw=content, name="c.json")), message)
 
 
 def test_unknown_role_names_the_record(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
             {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
-    assert_one_line(data_prepare(sft_job(tmp_path, rows)), "c.jsonl:2", "unknown role 'wizard'")
+    assert_one_line_error(data_prepare(sft_job(tmp_path, rows)), "c.jsonl:2", "unknown role 'wizard'")
     rows = [{"conversations": [{"from": "robot", "value": "x"}]}]
-    assert_one_line(data_prepare(sft_job(tmp_path, rows, name="s.jsonl")), "s.jsonl:1", "unknown role 'robot'")
+    assert_one_line_error(data_prepare(sft_job(tmp_path, rows, name="s.jsonl")), "s.jsonl:1", "unknown role 'robot'")
 
 
 def test_unknown_format_lists_known_formats(tmp_path):
-    assert_one_line(data_prepare(sft_job(tmp_path, [{"question": "a", "answer": "b"}])), "c.jsonl:1", "cannot tell the instruction format", "alpaca")
+    assert_one_line_error(data_prepare(sft_job(tmp_path, [{"question": "a", "answer": "b"}])), "c.jsonl:1", "cannot tell the instruction format", "alpaca")
 
 
 def test_zero_supervised_tokens_is_an_error(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "only a question"}]}]
-    assert_one_line(data_prepare(sft_job(tmp_path, rows)), "no conversation ends with an assistant turn")
+    assert_one_line_error(data_prepare(sft_job(tmp_path, rows)), "no conversation ends with an assistant turn")
 
 
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
@@ -92,12 +82,12 @@ def test_modified_shard_is_refused_with_its_name(tmp_path, shared_data):
 
 def test_hub_dataset_offline_says_how_to_use_local_files(tmp_path):
     path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "hub", "name": "roneneldan/TinyStories", "field": "text"}]}})
-    assert_one_line(data_prepare(path), "hub dataset 'roneneldan/TinyStories' could not be loaded", "point a json / parquet / csv source")
+    assert_one_line_error(data_prepare(path), "hub dataset 'roneneldan/TinyStories' could not be loaded", "point a json / parquet / csv source")
 
 
 def test_glob_matching_nothing(tmp_path):
     path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "text", "path": "nothing/*.txt"}]}})
-    assert_one_line(data_prepare(path), "nothing/*.txt: no file matches")
+    assert_one_line_error(data_prepare(path), "nothing/*.txt: no file matches")
 
 
 # ---- job files ----------------------------------------------------------------------------
@@ -105,7 +95,7 @@ def test_glob_matching_nothing(tmp_path):
 def test_unknown_key_has_did_you_mean_and_line(tmp_path):
     path = tmp_path / "j.yaml"
     path.write_text("name: x\ntokenizer: {encoding: gpt2}\ndata:\n  pretrain:\n    sources:\n      - type: text\n        path: a.txt\n        feild: body\n")
-    assert_one_line(data_prepare(path), "j.yaml:8", "data.pretrain.sources[0].feild", "did you mean 'field'")
+    assert_one_line_error(data_prepare(path), "j.yaml:8", "data.pretrain.sources[0].feild", "did you mean 'field'")
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -121,8 +111,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
 def test_invalid_yaml_and_missing_file(tmp_path):
     path = tmp_path / "j.yaml"
     path.write_text("name: x\ndata: [unclosed\n")
-    assert_one_line(data_prepare(path), "j.yaml:", "invalid YAML")
-    assert_one_line(data_prepare(tmp_path / "nope.yaml"), "nope.yaml: job file does not exist")
+    assert_one_line_error(data_prepare(path), "j.yaml:", "invalid YAML")
+    assert_one_line_error(data_prepare(tmp_path / "nope.yaml"), "nope.yaml: job file does not exist")
 
 
 def test_set_overrides_any_field_and_bad_paths_are_errors(tmp_path):
@@ -133,9 +123,9 @@ def test_set_overrides_any_field_and_bad_paths_are_errors(tmp_path):
         load_job(path, ["data.pretrain.sources.5.weight=1"])
     with pytest.raises(JobError, match="expected KEY=VALUE"):
         load_job(path, ["data.num_proc"])
-    assert_one_line(data_prepare(path, "--set", "model.n_embd=102"), "n_embd (102) must be divisible by n_head (4)")
+    assert_one_line_error(data_prepare(path, "--set", "model.n_embd=102"), "n_embd (102) must be divisible by n_head (4)")
 
 
 def test_tokenizer_needs_exactly_one_source(tmp_path):
     path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "synthetic"}]}}, tokenizer={"encoding": "gpt2", "dir": "x"})
-    assert_one_line(data_prepare(path), "tokenizer", "exactly one of encoding, file, dir, train")
+    assert_one_line_error(data_prepare(path), "tokenizer", "exactly one of encoding, file, dir, train")

@@ -1,13 +1,11 @@
 """Evaluation tasks on the real GSM8K / BBH files, and generation workers on Ray."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import assert_one_line_error, relaygpt, tiny_config
 from model.export import save_model_dir
 from model.gpt import GPT
 from pipelines.evaluate import extract_number, load_task, normalize, render_prompt, score
@@ -80,22 +78,31 @@ def test_task_errors_are_clear(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_with_two_workers_equals_one(ray_cluster, tmp_path, trained_tokenizer):
+def test_generate_with_two_workers_equals_one(ray_head, tmp_path, trained_tokenizer):
+    """One worker generates in-process; two are a Ray Data actor pool on the session's cluster."""
     torch.manual_seed(0)
     model_dir = save_model_dir(GPT(tiny_config(trained_tokenizer.n_vocab, block_size=128)), trained_tokenizer, tmp_path / "m")
     texts = ["To be", "ROMEO: O, she doth teach the torches to burn bright!", "A", "What light through yonder window breaks?",
              "First Citizen: Before we proceed any further, hear me speak.", "Nay"] * 3
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
-    from cluster.cli import main
-
-    assert main(["generate", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "one.jsonl"), "--max-new-tokens", "16",
-                 "--batch-size", "4"]) == 0
-    assert main(["generate", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "two.jsonl"), "--max-new-tokens", "16",
-                 "--batch-size", "4", "--workers", "2"]) == 0
+    common = ["generate", model_dir, "--prompts", prompts, "--max-new-tokens", 16, "--batch-size", 4]
+    one = relaygpt(*common, "--out", tmp_path / "one.jsonl")
+    two = relaygpt(*common, "--out", tmp_path / "two.jsonl", "--workers", 2, "--address", ray_head.address, env=ray_head.env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
     assert one == two
     assert [json.loads(line)["id"] for line in two.splitlines()] == list(range(len(texts)))
+
+
+def test_a_pool_the_cluster_cannot_hold_is_one_line(ray_head, tmp_path, trained_tokenizer):
+    model_dir = save_model_dir(GPT(tiny_config(trained_tokenizer.n_vocab)), trained_tokenizer, tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "To be"}) + "\n")
+    proc = relaygpt("generate", model_dir, "--prompts", prompts, "--out", tmp_path / "o.jsonl", "--workers", 64,
+                    "--address", ray_head.address, env=ray_head.env)
+    assert_one_line_error(proc, "generation workers: 64 worker(s) need 64 CPUs", "the Ray cluster has 8")
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_tokenizer, shakespeare):

@@ -8,6 +8,7 @@ import yaml
 import cluster.cli as cli
 import cluster.runtime
 from distributed import free_port
+from helpers import assert_one_line_error, relaygpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "jobs" / "tiny-assistant.yaml").read_text())
@@ -82,29 +83,16 @@ def test_bad_job_is_one_line_exit_2_without_ray(name, edits, raw, needles, tmp_p
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("stage.json"))
 
 
-def test_more_gpus_than_the_cluster_has(ray_cluster, tmp_path):
-    from cluster.driver import run_job
-    from jobs.spec import load_job
-    from model.errors import RelayError
-
-    job = load_job(REPO / "jobs" / "tiny-assistant.yaml", ["cluster.gpus_per_worker=1", "cluster.device_memory_gb=80"])
-    with pytest.raises(RelayError, match=r"cluster.gpus_per_worker: the job needs 2 GPUs .* but the Ray cluster has 0"):
-        run_job(job, tmp_path / "run", show=lambda line: None)
-    assert not (tmp_path / "run" / "data" / "stage.json").exists()
+def test_more_gpus_than_the_cluster_has(ray_head, tmp_path):
+    """The cluster is asked before anything starts: a job needing GPUs it lacks is one line, exit 2."""
+    proc = relaygpt("run", REPO / "jobs" / "tiny-assistant.yaml", "--out", tmp_path / "out", "--address", ray_head.address,
+                    "--set", "cluster.gpus_per_worker=1", "--set", "cluster.device_memory_gb=80", env=ray_head.env)
+    assert_one_line_error(proc, "cluster.gpus_per_worker: the job needs 2 GPUs", "but the Ray cluster has 0")
+    assert not list((tmp_path / "out").rglob("stage.json"))
 
 
-def test_plan_reports_a_cluster_without_the_gpus(ray_cluster):
-    from cluster.driver import cluster_problems
-    from jobs.spec import load_job
-
-    job = load_job(REPO / "jobs" / "tiny-assistant.yaml", ["cluster.address=127.0.0.1:6379", "cluster.gpus_per_worker=1"])
-    # ray_session leaves the test session's Ray alone, so this asks the running cluster.
-    import cluster.runtime as runtime
-
-    original = runtime.check_reachable
-    runtime.check_reachable = lambda address, timeout=3.0: None
-    try:
-        problems = cluster_problems(job)
-    finally:
-        runtime.check_reachable = original
-    assert problems and "needs 2 GPUs" in problems[0] and "has 0" in problems[0]
+def test_plan_reports_a_cluster_without_the_gpus(ray_head):
+    proc = relaygpt("plan", REPO / "jobs" / "tiny-assistant.yaml", "--set", f"cluster.address={ray_head.address}",
+                    "--set", "cluster.gpus_per_worker=1", env=ray_head.env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "needs 2 GPUs" in proc.stdout and "has 0" in proc.stdout, proc.stdout

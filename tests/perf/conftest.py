@@ -23,3 +23,16 @@ def record():
             f.write(json.dumps(row) + "\n")
         print(f"\n[{name}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()))
     return _record
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """An embedded Ray in this process: the benchmarks time Ray Data against direct calls, so the
+    driver must be this process. Shut down at the end of the session."""
+    import ray
+
+    from cluster.runtime import start_embedded
+
+    start_embedded(num_cpus=4)
+    yield ray
+    ray.shutdown()
