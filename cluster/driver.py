@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import threading
 import time
@@ -142,6 +143,13 @@ def check_resources(job) -> None:
     if need_cpu > have.get("CPU", 0):
         raise RelayError(f"cluster.cpus_per_worker: the job needs {need_cpu:g} CPUs ({c.num_workers} workers x {c.cpus_per_worker:g}) "
                          f"but the Ray cluster has {have.get('CPU', 0):g}")
+    ev = job.stages.eval
+    if ev is not None:
+        for kind, per_worker in (("CPU", ev.cpus_per_worker), ("GPU", ev.gpus_per_worker)):
+            need = ev.workers * per_worker
+            if need > have.get(kind, 0):
+                raise RelayError(f"stages.eval.workers: {ev.workers} generation workers x {per_worker:g} {kind} need {need:g} {kind}s "
+                                 f"but the Ray cluster has {have.get(kind, 0):g}")
 
 
 def run_job(job, run_dir: Path, *, address: str | None = None, resume: bool = False, from_stage: str | None = None,
@@ -165,7 +173,11 @@ def run_job(job, run_dir: Path, *, address: str | None = None, resume: bool = Fa
     results: dict[str, dict] = {}
     forced = set(stages_of(job)[stages_of(job).index(from_stage):]) if from_stage else set()
     c = job.cluster
-    with ray_session(address or c.address, num_cpus=int(c.num_workers * c.cpus_per_worker) + 1):
+    # An embedded Ray gets as many logical CPUs as the job asks for (training workers and the data
+    # task, or the generation pool), even beyond the machine's cores: oversubscribing is the user's call.
+    ev = job.stages.eval
+    wanted = max(c.num_workers * c.cpus_per_worker + 1, ev.workers * ev.cpus_per_worker if ev else 0)
+    with ray_session(address or c.address, num_cpus=math.ceil(wanted)):
         check_resources(job)
         for stage in stages_of(job):
             status = read_status(run_dir, stage)
@@ -216,7 +228,7 @@ def _run_stage(job, stage: str, run_dir: Path, show, progress: bool) -> dict:
         finally:
             if watcher:
                 watcher.stop()
-        return _last_metrics(stage_dir(run_dir, stage) / "metrics.jsonl")
+        return stage_result(stage_dir(run_dir, stage))
     from pipelines.evaluate import run_eval
 
     spec = job.stages.eval
@@ -233,12 +245,28 @@ def _run_stage(job, stage: str, run_dir: Path, show, progress: bool) -> dict:
     return {"scores": metrics}
 
 
-def _last_metrics(path: Path) -> dict:
+def stage_result(root: Path) -> dict:
+    """A training stage's final result (result.json, written by rank 0 at the end), else its last logged metrics."""
+    if (root / "result.json").exists():
+        return json.loads((root / "result.json").read_text())
     last: dict = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
+    if (root / "metrics.jsonl").exists():
+        for line in (root / "metrics.jsonl").read_text().splitlines():
             last.update(json.loads(line))
-    return {k: v for k, v in last.items() if k != "time"}
+    return {k: v for k, v in last.items() if k not in ("time", "stage")}
+
+
+def stage_usage(job, stage: str, seconds: float):
+    """The resources a stage holds while it runs, for cost accounting."""
+    from pipelines.accounting import Usage
+
+    c = job.cluster
+    if stage in ("pretrain", "sft"):
+        return Usage(stage, seconds, c.num_workers, c.gpus_per_worker, c.cpus_per_worker)
+    if stage == "eval":
+        ev = job.stages.eval
+        return Usage(stage, seconds, ev.workers, ev.gpus_per_worker, ev.cpus_per_worker)
+    return Usage(stage, seconds, 1, 0.0, 1.0)  # data preparation: one Ray task on one CPU
 
 
 def _summary(job, run_dir: Path, results: dict, timings: dict, total: float) -> dict:
@@ -252,6 +280,13 @@ def _summary(job, run_dir: Path, results: dict, timings: dict, total: float) -> 
         paths["eval_report"] = str(run_dir / "eval" / "report.md")
     summary = {"job": job.name, "paths": paths, "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(total, 1)},
                "stages": {k: v for k, v in results.items() if k != "eval"}}
+    from pipelines.accounting import Prices, account
+
+    # What the run's artifacts cost: a stage skipped as up to date counts with the seconds it
+    # took when it ran (its stage.json), so the figure does not depend on how often it was re-run.
+    spent = {stage: timings.get(stage, read_status(run_dir, stage).get("seconds")) for stage in stages_of(job)}
+    prices = Prices(job.cluster.price_per_gpu_hour, job.cluster.price_per_core_hour)
+    summary["cost"] = account([stage_usage(job, stage, seconds) for stage, seconds in spent.items() if seconds is not None], prices)
     if "eval" in results:
         summary["eval"] = results["eval"]["scores"]
     else:
@@ -267,6 +302,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {key:<22} {value}")
     for model, scores in summary.get("eval", {}).items():
         lines.append(f"  eval {model:<17} " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
+    cost = summary.get("cost")
+    if cost:
+        hours = cost["gpu_hours"] if cost["unit"] == "GPU-hours" else cost["core_hours"]
+        money = f", cost {cost['cost']:.4f}" if cost.get("cost") is not None else ""
+        lines.append(f"  {'usage':<22} {hours:.4f} {cost['unit']}{money}")
     tb = summary["paths"].get("run_dir")
     lines.append(f"  tensorboard --logdir {tb} --host 127.0.0.1")
     return "\n".join(lines)

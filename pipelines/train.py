@@ -162,8 +162,6 @@ def train_stage(job, stage_name: str, run_dir: str | Path, *, report=None, until
     `until_step` stops early at that step (checkpointed, same schedule), as a preempted or
     time-limited run would; the next call resumes from there.
     """
-    from model.export import save_model_dir
-    from model.gpt import GPT
     from model.tokenizer import Tokenizer
     from pipelines.distributed import init_distributed
     from pipelines.engine import Engine
@@ -244,12 +242,49 @@ def train_stage(job, stage_name: str, run_dir: str | Path, *, report=None, until
             if topo.rank == 0:
                 report(metrics)
                 log_metrics(paths["root"] / "metrics.jsonl", metrics)
-        if state.step % stage.checkpoint_every == 0 or state.step in (total_steps, stop_at):
+        if stage.save_checkpoints and (state.step % stage.checkpoint_every == 0 or state.step in (total_steps, stop_at)):
             _save(engine, paths["checkpoints"], state, loader, stage, topo)
         timer.lap()  # evaluation and checkpoint time is not step time
     board.close()
+    memory = _peak_memory_per_rank(engine)
     if state.step < total_steps:
         return {**last, "step": state.step, "total_steps": total_steps, "stopped_early": True}
+    result = {**last, "step": state.step, "total_steps": total_steps, "tokens_seen": state.tokens_seen,
+              "best_val_loss": state.best_val_loss, "perf/peak_memory_gb_per_rank": memory, "params": config.num_params(),
+              "seq_len": seq_len, "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token}
+    if stage.export_model:
+        _export(engine, config, tokenizer, paths["model"], topo, provenance={
+            "job": job.name, "stage": stage_name, "steps": state.step, "tokens_seen": state.tokens_seen,
+            "layout": {"pipeline_stages": pp, "data_parallel": dp, "zero_stage": stage.deepspeed.zero_stage},
+            "final": {k: v for k, v in last.items() if "/" in k}})
+        result["model_dir"] = str(paths["model"])
+    if topo.rank == 0:
+        _write_json_atomically(paths["root"] / "result.json", {k: v for k, v in result.items() if k != "stage"})
+    dist.barrier()
+    return result
+
+
+def _peak_memory_per_rank(engine) -> list[float]:
+    """Every rank's peak memory in GB (a collective): pipeline stages and ZeRO shards differ."""
+    mine = torch.tensor([peak_memory_bytes() / 1e9], dtype=torch.float64, device=engine._reduce_device())
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [round(float(t), 4) for t in gathered]
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _export(engine, config, tokenizer, model_dir: Path, topo, provenance: dict) -> None:
+    """The native model directory, gathered from whatever layout trained it (a collective)."""
+    from model.export import save_model_dir
+    from model.gpt import GPT
+
     full = engine.full_state_dict()
     if topo.rank == 0:
         with torch.device("meta"):
@@ -257,13 +292,7 @@ def train_stage(job, stage_name: str, run_dir: str | Path, *, report=None, until
         model.load_state_dict(full, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.transformer.wte.weight
-        save_model_dir(model, tokenizer, paths["model"], provenance={
-            "job": job.name, "stage": stage_name, "steps": state.step, "tokens_seen": state.tokens_seen,
-            "layout": {"pipeline_stages": pp, "data_parallel": dp, "zero_stage": stage.deepspeed.zero_stage},
-            "final": {k: v for k, v in last.items() if "/" in k}})
-    dist.barrier()
-    return {**last, "step": state.step, "total_steps": total_steps, "tokens_seen": state.tokens_seen,
-            "best_val_loss": state.best_val_loss, "model_dir": str(paths["model"])}
+        save_model_dir(model, tokenizer, model_dir, provenance=provenance)
 
 
 def _save(engine, root: Path, state: TrainState, loader, stage, topo) -> None:

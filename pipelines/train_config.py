@@ -49,6 +49,8 @@ class TrainStageSpec(Strict):
     eval_batches: int = Field(10, ge=1, description="validation micro-batches per rank")
     checkpoint_every: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+    save_checkpoints: bool = Field(True, description="false: no checkpoints at all (sweep points, throwaway runs); no resume")
+    export_model: bool = Field(True, description="false: no model directory at the end (sweep points)")
     log_every: int = Field(10, ge=1)
     peak_tflops: float | None = Field(None, gt=0, description="peak FLOP/s (in TFLOP/s) per device for MFU when the GPU is not in the built-in table")
     init: str | None = Field(None, description="start from a model directory; for sft the default is the pretrain stage's export")
@@ -91,3 +93,5 @@ class ClusterSpec(Strict):
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     device_memory_gb: float | None = Field(None, gt=0, description="memory per GPU, for relaygpt plan's fit check (e.g. 80 for an H100)")
     max_failures: int = Field(0, ge=-1, description="worker failures Ray Train recovers from (-1: unlimited)")
+    price_per_gpu_hour: float | None = Field(None, ge=0, description="for the cost in summary.json and sweep reports (GPU stages)")
+    price_per_core_hour: float | None = Field(None, ge=0, description="the same for CPU-only stages, per core-hour")

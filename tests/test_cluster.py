@@ -1,4 +1,8 @@
-"""The job runner on real Ray processes (loopback only): end to end, fault tolerance, placement."""
+"""The job runner on real Ray processes (loopback only): end to end, fault tolerance, placement.
+
+Every run here is a `relaygpt run` process, as a user starts it: the main job on an embedded
+Ray (what `make demo` does), the others joining the session's Ray head with --address.
+"""
 
 import json
 import os
@@ -11,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.driver import run_job
-from jobs.spec import load_job
+from helpers import relaygpt
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "tiny-assistant.yaml"
 SHORT = [
     "data.synthetic.mentions_per_fact=6", "data.num_proc=1",
     "stages.pretrain.steps=20", "stages.pretrain.log_every=5", "stages.pretrain.eval_every=10", "stages.pretrain.checkpoint_every=10",
@@ -24,21 +28,23 @@ SHORT = [
 ]
 
 
-def short_job(*extra):
-    return load_job(REPO / "jobs" / "tiny-assistant.yaml", SHORT + list(extra))
+def _set(*overrides):
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
-def test_the_main_job_end_to_end(ray_cluster, tmp_path):
-    """jobs/tiny-assistant.yaml exactly as `make demo` runs it: every artifact, and it learned."""
-    run = tmp_path / "run"
-    lines = []
-    job = load_job(REPO / "jobs" / "tiny-assistant.yaml")
-    summary = run_job(job, run, show=lines.append)
+def test_the_main_job_end_to_end(ray_head, tmp_path):
+    """jobs/tiny-assistant.yaml exactly as `make demo` runs it (embedded Ray): every artifact, and it learned."""
+    out = tmp_path / "out"
+    run = out / "tiny-assistant" / "default"
+    proc = relaygpt("run", JOB, "--out", out, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    summary = json.loads((run / "summary.json").read_text())
     expected = [
         "job.yaml", "summary.json", "tokenizer/tokenizer.json", "tokenizer/ranks.tiktoken",
         "data/pretrain/manifest.json", "data/sft/manifest.json", "data/stage.json",
         "pretrain/stage.json", "pretrain/metrics.jsonl", "pretrain/model/config.json", "pretrain/model/model.safetensors",
-        "pretrain/checkpoints/step_00002000/checkpoint.json", "pretrain/workers/rank_0.json", "pretrain/workers/rank_1.json",
+        "pretrain/checkpoints/step_00001000/checkpoint.json", "pretrain/workers/rank_0.json", "pretrain/workers/rank_1.json",
         "sft/stage.json", "sft/model/model.safetensors", "sft/checkpoints/step_00000150/checkpoint.json",
         "eval/predictions.jsonl", "eval/metrics.json", "eval/report.md", "eval/stage.json",
     ]
@@ -51,43 +57,53 @@ def test_the_main_job_end_to_end(ray_cluster, tmp_path):
     assert summary["eval"]["base"]["synthetic"] <= 0.2, summary["eval"]
     report = (run / "eval" / "report.md").read_text()
     assert "| synthetic |" in report and "**assistant** ✓" in report
-    assert json.loads((run / "summary.json").read_text())["eval"] == summary["eval"]
     for stage in ("data", "pretrain", "sft", "eval"):
         assert json.loads((run / stage / "stage.json").read_text())["status"] == "completed"
+    # Cost: every stage's reserved core-hours (2 training workers x 1 CPU for the stage's wall time).
+    cost = summary["cost"]
+    assert cost["unit"] == "core-hours" and set(cost["stages"]) == {"data", "pretrain", "sft", "eval"} and cost["cost"] is None
+    pretrain = cost["stages"]["pretrain"]
+    assert pretrain["workers"] == 2 and pretrain["core_hours"] == pytest.approx(pretrain["seconds"] * 2 / 3600, rel=1e-3)
+    assert cost["core_hours"] == pytest.approx(sum(s["core_hours"] for s in cost["stages"].values()), abs=1e-5)
+    assert "core-hours" in proc.stdout.split("done: tiny-assistant")[-1]
     from model.export import load_model_dir
 
     model, tok, meta = load_model_dir(run / "sft" / "model")
     assert meta["provenance"]["stage"] == "sft" and meta["provenance"]["layout"]["data_parallel"] == 2
-    assert any("[pretrain] step 2000/2000" in line for line in lines)  # the progress display followed the workers
-    # Running again does nothing: every stage is up to date.
-    again = []
-    run_job(job, run, show=again.append)
-    assert sum("up to date" in line for line in again) == 4
+    assert any("[pretrain] step 1000/1000" in line for line in lines)  # the progress display followed the workers
+    assert f"{run / 'sft' / 'model'}" in proc.stdout.split("done: tiny-assistant")[-1]  # the summary says where things are
+
+    # The same run directory, driven on another cluster (the session's head): every stage is up to date.
+    def rerun(*args, on_head=False):
+        where = ["--address", ray_head.address] if on_head else []
+        again = relaygpt("run", JOB, "--out", out, *where, *args, env=ray_head.env if on_head else None, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        return again.stdout.splitlines()
+
+    assert sum("up to date" in line for line in rerun(on_head=True)) == 4
     # A changed SFT setting re-runs SFT and eval only; --from-stage eval re-runs eval only.
-    changed_job = load_job(REPO / "jobs" / "tiny-assistant.yaml", ["stages.sft.steps=20"])
-    changed = []
-    run_job(changed_job, run, show=changed.append)
+    changed = rerun(*_set("stages.sft.steps=20"))
     assert [line.split("]")[0] for line in changed if "up to date" in line] == ["[data", "[pretrain"]
     assert json.loads((run / "sft" / "stage.json").read_text())["result"]["step"] == 20
-    last = []
-    run_job(changed_job, run, from_stage="eval", show=last.append)
+    last = rerun(*_set("stages.sft.steps=20"), "--from-stage", "eval")
     assert sum("up to date" in line for line in last) == 3 and any(line.startswith("[eval] assistant") for line in last)
 
 
-def test_a_killed_worker_is_replaced_and_the_stage_resumes(ray_cluster, tmp_path):
-    run = tmp_path / "run"
-    job = short_job("cluster.max_failures=1", "stages.pretrain.steps=160", "stages.pretrain.log_every=1",
-                    "stages.pretrain.checkpoint_every=20", "stages.pretrain.eval_every=1000", "stages.pretrain.micro_batch=16",
-                    "stages.sft=null", "stages.eval=null")
+def test_a_killed_worker_is_replaced_and_the_stage_resumes(ray_head, tmp_path):
+    out = tmp_path / "out"
+    run = out / "tiny-assistant" / "default"
+    settings = SHORT + ["cluster.max_failures=1", "cluster.price_per_core_hour=0.05", "stages.pretrain.steps=80", "stages.pretrain.log_every=1",
+                        "stages.pretrain.checkpoint_every=20", "stages.pretrain.eval_every=1000", "stages.pretrain.micro_batch=16",
+                        "stages.sft=null", "stages.eval=null"]
     metrics = run / "pretrain" / "metrics.jsonl"
     killed = {}
 
     def killer():
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while time.time() < deadline:
             if metrics.exists():
                 steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-                if steps and steps[-1] >= 50:
+                if steps and steps[-1] >= 30:
                     info = json.loads((run / "pretrain" / "workers" / "rank_1.json").read_text())
                     os.kill(info["pid"], signal.SIGKILL)
                     killed.update(step=steps[-1], pid=info["pid"])
@@ -96,23 +112,27 @@ def test_a_killed_worker_is_replaced_and_the_stage_resumes(ray_cluster, tmp_path
 
     thread = threading.Thread(target=killer)
     thread.start()
-    summary = run_job(job, run, show=lambda line: None)
+    proc = relaygpt("run", JOB, "--out", out, "--address", ray_head.address, *_set(*settings), env=ray_head.env, timeout=900)
     thread.join()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert killed, "the worker was never killed"
+    summary = json.loads((run / "summary.json").read_text())
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in records]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     resumed_at = steps[restart]
     assert resumed_at - 1 == 20 * ((resumed_at - 1) // 20), "resumed from a checkpoint boundary"
     assert killed["step"] - (resumed_at - 1) <= 20 + 5, "lost at most one checkpoint interval (plus steps in flight)"
-    assert summary["stages"]["pretrain"]["step"] == 160 and steps[-1] == 160
+    assert summary["stages"]["pretrain"]["step"] == 80 and steps[-1] == 80
     first = {r["step"]: r["train/loss"] for r in records[:restart]}
     for r in records[restart:]:
         if r["step"] in first:  # steps trained twice give the same loss: the resume is exact
             assert abs(r["train/loss"] - first[r["step"]]) < 1e-5, r["step"]
     new_pid = json.loads((run / "pretrain" / "workers" / "rank_1.json").read_text())["pid"]
     assert new_pid != killed["pid"]
-
+    result = json.loads((run / "pretrain" / "result.json").read_text())
+    assert result["step"] == 80 and len(result["perf/peak_memory_gb_per_rank"]) == 2 and min(result["perf/peak_memory_gb_per_rank"]) > 0
+    assert summary["cost"]["cost"] == pytest.approx(summary["cost"]["core_hours"] * 0.05, rel=1e-3)
 
 def test_strict_spread_places_workers_on_different_nodes(tmp_path):
     job = tmp_path / "job.yaml"
