@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(gen, temperature=0.0)
     gen.set_defaults(func=cmd_generate)
 
+    sweep = sub.add_parser("sweep", help="measure a job across a grid of layouts / sizes: results.csv, report.md, plots")
+    sweep.add_argument("sweep", metavar="SWEEP.yaml")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a sweep field")
+    sweep.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the sweep's output_dir)")
+    sweep.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+    sweep.set_defaults(func=cmd_sweep)
+
     chat = sub.add_parser("chat", help="chat with a model in the terminal")
     chat.add_argument("model_dir", metavar="MODEL_DIR")
     chat.add_argument("--system", default=None, metavar="TEXT")
@@ -265,6 +272,25 @@ def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batc
 
     with ray_session(address, num_cpus=workers):
         return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size)
+
+
+def cmd_sweep(args) -> int:
+    from cluster.sweep import run_sweep
+    from jobs.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    out_dir = sweep.sweep_dir(args.out).resolve()
+    print(f"relaygpt sweep {sweep.name} -> {out_dir}", flush=True)
+    summary = run_sweep(sweep, out_dir, address=args.address, show=lambda line: print(line, flush=True))
+    cost = summary["cost"]
+    hours = cost["gpu_hours"] if cost["unit"] == "GPU-hours" else cost["core_hours"]
+    print(f"\ndone: sweep {sweep.name} in {summary['seconds']:.0f}s, {hours:.4f} {cost['unit']}"
+          + (f", cost {cost['cost']:.4f}" if cost["cost"] is not None else ""))
+    for key in ("results", "report"):
+        print(f"  {key:<10} {summary['paths'][key]}")
+    for plot in summary["paths"]["plots"]:
+        print(f"  {'plot':<10} {plot}")
+    return 0
 
 
 def cmd_submit(args) -> int:

@@ -195,10 +195,18 @@ def _format_loc(loc: tuple) -> str:
     return out
 
 
-def _problems(exc: ValidationError, where: str, lines: dict[tuple, int]) -> list[str]:
+def _names_a_field(msg: str, schema: type[BaseModel]) -> bool:
+    """A cross-field validator's message that starts with the field it is about (`a.b.c: ...`,
+    or a top-level field of `schema`), so the problem can name that field and its line."""
+    m = re.match(r"Value error, ([a-z_]+)((\.[a-z_0-9]+)*): ", msg)
+    return bool(m) and (bool(m.group(2)) or m.group(1) in schema.model_fields)
+
+
+def _problems(exc: ValidationError, where: str, lines: dict[tuple, int], schema: type[BaseModel] | None = None) -> list[str]:
+    schema = schema or JobSpec
     problems = []
     for err in exc.errors():
-        if err["type"] == "value_error" and "\n" in err["msg"] or re.match(r"Value error, [a-z_]+(\.[a-z_0-9]+)+: ", err["msg"]):
+        if err["type"] == "value_error" and "\n" in err["msg"] or _names_a_field(err["msg"], schema):
             for line_msg in err["msg"].removeprefix("Value error, ").split("\n"):
                 path, _, text = line_msg.partition(": ")
                 loc = tuple(int(p) if p.isdigit() else p for p in path.split("."))
@@ -213,7 +221,7 @@ def _problems(exc: ValidationError, where: str, lines: dict[tuple, int]) -> list
         prefix = f"{where}:{line}" if line else where
         field = _format_loc(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key{_did_you_mean(str(loc[-1]), _fields_at(JobSpec, loc[:-1]))}"
+            msg = f"unknown key{_did_you_mean(str(loc[-1]), _fields_at(schema, loc[:-1]))}"
         elif err["type"] == "missing":
             msg = "required field is missing"
         else:

@@ -1,0 +1,158 @@
+"""`relaygpt sweep`: measure a base job at every point of a grid, one short training stage on
+Ray per point, then write the results, the report and the plots.
+
+    OUT/<sweep-name>/
+      sweep.yaml            the resolved sweep
+      data/<fingerprint>/   tokenizer + shards, shared by every point with the same data settings
+      points/pNNN/          point.json (axes, overrides, fingerprint, row), the stage's metrics.jsonl,
+                            tensorboard/, result.json; tokenizer/ and data/ link to the shared data
+      results.csv report.md *.png summary.json
+
+A point already measured with the same fingerprint is not run again, so an interrupted or
+extended sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from model.errors import RelayError
+
+
+def run_sweep(sweep, out_dir: Path, *, address: str | None = None, show=print) -> dict:
+    """Every point of `sweep`, measured or skipped with its reason; returns the sweep summary."""
+    from cluster.plan import plan_job
+    from cluster.runtime import ray_session
+    from jobs.sweep import expand_points
+
+    out_dir = Path(out_dir)
+    points = expand_points(sweep)
+    axes = list(dict.fromkeys([*sweep.grid, *(k for p in sweep.points for k in p)]))
+    for p in points:
+        if p.reason is None:
+            problems = plan_job(p.job)[1]
+            p.reason = "; ".join(problems) or None
+    runnable = [p for p in points if p.reason is None]
+    show(f"[sweep] {sweep.name}: {len(points)} point(s), {len(points) - len(runnable)} refused by the planner")
+    (out_dir / "points").mkdir(parents=True, exist_ok=True)
+    _write(out_dir / "sweep.yaml", yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    wanted = max([p.job.cluster.num_workers * p.job.cluster.cpus_per_worker + 1 for p in runnable] or [1])
+    started, rows = time.time(), []
+    with ray_session(address, num_cpus=math.ceil(wanted)):
+        for p in points:
+            row = {"point": p.id, "status": "skipped", "reason": p.reason, **p.axes}
+            if p.reason is None:
+                row = _measured_or_run(sweep, p, out_dir, row, show)
+            else:
+                show(f"[{p.id}] {p.label}: skipped ({p.reason})")
+            rows.append(row)
+    return _finish(sweep, rows, axes, out_dir, time.time() - started, show)
+
+
+def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
+    from cluster.driver import check_resources
+
+    record = out_dir / "points" / point.id / "point.json"
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") == point.fingerprint and saved["row"]["status"] == "measured":
+            show(f"[{point.id}] {point.label}: measured earlier, kept")
+            return saved["row"]
+    try:
+        check_resources(point.job)
+    except RelayError as exc:
+        show(f"[{point.id}] {point.label}: skipped ({exc})")
+        return {**row, "reason": str(exc)}
+    try:
+        row = {**row, **_run_point(sweep, point, out_dir, show), "status": "measured", "reason": "-"}
+    except RelayError as exc:
+        row = {**row, "status": "failed", "reason": str(exc)}
+    except Exception as exc:  # a point that crashes (out of memory, a dead node) is a result of the sweep, not its end
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        row = {**row, "status": "failed", "reason": f"{type(exc).__name__}: {first}"[:300]}
+    if row["status"] == "failed":
+        show(f"[{point.id}] {point.label}: failed ({row['reason']})")
+    _write(record, json.dumps({"axes": point.axes, "overrides": point.overrides, "fingerprint": point.fingerprint, "row": row},
+                              indent=2, default=str) + "\n")
+    return row
+
+
+def _run_point(sweep, point, out_dir: Path, show) -> dict:
+    from cluster import launch
+    from cluster.driver import fingerprints, stage_result
+    from pipelines.accounting import Usage
+    from pipelines.sweep import measure, read_records
+
+    job, stage = point.job, sweep.stage
+    data_dir = out_dir / "data" / fingerprints(job)["data"]
+    launch.prepare_on_ray(job, data_dir)
+    point_dir = out_dir / "points" / point.id
+    shutil.rmtree(point_dir / stage, ignore_errors=True)
+    point_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "data"):
+        link = point_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink() if link.is_symlink() else shutil.rmtree(link)
+        os.symlink(os.path.relpath(data_dir / name, point_dir), link)
+    if stage == "sft" and not getattr(job.stages, stage).init:
+        raise RelayError("stages.sft.init: an SFT sweep point needs a model directory to start from")
+    t0 = time.time()
+    launch.train_on_ray(job, stage, point_dir)
+    wall = time.time() - t0
+    row = measure(job, stage, read_records(point_dir / stage / "metrics.jsonl"), stage_result(point_dir / stage), sweep.warmup_steps)
+    c = job.cluster
+    usage = Usage(point.id, wall, c.num_workers, c.gpus_per_worker, c.cpus_per_worker)
+    row.update(wall_s=wall, gpu_hours=usage.gpu_hours, core_hours=usage.core_hours, cost=_prices(sweep, job).cost(usage))
+    show(f"[{point.id}] {point.label}: {row['tokens_per_s']:,.0f} tok/s ({row['tokens_per_s_per_worker']:,.0f}/worker), "
+         f"step {row['step_time_s']:.3f} s, {row['peak_memory_gb_per_worker']:.2f} GB/worker, loss {row['final_loss']:.4f}")
+    return row
+
+
+def _prices(sweep, job):
+    from pipelines.accounting import Prices
+
+    return Prices(sweep.cost.price_per_gpu_hour if sweep.cost.price_per_gpu_hour is not None else job.cluster.price_per_gpu_hour,
+                  sweep.cost.price_per_core_hour if sweep.cost.price_per_core_hour is not None else job.cluster.price_per_core_hour)
+
+
+def _finish(sweep, rows: list[dict], axes: list[str], out_dir: Path, seconds: float, show) -> dict:
+    from pipelines.sweep import best_per_model, loss_fit, scaling_efficiency, write_csv, write_plots, write_report
+
+    scaling_efficiency(rows)
+    measured = [r for r in rows if r["status"] == "measured"]
+    costs = [r.get("cost") for r in measured]
+    totals = {"unit": "GPU-hours" if any(r["gpu_hours"] for r in measured) else "core-hours",
+              "gpu_hours": sum(r["gpu_hours"] for r in measured), "core_hours": sum(r["core_hours"] for r in measured),
+              # A total only when every point had a price: a partial sum would understate the bill.
+              "cost": sum(costs) if costs and None not in costs else None}
+    fit = loss_fit(rows)
+    plots = write_plots(rows, axes, fit, out_dir)
+    write_csv(rows, axes, out_dir / "results.csv")
+    write_report(sweep, rows, axes, totals, fit, plots, out_dir / "report.md")
+    summary = {
+        "sweep": sweep.name, "seconds": round(seconds, 1),
+        "points": {"total": len(rows), "measured": len(measured), "skipped": sum(r["status"] == "skipped" for r in rows),
+                   "failed": sum(r["status"] == "failed" for r in rows)},
+        "best": best_per_model(rows),
+        "cost": totals,
+        "power_law": None if fit is None else {"coefficient": fit.coefficient, "exponent": fit.exponent, "r2": fit.r2},
+        "paths": {"results": str(out_dir / "results.csv"), "report": str(out_dir / "report.md"), "plots": plots},
+    }
+    _write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    show(f"[sweep] {summary['points']['measured']} measured, {summary['points']['skipped']} skipped, "
+         f"{summary['points']['failed']} failed; report {out_dir / 'report.md'}")
+    return summary
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
