@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -136,8 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tools_beside_the_interpreter() -> None:
+    """Put this interpreter's bin directory first on PATH, as activating its venv would.
+
+    Every process of a run (Ray workers inherit the driver's environment) then finds the
+    same tools, ninja above all: DeepSpeed JIT-builds its CPU comm op with whichever ninja is
+    on PATH, and two ninjas of different versions disagree about the build log, so a run
+    started without the venv activated rebuilt the op (45 s on 2 cores) after every run that
+    was started with it.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in parts if p and p != bin_dir])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _tools_beside_the_interpreter()
     try:
         return args.func(args) or 0
     except RelayError as exc:

@@ -37,6 +37,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray in the tests stays on 127.0.0.1
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# This interpreter's bin directory first, for every process the tests start: DeepSpeed ranks
+# JIT-build a comm op with the ninja on PATH, and alternating between two ninjas rebuilds it.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
