@@ -294,15 +294,13 @@ def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batc
 def cmd_sweep(args) -> int:
     from cluster.sweep import run_sweep
     from jobs.sweep import load_sweep
+    from pipelines.accounting import describe_usage
 
     sweep = load_sweep(args.sweep, args.overrides)
     out_dir = sweep.sweep_dir(args.out).resolve()
     print(f"relaygpt sweep {sweep.name} -> {out_dir}", flush=True)
     summary = run_sweep(sweep, out_dir, address=args.address, show=lambda line: print(line, flush=True))
-    cost = summary["cost"]
-    hours = cost["gpu_hours"] if cost["unit"] == "GPU-hours" else cost["core_hours"]
-    print(f"\ndone: sweep {sweep.name} in {summary['seconds']:.0f}s, {hours:.4f} {cost['unit']}"
-          + (f", cost {cost['cost']:.4f}" if cost["cost"] is not None else ""))
+    print(f"\ndone: sweep {sweep.name} in {summary['seconds']:.0f}s, {describe_usage(summary['cost'])}")
     for key in ("results", "report"):
         print(f"  {key:<10} {summary['paths'][key]}")
     for plot in summary["paths"]["plots"]:

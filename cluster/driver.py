@@ -302,11 +302,10 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {key:<22} {value}")
     for model, scores in summary.get("eval", {}).items():
         lines.append(f"  eval {model:<17} " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
-    cost = summary.get("cost")
-    if cost:
-        hours = cost["gpu_hours"] if cost["unit"] == "GPU-hours" else cost["core_hours"]
-        money = f", cost {cost['cost']:.4f}" if cost.get("cost") is not None else ""
-        lines.append(f"  {'usage':<22} {hours:.4f} {cost['unit']}{money}")
+    if summary.get("cost"):
+        from pipelines.accounting import describe_usage
+
+        lines.append(f"  {'usage':<22} {describe_usage(summary['cost'])}")
     tb = summary["paths"].get("run_dir")
     lines.append(f"  tensorboard --logdir {tb} --host 127.0.0.1")
     return "\n".join(lines)

@@ -86,8 +86,7 @@ def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
 
 def _run_point(sweep, point, out_dir: Path, show) -> dict:
     from cluster import launch
-    from cluster.driver import fingerprints, stage_result
-    from pipelines.accounting import Usage
+    from cluster.driver import fingerprints, stage_result, stage_usage
     from pipelines.sweep import measure, read_records
 
     job, stage = point.job, sweep.stage
@@ -107,8 +106,7 @@ def _run_point(sweep, point, out_dir: Path, show) -> dict:
     launch.train_on_ray(job, stage, point_dir)
     wall = time.time() - t0
     row = measure(job, stage, read_records(point_dir / stage / "metrics.jsonl"), stage_result(point_dir / stage), sweep.warmup_steps)
-    c = job.cluster
-    usage = Usage(point.id, wall, c.num_workers, c.gpus_per_worker, c.cpus_per_worker)
+    usage = stage_usage(job, stage, wall)
     row.update(wall_s=wall, gpu_hours=usage.gpu_hours, core_hours=usage.core_hours, cost=_prices(sweep, job).cost(usage))
     show(f"[{point.id}] {point.label}: {row['tokens_per_s']:,.0f} tok/s ({row['tokens_per_s_per_worker']:,.0f}/worker), "
          f"step {row['step_time_s']:.3f} s, {row['peak_memory_gb_per_worker']:.2f} GB/worker, loss {row['final_loss']:.4f}")
@@ -123,15 +121,12 @@ def _prices(sweep, job):
 
 
 def _finish(sweep, rows: list[dict], axes: list[str], out_dir: Path, seconds: float, show) -> dict:
+    from pipelines.accounting import totals as sum_usage
     from pipelines.sweep import best_per_model, loss_fit, scaling_efficiency, write_csv, write_plots, write_report
 
     scaling_efficiency(rows)
     measured = [r for r in rows if r["status"] == "measured"]
-    costs = [r.get("cost") for r in measured]
-    totals = {"unit": "GPU-hours" if any(r["gpu_hours"] for r in measured) else "core-hours",
-              "gpu_hours": sum(r["gpu_hours"] for r in measured), "core_hours": sum(r["core_hours"] for r in measured),
-              # A total only when every point had a price: a partial sum would understate the bill.
-              "cost": sum(costs) if costs and None not in costs else None}
+    totals = sum_usage(measured)
     fit = loss_fit(rows)
     plots = write_plots(rows, axes, fit, out_dir)
     write_csv(rows, axes, out_dir / "results.csv")

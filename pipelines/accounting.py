@@ -48,18 +48,28 @@ def account(usages: list[Usage], prices: Prices) -> dict:
     for u in usages:
         rows[u.name] = {"seconds": round(u.seconds, 2), "workers": u.workers, "gpu_hours": round(u.gpu_hours, 6),
                         "core_hours": round(u.core_hours, 6), "cost": _round(prices.cost(u))}
-    costs = [prices.cost(u) for u in usages]
-    priced = [c for c in costs if c is not None]
+    total = totals([{"gpu_hours": u.gpu_hours, "core_hours": u.core_hours, "cost": prices.cost(u)} for u in usages])
+    return {**total, "gpu_hours": round(total["gpu_hours"], 6), "core_hours": round(total["core_hours"], 6),
+            "cost": _round(total["cost"]), "price_per_gpu_hour": prices.per_gpu_hour,
+            "price_per_core_hour": prices.per_core_hour, "stages": rows}
+
+
+def totals(parts: list[dict]) -> dict:
+    """The unit, GPU-hours, core-hours and cost summed over parts (each with those three keys)."""
+    costs = [p["cost"] for p in parts]
     return {
-        "unit": "GPU-hours" if any(u.gpus_per_worker > 0 for u in usages) else "core-hours",
-        "gpu_hours": round(sum(u.gpu_hours for u in usages), 6),
-        "core_hours": round(sum(u.core_hours for u in usages), 6),
-        "price_per_gpu_hour": prices.per_gpu_hour,
-        "price_per_core_hour": prices.per_core_hour,
+        "unit": "GPU-hours" if any(p["gpu_hours"] > 0 for p in parts) else "core-hours",
+        "gpu_hours": sum(p["gpu_hours"] for p in parts),
+        "core_hours": sum(p["core_hours"] for p in parts),
         # A total only when every part had a price: a partial sum would understate the bill.
-        "cost": _round(sum(priced)) if priced and len(priced) == len(costs) else None,
-        "stages": rows,
+        "cost": sum(costs) if costs and None not in costs else None,
     }
+
+
+def describe_usage(cost: dict) -> str:
+    """One line for a person: `0.1555 core-hours, cost 0.0078` (the cost only where priced)."""
+    hours = cost["gpu_hours"] if cost["unit"] == "GPU-hours" else cost["core_hours"]
+    return f"{hours:.4f} {cost['unit']}" + (f", cost {cost['cost']:.4f}" if cost.get("cost") is not None else "")
 
 
 def _round(value: float | None) -> float | None:
