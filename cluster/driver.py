@@ -58,11 +58,9 @@ def read_status(run_dir: Path, stage: str) -> dict:
 
 
 def write_status(run_dir: Path, stage: str, status: dict) -> None:
-    path = stage_dir(run_dir, stage) / "stage.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    from pipelines.files import write_text_atomically
+
+    write_text_atomically(stage_dir(run_dir, stage) / "stage.json", json.dumps(status, indent=2, default=str) + "\n")
 
 
 def _clear_stage(run_dir: Path, stage: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from model.errors import RelayError
+from pipelines.files import write_text_atomically
 
 
 def run_sweep(sweep, out_dir: Path, *, address: str | None = None, show=print) -> dict:
@@ -42,7 +43,7 @@ def run_sweep(sweep, out_dir: Path, *, address: str | None = None, show=print) -
     runnable = [p for p in points if p.reason is None]
     show(f"[sweep] {sweep.name}: {len(points)} point(s), {len(points) - len(runnable)} refused by the planner")
     (out_dir / "points").mkdir(parents=True, exist_ok=True)
-    _write(out_dir / "sweep.yaml", yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    write_text_atomically(out_dir / "sweep.yaml", yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     wanted = max([p.job.cluster.num_workers * p.job.cluster.cpus_per_worker + 1 for p in runnable] or [1])
     started, rows = time.time(), []
     with ray_session(address, num_cpus=math.ceil(wanted)):
@@ -79,8 +80,8 @@ def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
         row = {**row, "status": "failed", "reason": f"{type(exc).__name__}: {first}"[:300]}
     if row["status"] == "failed":
         show(f"[{point.id}] {point.label}: failed ({row['reason']})")
-    _write(record, json.dumps({"axes": point.axes, "overrides": point.overrides, "fingerprint": point.fingerprint, "row": row},
-                              indent=2, default=str) + "\n")
+    write_text_atomically(record, json.dumps({"axes": point.axes, "overrides": point.overrides, "fingerprint": point.fingerprint,
+                                              "row": row}, indent=2, default=str) + "\n")
     return row
 
 
@@ -140,14 +141,7 @@ def _finish(sweep, rows: list[dict], axes: list[str], out_dir: Path, seconds: fl
         "power_law": None if fit is None else {"coefficient": fit.coefficient, "exponent": fit.exponent, "r2": fit.r2},
         "paths": {"results": str(out_dir / "results.csv"), "report": str(out_dir / "report.md"), "plots": plots},
     }
-    _write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     show(f"[sweep] {summary['points']['measured']} measured, {summary['points']['skipped']} skipped, "
          f"{summary['points']['failed']} failed; report {out_dir / 'report.md'}")
     return summary
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.files import write_text_atomically
+
 # Row columns in the order results.csv writes them; the axis columns come right after `reason`.
 LEADING = ["point", "status", "reason"]
 METRICS = ["model", "params_m", "workers", "pipeline_stages", "data_parallel", "zero_stage", "micro_batch", "grad_accum",
@@ -169,9 +171,7 @@ def write_report(sweep, rows: list[dict], axes: list[str], totals: dict, fit: Po
                   f"(C in FLOPs, R² = {fit.r2:.3f})."]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(path, "\n".join(lines) + "\n")
 
 
 def _sort_key(value, listed: list):

@@ -11,8 +11,10 @@ checkpoint when the stage has one, so a restarted worker group continues where i
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from model.errors import RelayError
 from model.gpt import IGNORE_INDEX
 from pipelines import checkpoint as ckpt
 from pipelines.data.loader import BatchLoader, eval_batches, open_split
+from pipelines.files import write_text_atomically
 from pipelines.metrics import Board, StepTimer, bits_per_byte, device_peak_flops, peak_memory_bytes, token_byte_lengths
 
 
@@ -259,7 +262,8 @@ def train_stage(job, stage_name: str, run_dir: str | Path, *, report=None, until
             "final": {k: v for k, v in last.items() if "/" in k}})
         result["model_dir"] = str(paths["model"])
     if topo.rank == 0:
-        _write_json_atomically(paths["root"] / "result.json", {k: v for k, v in result.items() if k != "stage"})
+        write_text_atomically(paths["root"] / "result.json",
+                              json.dumps({k: v for k, v in result.items() if k != "stage"}, indent=2, default=str) + "\n")
     dist.barrier()
     return result
 
@@ -270,14 +274,6 @@ def _peak_memory_per_rank(engine) -> list[float]:
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     return [round(float(t), 4) for t in gathered]
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    import json
-
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _export(engine, config, tokenizer, model_dir: Path, topo, provenance: dict) -> None:
@@ -308,8 +304,6 @@ def _save(engine, root: Path, state: TrainState, loader, stage, topo) -> None:
 
 def log_metrics(path: Path, metrics: dict) -> None:
     """Append one JSON line: the stage's metrics log, which the driver's progress display reads."""
-    import json
-    import time
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
