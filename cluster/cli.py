@@ -27,116 +27,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--seed", type=int, default=None)
-
-
-def _add_job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", metavar="JOB.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a job field (repeatable)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the job's output_dir)")
-    p.add_argument("--run-id", default="default", help="run directory name under OUT/<job-name>/ (default: default)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relaygpt", description="Train, fine-tune, evaluate and chat with GPT models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    tok = sub.add_parser("tokenizer", help="tokenizer tools")
-    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    train = tok_sub.add_parser("train", help="train a byte-level BPE on text files")
-    train.add_argument("--input", nargs="+", required=True, metavar="FILE")
-    train.add_argument("--vocab-size", type=_positive_int, required=True, help="full vocabulary, special tokens included")
-    train.add_argument("--out", required=True, metavar="DIR")
-    train.set_defaults(func=cmd_tokenizer_train)
-
-    run = sub.add_parser("run", help="run a job's stages on Ray (embedded, or --address)")
-    _add_job_args(run)
-    run.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster.address, else embedded)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint")
-    run.add_argument("--from-stage", default=None, choices=("data", "pretrain", "sft", "eval"), help="re-run this stage and the ones after it")
-    run.set_defaults(func=cmd_run)
-
-    plan = sub.add_parser("plan", help="pre-flight: topology, batch arithmetic, memory per pipeline stage, problems")
-    _add_job_args(plan)
-    plan.set_defaults(func=cmd_plan)
-
-    sub_p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs)")
-    _add_job_args(sub_p)
-    sub_p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HOST:8265")
-    sub_p.add_argument("--resume", action="store_true")
-    sub_p.set_defaults(func=cmd_submit)
-
-    jobs = sub.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    for name, helptext in (("list", "submitted jobs"), ("status", "a job's status"), ("logs", "a job's output"), ("stop", "stop a job")):
-        jp = jobs_sub.add_parser(name, help=helptext)
-        if name != "list":
-            jp.add_argument("job_id", metavar="ID")
-        if name == "logs":
-            jp.add_argument("--follow", action="store_true", help="stream until the job ends")
-        jp.add_argument("--address", required=True, help="http://HOST:8265")
-        jp.set_defaults(func=cmd_jobs)
-
-    ev = sub.add_parser("eval", help="evaluate one model directory on a task (generation workers on Ray)")
-    ev.add_argument("model_dir", metavar="MODEL_DIR")
-    ev.add_argument("--task", required=True, action="append", metavar="NAME_OR_FILE", help="task name or task YAML (repeatable)")
-    ev.add_argument("--job", default=None, metavar="JOB.yaml", help="the job whose synthetic world the 'synthetic' task uses")
-    ev.add_argument("--data", default=None, metavar="FILE", help="local data file for the task (instead of its source)")
-    ev.add_argument("--workers", type=_positive_int, default=1)
-    ev.add_argument("--limit", type=_positive_int, default=None, help="examples per task")
-    ev.add_argument("--batch-size", type=_positive_int, default=16)
-    ev.add_argument("--out", default=None, metavar="DIR", help="write predictions.jsonl, metrics.json, report.md here")
-    ev.add_argument("--address", default=None)
-    ev.set_defaults(func=cmd_eval)
-
-    data = sub.add_parser("data", help="prepare and inspect a job's data")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    prep = data_sub.add_parser("prepare", help="tokenizer + token shards for every data stage of a job")
-    inspect = data_sub.add_parser("inspect", help="rendered samples and statistics of a prepared stage")
-    for p in (prep, inspect):
-        _add_job_args(p)
-    prep.set_defaults(func=cmd_data_prepare)
-    inspect.add_argument("--stage", choices=("pretrain", "sft"), default="sft")
-    inspect.add_argument("-n", type=_positive_int, default=3, dest="num_samples", help="samples to show")
-    inspect.set_defaults(func=cmd_data_inspect)
-
-    export = sub.add_parser("export", help="write a model directory (native or Hugging Face GPT-2)")
-    export.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR", help="a native or Hugging Face GPT-2 model directory")
-    export.add_argument("--out", required=True, metavar="DIR")
-    export.add_argument("--format", choices=("native", "hf"), default="native")
-    export.set_defaults(func=cmd_export)
-
-    gen = sub.add_parser("generate", help="generate completions for a JSONL file of prompts")
-    gen.add_argument("model_dir", metavar="MODEL_DIR")
-    gen.add_argument("--prompts", required=True, metavar="FILE.jsonl")
-    gen.add_argument("--out", required=True, metavar="FILE.jsonl")
-    gen.add_argument("--chat", action="store_true", help="render prompts with the chat template, stop at end of turn")
-    gen.add_argument("--batch-size", type=_positive_int, default=8)
-    gen.add_argument("--workers", type=_positive_int, default=1, help="generation workers; more than 1 runs a Ray Data actor pool")
-    gen.add_argument("--address", default=None, help="Ray cluster for --workers (default: embedded)")
-    _add_sampling(gen, temperature=0.0)
-    gen.set_defaults(func=cmd_generate)
-
-    sweep = sub.add_parser("sweep", help="measure a job across a grid of layouts / sizes: results.csv, report.md, plots")
-    sweep.add_argument("sweep", metavar="SWEEP.yaml")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a sweep field")
-    sweep.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the sweep's output_dir)")
-    sweep.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
-    sweep.set_defaults(func=cmd_sweep)
-
-    chat = sub.add_parser("chat", help="chat with a model in the terminal")
-    chat.add_argument("model_dir", metavar="MODEL_DIR")
-    chat.add_argument("--system", default=None, metavar="TEXT")
-    _add_sampling(chat, temperature=0.7)
-    chat.set_defaults(func=cmd_chat)
-    return parser
-
-
 def _tools_beside_the_interpreter() -> None:
     """Put this interpreter's bin directory first on PATH, as activating its venv would.
 
@@ -165,6 +55,102 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# ---- arguments shared by several commands -------------------------------------------------
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a job field (repeatable)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the job's output_dir)")
+    p.add_argument("--run-id", default="default", help="run directory name under OUT/<job-name>/ (default: default)")
+
+
+def _sampling_args(temperature: float):
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
+        p.add_argument("--top-k", type=_positive_int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+        p.add_argument("--seed", type=int, default=None)
+    return add
+
+
+def _run_args(p):
+    _job_args(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster.address, else embedded)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint")
+    p.add_argument("--from-stage", default=None, choices=("data", "pretrain", "sft", "eval"), help="re-run this stage and the ones after it")
+
+
+def _submit_args(p):
+    _job_args(p)
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HOST:8265")
+    p.add_argument("--resume", action="store_true")
+
+
+def _jobs_args(action: str):
+    def add(p):
+        if action != "list":
+            p.add_argument("job_id", metavar="ID")
+        if action == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.add_argument("--address", required=True, help="http://HOST:8265")
+    return add
+
+
+def _tokenizer_train_args(p):
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    p.add_argument("--vocab-size", type=_positive_int, required=True, help="full vocabulary, special tokens included")
+    p.add_argument("--out", required=True, metavar="DIR")
+
+
+def _inspect_args(p):
+    _job_args(p)
+    p.add_argument("--stage", choices=("pretrain", "sft"), default="sft")
+    p.add_argument("-n", type=_positive_int, default=3, dest="num_samples", help="samples to show")
+
+
+def _eval_args(p):
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--task", required=True, action="append", metavar="NAME_OR_FILE", help="task name or task YAML (repeatable)")
+    p.add_argument("--job", default=None, metavar="JOB.yaml", help="the job whose synthetic world the 'synthetic' task uses")
+    p.add_argument("--data", default=None, metavar="FILE", help="local data file for the task (instead of its source)")
+    p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--limit", type=_positive_int, default=None, help="examples per task")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--out", default=None, metavar="DIR", help="write predictions.jsonl, metrics.json, report.md here")
+    p.add_argument("--address", default=None)
+
+
+def _export_args(p):
+    p.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR", help="a native or Hugging Face GPT-2 model directory")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--format", choices=("native", "hf"), default="native")
+
+
+def _generate_args(p):
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--prompts", required=True, metavar="FILE.jsonl")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--chat", action="store_true", help="render prompts with the chat template, stop at end of turn")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--workers", type=_positive_int, default=1, help="generation workers; more than 1 runs a Ray Data actor pool")
+    p.add_argument("--address", default=None, help="Ray cluster for --workers (default: embedded)")
+    _sampling_args(0.0)(p)
+
+
+def _sweep_args(p):
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a sweep field")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the sweep's output_dir)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+
+
+def _chat_args(p):
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--system", default=None, metavar="TEXT")
+    _sampling_args(0.7)(p)
+
+
 # ---- commands -----------------------------------------------------------------------------
 
 def cmd_tokenizer_train(args) -> int:
@@ -179,17 +165,19 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def _job_and_run_dir(args):
+    """The job (validated, overridden) and the run directory --out / --run-id chose."""
     from jobs.spec import load_job
+    from pipelines.rundir import RunDir
 
     job = load_job(args.job, args.overrides)
-    return job, job.run_dir(args.run_id, args.out).resolve()
+    return job, RunDir(job.run_dir(args.run_id, args.out))
 
 
 def cmd_run(args) -> int:
     from cluster.driver import format_summary, run_job
 
     job, run_dir = _job_and_run_dir(args)
-    print(f"relaygpt run {job.name} -> {run_dir}", flush=True)
+    print(f"relaygpt run {job.name} -> {run_dir.root}", flush=True)
     summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
                       show=lambda line: print(line, flush=True))
     print(format_summary(summary))
@@ -197,15 +185,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from cluster.plan import format_plan, plan_job
+    from cluster.plan import check, cluster_problems, format_plan
 
-    job, _ = _job_and_run_dir(args)
-    plans, problems = plan_job(job)
+    job, run_dir = _job_and_run_dir(args)
+    run, problems = check(job, run_dir)
     if job.cluster.address:  # a named cluster: check it has the resources, as relaygpt run does
-        from cluster.driver import cluster_problems
-
         problems += cluster_problems(job)
-    print(format_plan(job, plans, problems))
+    print(format_plan(job, run, problems))
     return EXIT_USAGE if problems else 0
 
 
@@ -217,27 +203,29 @@ def cmd_data_prepare(args) -> int:
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
     result = prepare_data(job, run_dir)
-    print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir / 'tokenizer'}")
+    print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft"):
         if stage in result:
             m = result[stage]
             state = "up to date" if m["cached"] else "prepared"
             counts = ", ".join(f"{name} {split['tokens']} tokens" for name, split in m["splits"].items())
-            print(f"{stage}: {state} ({counts}) -> {run_dir / 'data' / stage}")
+            print(f"{stage}: {state} ({counts}) -> {run_dir.data(stage)}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
 
 
 def cmd_data_inspect(args) -> int:
+    from jobs.plan import resolve_plan
     from pipelines.data.inspect import describe
     from pipelines.data.prepare import prepare_data
 
     job, run_dir = _job_and_run_dir(args)
-    if args.stage == "pretrain" and job.data.pretrain is None or args.stage == "sft" and job.data.sft is None:
+    if getattr(job.data, args.stage) is None:
         raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
     result = prepare_data(job, run_dir, stages=(args.stage,))
-    seq_len = job.model.config(result["tokenizer"].n_vocab).block_size
-    print(describe(run_dir / "data" / args.stage, result["tokenizer"], args.num_samples, seq_len))
+    training = resolve_plan(job, run_dir).training
+    seq_len = training[args.stage].seq_len if args.stage in training else job.model.block_size
+    print(describe(run_dir.data(args.stage), result["tokenizer"], args.num_samples, seq_len))
     return 0
 
 
@@ -263,8 +251,9 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+    from model.atomic import write_jsonl_atomically
     from model.export import load_model_dir
-    from pipelines.generation import prompt_ids, read_prompts, write_jsonl
+    from pipelines.generation.rows import prompt_ids, read_prompts
 
     params = _sampling(args)
     rows = read_prompts(args.prompts)
@@ -272,7 +261,7 @@ def cmd_generate(args) -> int:
     for i, row in enumerate(rows):
         prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}")
     results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address)
-    write_jsonl(results, args.out)
+    write_jsonl_atomically(args.out, results)
     print(f"wrote {len(results)} completions to {args.out}")
     return 0
 
@@ -280,15 +269,39 @@ def cmd_generate(args) -> int:
 def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None):
     """In this process for one worker; a Ray Data actor pool for more."""
     if workers == 1:
-        from pipelines.evaluate import GenerationWorker
+        from pipelines.generation.worker import GenerationWorker
 
-        worker = GenerationWorker(str(model_dir), params, chat, batch_size)
-        return [worker.generate_rows([dict(r) for r in rows])][0]
+        return GenerationWorker(str(model_dir), params, chat, batch_size).generate_rows([dict(r) for r in rows])
     from cluster.launch import generate_on_ray
     from cluster.runtime import ray_session
 
     with ray_session(address, num_cpus=workers):
         return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size)
+
+
+def cmd_eval(args) -> int:
+    """One model directory on the given tasks: the eval stage's own function, with a local pool."""
+    from model.export import load_model_dir
+    from pipelines.eval.run import evaluate_models
+    from pipelines.eval.task import load_task
+    from pipelines.rundir import EvalDir
+
+    job = None
+    if args.job:
+        from jobs.spec import load_job
+
+        job = load_job(args.job)
+    tasks = [load_task(t, job=job, limit=args.limit, data_file=args.data) for t in args.task]
+    load_model_dir(args.model_dir)
+
+    def generate(model_dir, rows, params, chat):
+        return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address)
+
+    out = EvalDir(Path(args.out)) if args.out else None
+    evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True))
+    if out is not None:
+        print(f"wrote {out.root}")
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -311,8 +324,8 @@ def cmd_sweep(args) -> int:
 def cmd_submit(args) -> int:
     from cluster.submit import submit
 
-    job, _ = _job_and_run_dir(args)
-    job_id = submit(job, args.address, run_id=args.run_id, out=args.out, resume=args.resume)
+    job, run_dir = _job_and_run_dir(args)
+    job_id = submit(job, args.address, run_dir=run_dir, run_id=args.run_id, out=args.out, resume=args.resume)
     print(f"submitted {job.name} as {job_id}")
     print(f"  follow:  relaygpt jobs logs {job_id} --follow --address {args.address}")
     print(f"  status:  relaygpt jobs status {job_id} --address {args.address}")
@@ -341,56 +354,10 @@ def cmd_jobs(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    import json
-
-    from model.export import load_model_dir
-    from model.chat import strip_reply
-    from pipelines.evaluate import apply_stops, load_task, render_prompt, score, summarise, write_report
-
-    job = None
-    if args.job:
-        from jobs.spec import load_job
-
-        job = load_job(args.job)
-    tasks = [load_task(t, job=job, limit=args.limit, data_file=args.data) for t in args.task]
-    load_model_dir(args.model_dir)
-    metrics, predictions = {"model": {}}, []
-    for task in tasks:
-        if task.metric == "bpb":
-            from pipelines.evaluate import bits_per_byte_of_texts
-
-            metrics["model"][task.name] = bits_per_byte_of_texts(args.model_dir, [ex["target"] for ex in task.examples])
-            print(f"{task.name}: {metrics['model'][task.name]:.4f} bits per byte ({len(task.examples)} texts)")
-            continue
-        rows = [render_prompt(task, ex) for ex in task.examples]
-        params = {"max_new_tokens": task.max_new_tokens}
-        results = _generate_rows(args.model_dir, rows, params, task.style == "chat", args.workers, args.batch_size, args.address)
-        scored = []
-        for ex, res in zip(task.examples, results):
-            text = apply_stops(res["completion"], task.stop)
-            text = strip_reply(text) if task.style == "chat" else text
-            ok = score(task.metric, text, ex["target"])
-            scored.append(ok)
-            predictions.append({"model": "model", "task": task.name, "input": ex["input"], "reference": ex["target"], "prediction": text, "correct": ok})
-        metrics["model"][task.name] = summarise(task, scored)
-        print(f"{task.name}: {metrics['model'][task.name]:.3f} ({sum(scored)}/{len(scored)})")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for p in predictions:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        write_report(out, metrics, predictions)
-        print(f"wrote {out}")
-    return 0
-
-
 def cmd_chat(args) -> int:
     from model.export import load_model_dir
     from model.generate import prepare_for_inference
-    from pipelines.chat import COMMANDS, ChatSession
+    from pipelines.generation.chat import COMMANDS, ChatSession
 
     params = _sampling(args)
     model, tokenizer, _ = load_model_dir(args.model_dir)
@@ -422,6 +389,47 @@ def cmd_chat(args) -> int:
             print(f"(error: {exc})", end="")
         print(flush=True)
     return 0
+
+
+
+# ---- registration: one line per command -----------------------------------------------------
+
+COMMANDS = [
+    ("run", "run a job's stages on Ray (embedded, or --address)", _run_args, cmd_run),
+    ("plan", "pre-flight: topology, batch arithmetic, memory per pipeline stage, problems", _job_args, cmd_plan),
+    ("submit", "submit a job to a Ray cluster (Ray Jobs)", _submit_args, cmd_submit),
+    ("jobs list", "submitted jobs", _jobs_args("list"), cmd_jobs),
+    ("jobs status", "a job's status", _jobs_args("status"), cmd_jobs),
+    ("jobs logs", "a job's output", _jobs_args("logs"), cmd_jobs),
+    ("jobs stop", "stop a job", _jobs_args("stop"), cmd_jobs),
+    ("eval", "evaluate one model directory on a task (generation workers on Ray)", _eval_args, cmd_eval),
+    ("data prepare", "tokenizer + token shards for every data stage of a job", _job_args, cmd_data_prepare),
+    ("data inspect", "rendered samples and statistics of a prepared stage", _inspect_args, cmd_data_inspect),
+    ("tokenizer train", "train a byte-level BPE on text files", _tokenizer_train_args, cmd_tokenizer_train),
+    ("export", "write a model directory (native or Hugging Face GPT-2)", _export_args, cmd_export),
+    ("generate", "generate completions for a JSONL file of prompts", _generate_args, cmd_generate),
+    ("sweep", "measure a job across a grid of layouts / sizes: results.csv, report.md, plots", _sweep_args, cmd_sweep),
+    ("chat", "chat with a model in the terminal", _chat_args, cmd_chat),
+]
+GROUPS = {"jobs": "list, inspect, follow and stop submitted jobs", "data": "prepare and inspect a job's data", "tokenizer": "tokenizer tools"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relaygpt", description="Train, fine-tune, evaluate and chat with GPT models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, helptext, add_arguments, handler in COMMANDS:
+        group, _, action = name.partition(" ")
+        if action:
+            if group not in groups:
+                groups[group] = sub.add_parser(group, help=GROUPS[group]).add_subparsers(
+                    dest=f"{group}_command", required=True, metavar="ACTION")
+            command = groups[group].add_parser(action, help=helptext)
+        else:
+            command = sub.add_parser(name, help=helptext)
+        add_arguments(command)
+        command.set_defaults(func=handler)
+    return parser
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ shards and exports are read and written by whichever node a worker lands on).
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from model.errors import RelayError
 
 
-def prepare_on_ray(job, run_dir: Path) -> dict:
-    """Tokenizer and data preparation as one Ray task; returns the manifests' counts."""
+def prepare_on_ray(job, run_dir) -> dict:
+    """Tokenizer and data preparation of `run_dir` (a RunDir) as one Ray task; returns the manifests' counts."""
     import ray
 
     @ray.remote(num_cpus=1)
@@ -27,7 +25,7 @@ def prepare_on_ray(job, run_dir: Path) -> dict:
                 **{stage: {"cached": m["cached"], **{name: split.get("tokens") for name, split in m["splits"].items()}}
                    for stage, m in out.items()}}
 
-    return _get(prepare.remote(job, str(run_dir)))
+    return _get(prepare.remote(job, run_dir))
 
 
 def _get(ref):
@@ -44,39 +42,41 @@ def _get(ref):
 
 
 def _train_loop(config: dict) -> None:
-    """What every Ray Train worker runs: the same function torchrun runs."""
+    """What every Ray Train worker runs: the same function torchrun runs, on the driver's plan."""
     import os
     import socket
 
     import ray
     import ray.train
 
-    from pipelines.train import train_stage
+    from pipelines.train.trainer import train_stage
 
+    run, stage = config["run"], config["stage"]
     # Where each rank runs (node, host, pid): for placement checks and debugging.
     rank = ray.train.get_context().get_world_rank()
-    where = Path(config["run_dir"]) / config["stage"] / "workers"
+    where = run.run_dir.stage(stage).workers
     where.mkdir(parents=True, exist_ok=True)
     (where / f"rank_{rank}.json").write_text(json.dumps({
         "rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}))
-    train_stage(config["job"], config["stage"], config["run_dir"], report=lambda metrics: None)
+    train_stage(run, stage, console=False)
 
 
-def train_on_ray(job, stage: str, run_dir: Path) -> None:
-    """A training stage as a Ray Train TorchTrainer; restarts failed workers up to max_failures."""
+def train_on_ray(run, stage: str, cluster) -> None:
+    """A training stage of the resolved run `run` as a Ray Train TorchTrainer on the workers that
+    `cluster` (the job's cluster settings) describes; restarts failed workers up to max_failures."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cluster = job.cluster
-    use_gpu = cluster.gpus_per_worker > 0
+    plan = run.stage(stage)
+    use_gpu = plan.device == "cuda"
     resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"job": job, "stage": stage, "run_dir": str(run_dir)},
+        train_loop_config={"run": run, "stage": stage},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cluster.placement),
-        run_config=RunConfig(name=f"{job.name}-{stage}", storage_path=str(Path(run_dir).resolve() / stage / "ray"),
+        run_config=RunConfig(name=f"{run.job_name}-{stage}", storage_path=str(run.run_dir.stage(stage).ray_storage),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
                              worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
                                                               "PYTHONWARNINGS": "ignore::FutureWarning"}}),
@@ -109,7 +109,7 @@ def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: boo
     """Completions for `rows`, in input order, from a pool of `workers` generation actors."""
     import ray.data
 
-    from pipelines.evaluate import GenerationWorker
+    from pipelines.generation.worker import GenerationWorker
 
     have = ray.cluster_resources()
     need = {"CPU": workers * cpus_per_worker, "GPU": workers * gpus_per_worker}

@@ -53,16 +53,19 @@ def _absolute_paths(job) -> dict:
         if data["tokenizer"].get(field):
             data["tokenizer"][field] = str(job.path(data["tokenizer"][field]).resolve())
     if data["stages"].get("eval"):
-        data["stages"]["eval"]["tasks"] = [t if t == "synthetic" or (PROJECT / "pipelines" / "eval_tasks" / f"{t}.yaml").exists()
+        from pipelines.eval.task import TASK_DIR
+
+        data["stages"]["eval"]["tasks"] = [t if t == "synthetic" or (TASK_DIR / f"{t}.yaml").exists()
                                            else str(job.path(t).resolve()) for t in data["stages"]["eval"]["tasks"]]
     return data
 
 
-def submit(job, address: str, *, run_id: str = "default", out: str | None = None, resume: bool = False) -> str:
-    """Submit `job` to the Ray cluster at `address` (http://host:8265); returns the job id."""
-    from cluster.driver import preflight
+def submit(job, address: str, *, run_dir, run_id: str = "default", out: str | None = None, resume: bool = False) -> str:
+    """Submit `job` to the Ray cluster at `address` (http://host:8265); returns the job id.
+    `run_dir` (a RunDir) is where the run will write, checked here before anything is sent."""
+    from cluster.plan import preflight
 
-    preflight(job)
+    preflight(job, run_dir)
     api = client(address)
     staging = Path(tempfile.mkdtemp(prefix="relaygpt-submit-"))
     try:

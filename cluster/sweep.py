@@ -24,12 +24,12 @@ from pathlib import Path
 import yaml
 
 from model.errors import RelayError
-from pipelines.files import write_text_atomically
+from model.atomic import write_text_atomically
 
 
 def run_sweep(sweep, out_dir: Path, *, address: str | None = None, show=print) -> dict:
     """Every point of `sweep`, measured or skipped with its reason; returns the sweep summary."""
-    from cluster.plan import plan_job
+    from cluster.plan import check
     from cluster.runtime import ray_session
     from jobs.sweep import expand_points
 
@@ -38,7 +38,7 @@ def run_sweep(sweep, out_dir: Path, *, address: str | None = None, show=print) -
     axes = list(dict.fromkeys([*sweep.grid, *(k for p in sweep.points for k in p)]))
     for p in points:
         if p.reason is None:
-            problems = plan_job(p.job)[1]
+            problems = check(p.job, _point_dir(out_dir, p))[1]
             p.reason = "; ".join(problems) or None
     runnable = [p for p in points if p.reason is None]
     show(f"[sweep] {sweep.name}: {len(points)} point(s), {len(points) - len(runnable)} refused by the planner")
@@ -57,8 +57,14 @@ def run_sweep(sweep, out_dir: Path, *, address: str | None = None, show=print) -
     return _finish(sweep, rows, axes, out_dir, time.time() - started, show)
 
 
+def _point_dir(out_dir: Path, point):
+    from pipelines.rundir import RunDir
+
+    return RunDir(out_dir / "points" / point.id)
+
+
 def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
-    from cluster.driver import check_resources
+    from cluster.plan import check_resources
 
     record = out_dir / "points" / point.id / "point.json"
     if record.exists():
@@ -87,26 +93,29 @@ def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
 
 def _run_point(sweep, point, out_dir: Path, show) -> dict:
     from cluster import launch
-    from cluster.driver import fingerprints, stage_result, stage_usage
-    from pipelines.sweep import measure, read_records
+    from cluster.driver import fingerprints, stage_usage
+    from jobs.plan import resolve_plan
+    from pipelines.rundir import RunDir
+    from pipelines.sweep.measure import measure, model_label
 
     job, stage = point.job, sweep.stage
-    data_dir = out_dir / "data" / fingerprints(job)["data"]
-    launch.prepare_on_ray(job, data_dir)
-    point_dir = out_dir / "points" / point.id
-    shutil.rmtree(point_dir / stage, ignore_errors=True)
-    point_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer", "data"):
-        link = point_dir / name
+    data = RunDir(out_dir / "data" / fingerprints(job)["data"])
+    launch.prepare_on_ray(job, data)
+    run_dir = _point_dir(out_dir, point)
+    shutil.rmtree(run_dir.stage(stage).root, ignore_errors=True)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    for shared, link in ((data.tokenizer, run_dir.tokenizer), (data.data(stage).parent, run_dir.data(stage).parent)):
         if link.is_symlink() or link.exists():
             link.unlink() if link.is_symlink() else shutil.rmtree(link)
-        os.symlink(os.path.relpath(data_dir / name, point_dir), link)
+        os.symlink(os.path.relpath(shared, run_dir.root), link)
     if stage == "sft" and not getattr(job.stages, stage).init:
         raise RelayError("stages.sft.init: an SFT sweep point needs a model directory to start from")
+    run = resolve_plan(job, run_dir)
     t0 = time.time()
-    launch.train_on_ray(job, stage, point_dir)
+    launch.train_on_ray(run, stage, job.cluster)
     wall = time.time() - t0
-    row = measure(job, stage, read_records(point_dir / stage / "metrics.jsonl"), stage_result(point_dir / stage), sweep.warmup_steps)
+    record = run_dir.stage(stage)
+    row = measure(run.stage(stage), model_label(job.model), record.metrics.records(), record.result(), sweep.warmup_steps)
     usage = stage_usage(job, stage, wall)
     row.update(wall_s=wall, gpu_hours=usage.gpu_hours, core_hours=usage.core_hours, cost=_prices(sweep, job).cost(usage))
     show(f"[{point.id}] {point.label}: {row['tokens_per_s']:,.0f} tok/s ({row['tokens_per_s_per_worker']:,.0f}/worker), "
@@ -123,7 +132,8 @@ def _prices(sweep, job):
 
 def _finish(sweep, rows: list[dict], axes: list[str], out_dir: Path, seconds: float, show) -> dict:
     from pipelines.accounting import totals as sum_usage
-    from pipelines.sweep import best_per_model, loss_fit, scaling_efficiency, write_csv, write_plots, write_report
+    from pipelines.sweep.measure import loss_fit, scaling_efficiency
+    from pipelines.sweep.report import best_per_model, write_csv, write_plots, write_report
 
     scaling_efficiency(rows)
     measured = [r for r in rows if r["status"] == "measured"]

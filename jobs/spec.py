@@ -18,11 +18,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from model.config import PRESETS, GPTConfig
+from cluster.settings import ClusterSpec
+from model.config import PRESETS, GPTConfig, architecture_problems
 from model.errors import RelayError
 from pipelines.data.config import DataSpec, TokenizerSpec
-from pipelines.spec_base import Strict
-from pipelines.train_config import ClusterSpec, StagesSpec
+from pipelines.eval.settings import EvalStageSpec
+from pipelines.settings import Strict
+from pipelines.train.plan import data_parallel_size
+from pipelines.train.settings import TrainStageSpec
 
 
 class JobError(RelayError):
@@ -35,7 +38,7 @@ class JobError(RelayError):
 
 # ---- model -------------------------------------------------------------------------------
 
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
 
 
 class ModelSpec(BaseModel):
@@ -54,21 +57,43 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _valid_config(self):
         extra = dict(self.model_extra or {})
-        unknown = sorted(set(extra) - _MODEL_FIELDS)
+        unknown = sorted(set(extra) - MODEL_FIELDS)
         if unknown:
-            raise ValueError("; ".join(f"unknown key {k!r}{_did_you_mean(k, _MODEL_FIELDS | {'preset'})}" for k in unknown))
-        try:
-            self.config(vocab_size=1024)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("model.", "")) from None
+            raise ValueError("; ".join(f"unknown key {k!r}{did_you_mean(k, MODEL_FIELDS | {'preset'})}" for k in unknown))
+        problems = architecture_problems(self.architecture)
+        if problems:
+            raise ValueError("; ".join(problems).replace("model.", ""))
         return self
 
     @property
     def overrides(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """The preset with the overrides applied: every GPTConfig field it sets (not vocab_size)."""
+        return {**PRESETS[self.preset], **self.overrides}
+
+    @property
+    def block_size(self) -> int:
+        return self.architecture.get("block_size", _DEFAULTS["block_size"])
+
+    @property
+    def n_layer(self) -> int:
+        return self.architecture.get("n_layer", _DEFAULTS["n_layer"])
+
     def config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, **{**PRESETS[self.preset], **self.overrides})
+        """The model for a tokenizer of `vocab_size` ids (the run plan calls this with the real one)."""
+        return GPTConfig(vocab_size=vocab_size, **self.architecture)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+
+
+class StagesSpec(Strict):
+    pretrain: TrainStageSpec | None = None
+    sft: TrainStageSpec | None = None
+    eval: EvalStageSpec | None = None
 
 
 # ---- the job -----------------------------------------------------------------------------
@@ -87,9 +112,9 @@ class JobSpec(Strict):
     def _consistent(self):
         """Cross-field checks, each naming its field; raised together as one error per line."""
         problems = []
-        config = self.model.config(vocab_size=1024)
-        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > config.block_size:
-            problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {config.block_size}")
+        block_size, n_layer = self.model.block_size, self.model.n_layer
+        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > block_size:
+            problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {block_size}")
         for name in ("pretrain", "sft"):
             stage = getattr(self.stages, name)
             if stage is None:
@@ -101,17 +126,17 @@ class JobSpec(Strict):
             if pp > 1 and ds.zero_stage > 1:
                 problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} cannot be combined with pipeline_stages {pp}; "
                                 "DeepSpeed's pipeline engine supports ZeRO 0 and 1")
-            if pp > config.n_layer:
-                problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {config.n_layer} layers (at most one stage per layer)")
+            if pp > n_layer:
+                problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
             if workers % pp:
                 problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})")
             elif stage.global_batch is not None:
-                dp = workers // pp
+                dp = data_parallel_size(workers, pp)
                 if stage.global_batch != stage.micro_batch * stage.grad_accum * dp:
                     problems.append(f"{where}.global_batch: {stage.global_batch} != micro_batch {stage.micro_batch} x grad_accum "
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
-            if stage.seq_len is not None and stage.seq_len > config.block_size:
-                problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {config.block_size}")
+            if stage.seq_len is not None and stage.seq_len > block_size:
+                problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
             if name == "sft" and stage.seq_len is not None:
                 problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
         if problems:
@@ -142,12 +167,12 @@ class JobSpec(Strict):
 
 # ---- loading -----------------------------------------------------------------------------
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _line_map(node, path=(), out=None) -> dict[tuple, int]:
+def line_map(node, path=(), out=None) -> dict[tuple, int]:
     """YAML path -> 1-based line of every mapping key and sequence item."""
     out = {} if out is None else out
     out.setdefault(path, node.start_mark.line + 1)
@@ -155,11 +180,11 @@ def _line_map(node, path=(), out=None) -> dict[tuple, int]:
         for key, value in node.value:
             child = (*path, key.value)
             out[child] = key.start_mark.line + 1
-            _line_map(value, child, out)
+            line_map(value, child, out)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[(*path, i)] = item.start_mark.line + 1
-            _line_map(item, (*path, i), out)
+            line_map(item, (*path, i), out)
     return out
 
 
@@ -175,7 +200,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> set[str]:
         current = _unwrap(field.annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
         names = set(current.model_fields)
-        return names | (_MODEL_FIELDS if current is ModelSpec else set())
+        return names | (MODEL_FIELDS if current is ModelSpec else set())
     return set()
 
 
@@ -202,7 +227,7 @@ def _names_a_field(msg: str, schema: type[BaseModel]) -> bool:
     return bool(m) and (bool(m.group(2)) or m.group(1) in schema.model_fields)
 
 
-def _problems(exc: ValidationError, where: str, lines: dict[tuple, int], schema: type[BaseModel] | None = None) -> list[str]:
+def validation_problems(exc: ValidationError, where: str, lines: dict[tuple, int], schema: type[BaseModel] | None = None) -> list[str]:
     schema = schema or JobSpec
     problems = []
     for err in exc.errors():
@@ -221,7 +246,7 @@ def _problems(exc: ValidationError, where: str, lines: dict[tuple, int], schema:
         prefix = f"{where}:{line}" if line else where
         field = _format_loc(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key{_did_you_mean(str(loc[-1]), _fields_at(schema, loc[:-1]))}"
+            msg = f"unknown key{did_you_mean(str(loc[-1]), _fields_at(schema, loc[:-1]))}"
         elif err["type"] == "missing":
             msg = "required field is missing"
         else:
@@ -277,12 +302,12 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         raise JobError([f"{where}: invalid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
     if not isinstance(data, dict):
         raise JobError([f"{path}: a job file is a YAML mapping (name:, model:, tokenizer:, data:, ...)"])
-    lines = _line_map(node) if node is not None else {}
+    lines = line_map(node) if node is not None else {}
     for assignment in overrides:
         apply_override(data, assignment)
     try:
         job = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise JobError(_problems(exc, str(path), lines)) from None
+        raise JobError(validation_problems(exc, str(path), lines)) from None
     job._base_dir = path.resolve().parent
     return job

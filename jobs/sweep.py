@@ -30,8 +30,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
-from jobs.spec import _MODEL_FIELDS, JobError, _did_you_mean, _line_map, _problems, apply_override, load_job
-from pipelines.spec_base import Strict
+from jobs.spec import MODEL_FIELDS, JobError, apply_override, did_you_mean, line_map, load_job, validation_problems
+from pipelines.settings import Strict
+from pipelines.train.plan import data_parallel_size
 
 # Short axis names; {stage} is the measured stage.
 AXES = {
@@ -142,11 +143,11 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
         raise JobError([f"{path}: a sweep file is a YAML mapping (name:, base:, grid:, ...)"])
     for assignment in overrides:
         apply_override(data, assignment)
-    lines = _line_map(node) if node is not None else {}
+    lines = line_map(node) if node is not None else {}
     try:
         sweep = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise JobError(_problems(exc, str(path), lines, SweepSpec)) from None
+        raise JobError(validation_problems(exc, str(path), lines, SweepSpec)) from None
     sweep._base_dir = path.resolve().parent
     if not sweep.path(sweep.base).is_file():
         raise JobError([f"{path}:{lines.get(('base',), '?')}: base: job file {sweep.path(sweep.base)} does not exist"])
@@ -168,10 +169,10 @@ def _check_axes(sweep: SweepSpec, where: Path, lines: dict) -> None:
             else:
                 ok = False
                 break
-        if not ok and not (parts[0] == "model" and len(parts) == 2 and parts[1] in _MODEL_FIELDS):
+        if not ok and not (parts[0] == "model" and len(parts) == 2 and parts[1] in MODEL_FIELDS):
             line = lines.get(("grid", axis)) or next((n for k, n in lines.items() if k[:1] == ("points",) and k[-1:] == (axis,)), "?")
             problems.append(f"{where}:{line}: {'grid' if axis in sweep.grid else 'points'}.{axis}: not an axis ({', '.join(AXES)}) nor a field of the job"
-                            f"{_did_you_mean(axis, AXES)}")
+                            f"{did_you_mean(axis, AXES)}")
     if problems:
         raise JobError(problems)
 
@@ -212,7 +213,7 @@ def _point_overrides(sweep: SweepSpec, axes: dict[str, Any]) -> list[str]:
 def _strong_accum(sweep: SweepSpec, job) -> int:
     """grad_accum that keeps micro x accum x data-parallel equal to the sweep's global batch."""
     spec = getattr(job.stages, sweep.stage)
-    dp = job.cluster.num_workers // spec.deepspeed.pipeline_stages
+    dp = data_parallel_size(job.cluster.num_workers, spec.deepspeed.pipeline_stages)
     per_step = spec.micro_batch * dp
     if sweep.global_batch % per_step:
         raise JobError([f"global_batch: {sweep.global_batch} sequences do not split into micro_batch {spec.micro_batch} "

@@ -59,35 +59,9 @@ class GPTConfig:
 
     def problems(self) -> list[str]:
         """Every problem with this config, each naming its field (empty when valid)."""
-        out: list[str] = []
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                out.append(f"model.{name} must be a positive integer, got {value!r}")
-        for name in ("n_kv_head", "n_inner"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                out.append(f"model.{name} must be a positive integer or null, got {value!r}")
-        if out:
-            return out  # the divisibility checks below need valid integers
-        if self.n_embd % self.n_head:
-            out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        elif self.position == "rope" and self.head_dim % 2:
-            out.append(f"model.position 'rope' needs an even head size, got n_embd/n_head = {self.head_dim}")
-        if self.n_head % self.kv_heads:
-            out.append(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
-        if self.position not in POSITIONS:
-            out.append(f"model.position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
-        if self.norm not in NORMS:
-            out.append(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if self.mlp not in MLPS:
-            out.append(f"model.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"model.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.norm_eps <= 0:
-            out.append(f"model.norm_eps must be positive, got {self.norm_eps!r}")
-        if self.rope_theta <= 0:
-            out.append(f"model.rope_theta must be positive, got {self.rope_theta!r}")
+        out = architecture_problems({k: v for k, v in self.to_dict().items() if k != "vocab_size"})
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size <= 0:
+            out.insert(0, f"model.vocab_size must be a positive integer, got {self.vocab_size!r}")
         return out
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -153,6 +127,48 @@ class GPTConfig:
 
     def replace(self, **changes: Any) -> GPTConfig:
         return dataclasses.replace(self, **changes)
+
+
+
+def architecture_problems(fields: dict[str, Any]) -> list[str]:
+    """Every problem with an architecture: any GPTConfig fields but vocab_size (which comes
+    from the tokenizer), the rest taking their defaults. Empty when valid."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        return [f"model.{name}: unknown field" for name in unknown]
+    f = {**defaults, **fields}
+    out: list[str] = []
+    for name in ("block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+        value = f[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            out.append(f"model.{name} must be a positive integer, got {value!r}")
+    for name in ("n_kv_head", "n_inner"):
+        value = f[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            out.append(f"model.{name} must be a positive integer or null, got {value!r}")
+    if out:
+        return out  # the divisibility checks below need valid integers
+    kv_heads = f["n_kv_head"] or f["n_head"]
+    if f["n_embd"] % f["n_head"]:
+        out.append(f"model.n_embd ({f['n_embd']}) must be divisible by model.n_head ({f['n_head']})")
+    elif f["position"] == "rope" and (f["n_embd"] // f["n_head"]) % 2:
+        out.append(f"model.position 'rope' needs an even head size, got n_embd/n_head = {f['n_embd'] // f['n_head']}")
+    if f["n_head"] % kv_heads:
+        out.append(f"model.n_head ({f['n_head']}) must be divisible by model.n_kv_head ({kv_heads})")
+    if f["position"] not in POSITIONS:
+        out.append(f"model.position must be one of {', '.join(POSITIONS)}, got {f['position']!r}")
+    if f["norm"] not in NORMS:
+        out.append(f"model.norm must be one of {', '.join(NORMS)}, got {f['norm']!r}")
+    if f["mlp"] not in MLPS:
+        out.append(f"model.mlp must be one of {', '.join(MLPS)}, got {f['mlp']!r}")
+    if not 0.0 <= f["dropout"] < 1.0:
+        out.append(f"model.dropout must be in [0, 1), got {f['dropout']!r}")
+    if f["norm_eps"] <= 0:
+        out.append(f"model.norm_eps must be positive, got {f['norm_eps']!r}")
+    if f["rope_theta"] <= 0:
+        out.append(f"model.rope_theta must be positive, got {f['rope_theta']!r}")
+    return out
 
 
 # Architectures by name; vocab_size comes from the tokenizer. GPT-2 sizes follow the

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from model.bpe import gpt2_files_from_ranks
+from model.atomic import atomic_dir
 from model.chat import TEMPLATE_INFO
 from model.config import GPTConfig
 from model.errors import RelayError
@@ -34,28 +31,6 @@ from model.tokenizer import EOT, Tokenizer
 
 NATIVE_FORMAT = "relaygpt-native"
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-@contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise RelayError(f"{out}: exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _weights_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -116,6 +91,18 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer, meta
+
+
+def read_model_config(path: str | Path) -> GPTConfig:
+    """The architecture of a native or Hugging Face GPT-2 model directory, from its config.json
+    alone (no weights are read): what a run plan needs of a model it will start from."""
+    path = Path(path)
+    meta = _read_json(path / "config.json")
+    if meta.get("model_type") == "gpt2":
+        return _hf_config(meta)
+    if meta.get("format") == NATIVE_FORMAT:
+        return GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
+    raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 (model_type gpt2)")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -197,16 +184,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
     return Path(out)
 
 
-def import_hf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
-    """A transformers GPT-2 directory (config.json, model.safetensors, vocab.json, merges.txt)."""
-    path = Path(path)
-    hf = _read_json(path / "config.json")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise RelayError(f"{path / 'config.json'}: activation_function {activation!r} is not supported (gelu_new only)")
-    vocab_size = hf.get("relaygpt", {}).get("vocab_size", hf["vocab_size"])
-    config = GPTConfig(
-        vocab_size=vocab_size,
+def _hf_config(hf: dict) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=hf.get("relaygpt", {}).get("vocab_size", hf["vocab_size"]),
         block_size=hf.get("n_positions", 1024),
         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
         n_inner=hf.get("n_inner") or None,
@@ -214,6 +194,16 @@ def import_hf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
         dropout=0.0,
         pad_vocab_multiple=64,
     )
+
+
+def import_hf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
+    """A transformers GPT-2 directory (config.json, model.safetensors, vocab.json, merges.txt)."""
+    path = Path(path)
+    hf = _read_json(path / "config.json")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise RelayError(f"{path / 'config.json'}: activation_function {activation!r} is not supported (gelu_new only)")
+    config = _hf_config(hf)
     recorded = hf.get("relaygpt", {}).get("tokenizer", {})
     tokenizer = Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
     if recorded and recorded.get("sha256") != tokenizer.sha256:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def pipeline_losses(config_kwargs: dict, stage_counts: list[int], batch_seed: int) -> dict:
     """Loss of one batch through a DeepSpeed PipelineModule for each number of stages."""
@@ -35,14 +37,19 @@ def pipeline_losses(config_kwargs: dict, stage_counts: list[int], batch_seed: in
 
 
 def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, until_step=None) -> dict:
-    """Run one training stage; rank 0 returns the loss of every step it logged."""
+    """Resolve the job's plan (as the driver does) and run one training stage; rank 0 returns the
+    loss of every step this call logged."""
+    from jobs.plan import resolve_plan
     from jobs.spec import load_job
-    from pipelines.train import train_stage
+    from pipelines.rundir import RunDir
+    from pipelines.train.trainer import train_stage
 
     job = load_job(job_path, overrides)
-    seen = []
-    result = train_stage(job, stage, run_dir, report=lambda m: seen.append(dict(m)), until_step=until_step)
-    losses = {m["step"]: m["train/loss"] for m in seen if "train/loss" in m}
+    run = resolve_plan(job, RunDir(run_dir))
+    log = run.run_dir.stage(stage).metrics
+    before = len(log.records())
+    result = train_stage(run, stage, until_step=until_step)
+    losses = {m["step"]: m["train/loss"] for m in log.records()[before:] if "train/loss" in m}
     return {"losses": losses, "result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
 
 
@@ -53,15 +60,18 @@ def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmu
     import torch
 
     from model.config import GPTConfig
-    from pipelines.distributed import init_distributed
-    from pipelines.engine import Engine
-    from pipelines.train_config import TrainStageSpec
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
 
     torch.set_num_threads(threads)
     init_distributed()
     config = GPTConfig(**config_kwargs)
-    stage = TrainStageSpec(**stage_kwargs)
-    engine = Engine(config, stage, total_steps=steps + warmup, init_state=None, seed=0)
+    stage = TrainStageSpec(**{**stage_kwargs, "steps": steps + warmup})
+    plan = plan_training("pretrain", stage, config, world_size=torch.distributed.get_world_size(), seq_len=config.block_size,
+                         device="cpu", data_dir=Path("."), init_model=None, seed=0)
+    engine = Engine(plan, init_state=None)
     g = torch.Generator().manual_seed(torch.distributed.get_rank())
 
     def batches():
@@ -88,7 +98,7 @@ def plain_loop_throughput(config_kwargs: dict, micro_batch: int, steps: int, war
 
     from model.config import GPTConfig
     from model.gpt import GPT
-    from pipelines.engine import param_groups
+    from pipelines.train.engine import param_groups
 
     torch.set_num_threads(threads)
     config = GPTConfig(**config_kwargs)

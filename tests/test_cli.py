@@ -126,13 +126,13 @@ def test_chat_script_honours_commands_and_the_context_window(model_dir):
 
 def test_chat_drops_oldest_turns_but_keeps_the_system_prompt(model_dir):
     from model.generate import SamplingParams
-    from pipelines.chat import ChatSession
+    from pipelines.generation.chat import ChatSession
 
     model, tok, _ = load_model_dir(model_dir)
     session = ChatSession(model, tok, system="Always answer in verse.", params=SamplingParams(max_new_tokens=8))
     for i in range(12):
         reply = "".join(session.reply(f"Tell me about the castle number {i}, its towers and its long history."))
-        assert isinstance(reply, str)
+        assert session.turns[-1] == {"role": "assistant", "content": reply.strip()}  # what streamed is what the history keeps
         prompt = session.prompt()
         assert len(prompt) + session.min_reply_tokens <= model.config.block_size
         assert prompt[0] == tok.system_id  # the system prompt survives every trim

@@ -164,7 +164,10 @@ def test_tensorboard_has_the_scalars(base):
                 "perf/step_time_s", "perf/peak_memory_gb", "val/loss", "val/bpb"}
     assert expected <= tags, expected - tags
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
-    assert "config/job" in " ".join(acc.Tags()["tensors"]) or acc.Tags().get("text")
+    # The resolved job and the rendered DeepSpeed config, as text summaries written at step 0.
+    texts = {tag: acc.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"]}
+    assert "name: engine" in texts["config/job/text_summary"]
+    assert "train_micro_batch_size_per_gpu: 4" in texts["config/deepspeed/text_summary"]
 
 
 def test_the_worker_runs_under_torchrun(base, tmp_path):
@@ -177,7 +180,7 @@ def test_the_worker_runs_under_torchrun(base, tmp_path):
     run = fresh(base, "torchrun")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "pipelines.worker", str(job_path), "--stage", "pretrain", "--run-dir", str(run),
+           "-m", "cluster.torchrun", str(job_path), "--stage", "pretrain", "--run-dir", str(run),
            "--set", "cluster.num_workers=2", "--set", "stages.pretrain.deepspeed.pipeline_stages=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

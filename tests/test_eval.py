@@ -8,7 +8,7 @@ import torch
 from helpers import assert_one_line_error, relaygpt, tiny_config
 from model.export import save_model_dir
 from model.gpt import GPT
-from pipelines.evaluate import extract_number, load_task, normalize, render_prompt, score
+from pipelines.eval.task import extract_number, load_task, normalize, render_prompt, score
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_a_pool_the_cluster_cannot_hold_is_one_line(ray_head, tmp_path, trained_
 def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_tokenizer, shakespeare):
     import math
 
-    from pipelines.evaluate import bits_per_byte_of_texts
+    from pipelines.eval.run import bits_per_byte_of_texts
 
     torch.manual_seed(0)
     model = GPT(tiny_config(trained_tokenizer.n_vocab, block_size=64)).eval()

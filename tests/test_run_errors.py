@@ -96,3 +96,33 @@ def test_plan_reports_a_cluster_without_the_gpus(ray_head):
                     "--set", "cluster.gpus_per_worker=1", env=ray_head.env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "needs 2 GPUs" in proc.stdout and "has 0" in proc.stdout, proc.stdout
+
+
+def test_preflight_checks_the_run_directory_that_out_and_run_id_chose(tmp_path, monkeypatch, capsys, trained_tokenizer):
+    """An eval-only job whose 'base' model lives in the run directory --out / --run-id name: plan and
+    run look there, not in the job's default run directory."""
+    from helpers import tiny_config
+    from model.export import save_model_dir
+    from model.gpt import GPT
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a job that should have been refused")
+
+    monkeypatch.setattr(cluster.runtime, "ray_session", no_ray)
+    job = yaml.safe_load(yaml.safe_dump(TINY))
+    del job["stages"]["pretrain"], job["stages"]["sft"]
+    job["stages"]["eval"]["models"] = ["base"]
+    job["output_dir"] = "runs"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    chosen = tmp_path / "elsewhere" / job["name"] / "r1"
+    save_model_dir(GPT(tiny_config(trained_tokenizer.n_vocab)), trained_tokenizer, chosen / "pretrain" / "model")
+
+    assert cli.main(["plan", str(path), "--out", str(tmp_path / "elsewhere"), "--run-id", "r1"]) == 0
+    out = capsys.readouterr().out
+    assert "no problems found" in out and str(chosen) in out, out
+    for command in ("plan", "run"):  # the same job without --out: its default run directory has no base model
+        code = cli.main([command, str(path), "--run-id", "r1"])
+        captured = capsys.readouterr()
+        assert code == 2
+        assert "stages.eval.models[0]: 'base' is the pretrain export, but the job has no pretrain stage" in captured.out + captured.err

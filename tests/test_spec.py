@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from jobs.spec import JobError, load_job
-from pipelines.engine import deepspeed_config, lr_multiplier
-from pipelines.train_config import OptimizerSpec, TrainStageSpec
+from pipelines.train.engine import lr_multiplier
+from pipelines.train.plan import deepspeed_config
+from pipelines.train.settings import OptimizerSpec, TrainStageSpec
 
 
 def job_file(tmp_path, stages, cluster=None):
@@ -45,7 +46,7 @@ def test_a_good_stage_renders_the_deepspeed_config(tmp_path):
                                                     "deepspeed": {"zero_stage": 2, "offload_optimizer": True,
                                                                   "extra": {"zero_optimization": {"overlap_comm": True}}}}}))
     stage = job.stages.pretrain
-    config = deepspeed_config(stage, dp=2, precision="bf16")
+    config = deepspeed_config(stage, 2, "bf16", "cpu")
     assert config["train_batch_size"] == 16 and config["train_micro_batch_size_per_gpu"] == 4
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}, "overlap_comm": True}
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
@@ -56,11 +57,22 @@ def test_learning_rate_schedules(schedule, at_end):
     fn = lr_multiplier(OptimizerSpec(warmup_steps=4, schedule=schedule, min_lr_ratio=0.1), total_steps=20)
     assert [fn(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert fn(4) == pytest.approx(1.0) and fn(20) == pytest.approx(at_end)
-    if schedule == "cosine":
-        assert fn(12) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
-    if schedule == "linear":
-        assert fn(12) == pytest.approx(0.1 + 0.9 * 0.5)
+    # A quarter of the way through the decay (step 8 of 4..20) the shapes differ: cosine has
+    # fallen by (1 - cos(pi/4)) / 2 of its span, linear by a quarter, constant not at all.
+    quarter = {"cosine": 0.1 + 0.9 * 0.5 * (1 + 2**-0.5), "linear": 0.1 + 0.9 * 0.75, "constant": 1.0}
+    assert fn(8) == pytest.approx(quarter[schedule])
 
 
-def test_tokens_budget_is_accepted():
-    assert TrainStageSpec(tokens=10_000).steps is None
+def test_a_stage_without_zero_in_fp32_clips_in_the_optimizer(tmp_path):
+    """DeepSpeed would clip without reporting the norm: the plan moves clipping into the engine."""
+    stage = load_job(job_file(tmp_path, {"pretrain": {"steps": 5, "deepspeed": {"zero_stage": 0}}})).stages.pretrain
+    assert deepspeed_config(stage, 2, "fp32", "cpu")["gradient_clipping"] == 0.0
+    assert deepspeed_config(stage, 2, "bf16", "cpu")["gradient_clipping"] == 1.0
+
+
+def test_a_tokens_budget_becomes_whole_steps():
+    from pipelines.train.plan import total_steps
+
+    stage = TrainStageSpec(tokens=10_000)
+    assert stage.steps is None
+    assert total_steps(stage, 4096) == 3 and total_steps(stage, 5000) == 2 and total_steps(stage, 10_001) == 1

@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_one_line_error, relaygpt
 from jobs.spec import load_job
 from pipelines.accounting import Prices, Usage, account
-from pipelines.sweep import fit_power_law, measure, scaling_efficiency
+from pipelines.sweep.measure import fit_power_law, measure, scaling_efficiency
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,14 +66,18 @@ def test_power_law_fit_recovers_known_parameters():
         fit_power_law([1e18, 1e18], [3.0, 3.1])
 
 
-def test_timing_leaves_out_the_warm_up_steps():
+def test_timing_leaves_out_the_warm_up_steps(tmp_path):
+    from jobs.plan import resolve_plan
+    from pipelines.rundir import RunDir
+
     job = load_job(REPO / "jobs" / "tiny-assistant.yaml", ["cluster.num_workers=2", "stages.pretrain.micro_batch=4"])
     records = [{"step": s, "train/loss": 5.0 - s * 0.1, "train/tokens_seen": 1024 * s, "perf/step_time_s": 2.0 if s <= 3 else 0.25,
                 "perf/achieved_tflops_per_device": 0.01, "perf/mfu": None} for s in range(1, 9)]
     records[-1]["val/loss"] = 4.5
     result = {"params": 900_000, "seq_len": 128, "tokens_per_step": 1024, "flops_per_token": 6e6, "tokens_seen": 8192,
               "perf/peak_memory_gb_per_rank": [0.7, 0.9]}
-    row = measure(job, "pretrain", records, result, warmup_steps=3)
+    plan = resolve_plan(job, RunDir(tmp_path), vocab_size=1024).stage("pretrain")
+    row = measure(plan, "tiny", records, result, warmup_steps=3)
     assert row["timed_steps"] == 5 and row["step_time_s"] == 0.25
     assert row["tokens_per_s"] == 4096 and row["tokens_per_s_per_worker"] == 2048
     assert row["peak_memory_gb_per_worker"] == 0.9 and row["val_loss"] == 4.5 and row["final_loss"] == pytest.approx(4.2)
@@ -83,7 +87,8 @@ def test_timing_leaves_out_the_warm_up_steps():
 def test_a_model_size_sweep_report_fits_loss_against_compute(tmp_path):
     """The outputs from hand-made rows: three sizes whose loss follows a known power law."""
     from jobs.sweep import SweepSpec
-    from pipelines.sweep import loss_fit, write_csv, write_plots, write_report
+    from pipelines.sweep.measure import loss_fit
+    from pipelines.sweep.report import write_csv, write_plots, write_report
 
     rows = []
     for i, (model, flops) in enumerate([("tiny", 1e15), ("small", 1e16), ("gpt2-124m", 1e17)]):

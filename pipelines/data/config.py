@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from model.tokenizer import STANDARD_ENCODINGS
-from pipelines.spec_base import Strict
+from pipelines.settings import Strict
 
 
 # ---- tokenizer ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import RelayError
-from model.export import atomic_dir
+from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
 from pipelines.data.shards import ShardWriter, read_manifest, token_dtype, write_manifest
 from pipelines.data.sources import SourceStats, apply_weight, load_rows, text_field

@@ -16,7 +16,7 @@ import numpy as np
 
 from model.chat import render_chat
 from model.errors import RelayError
-from model.export import atomic_dir
+from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
 from pipelines.data.chat_formats import detect_format, to_messages
 from pipelines.data.pretrain import split_draw, validation_mask

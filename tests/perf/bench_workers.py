@@ -19,7 +19,7 @@ from model.config import GPTConfig
 from model.export import save_model_dir
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
-from pipelines.evaluate import GenerationWorker
+from pipelines.generation.worker import GenerationWorker
 
 NEW, PROMPTS, BATCH = 48, 256, 16
 

@@ -12,6 +12,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.driver import run_job  # noqa: E402
 from jobs.spec import load_job  # noqa: E402
+from pipelines.rundir import RunDir  # noqa: E402
 
 
 def main(job_path: str, run_dir: str) -> None:
@@ -29,7 +30,7 @@ def main(job_path: str, run_dir: str) -> None:
         job = load_job(job_path, ["cluster.num_workers=2", "cluster.placement=STRICT_SPREAD", "cluster.cpus_per_worker=1",
                                   "stages.pretrain.steps=6", "stages.pretrain.log_every=1", "data.synthetic.mentions_per_fact=6",
                                   "data.num_proc=1", "stages.sft=null", "stages.eval=null"])
-        summary = run_job(job, Path(run_dir), show=lambda line: print(line, flush=True))
+        summary = run_job(job, RunDir(run_dir), show=lambda line: print(line, flush=True))
         workers = [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "pretrain" / "workers").glob("rank_*.json"))]
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print("RESULT " + json.dumps({"workers": workers, "nodes": nodes, "step": summary["stages"]["pretrain"]["step"]}), flush=True)

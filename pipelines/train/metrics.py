@@ -58,15 +58,25 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
 
 
 class StepTimer:
-    """Wall time per step, excluding the first `skip` steps from the running average."""
+    """Mean wall time of the training steps since the last report. Evaluation and checkpoint
+    time is not step time: `skip()` drops whatever ran since the last step."""
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
+        self.total, self.steps = 0.0, 0
 
-    def lap(self) -> float:
+    def step_done(self) -> None:
         now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
+        self.total, self.steps, self.last = self.total + now - self.last, self.steps + 1, now
+
+    def skip(self) -> None:
+        self.last = time.perf_counter()
+
+    def take_mean(self) -> float:
+        """Mean step time of the window, and a new window."""
+        mean = self.total / max(self.steps, 1)
+        self.total, self.steps = 0.0, 0
+        return mean
 
 
 class Board:
@@ -94,3 +104,41 @@ class Board:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def progress_line(metrics: dict) -> str:
+    """The console line of one logged step: what torchrun prints and the driver's display shows."""
+    parts = [f"[{metrics['stage']}] step {metrics['step']}/{metrics['total_steps']}"]
+    if "train/loss" in metrics:
+        parts.append(f"loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
+                     f"{metrics['perf/tokens_per_s']:.0f} tok/s  eta {metrics.get('eta_s', 0):.0f}s")
+    if "val/loss" in metrics:
+        parts.append(f"val loss {metrics['val/loss']:.4f}  val bpb {metrics['val/bpb']:.3f}")
+    return "  ".join(parts)
+
+
+class MetricsLogger:
+    """A stage's metrics on rank 0: TensorBoard scalars, the metrics.jsonl step log and, under
+    torchrun, the console line. Every method is a no-op on the other ranks."""
+
+    def __init__(self, stage_dir, *, rank: int, console: bool) -> None:
+        from pipelines.rundir import MetricsLog
+
+        writer = rank == 0
+        self.board = Board(stage_dir.tensorboard if writer else None)
+        self.log_file = MetricsLog(stage_dir.metrics.path) if writer else None
+        self.console = console and writer
+
+    def text(self, tag: str, text: str) -> None:
+        self.board.text(tag, text)
+
+    def log(self, step: int, metrics: dict) -> None:
+        """`metrics` holds `stage`, `step`, `total_steps` and the values; names with a '/' are scalars."""
+        self.board.scalars(step, {k: v for k, v in metrics.items() if "/" in k})
+        if self.log_file is not None:
+            self.log_file.append(metrics)
+        if self.console:
+            print(progress_line(metrics), flush=True)
+
+    def close(self) -> None:
+        self.board.close()

@@ -1,107 +1,14 @@
-"""Scaling experiments, measured: per-point throughput from the training loop's own step log,
-scaling efficiency, device-hours and cost, a power-law fit of loss against compute, and the
-report (results.csv, report.md, PNG plots).
-
-Timing comes from metrics.jsonl (rank 0 logs every step of a sweep point): the mean step time
-over the steps after warm-up. Rank 0's step time includes every collective of the step, so it
-is the step time of the whole group.
-"""
+"""The sweep's outputs: results.csv, report.md and the PNG plots, each written atomically."""
 
 from __future__ import annotations
 
 import csv
-import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.files import write_text_atomically
-
-# Row columns in the order results.csv writes them; the axis columns come right after `reason`.
-LEADING = ["point", "status", "reason"]
-METRICS = ["model", "params_m", "workers", "pipeline_stages", "data_parallel", "zero_stage", "micro_batch", "grad_accum",
-           "global_batch", "seq_len", "timed_steps", "step_time_s", "tokens_per_s", "tokens_per_s_per_worker",
-           "achieved_tflops_per_worker", "mfu", "peak_memory_gb_per_worker", "final_loss", "val_loss", "train_flops",
-           "efficiency", "baseline", "wall_s", "gpu_hours", "core_hours", "cost"]
-
-
-def measure(job, stage: str, records: list[dict], result: dict, warmup_steps: int) -> dict:
-    """The measured columns of one point from its step log and the stage's result.json."""
-    spec = getattr(job.stages, stage)
-    timed = [r for r in records if r.get("step", 0) > warmup_steps and "perf/step_time_s" in r]
-    if not timed:  # fewer steps than the warm-up: time what there is
-        timed = [r for r in records if "perf/step_time_s" in r]
-    if not timed:
-        raise ValueError("the point logged no training steps")
-    last = records[-1]
-    step_time = float(np.mean([r["perf/step_time_s"] for r in timed]))
-    workers, pp = job.cluster.num_workers, spec.deepspeed.pipeline_stages
-    dp = workers // pp
-    mfu = [r["perf/mfu"] for r in timed if r.get("perf/mfu") is not None]
-    val = next((r["val/loss"] for r in reversed(records) if "val/loss" in r), None)
-    return {
-        "model": job.model.preset + ("" if not job.model.overrides else " " + _compact(job.model.overrides)),
-        "params_m": round(result["params"] / 1e6, 3),
-        "workers": workers, "pipeline_stages": pp, "data_parallel": dp, "zero_stage": spec.deepspeed.zero_stage,
-        "micro_batch": spec.micro_batch, "grad_accum": spec.grad_accum, "global_batch": spec.micro_batch * spec.grad_accum * dp,
-        "seq_len": result["seq_len"], "timed_steps": len(timed), "step_time_s": step_time,
-        "tokens_per_s": result["tokens_per_step"] / step_time, "tokens_per_s_per_worker": result["tokens_per_step"] / step_time / workers,
-        "achieved_tflops_per_worker": float(np.mean([r["perf/achieved_tflops_per_device"] for r in timed])),
-        "mfu": float(np.mean(mfu)) if mfu else None,
-        "peak_memory_gb_per_worker": max(result["perf/peak_memory_gb_per_rank"]),
-        "final_loss": last.get("train/loss"), "val_loss": val,
-        "train_flops": result["flops_per_token"] * result["tokens_seen"],
-    }
-
-
-def _compact(overrides: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
-
-
-def scaling_efficiency(rows: list[dict]) -> None:
-    """Fill `efficiency` and `baseline` of measured rows, in place.
-
-    The baseline of a model is its measured point with the fewest workers (the fastest of
-    them on a tie). Efficiency is throughput per worker relative to it:
-    (tokens/s / workers) / (baseline tokens/s / baseline workers). With the global batch held
-    fixed (strong scaling) that is speed-up / worker ratio; with the per-worker batch held
-    fixed (weak scaling) it is baseline step time / step time. 1.0 is perfect scaling.
-    """
-    measured = [r for r in rows if r["status"] == "measured"]
-    for model in {r["model"] for r in measured}:
-        same = [r for r in measured if r["model"] == model]
-        base = min(same, key=lambda r: (r["workers"], -r["tokens_per_s"]))
-        for r in same:
-            r["efficiency"] = (r["tokens_per_s"] / r["workers"]) / (base["tokens_per_s"] / base["workers"])
-            r["baseline"] = base["point"]
-
-
-@dataclass(frozen=True)
-class PowerLaw:
-    """loss = coefficient * compute ** -exponent, fitted in log-log space."""
-
-    coefficient: float
-    exponent: float
-    r2: float
-
-    def __call__(self, compute):
-        return self.coefficient * np.asarray(compute, dtype=float) ** -self.exponent
-
-
-def fit_power_law(compute: list[float], loss: list[float]) -> PowerLaw:
-    """Least squares on log(loss) = log(a) - b log(compute); needs two distinct compute values."""
-    x, y = np.log(np.asarray(compute, dtype=float)), np.log(np.asarray(loss, dtype=float))
-    if len(x) < 2 or np.ptp(x) == 0:
-        raise ValueError("a power law needs points at two or more compute budgets")
-    slope, intercept = np.polyfit(x, y, 1)
-    residual = y - (slope * x + intercept)
-    total = ((y - y.mean()) ** 2).sum()
-    return PowerLaw(float(math.exp(intercept)), float(-slope), float(1 - (residual ** 2).sum() / total) if total else 1.0)
-
-
-# ---- outputs -------------------------------------------------------------------------------
+from model.atomic import atomic_file, write_text_atomically
+from pipelines.sweep.measure import LEADING, METRICS, PowerLaw
 
 def columns_for(rows: list[dict], axes: list[str]) -> list[str]:
     """CSV columns: every column some measured row fills (no MFU column on a CPU-only sweep, no
@@ -113,13 +20,11 @@ def columns_for(rows: list[dict], axes: list[str]) -> list[str]:
 
 def write_csv(rows: list[dict], axes: list[str], path: Path) -> list[str]:
     columns = columns_for(rows, axes)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({c: _cell(r.get(c)) for c in columns})
-    tmp.replace(path)
     return columns
 
 
@@ -248,25 +153,8 @@ def write_plots(rows: list[dict], axes: list[str], fit: PowerLaw | None, out: Pa
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return str(path)
-
-
-def loss_fit(rows: list[dict]) -> PowerLaw | None:
-    """A power law when the sweep measured two or more models (a model-size sweep)."""
-    measured = [r for r in rows if r["status"] == "measured"]
-    if len({r["model"] for r in measured}) < 2:
-        return None
-    losses = [r["val_loss"] if r["val_loss"] is not None else r["final_loss"] for r in measured]
-    try:
-        return fit_power_law([r["train_flops"] for r in measured], losses)
-    except ValueError:
-        return None
-
-
-def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -82,14 +82,3 @@ def complete_rows(model, tokenizer: Tokenizer, rows: list[dict], params: Samplin
             )
             results[i] = row
     return results  # type: ignore[return-value]
-
-
-def write_jsonl(rows: list[dict], out: str | Path) -> None:
-    """Write rows to `out` via a temporary file, so a failed run leaves no partial output."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)

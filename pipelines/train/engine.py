@@ -15,9 +15,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from model.config import GPTConfig
+from model.errors import RelayError
 from model.gpt import GPT
-from pipelines.train_config import OptimizerSpec, TrainStageSpec
+from pipelines.train.settings import OptimizerSpec
 
 
 @dataclass(frozen=True)
@@ -41,46 +41,6 @@ class Topology:
     def needs_data(self) -> bool:
         """Pipeline engines read batches on the first stage (inputs) and last stage (labels)."""
         return self.is_first_stage or self.is_last_stage
-
-
-def resolve_precision(requested: str, device_type: str) -> str:
-    if requested != "auto":
-        return requested
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def deepspeed_config(stage: TrainStageSpec, dp: int, precision: str) -> dict:
-    """The DeepSpeed config dict for a stage (users never write DeepSpeed JSON by hand)."""
-    ds = stage.deepspeed
-    config: dict = {
-        "train_micro_batch_size_per_gpu": stage.micro_batch,
-        "gradient_accumulation_steps": stage.grad_accum,
-        "train_batch_size": stage.micro_batch * stage.grad_accum * dp,
-        "gradient_clipping": stage.optimizer.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
-    }
-    if ds.offload_optimizer:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        config["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on the CPU copy
-    if precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    if ds.pipeline_stages > 1 and ds.activation_checkpoint_interval:
-        config["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
-    return _deep_merge(config, ds.extra)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def param_groups(named_parameters, weight_decay: float) -> list[dict]:
@@ -113,22 +73,26 @@ def lr_multiplier(opt: OptimizerSpec, total_steps: int):
 class Engine:
     """A DeepSpeed engine over a GPT, with one `train_step` whatever the parallel layout."""
 
-    def __init__(self, config: GPTConfig, stage: TrainStageSpec, total_steps: int, *, init_state: dict | None, seed: int) -> None:
+    def __init__(self, plan, *, init_state: dict | None) -> None:
+        """`plan`: the stage's TrainPlan (layout, batch, precision, DeepSpeed config), resolved on the driver."""
         import deepspeed
 
         from model.pipe import build_pipeline, init_like_pipeline, load_gpt_state
 
-        self.config, self.stage = config, stage
-        world, rank = dist.get_world_size(), dist.get_rank()
-        pp = stage.deepspeed.pipeline_stages
+        self.plan, config = plan, plan.model
+        world, rank, pp, dp = plan.world_size, dist.get_rank(), plan.pipeline_stages, plan.data_parallel
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precision = resolve_precision(stage.deepspeed.precision, self.device_type)
+        if plan.device != self.device_type:
+            raise RelayError(f"the run was planned for {plan.device} workers but this worker has {self.device_type}: "
+                             "set cluster.gpus_per_worker to match the machines")
+        if plan.precision == "bf16" and self.device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RelayError(f"stages.{plan.stage}.deepspeed.precision: this GPU has no bf16; set precision to fp16 or fp32")
         if pp > 1:
             from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-            module = build_pipeline(config, pp, topology=PipeDataParallelTopology(num_pp=pp, num_dp=world // pp),
-                                    partition_method=stage.deepspeed.partition_method,
-                                    activation_checkpoint_interval=stage.deepspeed.activation_checkpoint_interval, seed=seed)
+            module = build_pipeline(config, pp, topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp),
+                                    partition_method=plan.settings.deepspeed.partition_method,
+                                    activation_checkpoint_interval=plan.settings.deepspeed.activation_checkpoint_interval, seed=plan.seed)
             if init_state is not None:
                 load_gpt_state(module, config, init_state)
             # DeepSpeed sums gradient norms over the model-parallel group but counts only the
@@ -143,24 +107,18 @@ class Engine:
             if init_state is not None:
                 module.load_state_dict(init_state, strict=True)
             else:
-                init_like_pipeline(module, seed)
-        optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), stage.optimizer.weight_decay),
-                                      lr=stage.optimizer.lr, betas=stage.optimizer.betas, eps=stage.optimizer.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(stage.optimizer, total_steps))
-        ds_config = deepspeed_config(stage, world // pp, self.precision)
-        # Without ZeRO in fp32, DeepSpeed clips but does not report the norm; clip here instead,
-        # in the optimizer's pre-step hook, so the norm is measured once and reported.
-        self.own_clipping = stage.deepspeed.zero_stage == 0 and self.precision == "fp32" and stage.optimizer.grad_clip > 0
+                init_like_pipeline(module, plan.seed)
+        opt = plan.settings.optimizer
+        optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(opt, plan.total_steps))
         self.last_grad_norm = float("nan")
-        if self.own_clipping:
-            ds_config["gradient_clipping"] = 0.0
+        if plan.clip_in_optimizer:
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._clip(opt))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.ds_config = ds_config
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=dict(plan.deepspeed_config))
         if pp > 1:
             grid = self.engine.grid
-            self.topology = Topology(world, rank, pp, world // pp, grid.get_data_parallel_id(), grid.get_stage_id())
+            self.topology = Topology(world, rank, pp, dp, grid.get_data_parallel_id(), grid.get_stage_id())
         else:
             self.topology = Topology(world, rank, 1, world, rank, 0)
 
@@ -171,11 +129,11 @@ class Engine:
                  if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
         squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
         if self.pipelined:
-            squares = squares.to(self._reduce_device())
+            squares = squares.to(self.reduce_device)
             dist.all_reduce(squares, group=self.engine.grid.get_pipe_parallel_group())
         norm = float(squares.sqrt())
         self.last_grad_norm = norm
-        coef = self.stage.optimizer.grad_clip / (norm + 1e-6)
+        coef = self.plan.settings.optimizer.grad_clip / (norm + 1e-6)
         if coef < 1:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -197,19 +155,21 @@ class Engine:
         else:
             self.engine.train()
             total = torch.zeros((), dtype=torch.float64)
-            for _ in range(self.stage.grad_accum):
+            for _ in range(self.plan.grad_accum):
                 x, y = next(batches)
                 _, micro_loss = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device))
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 total += micro_loss.detach().double().cpu()
-            loss_t = (total / self.stage.grad_accum).to(self._reduce_device())
+            loss_t = (total / self.plan.grad_accum).to(self.reduce_device)
             dist.all_reduce(loss_t)
             loss = float(loss_t) / self.topology.world_size
-        norm = self.last_grad_norm if self.own_clipping else self.engine.get_global_grad_norm()
+        norm = self.last_grad_norm if self.plan.clip_in_optimizer else self.engine.get_global_grad_norm()
         return {"loss": loss, "lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
 
-    def _reduce_device(self):
+    @property
+    def reduce_device(self) -> torch.device:
+        """Where collectives of this process's tensors run: its GPU under NCCL, else the CPU."""
         return torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else torch.device("cpu")
 
     @torch.no_grad()
@@ -236,7 +196,7 @@ class Engine:
         if self.pipelined:
             from model.pipe import gpt_state_of_stage
 
-            mine = {k: v.detach().float().cpu() for k, v in gpt_state_of_stage(self.engine.module, self.config).items()} \
+            mine = {k: v.detach().float().cpu() for k, v in gpt_state_of_stage(self.engine.module, self.plan.model).items()} \
                 if self.topology.dp_rank == 0 else {}
             gathered = [None] * self.topology.world_size
             dist.all_gather_object(gathered, mine)
@@ -245,11 +205,11 @@ class Engine:
             state = {}
             for part in gathered:
                 state.update(part)
-            if self.config.tie_embeddings:
+            if self.plan.model.tie_embeddings:
                 state["lm_head.weight"] = state["transformer.wte.weight"]
             return state
         module = self.engine.module
-        if self.stage.deepspeed.zero_stage == 3:
+        if self.plan.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):

@@ -1,6 +1,6 @@
 """The training worker under plain torchrun (no Ray): the same function Ray Train runs.
 
-    torchrun --nproc-per-node 2 -m pipelines.worker JOB.yaml --stage pretrain [--set K=V]... [--run-dir DIR]
+    torchrun --nproc-per-node 2 -m cluster.torchrun JOB.yaml --stage pretrain [--set K=V]... [--run-dir DIR]
 
 Rank 0 prepares the tokenizer and data (cached, so usually a no-op) while the others wait,
 then every rank trains the stage. GPU measurements use this path on machines without Ray.
@@ -15,7 +15,7 @@ from model.errors import RelayError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.worker")
+    parser = argparse.ArgumentParser(prog="python -m cluster.torchrun")
     parser.add_argument("job", metavar="JOB.yaml")
     parser.add_argument("--stage", choices=("pretrain", "sft"), required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
@@ -23,23 +23,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until-step", type=int, default=None, help="stop (checkpointed) at this step")
     args = parser.parse_args(argv)
     try:
+        import torch
         import torch.distributed as dist
 
+        from jobs.plan import resolve_plan
         from jobs.spec import load_job
         from pipelines.data.prepare import prepare_data
-        from pipelines.distributed import init_distributed
-        from pipelines.train import train_stage
+        from pipelines.rundir import RunDir
+        from pipelines.train.distributed import init_distributed
+        from pipelines.train.trainer import train_stage
 
         job = load_job(args.job, args.overrides)
-        run_dir = args.run_dir or job.run_dir()
+        run_dir = RunDir(args.run_dir or job.run_dir())
         init_distributed()
         if dist.get_world_size() != job.cluster.num_workers:
             raise RelayError(f"cluster.num_workers is {job.cluster.num_workers} but torchrun started {dist.get_world_size()} "
                              f"processes; pass --set cluster.num_workers={dist.get_world_size()}")
+        # Rank 0 is the driver: it prepares the data and resolves the plan once; every rank trains on that plan.
+        shipped = [None]
         if dist.get_rank() == 0:
             prepare_data(job, run_dir, stages=(args.stage,))
-        dist.barrier()
-        result = train_stage(job, args.stage, run_dir, until_step=args.until_step)
+            shipped = [resolve_plan(job, run_dir, device="cuda" if torch.cuda.is_available() else "cpu")]
+        dist.broadcast_object_list(shipped, src=0)
+        result = train_stage(shipped[0], args.stage, until_step=args.until_step)
         if dist.get_rank() == 0:
             print(f"[{args.stage}] done: {result['step']} steps, model -> {result.get('model_dir', '(not exported: stopped early)')}")
         return 0

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.spec_base import Strict
+from pipelines.settings import Strict
 
 
 class OptimizerSpec(Strict):
@@ -60,38 +60,3 @@ class TrainStageSpec(Strict):
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of steps, tokens")
         return self
-
-
-class EvalStageSpec(Strict):
-    """Batch generation workers (a Ray Data actor pool) scoring models on tasks."""
-
-    models: list[str] = Field(default_factory=lambda: ["base", "assistant"],
-                              description="base (the pretrain export), assistant (the SFT export) or model directories")
-    tasks: list[str] = Field(default_factory=lambda: ["synthetic"], description="task names (pipelines/eval_tasks) or task files")
-    workers: int = Field(1, ge=1, description="generation actors")
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
-    batch_size: int = Field(16, ge=1)
-    limit: int | None = Field(None, ge=1, description="examples per task")
-    temperature: float = Field(0.0, ge=0)
-    samples_in_report: int = Field(3, ge=0)
-
-
-class StagesSpec(Strict):
-    pretrain: TrainStageSpec | None = None
-    sft: TrainStageSpec | None = None
-    eval: EvalStageSpec | None = None
-
-
-class ClusterSpec(Strict):
-    """Where the job runs. No address: an embedded Ray on this machine."""
-
-    address: str | None = Field(None, description="Ray address (ray://host:10001 or host:6379); none starts a local Ray")
-    num_workers: int = Field(1, ge=1, description="training workers (= world size = data-parallel x pipeline)")
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
-    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    device_memory_gb: float | None = Field(None, gt=0, description="memory per GPU, for relaygpt plan's fit check (e.g. 80 for an H100)")
-    max_failures: int = Field(0, ge=-1, description="worker failures Ray Train recovers from (-1: unlimited)")
-    price_per_gpu_hour: float | None = Field(None, ge=0, description="for the cost in summary.json and sweep reports (GPU stages)")
-    price_per_core_hour: float | None = Field(None, ge=0, description="the same for CPU-only stages, per core-hour")

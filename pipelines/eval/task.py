@@ -1,6 +1,6 @@
-"""Evaluation tasks, scoring, the generation worker and the report.
+"""Evaluation tasks: loading, prompts and scoring.
 
-A task is a YAML file (shipped ones live in pipelines/eval_tasks/, any other path works too):
+A task is a YAML file (shipped ones live in pipelines/eval/tasks/, any other path works too):
 
     name: gsm8k
     source: {file: path/to/test.jsonl}          # or {hub: openai/gsm8k, config: main, split: test}
@@ -14,8 +14,6 @@ A task is a YAML file (shipped ones live in pipelines/eval_tasks/, any other pat
     stop: ["\\n\\n"]
 
 `synthetic` is built in: the held-out questions of the job's synthetic world, chat style.
-`GenerationWorker` is what every Ray Data actor runs: it loads a model directory once and
-answers batches of rows; nothing in this module imports Ray.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import yaml
 
 from model.errors import RelayError
 
-TASK_DIR = Path(__file__).with_name("eval_tasks")
+TASK_DIR = Path(__file__).with_name("tasks")
 METRICS = ("exact_match", "numeric", "multiple_choice", "bpb")
 
 
@@ -188,45 +186,6 @@ def render_prompt(task: Task, example: dict) -> dict:
     return {"prompt": shots + task.prompt.format(input=example["input"])}
 
 
-# ---- the worker ---------------------------------------------------------------------------
-
-class GenerationWorker:
-    """Loads a model directory once; turns batches of rows into completions (a Ray Data actor)."""
-
-    def __init__(self, model_dir: str, params: dict, chat: bool, batch_size: int = 16, threads: int | None = None) -> None:
-        import torch
-
-        from model.export import load_model_dir
-        from model.generate import SamplingParams, prepare_for_inference
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.model, self.tokenizer, _ = load_model_dir(model_dir)
-        prepare_for_inference(self.model)
-        self.params = SamplingParams(**params)
-        self.chat, self.batch_size = chat, batch_size
-
-    def generate_rows(self, rows: list[dict]) -> list[dict]:
-        from pipelines.generation import complete_rows
-
-        return complete_rows(self.model, self.tokenizer, rows, self.params, chat=self.chat, batch_size=self.batch_size)
-
-    def __call__(self, batch: dict) -> dict:
-        """A Ray Data batch of {"_index", "_row" (JSON)} -> {"_index", "_result" (JSON)}."""
-        indices = [int(i) for i in _plain(batch["_index"])]
-        rows = [json.loads(r) for r in _plain(batch["_row"])]
-        done = self.generate_rows(rows)
-        return {"_index": indices, "_result": [json.dumps(d, ensure_ascii=False) for d in done]}
-
-
-def _plain(value):
-    """numpy scalars / arrays from Ray Data back to Python values."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
-# ---- the report ---------------------------------------------------------------------------
 
 def apply_stops(text: str, stops: list[str]) -> str:
     cut = len(text)
@@ -237,112 +196,6 @@ def apply_stops(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
-def write_report(out: Path, metrics: dict, predictions: list[dict], samples: int = 3) -> None:
-    models = list(metrics)
-    tasks = sorted({t for m in metrics.values() for t in m})
-    lines = ["# Evaluation", "", "| task | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(f"{metrics[m].get(task, float('nan')):.3f}" for m in models) + " |")
-    lines += ["", "Scores are exact match (after normalisation) or accuracy; bits per byte for `bpb` tasks.", ""]
-    for task in tasks:
-        lines += [f"## Sample answers: {task}", ""]
-        for model in models:
-            rows = [p for p in predictions if p["task"] == task and p["model"] == model][:samples]
-            for p in rows:
-                mark = "✓" if p.get("correct") else "✗"
-                lines.append(f"- **{model}** {mark} `{_short(p['input'])}` → `{_short(p['prediction'])}` (reference `{_short(p['reference'])}`)")
-        lines.append("")
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def _short(text: str, width: int = 80) -> str:
-    text = " ".join(str(text).split()).replace("`", "'")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def bits_per_byte_of_texts(model_dir: str, texts: list[str], threads: int | None = None) -> float:
-    """Bits per byte of `texts` under a model: each text scored on its own, in windows of the
-    context length, every token predicted from the tokens before it in its window."""
-    import torch
-
-    from model.export import load_model_dir
-    from model.gpt import lm_loss
-    from pipelines.metrics import bits_per_byte
-
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer, _ = load_model_dir(model_dir)
-    window = model.config.block_size
-    nats, nbytes = 0.0, 0
-    with torch.inference_mode():
-        for text in texts:
-            ids = [tokenizer.eot_id] + tokenizer.encode(text)  # end-of-text stands for the document start
-            nbytes += len(text.encode("utf-8"))
-            for start in range(0, len(ids) - 1, window):
-                chunk = torch.tensor(ids[start : start + window + 1])[None]
-                if chunk.size(1) < 2:
-                    break
-                logits, _ = model(chunk[:, :-1])
-                nats += float(lm_loss(logits, chunk[:, 1:])) * (chunk.size(1) - 1)
-    return bits_per_byte(nats, nbytes)
-
-
 def summarise(task: Task, scored: list[bool]) -> float:
     return sum(scored) / len(scored) if scored else math.nan
 
-
-# ---- the eval stage -----------------------------------------------------------------------
-
-def model_dirs(job, run_dir: Path) -> dict[str, Path]:
-    """base -> the pretrain export, assistant -> the SFT export, anything else: a model directory."""
-    named = {"base": Path(run_dir) / "pretrain" / "model", "assistant": Path(run_dir) / "sft" / "model"}
-    return {m: named.get(m) or job.path(m) for m in job.stages.eval.models}
-
-
-def run_eval(job, run_dir: Path, generate) -> dict:
-    """Evaluate every model on every task; writes RUN/eval/ and returns {model: {task: score}}.
-
-    `generate(model_dir, rows, params, chat)` returns one result per row, in order: the Ray
-    Data worker pool in a job, or in-process generation.
-    """
-    from model.chat import strip_reply
-    from pipelines.metrics import Board
-
-    spec = job.stages.eval
-    out = Path(run_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [load_task(t, job=job, limit=spec.limit) for t in spec.tasks]
-    metrics: dict[str, dict[str, float]] = {}
-    predictions: list[dict] = []
-    for model, model_dir in model_dirs(job, run_dir).items():
-        if not Path(model_dir).is_dir():
-            raise RelayError(f"stages.eval.models: {model} has no model directory at {model_dir}")
-        metrics[model] = {}
-        for task in tasks:
-            if task.metric == "bpb":  # no generation: the likelihood of held-out text
-                metrics[model][task.name] = bits_per_byte_of_texts(str(model_dir), [ex["target"] for ex in task.examples])
-                continue
-            rows = [render_prompt(task, ex) for ex in task.examples]
-            params = {"max_new_tokens": task.max_new_tokens, "temperature": spec.temperature, "seed": job.seed}
-            results = generate(str(model_dir), rows, params, task.style == "chat")
-            scored = []
-            for ex, res in zip(task.examples, results):
-                text = apply_stops(res["completion"], task.stop)
-                text = strip_reply(text) if task.style == "chat" else text
-                correct = score(task.metric, text, ex["target"])
-                scored.append(correct)
-                predictions.append({"model": model, "task": task.name, "input": ex["input"], "reference": ex["target"],
-                                    "prediction": text, "correct": correct, "finish_reason": res["finish_reason"]})
-            metrics[model][task.name] = summarise(task, scored)
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_report(out, metrics, predictions, spec.samples_in_report)
-    board = Board(out / "tensorboard")
-    for model, scores in metrics.items():
-        board.scalars(0, {f"eval/{model}/{task}": value for task, value in scores.items()})
-        board.text(f"eval/{model}/samples", "\n\n".join(f"{p['input']} -> {p['prediction']} (ref {p['reference']})"
-                                                       for p in predictions if p["model"] == model)[:4000])
-    board.close()
-    return metrics

@@ -76,9 +76,14 @@ def newest_usable(root: Path, warn) -> tuple[int, str] | None:
     return None
 
 
+def drop_unfinished(root: Path) -> None:
+    """Remove leftovers of interrupted writes (never committed, so never resumed from)."""
+    for path in root.glob(".tmp-step_*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def prune(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints and drop leftovers of interrupted writes."""
     for _, path in committed(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob(".tmp-step_*"):
-        shutil.rmtree(path, ignore_errors=True)
+    drop_unfinished(root)

@@ -1,0 +1,67 @@
+"""From a validated job to its resolved plan (pipelines.train.plan.RunPlan).
+
+This is the one place where a job's settings turn into numbers: the layout, the batch
+arithmetic, the sequence length, the budget in steps, the precision, the vocabulary of the
+run's real tokenizer, the absolute paths and the DeepSpeed config of every training stage.
+The driver calls it once and ships the result; `relaygpt plan` prints it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model.errors import RelayError
+from pipelines.rundir import RunDir
+from pipelines.train.plan import RunPlan, plan_training
+
+
+def device_of(job) -> str:
+    """The device training workers get: a GPU when the cluster section reserves one."""
+    return "cuda" if job.cluster.gpus_per_worker > 0 else "cpu"
+
+
+def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_exact: bool = True,
+                 device: str | None = None) -> RunPlan:
+    """The job's plan for `run_dir`. `vocab_size` is the run's tokenizer size; by default it is
+    looked up (the prepared tokenizer, else the one the job names, else a trained one's target)."""
+    from pipelines.data.prepare import sft_seq_len, tokenizer_vocabulary
+
+    if vocab_size is None:
+        vocab_size, vocab_exact = tokenizer_vocabulary(job, run_dir.tokenizer)
+    device = device or device_of(job)
+    training = {}
+    for name in ("pretrain", "sft"):
+        settings = getattr(job.stages, name)
+        if settings is None:
+            continue
+        init = _init_model(job, name, settings, run_dir)
+        if name == "sft" and not settings.init and "pretrain" in training:
+            model = training["pretrain"].model  # starts from the export of the pretrain stage above
+        else:
+            model = _model(name, settings, init, job.model, vocab_size)
+        seq_len = sft_seq_len(job) if name == "sft" else settings.seq_len or model.block_size
+        training[name] = plan_training(name, settings, model, world_size=job.cluster.num_workers, seq_len=seq_len, device=device,
+                                       data_dir=run_dir.data(name), init_model=init, seed=job.seed)
+    return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
+                   device=device, training=training, job=job.resolved_dict())
+
+
+def _init_model(job, name: str, settings, run_dir: RunDir) -> Path | None:
+    """The model directory a stage starts from: its `init`, for SFT by default the pretrain export."""
+    if settings.init:
+        return job.path(settings.init).absolute()
+    return run_dir.model("pretrain") if name == "sft" else None
+
+
+def _model(name: str, settings, init: Path | None, model_spec, vocab_size: int):
+    """The stage's architecture: the job's model, or that of the model directory it starts from
+    (its vocabulary grown to the tokenizer's: chat tokens a base model lacks get new rows)."""
+    from model.export import read_model_config
+
+    if init is None:
+        return model_spec.config(vocab_size)
+    if not (init / "config.json").is_file():
+        hint = "" if settings.init else " (the job has no pretrain stage; set stages.sft.init to a model directory)"
+        raise RelayError(f"stages.{name}.init: no model directory at {init}{hint}")
+    config = read_model_config(init)
+    return config.replace(vocab_size=max(config.vocab_size, vocab_size))

@@ -1,0 +1,31 @@
+"""The evaluation report: a score table and sample answers, as Markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model.atomic import write_text_atomically
+
+
+def write_report(path: Path, metrics: dict, predictions: list[dict], samples: int = 3) -> None:
+    models = list(metrics)
+    tasks = sorted({t for m in metrics.values() for t in m})
+    lines = ["# Evaluation", "", "| task | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for task in tasks:
+        lines.append(f"| {task} | " + " | ".join(f"{metrics[m].get(task, float('nan')):.3f}" for m in models) + " |")
+    lines += ["", "Scores are exact match (after normalisation) or accuracy; bits per byte for `bpb` tasks.", ""]
+    for task in tasks:
+        lines += [f"## Sample answers: {task}", ""]
+        for model in models:
+            rows = [p for p in predictions if p["task"] == task and p["model"] == model][:samples]
+            for p in rows:
+                mark = "✓" if p.get("correct") else "✗"
+                lines.append(f"- **{model}** {mark} `{_short(p['input'])}` → `{_short(p['prediction'])}` (reference `{_short(p['reference'])}`)")
+        lines.append("")
+    write_text_atomically(path, "\n".join(lines))
+
+
+def _short(text: str, width: int = 80) -> str:
+    text = " ".join(str(text).split()).replace("`", "'")
+    return text if len(text) <= width else text[: width - 1] + "…"
+

@@ -1,0 +1,97 @@
+"""Evaluating models on tasks: the one function behind the eval stage and `relaygpt eval`.
+
+Generation goes through a `generate(model_dir, rows, params, chat)` callable that returns one
+result per row, in order: a Ray Data pool of generation workers (cluster/launch.py) or the
+worker in this process. Bits-per-byte tasks score likelihoods and generate nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model.atomic import write_json_atomically, write_jsonl_atomically
+from model.errors import RelayError
+from pipelines.eval.report import write_report
+from pipelines.eval.task import Task, apply_stops, render_prompt, score, summarise
+
+
+def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out=None, temperature: float = 0.0,
+                    seed: int | None = None, samples_in_report: int = 3, show=None) -> dict[str, dict[str, float]]:
+    """Every model on every task; returns {model: {task: score}}.
+
+    With `out` (an EvalDir) writes predictions.jsonl, metrics.json, report.md and TensorBoard
+    scalars there. `show` receives one line per model and task.
+    """
+    from model.chat import strip_reply
+
+    metrics: dict[str, dict[str, float]] = {}
+    predictions: list[dict] = []
+    for model, model_dir in models.items():
+        if not Path(model_dir).is_dir():
+            raise RelayError(f"{model}: no model directory at {model_dir}")
+        metrics[model] = {}
+        for task in tasks:
+            if task.metric == "bpb":  # no generation: the likelihood of held-out text
+                metrics[model][task.name] = bits_per_byte_of_texts(str(model_dir), [ex["target"] for ex in task.examples])
+                if show:
+                    show(f"[eval] {model}: {task.name} {metrics[model][task.name]:.4f} bits per byte ({len(task.examples)} texts)")
+                continue
+            rows = [render_prompt(task, ex) for ex in task.examples]
+            params = {"max_new_tokens": task.max_new_tokens, "temperature": temperature, "seed": seed}
+            results = generate(str(model_dir), rows, params, task.style == "chat")
+            scored = []
+            for ex, res in zip(task.examples, results):
+                text = apply_stops(res["completion"], task.stop)
+                text = strip_reply(text) if task.style == "chat" else text
+                correct = score(task.metric, text, ex["target"])
+                scored.append(correct)
+                predictions.append({"model": model, "task": task.name, "input": ex["input"], "reference": ex["target"],
+                                    "prediction": text, "correct": correct, "finish_reason": res["finish_reason"]})
+            metrics[model][task.name] = summarise(task, scored)
+            if show:
+                show(f"[eval] {model}: {task.name} {metrics[model][task.name]:.3f} ({sum(scored)}/{len(scored)})")
+    if out is not None:
+        write_outputs(out, metrics, predictions, samples_in_report)
+    return metrics
+
+
+def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report: int) -> None:
+    """predictions.jsonl, metrics.json, report.md and TensorBoard scalars in `out` (an EvalDir)."""
+    from pipelines.train.metrics import Board
+
+    write_jsonl_atomically(out.predictions, predictions)
+    write_json_atomically(out.metrics, metrics)
+    write_report(out.report, metrics, predictions, samples_in_report)
+    board = Board(out.tensorboard)
+    for model, scores in metrics.items():
+        board.scalars(0, {f"eval/{model}/{task}": value for task, value in scores.items()})
+        board.text(f"eval/{model}/samples", "\n\n".join(f"{p['input']} -> {p['prediction']} (ref {p['reference']})"
+                                                       for p in predictions if p["model"] == model)[:4000])
+    board.close()
+
+
+def bits_per_byte_of_texts(model_dir: str, texts: list[str], threads: int | None = None) -> float:
+    """Bits per byte of `texts` under a model: each text scored on its own, in windows of the
+    context length, every token predicted from the tokens before it in its window."""
+    import torch
+
+    from model.export import load_model_dir
+    from model.gpt import lm_loss
+    from pipelines.train.metrics import bits_per_byte
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer, _ = load_model_dir(model_dir)
+    window = model.config.block_size
+    nats, nbytes = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = [tokenizer.eot_id] + tokenizer.encode(text)  # end-of-text stands for the document start
+            nbytes += len(text.encode("utf-8"))
+            for start in range(0, len(ids) - 1, window):
+                chunk = torch.tensor(ids[start : start + window + 1])[None]
+                if chunk.size(1) < 2:
+                    break
+                logits, _ = model(chunk[:, :-1])
+                nats += float(lm_loss(logits, chunk[:, 1:])) * (chunk.size(1) - 1)
+    return bits_per_byte(nats, nbytes)

@@ -1,0 +1,184 @@
+"""The run directory: the one owner of every path in it, and of its records.
+
+    OUT/<job-name>/<run-id>/
+      job.yaml            the resolved job (every default filled in)
+      tokenizer/          tokenizer files + identity
+      data/<stage>/       shards + manifest.json
+      pretrain/ sft/      stage.json, metrics.jsonl, result.json, checkpoints/, tensorboard/,
+                          model/ (native export), workers/ (where each rank ran), ray/
+      eval/               stage.json, predictions.jsonl, metrics.json, report.md, tensorboard/
+      summary.json
+
+Nothing else in the project spells these names. `MetricsLog` is the one writer and the one
+reader of a stage's metrics.jsonl (rank 0 appends; the driver's progress display, the stage
+result and the sweep's measurements read it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.atomic import write_json_atomically
+
+TRAINING_STAGES = ("pretrain", "sft")
+
+
+class MetricsLog:
+    """A stage's step log: one JSON object per logged step, appended by rank 0."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._offset = 0  # how far `new_records` has read
+
+    def append(self, metrics: dict) -> None:
+        """One line: the time, then every plain value of `metrics` (nested values are dropped)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        plain = {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str))}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), **plain}) + "\n")
+
+    def records(self) -> list[dict]:
+        """Every complete line written so far."""
+        if not self.path.exists():
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+    def last(self) -> dict:
+        """The newest value of every key, over all records."""
+        merged: dict = {}
+        for record in self.records():
+            merged.update(record)
+        return merged
+
+    def new_records(self) -> list[dict]:
+        """The complete lines written since the previous call (for following a running stage)."""
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """RUN/<stage>/ of one stage (pretrain, sft or eval)."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def status_file(self) -> Path:
+        return self.root / "stage.json"
+
+    @property
+    def result_file(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def metrics(self) -> MetricsLog:
+        return MetricsLog(self.root / "metrics.jsonl")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def workers(self) -> Path:
+        return self.root / "workers"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root / "ray"
+
+    def read_status(self) -> dict:
+        return json.loads(self.status_file.read_text()) if self.status_file.exists() else {}
+
+    def write_status(self, status: dict) -> None:
+        write_json_atomically(self.status_file, status)
+
+    def write_result(self, result: dict) -> None:
+        write_json_atomically(self.result_file, result)
+
+    def result(self) -> dict:
+        """A training stage's final result (result.json, written by rank 0 at the end), else its
+        last logged metrics (a stage that stopped early)."""
+        if self.result_file.exists():
+            return json.loads(self.result_file.read_text())
+        return {k: v for k, v in self.metrics.last().items() if k not in ("time", "stage")}
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    """Where an evaluation writes: RUN/eval/ in a job, or `relaygpt eval --out DIR`."""
+
+    root: Path
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """OUT/<job-name>/<run-id>/, always absolute (workers on other nodes receive it as is)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    @property
+    def job_file(self) -> Path:
+        return self.root / "job.yaml"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    def data(self, stage: str) -> Path:
+        return self.root / "data" / stage
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.root / name)
+
+    def model(self, stage: str) -> Path:
+        """A training stage's native export."""
+        return self.stage(stage).model
+
+    @property
+    def eval(self) -> EvalDir:
+        return EvalDir(self.root / "eval")

@@ -1,0 +1,148 @@
+"""The resolved plan of a training stage: every number a worker needs, derived once.
+
+The driver builds a `TrainPlan` per training stage from the job (jobs/plan.py) and ships it to
+every worker (as gpt-neox ships its resolved config); the engine, the trainer, the memory
+model, `relaygpt plan` and the sweep read it, and nothing downstream derives these numbers
+again. The arithmetic lives in the small functions below, which the job validator uses too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.config import GPTConfig
+from pipelines.train.settings import TrainStageSpec
+
+
+def data_parallel_size(world_size: int, pipeline_stages: int) -> int:
+    """Replicas of the model: world = data-parallel x pipeline. Callers validate divisibility first."""
+    assert world_size % pipeline_stages == 0, (world_size, pipeline_stages)
+    return world_size // pipeline_stages
+
+
+def total_steps(settings: TrainStageSpec, tokens_per_step: int) -> int:
+    """The stage's budget in optimizer steps: `steps`, or `tokens` rounded up to whole steps."""
+    return settings.steps or math.ceil(settings.tokens / tokens_per_step)
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """`auto` is bf16 on GPUs and fp32 on CPUs; anything else is taken as written."""
+    if requested != "auto":
+        return requested
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def clips_in_optimizer(settings: TrainStageSpec, precision: str) -> bool:
+    """Without ZeRO in fp32, DeepSpeed clips but does not report the norm: the engine clips
+    instead (in the optimizer's pre-step hook), so the norm is measured once and reported."""
+    return settings.deepspeed.zero_stage == 0 and precision == "fp32" and settings.optimizer.grad_clip > 0
+
+
+def deepspeed_config(settings: TrainStageSpec, data_parallel: int, precision: str, device: str) -> dict:
+    """The DeepSpeed config dict of a stage (users never write DeepSpeed JSON by hand)."""
+    ds = settings.deepspeed
+    config: dict = {
+        "train_micro_batch_size_per_gpu": settings.micro_batch,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "train_batch_size": settings.micro_batch * settings.grad_accum * data_parallel,
+        "gradient_clipping": 0.0 if clips_in_optimizer(settings, precision) else settings.optimizer.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if ds.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+        config["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on the CPU copy
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if ds.pipeline_stages > 1 and ds.activation_checkpoint_interval:
+        config["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    return _deep_merge(config, ds.extra)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """One training stage (pretrain or SFT), resolved.
+
+    model: the architecture with the real vocabulary of the run's tokenizer (for SFT from an
+        init model: that model's architecture, its vocabulary grown to the tokenizer's).
+    settings: the stage's section of the job as written (optimizer, schedules, DeepSpeed
+        knobs); the numbers below are what those settings resolve to.
+    """
+
+    stage: str
+    model: GPTConfig
+    settings: TrainStageSpec
+    world_size: int
+    pipeline_stages: int
+    data_parallel: int
+    zero_stage: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int           # micro_batch x grad_accum x data_parallel sequences per step
+    seq_len: int                # tokens per training sequence
+    tokens_per_step: int        # global_batch x seq_len
+    total_steps: int
+    device: str                 # cpu | cuda
+    precision: str              # fp32 | bf16 | fp16
+    clip_in_optimizer: bool     # see clips_in_optimizer
+    deepspeed_config: dict[str, Any]
+    data_dir: Path              # the prepared shards of this stage
+    init_model: Path | None     # the model directory the stage starts from (None: fresh weights)
+    seed: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_step * self.total_steps
+
+
+def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, world_size: int, seq_len: int, device: str,
+                  data_dir: Path, init_model: Path | None, seed: int) -> TrainPlan:
+    """Resolve one stage's settings on a layout of `world_size` processes."""
+    pp = settings.deepspeed.pipeline_stages
+    dp = data_parallel_size(world_size, pp)
+    global_batch = settings.micro_batch * settings.grad_accum * dp
+    tokens_per_step = global_batch * seq_len
+    precision = resolve_precision(settings.deepspeed.precision, device)
+    return TrainPlan(
+        stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,
+        zero_stage=settings.deepspeed.zero_stage, micro_batch=settings.micro_batch, grad_accum=settings.grad_accum,
+        global_batch=global_batch, seq_len=seq_len, tokens_per_step=tokens_per_step,
+        total_steps=total_steps(settings, tokens_per_step), device=device, precision=precision,
+        clip_in_optimizer=clips_in_optimizer(settings, precision),
+        deepspeed_config=deepspeed_config(settings, dp, precision, device),
+        data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
+    )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A whole job, resolved on the driver: what `relaygpt plan` prints and every worker reads.
+
+    job: the resolved job (every default filled in), recorded as job.yaml and in TensorBoard.
+    """
+
+    job_name: str
+    seed: int
+    run_dir: Any                # pipelines.rundir.RunDir
+    vocab_size: int
+    vocab_exact: bool           # False before a trained tokenizer exists: vocab_size is its target
+    device: str
+    training: dict[str, TrainPlan]
+    job: dict[str, Any]
+
+    def stage(self, name: str) -> TrainPlan:
+        return self.training[name]

@@ -1,0 +1,337 @@
+"""The training loop, one for pretraining and SFT: they differ only in data and init.
+
+`train_stage(run_plan, "pretrain" | "sft")` runs on every worker (Ray Train or torchrun) with
+torch.distributed initialised from the environment. Every number it uses comes from the
+stage's resolved `TrainPlan`; the trainer goes through named phases:
+
+    build     tokenizer, initial weights, data windows, the DeepSpeed engine, the loader
+    resume    from the newest complete checkpoint, when the stage has one
+    step      one optimizer step (any layout: the engine hides pipelined vs plain)
+    evaluate  validation loss and bits per byte, every `eval_every` steps and at the end
+    checkpoint  every `checkpoint_every` steps, at the end and where the run stops early
+    finish    peak memory of every rank, the native export, result.json
+
+    RUN/<stage>/checkpoints/step_NNNNNNNN/   DeepSpeed state + TrainState, committed atomically
+    RUN/<stage>/tensorboard/, metrics.jsonl  written by rank 0 (MetricsLogger)
+    RUN/<stage>/model/                       the native export, independent of the parallel layout
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.errors import RelayError
+from model.gpt import IGNORE_INDEX
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.metrics import MetricsLogger, StepTimer, bits_per_byte, device_peak_flops, peak_memory_bytes, token_byte_lengths
+
+
+@dataclass
+class TrainState:
+    """Everything besides the DeepSpeed state that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    loader: dict = field(default_factory=dict)
+    best_val_loss: float = float("inf")
+    rng: dict = field(default_factory=dict)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+        np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+
+
+class CountingIterator:
+    """Passes batches through and counts targets, for the supervised fraction of each step."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.targets, self.supervised = inner, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x, y = next(self.inner)
+        self.targets += y.numel()
+        self.supervised += int((y != IGNORE_INDEX).sum())
+        return x, y
+
+    def take_fraction(self) -> float:
+        value = self.supervised / self.targets if self.targets else float("nan")
+        self.targets = self.supervised = 0
+        return value
+
+
+def initial_state(plan, tokenizer) -> dict | None:
+    """The weights the stage starts from (GPT names), or None for a fresh model."""
+    from model.export import load_model_dir
+
+    if plan.init_model is None:
+        return None
+    model, init_tok, _ = load_model_dir(plan.init_model)
+    if init_tok.sha256 != tokenizer.sha256 or init_tok.special_tokens != tokenizer.special_tokens:
+        raise RelayError(f"stages.{plan.stage}.init: {plan.init_model} uses tokenizer {init_tok.name} ({init_tok.sha256[:12]}), "
+                         f"the job's is {tokenizer.name} ({tokenizer.sha256[:12]})")
+    model = add_missing_tokens(model, tokenizer.n_vocab)
+    if model.config != plan.model:
+        raise RelayError(f"stages.{plan.stage}.init: {plan.init_model} is not the model the run was planned with "
+                         "(it changed since); run the stage again")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def add_missing_tokens(model, n_vocab: int):
+    """Grow the vocabulary to `n_vocab` (e.g. chat tokens a base model lacks); new rows = mean embedding."""
+    from model.gpt import GPT
+
+    old = model.config.vocab_size
+    if n_vocab <= old:
+        return model
+    grown = GPT(model.config.replace(vocab_size=n_vocab))
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in ("transformer.wte.weight", "lm_head.weight"):
+            if name == "lm_head.weight" and model.config.tie_embeddings:
+                continue
+            rows = grown.state_dict()[name].clone()
+            rows.zero_()
+            rows[:old] = state[name][:old]
+            rows[old:n_vocab] = state[name][:old].mean(dim=0)
+            state[name] = rows
+        if model.config.tie_embeddings:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+    grown.load_state_dict(state)
+    return grown
+
+
+class Trainer:
+    """One training stage on this worker, from its plan."""
+
+    def __init__(self, run, stage: str, *, console: bool = True) -> None:
+        self.run, self.plan = run, run.stage(stage)
+        self.dir = run.run_dir.stage(stage)
+        self.console = console
+
+    # ---- build ------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        from model.tokenizer import Tokenizer
+        from pipelines.data.loader import BatchLoader, open_split
+        from pipelines.train.distributed import init_distributed
+        from pipelines.train.engine import Engine
+
+        init_distributed()
+        plan = self.plan
+        if dist.get_world_size() != plan.world_size:
+            raise RelayError(f"cluster.num_workers: the plan is for {plan.world_size} workers but {dist.get_world_size()} started")
+        self.tokenizer = Tokenizer.from_dir(self.run.run_dir.tokenizer)
+        self.train_windows = open_split(plan.data_dir, "train", seq_len=plan.seq_len)
+        self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False)
+        self.engine = Engine(plan, init_state=initial_state(plan, self.tokenizer))
+        self.topo = self.engine.topology
+        self.loader = BatchLoader(self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank, dp_size=plan.data_parallel,
+                                  seed=plan.seed) if self.topo.needs_data else None
+        self.batches = CountingIterator(self.loader) if self.loader is not None else None
+        self.state = TrainState()
+        self.logger = MetricsLogger(self.dir, rank=self.topo.rank, console=self.console)
+        self.byte_lengths = token_byte_lengths(self.tokenizer)
+        self.peak_flops = device_peak_flops(plan.settings.peak_tflops)
+        self.flops_per_token = plan.model.flops_per_token(plan.seq_len)
+
+    # ---- resume -----------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if any; a fresh run records its config."""
+        if self.topo.rank == 0:
+            self.dir.checkpoints.mkdir(parents=True, exist_ok=True)
+            ckpt.drop_unfinished(self.dir.checkpoints)
+        dist.barrier()
+        found = ckpt.newest_usable(self.dir.checkpoints, warn=self._warn)
+        if found is None:
+            self.logger.text("config/job", "```\n" + _yaml(self.run.job) + "\n```")
+            self.logger.text("config/deepspeed", "```\n" + _yaml(self.plan.deepspeed_config) + "\n```")
+            return
+        _, tag = found
+        client = self.engine.load(str(self.dir.checkpoints), tag)
+        saved = client.get("train_state", {})
+        self.state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+        if self.loader is not None and self.state.loader:
+            self.loader.load_state_dict(self.state.loader)
+        _set_rng_state(self.state.rng)
+        if self.topo.rank == 0:
+            print(f"[{self.plan.stage}] resumed from {self.dir.checkpoints / tag} at step {self.state.step}", flush=True)
+
+    def _warn(self, message: str) -> None:
+        if self.topo.rank == 0:
+            print(f"[{self.plan.stage}] warning: {message}", flush=True)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self, until_step: int | None = None) -> dict:
+        """Train to the end of the budget (or to `until_step`, checkpointed, as a preempted run
+        would stop); returns the final metrics (complete on rank 0)."""
+        plan, state, timer = self.plan, self.state, StepTimer()
+        stop_at = min(plan.total_steps, until_step or plan.total_steps)
+        self.last: dict = {}
+        while state.step < stop_at:
+            out = self.engine.train_step(self.batches)
+            state.step += 1
+            state.tokens_seen += plan.tokens_per_step
+            timer.step_done()
+            metrics = self.train_metrics(out, timer) if self._due(plan.settings.log_every) else {}
+            metrics.update(self.maybe_evaluate())
+            if metrics:
+                self.log(metrics)
+            self.maybe_checkpoint(stop_at)
+            timer.skip()  # evaluation and checkpoint time is not step time
+        self.logger.close()
+        return self.finish()
+
+    def _due(self, every: int) -> bool:
+        return self.state.step % every == 0 or self.state.step == self.plan.total_steps
+
+    def train_metrics(self, out: dict, timer: StepTimer) -> dict:
+        plan = self.plan
+        step_time = timer.take_mean()
+        achieved = self.flops_per_token * plan.tokens_per_step / step_time / plan.world_size
+        metrics = {
+            "train/loss": out["loss"], "train/lr": out["lr"], "train/grad_norm": out["grad_norm"],
+            "train/tokens_seen": self.state.tokens_seen,
+            "perf/tokens_per_s": plan.tokens_per_step / step_time, "perf/step_time_s": step_time,
+            "perf/achieved_tflops_per_device": achieved / 1e12,
+            "perf/mfu": achieved / self.peak_flops if self.peak_flops else None,
+            "perf/peak_memory_gb": peak_memory_bytes() / 1e9,
+            "eta_s": step_time * (plan.total_steps - self.state.step),
+        }
+        if self.batches is not None:
+            metrics["train/supervised_fraction"] = self.batches.take_fraction()
+        return metrics
+
+    def maybe_evaluate(self) -> dict:
+        if not self._due(self.plan.settings.eval_every):
+            return {}
+        val = evaluate(self.engine, self.val_windows, self.plan, self.byte_lengths)
+        if val:
+            self.state.best_val_loss = min(self.state.best_val_loss, val["val/loss"])
+        return val
+
+    def log(self, values: dict) -> None:
+        metrics = {"stage": self.plan.stage, "step": self.state.step, "total_steps": self.plan.total_steps, **values}
+        self.last.update(metrics)
+        self.logger.log(self.state.step, metrics)
+
+    def maybe_checkpoint(self, stop_at: int) -> None:
+        settings = self.plan.settings
+        if settings.save_checkpoints and (self.state.step % settings.checkpoint_every == 0 or self.state.step == stop_at):
+            self.save()
+
+    def save(self) -> None:
+        root, state = self.dir.checkpoints, self.state
+        state.loader = self.loader.state_dict() if self.loader is not None else state.loader
+        state.rng = _rng_state()
+        self.engine.save(str(root), ckpt.temp_tag(state.step), {"train_state": asdict(state)})
+        dist.barrier()
+        if self.topo.rank == 0:
+            ckpt.commit(root, state.step)
+            ckpt.prune(root, self.plan.settings.keep_last)
+        dist.barrier()
+
+    # ---- finish -----------------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        """Peak memory of every rank, then (at the end of the budget) the export and result.json."""
+        plan, state = self.plan, self.state
+        memory = _peak_memory_per_rank(self.engine)
+        if state.step < plan.total_steps:
+            return {**self.last, "step": state.step, "total_steps": plan.total_steps, "stopped_early": True}
+        result = {**self.last, "step": state.step, "total_steps": plan.total_steps, "tokens_seen": state.tokens_seen,
+                  "best_val_loss": state.best_val_loss, "perf/peak_memory_gb_per_rank": memory, "params": plan.model.num_params(),
+                  "seq_len": plan.seq_len, "tokens_per_step": plan.tokens_per_step, "flops_per_token": self.flops_per_token}
+        if plan.settings.export_model:
+            self.export()
+            result["model_dir"] = str(self.dir.model)
+        if self.topo.rank == 0:
+            self.dir.write_result({k: v for k, v in result.items() if k != "stage"})
+        dist.barrier()
+        return result
+
+    def export(self) -> None:
+        """The native model directory, gathered from whatever layout trained it (a collective)."""
+        from model.export import save_model_dir
+        from model.gpt import GPT
+
+        plan = self.plan
+        full = self.engine.full_state_dict()
+        if self.topo.rank != 0:
+            return
+        with torch.device("meta"):
+            model = GPT(plan.model)
+        model.load_state_dict(full, assign=True)
+        if plan.model.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        save_model_dir(model, self.tokenizer, self.dir.model, provenance={
+            "job": self.run.job_name, "stage": plan.stage, "steps": self.state.step, "tokens_seen": self.state.tokens_seen,
+            "layout": {"pipeline_stages": plan.pipeline_stages, "data_parallel": plan.data_parallel, "zero_stage": plan.zero_stage},
+            "final": {k: v for k, v in self.last.items() if "/" in k}})
+
+
+def train_stage(run, stage: str, *, console: bool = True, until_step: int | None = None) -> dict:
+    """Train one stage of a resolved run on this worker; returns the final metrics (complete on rank 0).
+
+    `console` prints the progress line (torchrun); under Ray the driver shows its own display.
+    """
+    trainer = Trainer(run, stage, console=console)
+    trainer.build()
+    trainer.resume()
+    return trainer.fit(until_step)
+
+
+def evaluate(engine, windows, plan, byte_lengths: np.ndarray) -> dict:
+    """Validation loss (per supervised token) and bits per byte over `eval_batches` micro-batches."""
+    from pipelines.data.loader import eval_batches
+
+    topo = engine.topology
+    steps = min(plan.settings.eval_batches, windows.num_windows // (plan.micro_batch * topo.dp))
+    if steps == 0:
+        return {}
+    batches = eval_batches(windows, plan.micro_batch, dp_rank=topo.dp_rank, dp_size=topo.dp, max_batches=steps)
+    sums = torch.zeros(3, dtype=torch.float64)  # nats, supervised targets, bytes
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = engine.micro_batch_loss(x, y)
+        # A pipeline returns the same data-parallel mean loss on every rank; each first-stage rank
+        # weighs it by its own targets (exact when ranks hold equally many, as in pretraining).
+        if not engine.pipelined or topo.is_first_stage:
+            keep = y != IGNORE_INDEX
+            count = int(keep.sum())
+            sums += torch.tensor([loss * count, count, float(byte_lengths[y[keep].numpy()].sum())], dtype=torch.float64)
+    reduced = sums.to(engine.reduce_device)
+    dist.all_reduce(reduced)
+    nats, count, nbytes = reduced.tolist()
+    return {"val/loss": nats / max(count, 1), "val/bpb": bits_per_byte(nats, int(nbytes))}
+
+
+def _peak_memory_per_rank(engine) -> list[float]:
+    """Every rank's peak memory in GB (a collective): pipeline stages and ZeRO shards differ."""
+    mine = torch.tensor([peak_memory_bytes() / 1e9], dtype=torch.float64, device=engine.reduce_device)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [round(float(t), 4) for t in gathered]
+
+
+def _yaml(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
