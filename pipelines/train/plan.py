@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import GPTConfig
+from pipelines.rundir import RunDir
 from pipelines.train.settings import TrainStageSpec
 
 
@@ -137,7 +138,7 @@ class RunPlan:
 
     job_name: str
     seed: int
-    run_dir: Any                # pipelines.rundir.RunDir
+    run_dir: RunDir
     vocab_size: int
     vocab_exact: bool           # False before a trained tokenizer exists: vocab_size is its target
     device: str
