@@ -139,6 +139,10 @@ class JobSpec(Strict):
                 problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
             if name == "sft" and stage.seq_len is not None:
                 problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
+            problems += _settings_that_would_do_nothing(where, stage, self.cluster)
+        if self.cluster.device_memory_gb is not None and self.cluster.gpus_per_worker == 0:
+            problems.append("cluster.device_memory_gb: the workers have no GPU (cluster.gpus_per_worker is 0), so there is no "
+                            "device memory to check; remove it or reserve GPUs")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -163,6 +167,19 @@ class JobSpec(Strict):
         data = self.model_dump(mode="json")
         data["model"] = {"preset": self.model.preset, **self.model.overrides}
         return data
+
+
+def _settings_that_would_do_nothing(where: str, stage: TrainStageSpec, cluster: ClusterSpec) -> list[str]:
+    """Combinations that would be accepted and silently ignored: refused, with the reason."""
+    ds, problems = stage.deepspeed, []
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        problems.append(f"{where}.deepspeed.offload_optimizer: offloading needs a ZeRO optimizer (zero_stage 1, 2 or 3); "
+                        "with zero_stage 0 the optimizer states would stay where they are")
+    if ds.pipeline_stages == 1 and ds.partition_method != type(ds).model_fields["partition_method"].default:
+        problems.append(f"{where}.deepspeed.partition_method: applies to pipeline_stages > 1; with one stage there is nothing to partition")
+    if ds.precision == "fp16" and cluster.gpus_per_worker == 0:
+        problems.append(f"{where}.deepspeed.precision: fp16 (with loss scaling) runs on GPUs only; on CPU workers use bf16 or fp32")
+    return problems
 
 
 # ---- loading -----------------------------------------------------------------------------

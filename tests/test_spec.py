@@ -32,6 +32,16 @@ def job_file(tmp_path, stages, cluster=None):
     ({"steps": 5, "tokens": 100}, None, "stages.pretrain", "exactly one of steps, tokens"),
     ({"steps": 5, "seq_len": 4096}, None, "stages.pretrain.seq_len", "exceeds the model's block_size 256"),
     ({"steps": 5, "deepspeed": {"zero_stage": 4}}, None, "stages.pretrain.deepspeed.zero_stage", "Input should be 0, 1, 2 or 3"),
+    # settings that would be accepted and do nothing
+    ({"steps": 5, "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, None,
+     "stages.pretrain.deepspeed.offload_optimizer", "offloading needs a ZeRO optimizer (zero_stage 1, 2 or 3)"),
+    ({"steps": 5, "deepspeed": {"partition_method": "uniform"}}, None,
+     "stages.pretrain.deepspeed.partition_method", "applies to pipeline_stages > 1"),
+    ({"steps": 5, "deepspeed": {"precision": "fp16"}}, None,
+     "stages.pretrain.deepspeed.precision", "fp16 (with loss scaling) runs on GPUs only"),
+    ({"steps": 5}, {"num_workers": 2, "device_memory_gb": 80}, "cluster.device_memory_gb", "the workers have no GPU"),
+    ({"steps": 5, "deepspeed": {"pipeline_stages": 2, "partition_method": "balanced"}}, None,
+     "stages.pretrain.deepspeed.partition_method", "Input should be 'compute', 'type:BlockPipe', 'parameters' or 'uniform'"),
 ])
 def test_bad_stage_settings_name_the_field(tmp_path, stage, cluster, field, words):
     with pytest.raises(JobError) as info:
@@ -76,3 +86,27 @@ def test_a_tokens_budget_becomes_whole_steps():
     stage = TrainStageSpec(tokens=10_000)
     assert stage.steps is None
     assert total_steps(stage, 4096) == 3 and total_steps(stage, 5000) == 2 and total_steps(stage, 10_001) == 1
+
+
+def test_the_default_partition_balances_compute_with_the_head_counted(tmp_path):
+    """4 blocks of GPT-2 width and the 50k GPT-2 vocabulary on 2 stages: the LM head and the loss
+    weigh about as much as all four blocks, so the last stage gets fewer blocks (here none) and the
+    stages' FLOPs end up within 25 %. Equal blocks per stage (type:BlockPipe) leave them 3x apart."""
+    from jobs.plan import resolve_plan
+    from pipelines.rundir import RunDir
+    from pipelines.train.memory import stage_memory
+
+    stages = {"pretrain": {"steps": 5, "deepspeed": {"pipeline_stages": 2, "zero_stage": 1}}}
+    path = job_file(tmp_path, stages)
+    text = path.read_text().replace("n_layer: 4", "n_layer: 4\n  n_embd: 768\n  n_head: 12\n  block_size: 1024")
+    path.write_text(text)
+    plan = resolve_plan(load_job(path), RunDir(tmp_path / "run")).stage("pretrain")
+    balanced = stage_memory(plan)
+    assert [m.layers for m in balanced] == ["0-3", "-"]
+    flops = [m.flops_per_step for m in balanced]
+    assert max(flops) / min(flops) < 1.25, flops
+    even = stage_memory(resolve_plan(load_job(path, ["stages.pretrain.deepspeed.partition_method=type:BlockPipe"]),
+                                     RunDir(tmp_path / "run")).stage("pretrain"))
+    assert [m.layers for m in even] == ["0-1", "2-3"]
+    flops = [m.flops_per_step for m in even]
+    assert max(flops) / min(flops) > 3, flops

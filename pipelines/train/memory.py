@@ -32,35 +32,33 @@ class StageMemory:
     optimizer: float
     activations: float
     logits: float
+    flops_per_step: float  # training FLOPs one device of this stage does per optimizer step
 
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations + self.logits
 
 
-def split_blocks(n_layer: int, pipeline_stages: int) -> list[int]:
-    base, extra = divmod(n_layer, pipeline_stages)
-    return [base + (1 if i < extra else 0) for i in range(pipeline_stages)]
-
-
 def stage_memory(plan) -> list[StageMemory]:
-    """Per pipeline stage of a TrainPlan: what one device of that stage holds."""
+    """Per pipeline stage of a TrainPlan: what one device of that stage holds, for the partition
+    the engine will impose (model/partition.py)."""
+    from model.partition import layer_params, stage_boundaries, stage_flops
+
     config, ds = plan.model, plan.settings.deepspeed
     pp, dp, seq, micro = plan.pipeline_stages, plan.data_parallel, plan.seq_len, plan.micro_batch
+    parts = stage_boundaries(config, pp, ds.partition_method, seq) if pp > 1 else [0, config.n_layer + 4]
+    sizes = layer_params(config, pp)
+    flops = stage_flops(config, parts, seq)
     c, v = config.n_embd, config.padded_vocab_size
-    block = (config.num_params(include_embeddings=False) - (2 * c if config.norm == "layernorm" and config.bias else c)) // config.n_layer
-    embed = v * c + (config.block_size * c if config.position == "learned" else 0)
-    head = v * c
     half = plan.precision in ("bf16", "fp16")
     w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 8)
     act_bytes = 34 * seq * micro * c * (1 if half else 2)
-    out, first = [], 0
-    for i, blocks in enumerate(split_blocks(config.n_layer, pp)):
-        params = blocks * block
-        if i == 0:
-            params += embed
-        if i == pp - 1:
-            params += 2 * c + (head if (not config.tie_embeddings or pp > 1) else 0)
+    out = []
+    for i in range(pp):
+        start, stop = parts[i], parts[i + 1]
+        blocks = sum(1 for layer in range(start, stop) if 2 <= layer < config.n_layer + 2)
+        first_block = max(start, 2) - 2
+        params = sum(sizes[start:stop])
         weights, grads, opt = params * w_bytes, params * g_bytes, params * o_bytes
         if plan.zero_stage >= 1:
             opt /= dp
@@ -73,7 +71,7 @@ def stage_memory(plan) -> list[StageMemory]:
         k = ds.activation_checkpoint_interval
         per_micro = blocks * act_bytes if not k else (math.ceil(blocks / k) * seq * micro * c * w_bytes + min(k, blocks) * act_bytes)
         in_flight = min(plan.grad_accum, pp - i) if pp > 1 else 1
-        logits = (micro * seq * v * 4 * 2) if i == pp - 1 else 0.0
-        out.append(StageMemory(i, f"{first}-{first + blocks - 1}" if blocks else "-", params, weights, grads, opt, per_micro * in_flight, logits))
-        first += blocks
+        logits = (micro * seq * v * 4 * 2) if stop == config.n_layer + 4 else 0.0
+        layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
+        out.append(StageMemory(i, layers, params, weights, grads, opt, per_micro * in_flight, logits, flops[i] * plan.tokens_per_step / dp))
     return out

@@ -28,7 +28,9 @@ class DeepSpeedSpec(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = Field(False, description="keep optimizer states (and the step) on the CPU")
     pipeline_stages: int = Field(1, ge=1, description="pp: >1 cuts the model into a DeepSpeed PipelineModule")
-    partition_method: str = Field("type:BlockPipe", description="how layers are spread over pipeline stages: type:BlockPipe | parameters | uniform")
+    partition_method: Literal["compute", "type:BlockPipe", "parameters", "uniform"] = Field(
+        "compute", description="how layers are spread over pipeline stages (model/partition.py): compute balances training FLOPs, "
+                               "counting the LM head and the loss over the vocabulary; type:BlockPipe the same number of blocks each")
     activation_checkpoint_interval: int = Field(0, ge=0, description="recompute activations every N layers (0: keep them)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32")
     extra: dict[str, Any] = Field(default_factory=dict)

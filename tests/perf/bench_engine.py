@@ -5,6 +5,10 @@
 2. Pipeline: pp=2 with 8 micro-batches against data parallel 2 on the same model, global batch
    and micro-batch size (2 processes, 1 thread each). The ideal 1F1B schedule costs
    (m + p - 1) / m = 9/8 of the work time; the measured ratio is compared with that.
+3. Pipeline balance: a 4-block, GPT-2-wide model with the GPT-2 vocabulary at pp = 2, cut by
+   equal blocks (type:BlockPipe, the old default) and by compute (the LM head and the loss
+   counted): each stage's busy fraction (CPU time / wall time, 1 thread per rank), the step
+   time, and the planner's FLOPs per stage for both cuts.
 """
 
 from dist_workers import engine_throughput, plain_loop_throughput
@@ -42,3 +46,26 @@ def test_pipeline_vs_data_parallel(record):
     bubble = (m + 2 - 1) / m
     record("pipeline_vs_dp", step_s_pp2=t_pp, step_s_dp2=t_dp, pp_over_dp_time=t_pp / t_dp, ideal_1f1b=bubble, micro_batches=m)
     print(f"pp=2 takes {t_pp / t_dp:.3f}x the time of dp=2; ideal 1F1B bubble {bubble:.3f}x")
+
+
+def test_pipeline_balance(record):
+    from model.partition import stage_boundaries, stage_flops
+
+    model = dict(vocab_size=50304, block_size=64, n_layer=4, n_head=12, n_embd=768)
+    config = GPTConfig(**model)
+    micro, m, steps = 1, 4, 4
+    numbers = {}
+    for method in ("type:BlockPipe", "compute"):
+        stage = {"steps": steps + 1, "micro_batch": micro, "grad_accum": m,
+                 "deepspeed": {"zero_stage": 0, "pipeline_stages": 2, "partition_method": method}}
+        ranks = run_distributed(engine_throughput, 2, model, stage, steps, 1, 1, timeout=900)
+        flops = stage_flops(config, stage_boundaries(config, 2, method, config.block_size), config.block_size)
+        key = "blocks" if method.startswith("type") else "compute"
+        numbers[f"{key}_step_s"] = ranks[0]["step_s"]
+        numbers[f"{key}_busy"] = "/".join(f"{r['busy_s'] / r['step_s']:.2f}" for r in ranks)
+        numbers[f"{key}_planned_flops_ratio"] = max(flops) / min(flops)
+    dp = {"steps": steps + 1, "micro_batch": micro, "grad_accum": m // 2, "deepspeed": {"zero_stage": 0}}
+    t_dp = run_distributed(engine_throughput, 2, model, dp, steps, 1, 1, timeout=900)[0]["step_s"]
+    numbers.update(dp_step_s=t_dp, compute_pp_over_dp=numbers["compute_step_s"] / t_dp, ideal_1f1b=(m + 1) / m,
+                   speedup_compute_over_blocks=numbers["blocks_step_s"] / numbers["compute_step_s"])
+    record("pipeline_balance", **numbers)
