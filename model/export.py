@@ -28,6 +28,7 @@ from model.config import GPTConfig
 from model.errors import RelayError
 from model.gpt import GPT
 from model.tokenizer import EOT, Tokenizer
+from model.weights_file import StreamingSafetensors, file_order
 
 NATIVE_FORMAT = "relaygpt-native"
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -42,16 +43,31 @@ def _weights_for_saving(model: GPT) -> dict[str, torch.Tensor]:
 
 def save_model_dir(model: GPT, tokenizer: Tokenizer, out: str | Path, provenance: dict | None = None) -> Path:
     """Write a native model directory for `model` and `tokenizer`."""
+    weights = _weights_for_saving(model)
+    specs = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()}
+    return write_model_dir(model.config, tokenizer, out, specs, (weights[name] for name in file_order(specs)), provenance)
+
+
+def write_model_dir(config: GPTConfig, tokenizer: Tokenizer, out: str | Path, specs: dict, tensors, provenance: dict | None = None) -> Path:
+    """Write a native model directory whose weights arrive one at a time.
+
+    specs: {name: (dtype, shape)} of every weight; tensors: the weights in `file_order(specs)`,
+    each written to disk before the next is asked for (so a caller streaming them from shards
+    or pipeline stages never holds the whole model). The bytes are those `save_model_dir`
+    writes for the same weights.
+    """
     meta = {
         "format": NATIVE_FORMAT,
         "version": 1,
-        "model": model.config.to_dict(),
+        "model": config.to_dict(),
         "tokenizer": {**tokenizer.identity, "path": "tokenizer"},
         "chat_template": TEMPLATE_INFO,
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})},
     }
     with atomic_dir(out) as tmp:
-        save_file(_weights_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with StreamingSafetensors(tmp / "model.safetensors", specs, metadata={"format": "pt"}) as weights:
+            for name, tensor in zip(weights.order, tensors):
+                weights.write(name, tensor)
         tokenizer.save(tmp / "tokenizer")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(out)

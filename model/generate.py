@@ -27,6 +27,7 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    suppress_token_ids: tuple[int, ...] = ()  # never produced (e.g. chat role markers inside a reply)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -74,10 +75,12 @@ def _generator(params: SamplingParams, device) -> torch.Generator | None:
     return gen
 
 
-def _mask_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Rows of the padded vocabulary are not tokens: never pick them."""
+def _mask_vocab(logits: torch.Tensor, vocab_size: int, suppress: tuple[int, ...] = ()) -> torch.Tensor:
+    """Rows of the padded vocabulary are not tokens, and suppressed ids are not wanted: never pick them."""
     if logits.size(-1) > vocab_size:
         logits[..., vocab_size:] = float("-inf")
+    if suppress:
+        logits[..., list(suppress)] = float("-inf")
     return logits
 
 
@@ -110,7 +113,7 @@ def _decode_steps(model: GPT, prompts: list[list[int]], params: SamplingParams) 
     num_new = max_len - longest  # prompt + completion never exceed the context window
     for step in range(num_new):
         with torch.inference_mode():
-            token = sample_next(_mask_vocab(logits[:, -1], config.vocab_size), params, generator)
+            token = sample_next(_mask_vocab(logits[:, -1], config.vocab_size, params.suppress_token_ids), params, generator)
         yield token
         if step == num_new - 1:
             return
@@ -192,7 +195,7 @@ def generate_naive(model: GPT, prompts: list[list[int]], params: SamplingParams)
             seq, completion = list(prompt), Completion()
             for _ in range(params.max_new_tokens):
                 logits, _ = model(torch.tensor([seq], device=device), last_only=True)
-                token = int(sample_next(_mask_vocab(logits[:, -1], model.config.vocab_size), params, generator)[0])
+                token = int(sample_next(_mask_vocab(logits[:, -1], model.config.vocab_size, params.suppress_token_ids), params, generator)[0])
                 if token in stops:
                     completion.finish_reason = "stop"
                     break

@@ -154,7 +154,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, *, initialize: bool = True) -> None:
+        """`initialize=False` skips the GPT-2 initialisation, for a caller that writes every
+        weight itself right after (a sharded build: initialising would gather each weight)."""
         super().__init__()
         self.config = config
         modules = dict(
@@ -166,10 +168,15 @@ class GPT(nn.Module):
         if config.position == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
+            # The head is the embedding matrix: built without a weight of its own (on the meta
+            # device, so no vocabulary-sized tensor is allocated only to be dropped), then shared.
+            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False, device="meta")
             self.lm_head.weight = self.transformer.wte.weight
-        self.apply(lambda m: init_weights(m, config))
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if initialize:
+            self.apply(lambda m: init_weights(m, config))
 
     def forward(
         self,

@@ -110,30 +110,51 @@ def build_pipeline(
     config: GPTConfig,
     num_stages: int,
     *,
-    partition_method: str = "type:BlockPipe",
+    partition_method: str = "compute",
+    seq_len: int | None = None,
     activation_checkpoint_interval: int = 0,
     topology=None,
     seed: int = 1234,
 ):
     """A DeepSpeed PipelineModule of `config` over `num_stages` (needs torch.distributed up).
 
-    partition_method "type:BlockPipe" balances the transformer blocks across stages (the
-    embedding rides with the first, the head with the last); "parameters" balances by size.
+    The stages are cut where model/partition.py says for `partition_method` (by default
+    balancing training FLOPs at `seq_len`), so the planner's per-stage figures describe the
+    very partition that runs. Each stage builds only its own layers.
     """
-    from deepspeed.pipe import PipelineModule
+    from model.partition import stage_boundaries
 
-    return PipelineModule(
+    parts = stage_boundaries(config, num_stages, partition_method, seq_len)
+    return _partitioned_module_class()(
+        parts,
         layers=layer_specs(config),
         num_stages=None if topology is not None else num_stages,
         topology=topology,
         loss_fn=lm_loss,
-        partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=["BlockPipe"],
         seed_layers=True,  # layer i is initialised under seed + i, whatever stage holds it
         seed_fn=seed_layer,
         base_seed=seed,
     )
+
+
+def _partitioned_module_class():
+    from deepspeed.pipe import PipelineModule
+
+    class PartitionedPipeline(PipelineModule):
+        """A PipelineModule cut at given layer boundaries instead of by DeepSpeed's own methods."""
+
+        def __init__(self, parts: list[int], **kwargs) -> None:
+            self._given_parts = list(parts)
+            super().__init__(**kwargs)
+
+        def _partition_layers(self, method: str = "uniform") -> None:
+            self.parts = list(self._given_parts)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return PartitionedPipeline
 
 
 def seed_layer(seed) -> None:
@@ -154,22 +175,31 @@ def init_like_pipeline(model: nn.Module, seed: int) -> nn.Module:
 
     The pipeline seeds layer i with seed + i before building it, so its weights do not depend
     on how layers are spread over stages; doing the same here makes a pp=1 run start from the
-    very weights a pp=2 or pp=4 run starts from. (A tied head is the embedding again: the
-    pipeline copies the first stage's embedding to the last stage, so it is skipped here.)
+    very weights a pp=2 or pp=4 run starts from.
     """
-    config = model.config
-    state = {}
+    params = dict(model.named_parameters())  # a tied head is the embedding: one entry
+    missing = set(params)
+    for name, value in pipeline_initial_weights(model.config, seed):  # one layer at a time
+        if name in params:
+            params[name].copy_(value)
+            missing.discard(name)
+    assert not missing, f"no initial weights for {sorted(missing)}"
+    return model
+
+
+def pipeline_initial_weights(config: GPTConfig, seed: int):
+    """(GPT name, tensor) of every initial weight a pipeline of `config` starts from, one layer
+    built at a time (so a caller that copies them into a sharded model never holds more than a
+    layer). A tied head is the embedding again (the pipeline copies the first stage's embedding
+    to the last stage), so it is not yielded."""
     for idx, cls in enumerate(layer_classes(config)):
         if idx == config.n_layer + 3 and config.tie_embeddings:
             continue
         torch.manual_seed(seed + idx)
         layer = cls(config)
         for key, value in layer.state_dict().items():
-            state[gpt_key(config, f"{idx}.{key}")] = value
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True)
-    return model
+            yield gpt_key(config, f"{idx}.{key}"), value
+        del layer
 
 
 _LAYER_KEY = re.compile(r"^(\d+)\.(.+)$")
@@ -190,6 +220,17 @@ def gpt_key(config: GPTConfig, pipe_key: str) -> str:
     if layer == config.n_layer + 2:
         return f"transformer.{rest}"
     return rest  # lm_head.weight
+
+
+def layer_of(config: GPTConfig, gpt_name: str) -> int:
+    """The pipeline layer that holds a GPT parameter (the inverse of `gpt_key`)."""
+    if gpt_name.startswith("transformer.h."):
+        return 2 + int(gpt_name.split(".")[2])
+    for prefix, layer in (("transformer.wte.", 0), ("transformer.wpe.", 1), ("transformer.ln_f.", config.n_layer + 2),
+                          ("lm_head.", config.n_layer + 3)):
+        if gpt_name.startswith(prefix):
+            return layer
+    raise KeyError(f"not a GPT parameter name: {gpt_name}")
 
 
 def load_gpt_state(pipe: nn.Module, config: GPTConfig, gpt_state: dict[str, torch.Tensor]) -> None:

@@ -72,6 +72,20 @@ def trained_tokenizer(tmp_path_factory, shakespeare):
     return tok
 
 
+@pytest.fixture(scope="session")
+def engine_job(tmp_path_factory):
+    """(job file, prepared template run, root) of the tiny training job every engine and layout
+    test trains: the tokenizer and data are prepared once per session and copied from there."""
+    from jobs.spec import load_job
+    from pipelines.data.prepare import prepare_data
+    from train_helpers import write_base_job
+
+    root = tmp_path_factory.mktemp("engine")
+    job_path = write_base_job(root)
+    prepare_data(load_job(job_path), root / "template")
+    return job_path, root / "template", root
+
+
 @dataclass(frozen=True)
 class RayHead:
     """A running `ray start --head` on 127.0.0.1: the address drivers join, the dashboard URL

@@ -36,6 +36,89 @@ def pipeline_losses(config_kwargs: dict, stage_counts: list[int], batch_seed: in
     return out
 
 
+def pipeline_layout(config_kwargs: dict, num_stages: int, partition_method: str) -> dict:
+    """What this rank's PipelineModule holds: DeepSpeed's parts and its own parameter names."""
+    import deepspeed
+
+    from model.config import GPTConfig
+    from model.pipe import build_pipeline
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    pipe = build_pipeline(GPTConfig(**config_kwargs), num_stages, partition_method=partition_method)
+    return {"parts": list(pipe.parts), "params": sorted(name for name, _ in pipe.named_parameters())}
+
+
+def build_memory(config_kwargs: dict, zero_stage: int) -> dict:
+    """Peak resident memory this rank adds while the engine's model is built (ZeRO-3: under
+    zero.Init, sharded; otherwise the whole model), in bytes, and the parameters it then holds."""
+    import resource
+
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
+
+    init_distributed()
+    config = GPTConfig(**config_kwargs)
+    plan = plan_training("pretrain", TrainStageSpec(steps=1, deepspeed={"zero_stage": zero_stage}), config,
+                         world_size=torch.distributed.get_world_size(), seq_len=config.block_size, device="cpu",
+                         data_dir=Path("."), init_model=None, seed=0)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * resource.getpagesize()
+    if zero_stage == 3:
+        from pipelines.train.engine import build_sharded
+
+        module = build_sharded(plan, None)
+        held = sum(p.ds_tensor.numel() for p in module.parameters())
+    else:
+        from model.gpt import GPT
+        from model.pipe import init_like_pipeline
+
+        module = init_like_pipeline(GPT(config), plan.seed)
+        held = sum(p.numel() for p in module.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"increase": peak - before, "held": held, "total": config.num_params()}
+
+
+def _proc_status(field: str) -> int:
+    """A /proc/self/status memory figure (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def export_layout(init_dir: str, pipeline_stages: int, zero_stage: int, out_dir: str) -> dict:
+    """Load a model directory into the engine of a layout and export it again (streamed); the
+    peak resident memory the export added on this rank, and the largest tensor, in bytes."""
+    import gc
+
+    import torch
+
+    from model.export import load_model_dir
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
+    from pipelines.train.trainer import export_model
+
+    init_distributed()
+    model, tokenizer, _ = load_model_dir(init_dir)
+    settings = TrainStageSpec(steps=1, micro_batch=1, deepspeed={"pipeline_stages": pipeline_stages, "zero_stage": zero_stage})
+    plan = plan_training("pretrain", settings, model.config, world_size=torch.distributed.get_world_size(), seq_len=model.config.block_size,
+                         device="cpu", data_dir=Path("."), init_model=Path(init_dir), seed=0)
+    largest = max(p.numel() * 4 for p in model.parameters())
+    engine = Engine(plan, init_state={k: v.clone() for k, v in model.state_dict().items()})
+    del model
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # restart the peak (VmHWM) from the current resident size
+    before = _proc_status("VmRSS")
+    export_model(engine, tokenizer, Path(out_dir), provenance={})
+    return {"increase": _proc_status("VmHWM") - before, "largest": largest}
+
+
 def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, until_step=None) -> dict:
     """Resolve the job's plan (as the driver does) and run one training stage; rank 0 returns the
     loss of every step this call logged."""
@@ -83,11 +166,16 @@ def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmu
     for _ in range(warmup):
         engine.train_step(it)
     torch.distributed.barrier()
-    start = time.perf_counter()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) restarts from here: what the timed steps add
+    resident = _proc_status("VmRSS")
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = engine.train_step(it)["loss"]
+    busy = time.process_time() - cpu_start  # CPU time of this rank: its compute, not its waiting
     torch.distributed.barrier()
-    return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
+    return {"step_s": (time.perf_counter() - start) / steps, "busy_s": busy / steps, "loss": loss,
+            "step_peak_bytes": _proc_status("VmHWM") - resident}
 
 
 def plain_loop_throughput(config_kwargs: dict, micro_batch: int, steps: int, warmup: int, threads: int) -> dict:

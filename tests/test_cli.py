@@ -133,6 +133,7 @@ def test_chat_drops_oldest_turns_but_keeps_the_system_prompt(model_dir):
     for i in range(12):
         reply = "".join(session.reply(f"Tell me about the castle number {i}, its towers and its long history."))
         assert session.turns[-1] == {"role": "assistant", "content": reply.strip()}  # what streamed is what the history keeps
+        assert "<|" not in reply  # this untrained model's favourite token is <|assistant|>: suppressed inside a reply
         prompt = session.prompt()
         assert len(prompt) + session.min_reply_tokens <= model.config.block_size
         assert prompt[0] == tok.system_id  # the system prompt survives every trim

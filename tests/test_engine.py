@@ -6,38 +6,21 @@ Real DeepSpeed engines under gloo on 1 or 2 local processes, a tiny model, a few
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from jobs.spec import load_job
-from pipelines.data.prepare import prepare_data
-from train_helpers import prepared_run, train, write_base_job
+from train_helpers import assert_losses_close, prepared_run, train, weights
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The job file and one prepared run directory to copy the data from."""
-    root = tmp_path_factory.mktemp("engine")
-    job_path = write_base_job(root)
-    job = load_job(job_path)
-    prepare_data(job, root / "template")
-    return job_path, root / "template", root
+def base(engine_job):
+    """The job file and one prepared run directory to copy the data from (shared with test_layouts)."""
+    return engine_job
 
 
 def fresh(base, name):
     job_path, template, root = base
     return prepared_run(job_path, template, root / name)
-
-
-def weights(run_dir, stage="pretrain"):
-    return load_file(str(run_dir / stage / "model" / "model.safetensors"))
-
-
-def assert_losses_close(a, b, tol):
-    assert a.keys() == b.keys() and len(a) >= 5
-    for step in a:
-        assert abs(a[step] - b[step]) < tol, f"step {step}: {a[step]} vs {b[step]}"
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])

@@ -58,14 +58,14 @@ def test_loading_refuses_bad_directories(trained_tokenizer, tmp_path):
 
 
 def test_failed_export_leaves_no_directory(trained_tokenizer, tmp_path, monkeypatch):
-    import model.export as export
+    from model.weights_file import StreamingSafetensors
 
     model = GPT(tiny_config(trained_tokenizer.n_vocab))
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "save_file", boom)
+    monkeypatch.setattr(StreamingSafetensors, "write", boom)  # the weights fail half-way
     with pytest.raises(OSError):
         save_model_dir(model, trained_tokenizer, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -80,3 +80,27 @@ def test_re_export_replaces_the_previous_directory(trained_tokenizer, tmp_path):
     loaded, _, _ = load_model_dir(tmp_path / "m")
     assert torch.equal(loaded.transformer.wte.weight, second.transformer.wte.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_the_streamed_weights_file_is_what_safetensors_writes(trained_tokenizer, tmp_path):
+    """save_model_dir streams the weights one tensor at a time (as exports from ZeRO-3 shards and
+    pipeline stages do); the file is byte for byte the one safetensors.save_file writes, here
+    also with mixed dtypes and a scalar."""
+    from safetensors.torch import save_file
+
+    from model.weights_file import StreamingSafetensors
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(trained_tokenizer.n_vocab))
+    save_model_dir(model, trained_tokenizer, tmp_path / "m")
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    save_file(state, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    mixed = {"b": torch.randn(3), "a.x": torch.randn(2, 2).half(), "z": torch.randn(4).bfloat16(), "i": torch.arange(5), "s": torch.tensor(2.0)}
+    save_file(mixed, str(tmp_path / "mixed-ref.safetensors"))
+    with StreamingSafetensors(tmp_path / "mixed.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in mixed.items()}) as out:
+        for name in out.order:
+            out.write(name, mixed[name])
+    assert (tmp_path / "mixed.safetensors").read_bytes() == (tmp_path / "mixed-ref.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="expected tensor"), StreamingSafetensors(tmp_path / "bad.safetensors", {"a": (torch.float32, (1,)), "b": (torch.float32, (1,))}) as out:
+        out.write("b", torch.zeros(1))

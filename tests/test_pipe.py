@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from helpers import ARCHITECTURES
-from dist_workers import pipeline_losses
+from dist_workers import pipeline_layout, pipeline_losses
 from distributed import run_distributed
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.pipe import gpt_key
+from model.pipe import gpt_key, layer_of
 
 
 def _reference_loss(config_kwargs, batch_seed):
@@ -43,3 +43,24 @@ def test_pipeline_names_map_to_gpt_names():
     assert gpt_key(config, "6.lm_head.weight") == "lm_head.weight"
     names = set(GPT(config).state_dict())
     assert {gpt_key(config, k) for k in ["0.wte.weight", "5.ln_f.bias"]} <= names
+
+
+@pytest.mark.slow
+def test_each_stage_builds_only_its_layers_where_the_partition_says():
+    """A large vocabulary: the compute partition gives the last stage fewer blocks, DeepSpeed cuts
+    exactly there, and each rank holds the parameters of its own layers and nothing else."""
+    from model.partition import stage_boundaries
+
+    kwargs = dict(vocab_size=8000, block_size=32, n_layer=4, n_head=4, n_embd=64)
+    config = GPTConfig(**kwargs)
+    parts = stage_boundaries(config, 2, "compute", 32)
+    assert parts[1] - 2 > config.n_layer - (parts[1] - 2)  # more blocks on the first stage
+    for rank, held in enumerate(run_distributed(pipeline_layout, 2, kwargs, 2, "compute")):
+        assert held["parts"] == parts
+        mine = range(parts[rank], parts[rank + 1])
+        expected = {name for name in GPT(config).state_dict() if name != "lm_head.weight"
+                    and layer_of(config, name) in mine}
+        got = {gpt_key(config, name) for name in held["params"]}
+        assert got - {"transformer.wte.weight"} == expected - {"transformer.wte.weight"}, rank
+        assert ("transformer.wte.weight" in got) == (0 in mine or config.n_layer + 3 in mine)  # the tied embedding / head
+

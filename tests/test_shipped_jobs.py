@@ -133,3 +133,13 @@ def test_cluster_configs_parse(name):
         assert data["kind"] == "RayJob" and data["spec"]["entrypoint"].startswith("relaygpt run ")
     else:
         assert "head_start_ray_commands" in data and any("ray start --head" in c for c in data["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_the_resolved_job_loads_again_unchanged(path, tmp_path):
+    """What a run records as job.yaml (and `submit` sends to the cluster) is a valid job: every
+    default written out must not trip a check meant for settings a user chose."""
+    job = load_job(path)
+    again = tmp_path / path.name
+    again.write_text(yaml.safe_dump(job.resolved_dict(), sort_keys=False))
+    assert load_job(again).resolved_dict() == job.resolved_dict()

@@ -40,3 +40,16 @@ def prepared_run(job_path: Path, template_run: Path, run_dir: Path) -> Path:
 
 def train(world_size: int, job_path: Path, run_dir: Path, overrides=(), stage="pretrain", until_step=None) -> dict:
     return run_distributed(train_and_record, world_size, str(job_path), list(overrides), stage, str(run_dir), until_step)[0]
+
+
+def weights(run_dir: Path, stage: str = "pretrain") -> dict:
+    """The exported weights of a stage."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / stage / "model" / "model.safetensors"))
+
+
+def assert_losses_close(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys() and len(a) >= 5
+    for step in a:
+        assert abs(a[step] - b[step]) < tol, f"step {step}: {a[step]} vs {b[step]}"

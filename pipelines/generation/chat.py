@@ -66,7 +66,10 @@ class ChatSession:
             raise
         budget = min(self.params.max_new_tokens, self.model.config.block_size - len(ids))
         stops = (self.tokenizer.end_of_turn_id, self.tokenizer.eot_id) if self.uses_chat_tokens else (self.tokenizer.eot_id,)
-        params = replace(self.params, max_new_tokens=budget, stop_token_ids=stops)
+        # A reply never contains the markers that open a turn: a model that would produce one (an
+        # untrained one, say) must not put "<|assistant|>" text into the conversation.
+        roles = (self.tokenizer.system_id, self.tokenizer.user_id, self.tokenizer.assistant_id) if self.uses_chat_tokens else ()
+        params = replace(self.params, max_new_tokens=budget, stop_token_ids=stops, suppress_token_ids=roles)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         answer = ""
         for token in stream(self.model, ids, params):

@@ -44,14 +44,71 @@ class Topology:
 
 
 def param_groups(named_parameters, weight_decay: float) -> list[dict]:
-    """Matrices and embeddings decay; biases and norm weights do not."""
+    """Matrices and embeddings decay; biases and norm weights do not. (A ZeRO-3 parameter built
+    under zero.Init is an empty placeholder locally: its real shape is `ds_shape`.)"""
     decay, no_decay, seen = [], [], set()
     for _, param in named_parameters:
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        (decay if param.dim() >= 2 else no_decay).append(param)
+        (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_sharded(plan, init_state: dict | None):
+    """The GPT for ZeRO-3, built under `deepspeed.zero.Init`: each module's parameters are
+    partitioned as soon as the module exists, so no rank ever holds the whole model. The
+    initial weights (the pipeline's seeded ones, or `init_state`) are then written into the
+    shards: every rank makes each weight in turn (the same on every rank: seeded, or read) and
+    keeps only its own slice, so nothing is gathered or sent."""
+    import deepspeed
+
+    from model.pipe import pipeline_initial_weights
+    from pipelines.train.distributed import map_large_allocations
+
+    map_large_allocations()  # what each rank frees (whole weights, once sliced) leaves its memory
+    # The parameter dtype comes from the config (bf16 / fp16 sections, else fp32). Passing
+    # `dtype` is worse than useless: DeepSpeed 0.19 reads it as `(dtype or fp16) if the
+    # accelerator has fp16 else bf16`, so on a CPU it gave bf16 weights for an fp32 run.
+    with deepspeed.zero.Init(config_dict_or_path=dict(plan.deepspeed_config)):
+        module = GPT(plan.model, initialize=False)  # every weight is written below
+    params = dict(module.named_parameters())  # a tied head is the embedding: one entry
+    source = init_state.items() if init_state is not None else pipeline_initial_weights(plan.model, plan.seed)
+    with torch.no_grad():
+        for name, value in source:
+            if name in params:  # not the tied head (already the embedding)
+                _write_own_slice(params[name], value)
+    return module
+
+
+def _write_own_slice(param, full: torch.Tensor) -> None:
+    """Copy this rank's part of `full` into a ZeRO-3 parameter's shard (the flattened tensor,
+    padded to a multiple of the group size, split evenly in rank order, as DeepSpeed partitions it)."""
+    shard = param.ds_tensor
+    size = shard.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    stop = min(start + size, param.ds_numel)
+    if stop > start:
+        shard.data[: stop - start].copy_(full.reshape(-1)[start:stop])
+
+
+def build_optimizer(groups: list[dict], opt: OptimizerSpec, *, offload: bool, device_type: str):
+    """(AdamW for these parameter groups, its name for the record).
+
+    With the optimizer offloaded, DeepSpeed's CPU Adam (vectorised C++) steps the host copy;
+    where it cannot be built (no compiler), a torch AdamW does, and the name says so. On GPUs
+    the AdamW is fused (one kernel for every parameter)."""
+    if offload:
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, adamw_mode=True), "DeepSpeedCPUAdam"
+        except Exception as exc:  # the op is JIT-compiled: a missing compiler surfaces here
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
+            return (torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps),
+                    f"torch AdamW on the host (DeepSpeed's CPU Adam did not build: {reason})")
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=fused), "AdamW (fused)" if fused else "AdamW"
 
 
 def lr_multiplier(opt: OptimizerSpec, total_steps: int):
@@ -91,7 +148,7 @@ class Engine:
             from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
             module = build_pipeline(config, pp, topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp),
-                                    partition_method=plan.settings.deepspeed.partition_method,
+                                    partition_method=plan.settings.deepspeed.partition_method, seq_len=plan.seq_len,
                                     activation_checkpoint_interval=plan.settings.deepspeed.activation_checkpoint_interval, seed=plan.seed)
             if init_state is not None:
                 load_gpt_state(module, config, init_state)
@@ -102,14 +159,23 @@ class Engine:
             for param in module.parameters():
                 if not getattr(param, "ds_pipe_replicated", False):
                     param.model_parallel = True
+        elif plan.zero_stage == 3:
+            module = build_sharded(plan, init_state)
         else:
             module = GPT(config)
             if init_state is not None:
                 module.load_state_dict(init_state, strict=True)
             else:
                 init_like_pipeline(module, plan.seed)
+            if plan.settings.deepspeed.activation_checkpoint_interval:
+                from pipelines.train.recompute import checkpoint_blocks
+
+                checkpoint_blocks(module, plan.settings.deepspeed.activation_checkpoint_interval)
         opt = plan.settings.optimizer
-        optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        if self.device_type == "cuda" and plan.zero_stage < 3:
+            module.to(torch.device("cuda", torch.cuda.current_device()))  # a fused AdamW wants its parameters on the GPU
+        optimizer, self.optimizer_name = build_optimizer(param_groups(module.named_parameters(), opt.weight_decay), opt,
+                                                         offload=plan.settings.deepspeed.offload_optimizer, device_type=self.device_type)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(opt, plan.total_steps))
         self.last_grad_norm = float("nan")
         if plan.clip_in_optimizer:
@@ -191,30 +257,57 @@ class Engine:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {directory}")
         return client_state or {}
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model under GPT names on rank 0 (None elsewhere); a collective call."""
-        if self.pipelined:
-            from model.pipe import gpt_state_of_stage
+    def export_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of every weight an export holds: GPT names, fp32, a tied head
+        once (as the embedding). From the config alone, on the meta device."""
+        with torch.device("meta"):
+            model = GPT(self.plan.model)
+        return {name: (torch.float32, tuple(param.shape)) for name, param in model.named_parameters()}
 
-            mine = {k: v.detach().float().cpu() for k, v in gpt_state_of_stage(self.engine.module, self.plan.model).items()} \
-                if self.topology.dp_rank == 0 else {}
-            gathered = [None] * self.topology.world_size
-            dist.all_gather_object(gathered, mine)
-            if self.topology.rank != 0:
-                return None
-            state = {}
-            for part in gathered:
-                state.update(part)
-            if self.plan.model.tie_embeddings:
-                state["lm_head.weight"] = state["transformer.wte.weight"]
-            return state
-        module = self.engine.module
-        if self.plan.zero_stage == 3:
+    def stream_weights(self, order: list[str]):
+        """Each weight in `order` as an fp32 CPU tensor on rank 0 (None elsewhere), one at a time.
+
+        A collective: every rank iterates it to the end, in the same order. Rank 0 never holds
+        more than the tensor it is given (plus, unpipelined without ZeRO-3, the model it trained):
+        ZeRO-3 gathers one parameter at a time; a pipeline stage sends each of its tensors to
+        rank 0 when its turn comes."""
+        rank = self.topology.rank
+        if self.pipelined:
+            yield from self._stream_from_stages(order)
+        elif self.plan.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} if self.topology.rank == 0 else None
-            return state
-        if self.topology.rank != 0:
-            return None
-        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+            params = dict(self.engine.module.named_parameters())
+            for name in order:
+                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=None):
+                    yield params[name].detach().float().cpu() if rank == 0 else None  # written before the gather ends
+        else:
+            params = dict(self.engine.module.named_parameters())
+            for name in order:
+                yield params[name].detach().float().cpu() if rank == 0 else None
+
+    def _stream_from_stages(self, order: list[str]):
+        from model.partition import stage_boundaries
+        from model.pipe import gpt_state_of_stage, layer_of
+
+        config, rank, specs = self.plan.model, self.topology.rank, self.export_specs()
+        wire = self.reduce_device  # NCCL moves GPU tensors, gloo CPU ones
+        parts = stage_boundaries(config, self.plan.pipeline_stages, self.plan.settings.deepspeed.partition_method, self.plan.seq_len)
+        topo = self.engine.grid.topology()
+        mine = gpt_state_of_stage(self.engine.module, config) if self.topology.dp_rank == 0 else {}
+        for name in order:
+            layer = layer_of(config, name)
+            stage = next(s for s in range(len(parts) - 1) if parts[s] <= layer < parts[s + 1])
+            owner = topo.get_rank(pipe=stage, data=0)
+            if rank == owner:
+                tensor = mine[name].detach().float()
+                if rank == 0:
+                    yield tensor.cpu()
+                    continue
+                dist.send(tensor.to(wire).contiguous(), dst=0)
+            elif rank == 0:
+                tensor = torch.empty(specs[name][1], dtype=torch.float32, device=wire)
+                dist.recv(tensor, src=owner)
+                yield tensor.cpu()
+                continue
+            yield None

@@ -57,7 +57,8 @@ def deepspeed_config(settings: TrainStageSpec, data_parallel: int, precision: st
     }
     if ds.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
-        config["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on the CPU copy
+        # DeepSpeed's CPU Adam steps the host copy; a torch AdamW may stand in where it cannot build.
+        config["zero_force_ds_cpu_optimizer"] = False
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":

@@ -44,7 +44,11 @@ class TrainState:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()), "python": random.getstate()}
+    """Every generator a step can draw from (dropout on a GPU draws from this process's CUDA generator)."""
+    state = {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
@@ -52,6 +56,8 @@ def _set_rng_state(state: dict) -> None:
         torch.set_rng_state(state["torch"])
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
         np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class CountingIterator:
@@ -258,7 +264,8 @@ class Trainer:
             return {**self.last, "step": state.step, "total_steps": plan.total_steps, "stopped_early": True}
         result = {**self.last, "step": state.step, "total_steps": plan.total_steps, "tokens_seen": state.tokens_seen,
                   "best_val_loss": state.best_val_loss, "perf/peak_memory_gb_per_rank": memory, "params": plan.model.num_params(),
-                  "seq_len": plan.seq_len, "tokens_per_step": plan.tokens_per_step, "flops_per_token": self.flops_per_token}
+                  "seq_len": plan.seq_len, "tokens_per_step": plan.tokens_per_step, "flops_per_token": self.flops_per_token,
+                  "optimizer": self.engine.optimizer_name}
         if plan.settings.export_model:
             self.export()
             result["model_dir"] = str(self.dir.model)
@@ -268,23 +275,26 @@ class Trainer:
         return result
 
     def export(self) -> None:
-        """The native model directory, gathered from whatever layout trained it (a collective)."""
-        from model.export import save_model_dir
-        from model.gpt import GPT
-
         plan = self.plan
-        full = self.engine.full_state_dict()
-        if self.topo.rank != 0:
-            return
-        with torch.device("meta"):
-            model = GPT(plan.model)
-        model.load_state_dict(full, assign=True)
-        if plan.model.tie_embeddings:
-            model.lm_head.weight = model.transformer.wte.weight
-        save_model_dir(model, self.tokenizer, self.dir.model, provenance={
+        export_model(self.engine, self.tokenizer, self.dir.model, provenance={
             "job": self.run.job_name, "stage": plan.stage, "steps": self.state.step, "tokens_seen": self.state.tokens_seen,
             "layout": {"pipeline_stages": plan.pipeline_stages, "data_parallel": plan.data_parallel, "zero_stage": plan.zero_stage},
             "final": {k: v for k, v in self.last.items() if "/" in k}})
+
+
+def export_model(engine, tokenizer, out: Path, provenance: dict) -> None:
+    """The native model directory, streamed from whatever layout trained it (a collective):
+    rank 0 writes each weight as it arrives, the other ranks send or gather theirs in turn."""
+    from model.export import write_model_dir
+    from model.weights_file import file_order
+
+    specs = engine.export_specs()
+    weights = engine.stream_weights(file_order(specs))
+    if engine.topology.rank != 0:
+        for _ in weights:  # take part in every gather and send, in order
+            pass
+        return
+    write_model_dir(engine.plan.model, tokenizer, out, specs, weights, provenance=provenance)
 
 
 def train_stage(run, stage: str, *, console: bool = True, until_step: int | None = None) -> dict:

@@ -1,0 +1,79 @@
+"""Writing a safetensors file one tensor at a time.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (names, dtypes,
+shapes, byte offsets; padded with spaces to a multiple of 8) and the raw tensor bytes in
+header order. The header needs only names, dtypes and shapes, so it can be written before any
+tensor exists, and the tensors can then arrive one by one (gathered from ZeRO-3 shards or
+sent by pipeline stages): the writer never holds more than one. The layout follows the
+reference implementation (`safetensors.torch.save_file`) byte for byte: tensors ordered by
+dtype (wider first, as its dtype enum runs) then name, compact JSON, `__metadata__` first.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+# safetensors' dtype names, in the order of its dtype enum (the sort runs from last to first).
+_DTYPES = [
+    (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"), (torch.int16, "I16"), (torch.float16, "F16"),
+    (torch.bfloat16, "BF16"), (torch.int32, "I32"), (torch.float32, "F32"), (torch.float64, "F64"), (torch.int64, "I64"),
+]
+_NAME = {dtype: name for dtype, name in _DTYPES}
+_RANK = {dtype: i for i, (dtype, _) in enumerate(_DTYPES)}
+
+
+def file_order(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """The order tensors take in the file: dtype (wider first, by safetensors' enum), then name."""
+    return sorted(specs, key=lambda name: (-_RANK[specs[name][0]], name))
+
+
+class StreamingSafetensors:
+    """`with StreamingSafetensors(path, specs, metadata) as out: for name in out.order: out.write(name, tensor)`.
+
+    specs: {name: (dtype, shape)} of every tensor the file will hold.
+    """
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        for name, (dtype, _) in specs.items():
+            if dtype not in _NAME:
+                raise ValueError(f"{name}: dtype {dtype} cannot be written")
+        self.path, self.specs = Path(path), specs
+        self.order = file_order(specs)
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name in self.order:
+            dtype, shape = specs[name]
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        self._header = text + b" " * (-len(text) % 8)
+        self._next = 0
+        self._file = None
+
+    def __enter__(self) -> "StreamingSafetensors":
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(self._header)) + self._header)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor, in `order`; its bytes go to disk before this returns."""
+        expected = self.order[self._next] if self._next < len(self.order) else None
+        if name != expected:
+            raise ValueError(f"expected tensor {expected!r} next, got {name!r}")
+        dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+        self._next += 1
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._file.close()
+        if kind is None and self._next != len(self.order):
+            raise ValueError(f"{len(self.order) - self._next} tensor(s) were never written, the next being {self.order[self._next]!r}")

@@ -1,0 +1,55 @@
+"""Memory benchmarks (CPU, peak resident memory read from /proc): each prints a ratio.
+
+1. ZeRO-3 build: GPT-2 350M built sharded on 2 ranks under zero.Init vs built whole in one
+   process (what every unsharded layout does). Target: <= 0.6x per rank.
+2. Export: what a rank's resident memory grows by while the model streams out of one process,
+   pipeline 2 and ZeRO-3 on 2 ranks, against the largest tensor and the whole model.
+3. Activation checkpointing (pipeline 1): peak memory the training steps add and step time,
+   interval 0 (keep everything) vs 1 and 2 (recompute chunks of 1 or 2 blocks).
+"""
+
+import torch
+
+from dist_workers import build_memory, engine_throughput, export_layout
+from distributed import run_distributed
+
+MIB = 2**20
+
+
+def test_zero_3_build_memory(record):
+    model = dict(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_embd=1024)
+    whole = run_distributed(build_memory, 1, model, 1, timeout=900)[0]
+    sharded = run_distributed(build_memory, 2, model, 3, timeout=900)
+    record("zero3_build", params=whole["total"], whole_mib=whole["increase"] / MIB,
+           sharded_mib="/".join(f"{r['increase'] / MIB:.0f}" for r in sharded),
+           ratio=max(r["increase"] for r in sharded) / whole["increase"])
+
+
+def test_export_memory(record, tmp_path, trained_tokenizer):
+    from helpers import tiny_config
+    from model.export import save_model_dir
+    from model.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(trained_tokenizer.n_vocab, n_layer=8, n_embd=512, n_head=8, block_size=64))
+    total = sum(p.numel() for p in model.parameters()) * 4
+    source = save_model_dir(model, trained_tokenizer, tmp_path / "source")
+    numbers = {"model_mib": total / MIB}
+    for name, world, pp, zero in [("pp1", 1, 1, 1), ("pp2", 2, 2, 1), ("zero3", 2, 1, 3)]:
+        ranks = run_distributed(export_layout, world, str(source), pp, zero, str(tmp_path / name))
+        numbers["largest_tensor_mib"] = ranks[0]["largest"] / MIB
+        numbers[f"{name}_increase_mib"] = "/".join(f"{r['increase'] / MIB:.1f}" for r in ranks)
+    record("export_memory", **numbers)
+
+
+def test_activation_checkpointing_memory_and_time(record):
+    model = dict(vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_embd=384)
+    numbers = {}
+    for interval in (0, 1, 2):
+        stage = {"steps": 5, "micro_batch": 8, "deepspeed": {"zero_stage": 1, "activation_checkpoint_interval": interval}}
+        r = run_distributed(engine_throughput, 1, model, stage, 4, 1, 2, timeout=900)[0]
+        numbers[f"ac{interval}_step_peak_mib"] = r["step_peak_bytes"] / MIB
+        numbers[f"ac{interval}_step_s"] = r["step_s"]
+    numbers["ac1_memory_ratio"] = numbers["ac1_step_peak_mib"] / numbers["ac0_step_peak_mib"]
+    numbers["ac1_time_ratio"] = numbers["ac1_step_s"] / numbers["ac0_step_s"]
+    record("activation_checkpointing", **numbers)
