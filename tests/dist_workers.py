@@ -119,6 +119,43 @@ def export_layout(init_dir: str, pipeline_stages: int, zero_stage: int, out_dir:
     return {"increase": _proc_status("VmHWM") - before, "largest": largest}
 
 
+def training_memory(config_kwargs: dict, stage_kwargs: dict, steps: int) -> dict:
+    """Peak resident memory a rank adds from building the engine through `steps` optimizer steps,
+    next to what the planner (pipelines/train/memory.py) estimates for that rank's stage."""
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+    from pipelines.train.memory import stage_memory
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
+
+    torch.set_num_threads(1)
+    init_distributed()
+    config = GPTConfig(**config_kwargs)
+    stage = TrainStageSpec(**{**stage_kwargs, "steps": steps})
+    plan = plan_training("pretrain", stage, config, world_size=torch.distributed.get_world_size(), seq_len=config.block_size,
+                         device="cpu", data_dir=Path("."), init_model=None, seed=0)
+    torch.distributed.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status("VmRSS")
+    engine = Engine(plan, init_state=None)
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
+
+    def batches():
+        while True:
+            x = torch.randint(0, config.vocab_size, (plan.micro_batch, config.block_size), generator=g)
+            yield x, torch.roll(x, -1, dims=1)
+
+    it = batches()
+    for _ in range(steps):
+        engine.train_step(it)
+    planned = stage_memory(plan)[engine.topology.stage_id]
+    return {"measured": _proc_status("VmHWM") - before, "planned": planned.total}
+
+
 def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, until_step=None) -> dict:
     """Resolve the job's plan (as the driver does) and run one training stage; rank 0 returns the
     loss of every step this call logged."""

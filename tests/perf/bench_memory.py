@@ -53,3 +53,21 @@ def test_activation_checkpointing_memory_and_time(record):
     numbers["ac1_memory_ratio"] = numbers["ac1_step_peak_mib"] / numbers["ac0_step_peak_mib"]
     numbers["ac1_time_ratio"] = numbers["ac1_step_s"] / numbers["ac0_step_s"]
     record("activation_checkpointing", **numbers)
+
+
+def test_planner_against_measured_training_memory(record):
+    """A ~90M model (12 x 768, vocab 4096, seq 256, micro 2, fp32) on 2 ranks: each layout's
+    peak resident growth per rank (build + 2 optimizer steps) against the planner's estimate."""
+    from dist_workers import training_memory
+
+    model = dict(vocab_size=4096, block_size=256, n_layer=12, n_head=12, n_embd=768)
+    layouts = {f"zero{z}": {"zero_stage": z} for z in (0, 1, 2, 3)}
+    layouts["pp2"] = {"zero_stage": 0, "pipeline_stages": 2}
+    numbers = {}
+    for name, ds in layouts.items():
+        stage = {"micro_batch": 2, "grad_accum": 2 if ds.get("pipeline_stages") else 1, "deepspeed": ds}
+        ranks = run_distributed(training_memory, 2, model, stage, 2, timeout=1200)
+        numbers[f"{name}_measured_mib"] = "/".join(f"{r['measured'] / MIB:.0f}" for r in ranks)
+        numbers[f"{name}_planned_mib"] = "/".join(f"{r['planned'] / MIB:.0f}" for r in ranks)
+        numbers[f"{name}_measured_over_planned"] = max(r["measured"] / r["planned"] for r in ranks)
+    record("planner_vs_measured", **numbers)
