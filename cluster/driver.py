@@ -26,8 +26,6 @@ from model.atomic import write_json_atomically, write_text_atomically
 from model.errors import RelayError
 from pipelines.rundir import TRAINING_STAGES, RunDir
 
-STAGES = ("data", "pretrain", "sft", "eval")
-
 
 def stages_of(job) -> list[str]:
     present = ["data"]

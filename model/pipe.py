@@ -112,19 +112,22 @@ def build_pipeline(
     *,
     partition_method: str = "compute",
     seq_len: int | None = None,
+    parts: tuple[int, ...] | None = None,
     activation_checkpoint_interval: int = 0,
     topology=None,
     seed: int = 1234,
 ):
     """A DeepSpeed PipelineModule of `config` over `num_stages` (needs torch.distributed up).
 
-    The stages are cut where model/partition.py says for `partition_method` (by default
-    balancing training FLOPs at `seq_len`), so the planner's per-stage figures describe the
-    very partition that runs. Each stage builds only its own layers.
+    The stages are cut at `parts` (a run plan's stage_layers), else where model/partition.py
+    says for `partition_method` (by default balancing training FLOPs at `seq_len`), so the
+    planner's per-stage figures describe the very partition that runs. Each stage builds only
+    its own layers.
     """
     from model.partition import stage_boundaries
 
-    parts = stage_boundaries(config, num_stages, partition_method, seq_len)
+    if parts is None:
+        parts = stage_boundaries(config, num_stages, partition_method, seq_len)
     return _partitioned_module_class()(
         parts,
         layers=layer_specs(config),

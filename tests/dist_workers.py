@@ -53,18 +53,12 @@ def build_memory(config_kwargs: dict, zero_stage: int) -> dict:
     zero.Init, sharded; otherwise the whole model), in bytes, and the parameters it then holds."""
     import resource
 
-    import torch
-
     from model.config import GPTConfig
     from pipelines.train.distributed import init_distributed
-    from pipelines.train.plan import plan_training
-    from pipelines.train.settings import TrainStageSpec
 
     init_distributed()
     config = GPTConfig(**config_kwargs)
-    plan = plan_training("pretrain", TrainStageSpec(steps=1, deepspeed={"zero_stage": zero_stage}), config,
-                         world_size=torch.distributed.get_world_size(), seq_len=config.block_size, device="cpu",
-                         data_dir=Path("."), init_model=None, seed=0)
+    plan = _plan(config, {"steps": 1, "deepspeed": {"zero_stage": zero_stage}})
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * resource.getpagesize()
     if zero_stage == 3:
@@ -82,6 +76,34 @@ def build_memory(config_kwargs: dict, zero_stage: int) -> dict:
     return {"increase": peak - before, "held": held, "total": config.num_params()}
 
 
+def _plan(config, stage_kwargs: dict, init_model=None):
+    """A TrainPlan for `config` on the current process group, without a job file."""
+    import torch
+
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
+
+    return plan_training("pretrain", TrainStageSpec(**stage_kwargs), config, world_size=torch.distributed.get_world_size(),
+                         seq_len=config.block_size, device="cpu", data_dir=Path("."), init_model=init_model, seed=0)
+
+
+def _random_batches(plan):
+    """Endless (x, y) micro-batches of random tokens, different on every rank."""
+    import torch
+
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
+    while True:
+        x = torch.randint(0, plan.model.vocab_size, (plan.micro_batch, plan.seq_len), generator=g)
+        yield x, torch.roll(x, -1, dims=1)
+
+
+def _restart_peak() -> int:
+    """Restart the peak (VmHWM) from the current resident size; returns that size in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status("VmRSS")
+
+
 def _proc_status(field: str) -> int:
     """A /proc/self/status memory figure (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
@@ -94,27 +116,20 @@ def export_layout(init_dir: str, pipeline_stages: int, zero_stage: int, out_dir:
     peak resident memory the export added on this rank, and the largest tensor, in bytes."""
     import gc
 
-    import torch
-
     from model.export import load_model_dir
     from pipelines.train.distributed import init_distributed
     from pipelines.train.engine import Engine
-    from pipelines.train.plan import plan_training
-    from pipelines.train.settings import TrainStageSpec
     from pipelines.train.trainer import export_model
 
     init_distributed()
     model, tokenizer, _ = load_model_dir(init_dir)
-    settings = TrainStageSpec(steps=1, micro_batch=1, deepspeed={"pipeline_stages": pipeline_stages, "zero_stage": zero_stage})
-    plan = plan_training("pretrain", settings, model.config, world_size=torch.distributed.get_world_size(), seq_len=model.config.block_size,
-                         device="cpu", data_dir=Path("."), init_model=Path(init_dir), seed=0)
+    plan = _plan(model.config, {"steps": 1, "micro_batch": 1, "deepspeed": {"pipeline_stages": pipeline_stages, "zero_stage": zero_stage}},
+                 init_model=Path(init_dir))
     largest = max(p.numel() * 4 for p in model.parameters())
     engine = Engine(plan, init_state={k: v.clone() for k, v in model.state_dict().items()})
     del model
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # restart the peak (VmHWM) from the current resident size
-    before = _proc_status("VmRSS")
+    before = _restart_peak()
     export_model(engine, tokenizer, Path(out_dir), provenance={})
     return {"increase": _proc_status("VmHWM") - before, "largest": largest}
 
@@ -128,28 +143,14 @@ def training_memory(config_kwargs: dict, stage_kwargs: dict, steps: int) -> dict
     from pipelines.train.distributed import init_distributed
     from pipelines.train.engine import Engine
     from pipelines.train.memory import stage_memory
-    from pipelines.train.plan import plan_training
-    from pipelines.train.settings import TrainStageSpec
 
     torch.set_num_threads(1)
     init_distributed()
-    config = GPTConfig(**config_kwargs)
-    stage = TrainStageSpec(**{**stage_kwargs, "steps": steps})
-    plan = plan_training("pretrain", stage, config, world_size=torch.distributed.get_world_size(), seq_len=config.block_size,
-                         device="cpu", data_dir=Path("."), init_model=None, seed=0)
+    plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps})
     torch.distributed.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status("VmRSS")
+    before = _restart_peak()
     engine = Engine(plan, init_state=None)
-    g = torch.Generator().manual_seed(torch.distributed.get_rank())
-
-    def batches():
-        while True:
-            x = torch.randint(0, config.vocab_size, (plan.micro_batch, config.block_size), generator=g)
-            yield x, torch.roll(x, -1, dims=1)
-
-    it = batches()
+    it = _random_batches(plan)
     for _ in range(steps):
         engine.train_step(it)
     planned = stage_memory(plan)[engine.topology.stage_id]
@@ -182,30 +183,16 @@ def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmu
     from model.config import GPTConfig
     from pipelines.train.distributed import init_distributed
     from pipelines.train.engine import Engine
-    from pipelines.train.plan import plan_training
-    from pipelines.train.settings import TrainStageSpec
 
     torch.set_num_threads(threads)
     init_distributed()
-    config = GPTConfig(**config_kwargs)
-    stage = TrainStageSpec(**{**stage_kwargs, "steps": steps + warmup})
-    plan = plan_training("pretrain", stage, config, world_size=torch.distributed.get_world_size(), seq_len=config.block_size,
-                         device="cpu", data_dir=Path("."), init_model=None, seed=0)
+    plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps + warmup})
     engine = Engine(plan, init_state=None)
-    g = torch.Generator().manual_seed(torch.distributed.get_rank())
-
-    def batches():
-        while True:
-            x = torch.randint(0, config.vocab_size, (stage.micro_batch, config.block_size), generator=g)
-            yield x, torch.roll(x, -1, dims=1)
-
-    it = batches()
+    it = _random_batches(plan)
     for _ in range(warmup):
         engine.train_step(it)
     torch.distributed.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak (VmHWM) restarts from here: what the timed steps add
-    resident = _proc_status("VmRSS")
+    resident = _restart_peak()  # what the timed steps add
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = engine.train_step(it)["loss"]

@@ -148,7 +148,7 @@ class Engine:
             from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
             module = build_pipeline(config, pp, topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp),
-                                    partition_method=plan.settings.deepspeed.partition_method, seq_len=plan.seq_len,
+                                    parts=plan.stage_layers,
                                     activation_checkpoint_interval=plan.settings.deepspeed.activation_checkpoint_interval, seed=plan.seed)
             if init_state is not None:
                 load_gpt_state(module, config, init_state)
@@ -287,12 +287,11 @@ class Engine:
                 yield params[name].detach().float().cpu() if rank == 0 else None
 
     def _stream_from_stages(self, order: list[str]):
-        from model.partition import stage_boundaries
         from model.pipe import gpt_state_of_stage, layer_of
 
         config, rank, specs = self.plan.model, self.topology.rank, self.export_specs()
         wire = self.reduce_device  # NCCL moves GPU tensors, gloo CPU ones
-        parts = stage_boundaries(config, self.plan.pipeline_stages, self.plan.settings.deepspeed.partition_method, self.plan.seq_len)
+        parts = self.plan.stage_layers
         topo = self.engine.grid.topology()
         mine = gpt_state_of_stage(self.engine.module, config) if self.topology.dp_rank == 0 else {}
         for name in order:

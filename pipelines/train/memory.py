@@ -42,11 +42,11 @@ class StageMemory:
 def stage_memory(plan) -> list[StageMemory]:
     """Per pipeline stage of a TrainPlan: what one device of that stage holds, for the partition
     the engine will impose (model/partition.py)."""
-    from model.partition import layer_params, stage_boundaries, stage_flops
+    from model.partition import layer_params, stage_flops
 
     config, ds = plan.model, plan.settings.deepspeed
     pp, dp, seq, micro = plan.pipeline_stages, plan.data_parallel, plan.seq_len, plan.micro_batch
-    parts = stage_boundaries(config, pp, ds.partition_method, seq) if pp > 1 else [0, config.n_layer + 4]
+    parts = list(plan.stage_layers)
     sizes = layer_params(config, pp)
     flops = stage_flops(config, parts, seq)
     c, v = config.n_embd, config.padded_vocab_size

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import GPTConfig
+from model.partition import stage_boundaries
 from pipelines.rundir import RunDir
 from pipelines.train.settings import TrainStageSpec
 
@@ -101,6 +102,7 @@ class TrainPlan:
     device: str                 # cpu | cuda
     precision: str              # fp32 | bf16 | fp16
     clip_in_optimizer: bool     # see clips_in_optimizer
+    stage_layers: tuple[int, ...]  # first pipeline layer of each stage, then the end (model/partition.py)
     deepspeed_config: dict[str, Any]
     data_dir: Path              # the prepared shards of this stage
     init_model: Path | None     # the model directory the stage starts from (None: fresh weights)
@@ -119,12 +121,13 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     global_batch = settings.micro_batch * settings.grad_accum * dp
     tokens_per_step = global_batch * seq_len
     precision = resolve_precision(settings.deepspeed.precision, device)
+    parts = stage_boundaries(model, pp, settings.deepspeed.partition_method, seq_len) if pp > 1 else (0, model.n_layer + 4)
     return TrainPlan(
         stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,
         zero_stage=settings.deepspeed.zero_stage, micro_batch=settings.micro_batch, grad_accum=settings.grad_accum,
         global_batch=global_batch, seq_len=seq_len, tokens_per_step=tokens_per_step,
         total_steps=total_steps(settings, tokens_per_step), device=device, precision=precision,
-        clip_in_optimizer=clips_in_optimizer(settings, precision),
+        clip_in_optimizer=clips_in_optimizer(settings, precision), stage_layers=tuple(parts),
         deepspeed_config=deepspeed_config(settings, dp, precision, device),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
     )
