@@ -198,7 +198,7 @@ def cmd_plan(args) -> int:
 def cmd_data_prepare(args) -> int:
     import time
 
-    from pipelines.data.prepare import prepare_data
+    from pipelines.data.prepare import prepare_data, validation_warning
 
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
@@ -210,6 +210,9 @@ def cmd_data_prepare(args) -> int:
             state = "up to date" if m["cached"] else "prepared"
             counts = ", ".join(f"{name} {split['tokens']} tokens" for name, split in m["splits"].items())
             print(f"{stage}: {state} ({counts}) -> {run_dir.data(stage)}")
+            warning = validation_warning(stage, m["splits"]["train"]["tokens"], m["splits"]["val"]["tokens"])
+            if warning:
+                print(f"warning: {warning}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -6,9 +6,10 @@
     eval      a Ray Data pool of generation workers on the base and assistant exports
 
 Every stage writes RUN/<stage>/stage.json (status, fingerprint, timings, metrics). A re-run
-skips a completed stage whose fingerprint (its settings and everything upstream) is
-unchanged; an interrupted stage starts over, or continues from its newest checkpoint with
---resume; --from-stage re-runs a stage and all after it.
+skips a completed stage whose fingerprint (its settings, the contents of the files it read,
+and everything upstream) is unchanged, and names the input file that changed when one did;
+an interrupted stage starts over, or continues from its newest checkpoint with --resume;
+--from-stage re-runs a stage and all after it.
 """
 
 from __future__ import annotations
@@ -33,18 +34,41 @@ def stages_of(job) -> list[str]:
     return present
 
 
-def fingerprints(job) -> dict[str, str]:
-    """Each stage's fingerprint: its own settings chained with its upstream stage's."""
-    def digest(*parts) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
+    """{stage: {file: sha256}} of what each stage reads besides its upstream stage's output: the
+    data stage its local source files and tokenizer files, a training stage its `init` directory."""
+    from pipelines.data.prepare import data_inputs, input_label
+    from pipelines.inputs import FileHashes
+
+    hashes = hashes or FileHashes()
+    out = {"data": data_inputs(job, hashes)}
+    for name in TRAINING_STAGES:
+        settings = getattr(job.stages, name)
+        if settings is not None and settings.init:
+            init = job.path(settings.init)
+            out[name] = hashes.directory(init, input_label(job, init))
+    return out
+
+
+def fingerprints(job, inputs: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """Each stage's fingerprint: its own settings and input files (`stage_inputs`) chained with
+    its upstream stage's."""
+    inputs = stage_inputs(job) if inputs is None else inputs
+
+    def digest(stage, *parts) -> str:
+        read = inputs.get(stage)  # added only when there are files: a job that reads none keeps its fingerprints
+        return hashlib.sha256(json.dumps([*parts, read] if read else parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     d = job.resolved_dict()
-    out = {"data": digest(d["tokenizer"], d["data"], d["seed"], d["model"].get("block_size"))}
+    out = {"data": digest("data", d["tokenizer"], d["data"], d["seed"], d["model"].get("block_size"))}
     layout = d["cluster"]["num_workers"]
-    out["pretrain"] = digest(out["data"], d["model"], d["stages"].get("pretrain"), layout)
-    out["sft"] = digest(out["pretrain"], d["stages"].get("sft"), layout)
-    out["eval"] = digest(out["sft"], d["stages"].get("eval"), d["data"]["synthetic"])
+    out["pretrain"] = digest("pretrain", out["data"], d["model"], d["stages"].get("pretrain"), layout)
+    out["sft"] = digest("sft", out["pretrain"], d["stages"].get("sft"), layout)
+    out["eval"] = digest("eval", out["sft"], d["stages"].get("eval"), d["data"]["synthetic"])
     return out
+
+
+RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "eval": "re-evaluating"}
 
 
 def _clear_stage(run_dir: RunDir, stage: str) -> None:
@@ -58,6 +82,7 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
     """Run every stage of `job` into `run_dir`; returns the summary (also written to summary.json)."""
     from cluster.plan import check_resources, preflight
     from cluster.runtime import check_reachable, ray_session
+    from pipelines.inputs import FileHashes, describe_change
 
     if from_stage is not None and from_stage not in stages_of(job):
         raise RelayError(f"--from-stage: {from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
@@ -65,7 +90,10 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
     if address or job.cluster.address:
         check_reachable(address or job.cluster.address)
     write_text_atomically(run_dir.job_file, yaml.safe_dump(run.job, sort_keys=False))
-    prints = fingerprints(job)
+    hashes = FileHashes(run_dir.input_hashes)
+    inputs = stage_inputs(job, hashes)
+    hashes.save()
+    prints = fingerprints(job, inputs)
     started = time.time()
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
@@ -84,8 +112,11 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
                 show(f"[{stage}] up to date (fingerprint {prints[stage]}), skipped")
                 results[stage] = status.get("result", {})
             else:
+                change = describe_change(status.get("inputs"), inputs.get(stage, {})) if status.get("status") == "completed" else None
+                if change:
+                    show(f"[{stage}] input changed: {change}, {RERUN[stage]}")
                 results[stage] = _run_recorded(job, run, stage, prints[stage], status, resume and same and stage not in forced,
-                                               show, progress, timings)
+                                               show, progress, timings, inputs.get(stage, {}))
             if stage == "data" and not run.vocab_exact:  # the tokenizer now exists: plan with its real vocabulary
                 from jobs.plan import resolve_plan
 
@@ -95,8 +126,10 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
     return summary
 
 
-def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: bool, show, progress: bool, timings: dict) -> dict:
-    """Run one stage, recording it in its stage.json as running, then completed or failed."""
+def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: bool, show, progress: bool, timings: dict,
+                  inputs: dict[str, str]) -> dict:
+    """Run one stage, recording it in its stage.json as running, then completed or failed (with the
+    inputs it read, so that a re-run can say which one changed)."""
     run_dir = run.run_dir
     if status:
         if resume:
@@ -107,21 +140,22 @@ def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: 
             _clear_stage(run_dir, stage)
     record = run_dir.stage(stage)
     t0 = time.time()
-    record.write_status({"stage": stage, "status": "running", "fingerprint": fingerprint, "started": t0})
+    record.write_status({"stage": stage, "status": "running", "fingerprint": fingerprint, "inputs": inputs, "started": t0})
     try:
         result = _run_stage(job, run, stage, show, progress)
     except BaseException as exc:
-        record.write_status({"stage": stage, "status": "failed", "fingerprint": fingerprint, "started": t0,
+        record.write_status({"stage": stage, "status": "failed", "fingerprint": fingerprint, "inputs": inputs, "started": t0,
                              "error": f"{type(exc).__name__}: {exc}"[:500]})
         raise
     timings[stage] = time.time() - t0
-    record.write_status({"stage": stage, "status": "completed", "fingerprint": fingerprint, "started": t0,
+    record.write_status({"stage": stage, "status": "completed", "fingerprint": fingerprint, "inputs": inputs, "started": t0,
                          "seconds": timings[stage], "result": result})
     return result
 
 
 def _run_stage(job, run, stage: str, show, progress: bool) -> dict:
     from cluster import launch
+    from pipelines.data.prepare import validation_warning
 
     run_dir = run.run_dir
     if stage == "data":
@@ -130,6 +164,10 @@ def _run_stage(job, run, stage: str, show, progress: bool) -> dict:
         show(f"[data] tokenizer {result['tokenizer']['name']} ({result['tokenizer']['n_vocab']} ids); "
              + "; ".join(f"{k}: train {v.get('train')} / val {v.get('val')} tokens{' (cached)' if v['cached'] else ''}"
                          for k, v in result.items() if k != "tokenizer"))
+        for name, counts in result.items():
+            warning = validation_warning(name, counts["train"], counts["val"]) if name != "tokenizer" else None
+            if warning:
+                show(f"[data] warning: {warning}")
         return result
     if stage in TRAINING_STAGES:
         plan = run.stage(stage)

@@ -113,6 +113,10 @@ class JobSpec(Strict):
         """Cross-field checks, each naming its field; raised together as one error per line."""
         problems = []
         block_size, n_layer = self.model.block_size, self.model.n_layer
+        for i, source in enumerate(self.data.pretrain.sources if self.data.pretrain else []):
+            if source.fields is not None:
+                problems.append(f"data.pretrain.sources.{i}.fields: maps instruction (data.sft) columns; a pretraining source "
+                                "reads the one text column named by 'field'")
         if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > block_size:
             problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {block_size}")
         for name in ("pretrain", "sft"):

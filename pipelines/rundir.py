@@ -8,6 +8,7 @@
                           model/ (native export), workers/ (where each rank ran), ray/
       eval/               stage.json, predictions.jsonl, metrics.json, report.md, tensorboard/
       summary.json
+      input_hashes.json   sha256 of the files the stages read, cached by (path, size, mtime_ns)
 
 Nothing else in the project spells these names. `MetricsLog` is the one writer and the one
 reader of a stage's metrics.jsonl (rank 0 appends; the driver's progress display, the stage
@@ -168,6 +169,11 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def input_hashes(self) -> Path:
+        """The cache of input files' sha256, by (path, size, mtime_ns) (pipelines/inputs.py)."""
+        return self.root / "input_hashes.json"
 
     def data(self, stage: str) -> Path:
         return self.root / "data" / stage

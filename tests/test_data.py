@@ -178,3 +178,77 @@ def test_synthetic_world_keeps_held_out_facts_out_of_sft(tmp_path):
         assert corpus.count(person.name) >= 3 * 8
     evals = synthetic.eval_examples(world)
     assert len(evals) == 3 * len(world.held_out_people) and all(e["person"] in world.held_out for e in evals)
+
+
+DOLLY = [  # the columns of databricks-dolly-15k: instruction, context, response, category
+    {"instruction": "When did Virgin Australia start operating?", "category": "closed_qa",
+     "context": "Virgin Australia commenced services on 31 August 2000 as Virgin Blue.", "response": "On 31 August 2000."},
+    {"instruction": "Name a primary colour.", "context": "", "response": "Red.", "category": "open_qa"},
+]
+
+
+def test_fields_map_dolly_columns_without_conversion(tmp_path):
+    (tmp_path / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in DOLLY))
+    fields = {"instruction": "instruction", "input": "context", "output": "response"}
+    path = write_job(tmp_path, {"sft": {"val_fraction": 0.0, "sources": [{"type": "json", "path": "dolly.jsonl", "fields": fields}]}})
+    job, out = prepare(path)
+    assert out["sft"]["formats"] == ["alpaca"] and out["sft"]["stats"]["conversations"] == 2
+    tok = out["tokenizer"]
+    rows = open_split(job.run_dir() / "data" / "sft", "train")
+    tokens, mask = rows.window(0)
+    expected = []
+    for r in DOLLY:  # what an Alpaca record with the same text renders to
+        prompt = r["instruction"] + ("\n\n" + r["context"] if r["context"] else "")
+        ids, m = render_chat(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["response"]}])
+        expected.append((ids + [tok.eot_id], m + [0]))
+    ids = [i for e in expected for i in e[0]]
+    assert list(tokens[: len(ids)]) == ids and list(mask[: len(ids)]) == [b for e in expected for b in e[1]]
+
+
+def test_fields_map_a_messages_column(tmp_path, shared_data):
+    records = json.loads((shared_data / "instruct" / "messages_demo.json").read_text())[:20]
+    (tmp_path / "dialogs.jsonl").write_text("".join(json.dumps({"dialog": r["messages"], "id": i}) + "\n" for i, r in enumerate(records)))
+    plain = write_job(tmp_path, {"sft": {"val_fraction": 0.0, "sources": [{"type": "json", "path": str(shared_data / "instruct" / "messages_demo.json")}]}},
+                      name="plain")
+    mapped = write_job(tmp_path, {"sft": {"val_fraction": 0.0, "sources": [{"type": "json", "path": "dialogs.jsonl", "fields": {"messages": "dialog"}}]}},
+                       name="mapped")
+    job, out = prepare(mapped)
+    assert out["sft"]["formats"] == ["messages"] and out["sft"]["stats"]["conversations"] == 20
+    reference_job, _ = prepare(plain)
+    ours = open_split(job.run_dir() / "data" / "sft", "train").window(0)
+    theirs = open_split(reference_job.run_dir() / "data" / "sft", "train").window(0)  # the same first records
+    assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1])
+
+
+def test_a_changed_tokenizer_directory_re_prepares(tmp_path, shared_data):
+    from model.tokenizer import Tokenizer
+
+    tok_dir = tmp_path / "tok"
+    Tokenizer.from_name("gpt2").save(tok_dir)
+    (tmp_path / "corpus.txt").write_text((shared_data / "pretrain" / "tinystories_sample.txt").read_text())
+    path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "text", "path": "corpus.txt"}]}}, tokenizer={"dir": "tok"})
+    _, first = prepare(path)
+    _, again = prepare(path)
+    assert first["tokenizer"].name == "gpt2" and again["pretrain"]["cached"]
+    Tokenizer.from_name("p50k_base").save(tok_dir)  # the same path, other contents
+    _, changed = prepare(path)
+    assert changed["tokenizer"].name == "p50k_base" and not changed["pretrain"]["cached"]
+    assert changed["pretrain"]["tokenizer"]["sha256"] != first["pretrain"]["tokenizer"]["sha256"]
+
+
+def test_a_validation_split_taking_most_tokens_is_reported(tmp_path, shared_data):
+    from helpers import relaygpt
+    from pipelines.data.prepare import validation_warning
+
+    (tmp_path / "two.txt").write_text("The first of two short documents.\n\nThe second one, which is a little longer than the first.")
+    path = write_job(tmp_path, {"pretrain": {"val_fraction": 0.05, "sources": [{"type": "text", "path": "two.txt", "split_by": "blank_line"}]}})
+    proc = relaygpt("data", "prepare", path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_manifest(tmp_path / "runs" / "t" / "default" / "data" / "pretrain")
+    train, val = (manifest["splits"][s]["tokens"] for s in ("train", "val"))
+    assert manifest["splits"]["val"]["documents"] == 1 and val > 0.25 * (train + val)
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {validation_warning('pretrain', train, val)}"], proc.stdout
+    assert f"validation got {val} of {train + val} tokens" in warnings[0] and f"training {train}" in warnings[0]
+    assert "data.pretrain.val_fraction" in warnings[0] and "more than 25%" in warnings[0]
+    assert validation_warning("pretrain", 900, 100) is None and validation_warning("sft", 0, 0) is None

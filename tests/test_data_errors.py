@@ -129,3 +129,34 @@ def test_set_overrides_any_field_and_bad_paths_are_errors(tmp_path):
 def test_tokenizer_needs_exactly_one_source(tmp_path):
     path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "synthetic"}]}}, tokenizer={"encoding": "gpt2", "dir": "x"})
     assert_one_line_error(data_prepare(path), "tokenizer", "exactly one of encoding, file, dir, train")
+
+
+# ---- column mapping (fields:) ---------------------------------------------------------------
+
+def test_unknown_fields_key_names_the_line_and_the_valid_keys(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "context": "", "response": "b"}\n')
+    path = tmp_path / "j.yaml"
+    path.write_text("name: x\ntokenizer: {encoding: gpt2}\ndata:\n  sft:\n    sources:\n      - type: json\n        path: d.jsonl\n"
+                    "        format: alpaca\n        fields:\n          instruction: instruction\n          context: context\n")
+    assert_one_line_error(data_prepare(path), "j.yaml:11", "data.sft.sources[0].fields.context", "unknown key 'context'",
+                          "valid for format alpaca: instruction, input, output, system")
+
+
+def test_fields_of_two_formats_and_fields_on_pretraining_are_refused(tmp_path):
+    path = write_job(tmp_path, {"sft": {"sources": [{"type": "json", "path": "d.jsonl", "fields": {"instruction": "q", "response": "a"}}]}})
+    assert_one_line_error(data_prepare(path), "data.sft.sources[0].fields", "keys of different formats")
+    path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "json", "path": "d.jsonl", "fields": {"prompt": "q"}}]}})
+    assert_one_line_error(data_prepare(path), "data.pretrain.sources.0.fields", "named by 'field'")
+
+
+def test_a_mapped_column_missing_from_the_first_record_names_it(tmp_path):
+    rows = [{"instruction": "a", "context": "", "response": "b"}]
+    fields = {"instruction": "instruction", "input": "context", "output": "answer"}
+    proc = data_prepare(sft_job(tmp_path, rows, fields=fields))
+    assert_one_line_error(proc, "c.jsonl:1", "fields.output", "no column 'answer'", "columns: context, instruction, response")
+    # An optional field (input) mapped to a column only some records have: the first record must have it.
+    fields = {"instruction": "instruction", "input": "ctx", "output": "response"}
+    assert_one_line_error(data_prepare(sft_job(tmp_path, rows, name="d.jsonl", fields=fields)), "d.jsonl:1", "fields.input", "no column 'ctx'")
+    rows = [{"instruction": "a", "response": "b"}, {"instruction": "c", "reply": "d"}]  # a later record lacks a required one
+    fields = {"instruction": "instruction", "output": "response"}
+    assert_one_line_error(data_prepare(sft_job(tmp_path, rows, name="e.jsonl", fields=fields)), "e.jsonl:2", "fields.output", "no column 'response'")

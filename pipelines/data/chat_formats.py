@@ -6,6 +6,8 @@
     prompt_response  {"prompt", "response"}
 
 Extra fields are ignored. A role the format does not know is an error naming file:line.
+A source's `fields:` maps these names to the columns of data that spells them differently
+(Dolly: `{instruction: instruction, input: context, output: response}`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ FORMAT_KEYS = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
+    "prompt_response": ("prompt", "response"),
+}
+# Every field a format reads (FORMAT_KEYS are the ones it needs): what `fields:` may map.
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "input", "output", "system"),
     "prompt_response": ("prompt", "response"),
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "system": "system"}
@@ -30,6 +39,31 @@ def detect_format(row, where: str) -> str:
     fields = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
     known = "; ".join(f"{n}: {' + '.join(k)}" for n, k in FORMAT_KEYS.items())
     raise RelayError(f"{where}: cannot tell the instruction format from the fields ({fields}); known formats: {known}")
+
+
+def mapping_problem(fields: dict[str, str], fmt: str) -> str | None:
+    """What is wrong with a source's `fields:` mapping for format `fmt` ('auto' allowed), or None."""
+    formats = FORMAT_FIELDS if fmt == "auto" else {fmt: FORMAT_FIELDS[fmt]}
+    known = {key for keys in formats.values() for key in keys}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        valid = "; ".join(f"{', '.join(keys)} ({name})" for name, keys in formats.items())
+        return f"unknown key {unknown[0]!r}; {'valid' if fmt == 'auto' else f'valid for format {fmt}'}: {valid}"
+    if not any(set(fields) <= set(keys) for keys in formats.values()):
+        return f"keys of different formats ({', '.join(sorted(fields))}); map the fields of one format"
+    return None
+
+
+def map_columns(row, fields: dict[str, str], where: str, check) -> dict:
+    """The record with its `fields:` columns under the format's names. A mapped column named in
+    `check` that the record lacks is an error naming the field, the record and its columns."""
+    if not isinstance(row, dict):
+        raise RelayError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [key for key in check if key in fields and fields[key] not in row]
+    if missing:
+        key = missing[0]
+        raise RelayError(f"{where}: fields.{key}: no column {fields[key]!r} in this record (columns: {', '.join(sorted(row))})")
+    return {**row, **{key: row[column] for key, column in fields.items() if column in row}}
 
 
 def _text(value, where: str, what: str) -> str:

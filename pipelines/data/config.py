@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from model.tokenizer import STANDARD_ENCODINGS
 from pipelines.settings import Strict
@@ -65,7 +65,20 @@ class SourceSpec(Strict):
     config: str | None = Field(None, description="hub dataset config")
     split: str = Field("train", description="hub dataset split")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_response"] = "auto"
+    fields: dict[str, str] | None = Field(None, description="instruction sources: the format's field -> the data's column, "
+                                          "e.g. {instruction: instruction, input: context, output: response}")
     weight: float = Field(1.0, gt=0)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value, info: ValidationInfo):
+        from pipelines.data.chat_formats import mapping_problem
+
+        if value is not None:
+            problem = mapping_problem(value, info.data.get("format", "auto"))
+            if problem:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _needs(self):

@@ -5,21 +5,25 @@
     RUN/data/sft       packed rows + loss masks + manifest
 
 A stage whose inputs (files' contents, source settings, tokenizer) have the same fingerprint
-as its manifest records is not redone; any change re-prepares it.
+as its manifest records is not redone; any change re-prepares it. The tokenizer's fingerprint
+covers the contents of its file or directory too. File digests are cached in
+RUN/input_hashes.json (pipelines/inputs.py), shared with the driver's stage fingerprints.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from model.errors import RelayError
 from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
-from pipelines.data.shards import sha256_of
+from pipelines.inputs import FileHashes
 
 PREP_VERSION = 1  # bump when the on-disk format or the processing changes
+MAX_VAL_SHARE = 0.25  # a validation split holding more of a stage's tokens than this is reported
 
 
 def _files_of(job, source) -> list[Path]:
@@ -28,31 +32,61 @@ def _files_of(job, source) -> list[Path]:
     return _files(job, source) if source.type in ("text", "json", "parquet", "csv") else []
 
 
-def sources_fingerprint(job, sources, **extra) -> str:
+def input_label(job, path: Path) -> str:
+    """How messages name an input file: relative to the job file's folder when it lies inside it."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(job.base_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def data_inputs(job, hashes: FileHashes | None = None) -> dict[str, str]:
+    """{file: sha256} of what the data stage reads: every local source file of data.pretrain and
+    data.sft, and the tokenizer's file or directory (a hub source is named by its settings)."""
+    hashes = hashes or FileHashes()
+    sources = [s for section in (job.data.pretrain, job.data.sft) if section is not None for s in section.sources]
+    out = {input_label(job, path): hashes.sha256(path) for source in sources for path in _files_of(job, source)}
+    return {**out, **_tokenizer_inputs(job, hashes)}
+
+
+def _tokenizer_inputs(job, hashes: FileHashes) -> dict[str, str]:
+    spec = job.tokenizer
+    if spec.file:
+        return {input_label(job, job.path(spec.file)): hashes.sha256(job.path(spec.file))}
+    if spec.dir:
+        return hashes.directory(job.path(spec.dir), input_label(job, job.path(spec.dir)))
+    return {}
+
+
+def sources_fingerprint(job, sources, hashes: FileHashes | None = None, **extra) -> str:
     """sha256 of everything that decides a stage's output."""
+    hashes = hashes or FileHashes()
     digest = hashlib.sha256(json.dumps({"version": PREP_VERSION, **extra}, sort_keys=True, default=str).encode())
     for source in sources:
         digest.update(json.dumps(source.model_dump(mode="json"), sort_keys=True).encode())
         if source.type == "synthetic":
             digest.update(json.dumps(job.data.synthetic.model_dump(mode="json"), sort_keys=True).encode())
         for path in _files_of(job, source):
-            digest.update(path.name.encode() + sha256_of(path).encode())
+            digest.update(path.name.encode() + hashes.sha256(path).encode())
     return digest.hexdigest()
 
 
-def _tokenizer_fingerprint(job) -> str:
+def _tokenizer_fingerprint(job, hashes: FileHashes | None = None) -> str:
+    """The tokenizer's settings and the contents of what it is made from."""
     spec = job.tokenizer
     if spec.train is not None:
         if job.data.pretrain is None:
             raise RelayError("tokenizer.train: needs data.pretrain sources to train on")
-        return sources_fingerprint(job, job.data.pretrain.sources, seed=job.seed, train=spec.train.model_dump())
-    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        return sources_fingerprint(job, job.data.pretrain.sources, hashes, seed=job.seed, train=spec.train.model_dump())
+    files = _tokenizer_inputs(job, hashes or FileHashes())
+    return hashlib.sha256(json.dumps([spec.model_dump(mode="json"), files], sort_keys=True).encode()).hexdigest()
 
 
-def _prepared_tokenizer(job, out: Path) -> Tokenizer | None:
+def _prepared_tokenizer(out: Path, fingerprint: str) -> Tokenizer | None:
     """RUN/tokenizer when it was prepared from the job's current tokenizer settings and inputs."""
     marker = out / "source.json"
-    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == _tokenizer_fingerprint(job):
+    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         return Tokenizer.from_dir(out)
     return None
 
@@ -61,7 +95,7 @@ def tokenizer_vocabulary(job, tokenizer_dir: Path) -> tuple[int, bool]:
     """(ids the run's tokenizer has, exact?) without preparing anything: the prepared tokenizer
     when it is current, else the one the job names; a tokenizer still to be trained counts its
     target size, not exact (a small corpus can give fewer merges)."""
-    prepared = _prepared_tokenizer(job, Path(tokenizer_dir))
+    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(job))
     if prepared is not None:
         return prepared.n_vocab, True
     spec = job.tokenizer
@@ -79,11 +113,12 @@ def _load_named_tokenizer(job) -> Tokenizer:
     return Tokenizer.from_dir(job.path(spec.dir))
 
 
-def prepare_tokenizer(job, out: Path) -> Tokenizer:
+def prepare_tokenizer(job, out: Path, hashes: FileHashes | None = None) -> Tokenizer:
     """Resolve the job's tokenizer into `out` (RUN/tokenizer; trained if asked) and load it."""
     spec = job.tokenizer
     out = Path(out)
-    prepared = _prepared_tokenizer(job, out)
+    fingerprint = _tokenizer_fingerprint(job, hashes)
+    prepared = _prepared_tokenizer(out, fingerprint)
     if prepared is not None:
         return prepared
     if spec.train is None:
@@ -101,7 +136,7 @@ def prepare_tokenizer(job, out: Path) -> Tokenizer:
         tok = Tokenizer.train(texts, spec.train.vocab_size, name=f"{job.name}-bpe{spec.train.vocab_size}")
     with atomic_dir(out) as tmp:
         tok.save(tmp)
-        (tmp / "source.json").write_text(json.dumps({"fingerprint": _tokenizer_fingerprint(job), "spec": spec.model_dump(mode="json")},
+        (tmp / "source.json").write_text(json.dumps({"fingerprint": fingerprint, "spec": spec.model_dump(mode="json")},
                                                     indent=2) + "\n")
     return Tokenizer.from_dir(out)
 
@@ -114,18 +149,35 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft")) ->
     from pipelines.rundir import RunDir
 
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    tokenizer = prepare_tokenizer(job, run_dir.tokenizer)
+    hashes = FileHashes(run_dir.input_hashes)
+    tokenizer = prepare_tokenizer(job, run_dir.tokenizer, hashes)
     out: dict = {"tokenizer": tokenizer}
     if "pretrain" in stages and job.data.pretrain is not None:
-        fp = sources_fingerprint(job, job.data.pretrain.sources, tokenizer=tokenizer.sha256, seed=job.seed,
+        fp = sources_fingerprint(job, job.data.pretrain.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
                                  val_fraction=job.data.pretrain.val_fraction, shard_tokens=job.data.pretrain.shard_tokens)
         out["pretrain"] = prepare_pretrain(job, tokenizer, run_dir.data("pretrain"), fp)
     if "sft" in stages and job.data.sft is not None:
         seq_len = sft_seq_len(job)
-        fp = sources_fingerprint(job, job.data.sft.sources, tokenizer=tokenizer.sha256, seed=job.seed,
+        fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
                                  val_fraction=job.data.sft.val_fraction, seq_len=seq_len)
         out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
+    hashes.save()
     return out
+
+
+def validation_warning(stage: str, train_tokens: int, val_tokens: int) -> str | None:
+    """One line when validation took more than MAX_VAL_SHARE of a data stage's tokens, else None.
+
+    Whole documents are held out, and at least one, so a corpus of a few documents can lose half
+    of its text to validation. Training still works, so this is a warning, not an error: a small
+    smoke-test corpus is a legitimate job, and the line says how to change it."""
+    total = train_tokens + val_tokens
+    if total == 0 or val_tokens <= MAX_VAL_SHARE * total:
+        return None
+    unit, more = ("documents", "add documents (split_by: blank_line cuts a text file into many)") if stage == "pretrain" \
+        else ("conversations", "add conversations")
+    return (f"data.{stage}.val_fraction: validation got {val_tokens:,} of {total:,} tokens ({val_tokens / total:.0%}), training "
+            f"{train_tokens:,}; more than {MAX_VAL_SHARE:.0%} because {unit} are held out whole: {more} or set val_fraction: 0")
 
 
 def sft_seq_len(job) -> int:

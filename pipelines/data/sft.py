@@ -18,7 +18,7 @@ from model.chat import render_chat
 from model.errors import RelayError
 from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
-from pipelines.data.chat_formats import detect_format, to_messages
+from pipelines.data.chat_formats import FORMAT_KEYS, detect_format, map_columns, to_messages
 from pipelines.data.pretrain import split_draw, validation_mask
 from pipelines.data.shards import ShardWriter, read_manifest, token_dtype, write_manifest
 from pipelines.data.sources import SourceStats, apply_weight, load_rows
@@ -29,10 +29,12 @@ def collect_conversations(job, stats: SourceStats, counts: dict) -> tuple[list[l
     conversations, formats = [], []
     for i, source in enumerate(job.data.sft.sources):
         rows = apply_weight(load_rows(source, job, stats, role="sft"), source.weight, seed=job.seed + 100 + i)
-        fmt = source.format if source.format != "auto" else detect_format(rows.rows[0], rows.where[0])
+        fields = source.fields or {}
+        first = map_columns(rows.rows[0], fields, rows.where[0], check=fields) if fields else rows.rows[0]  # all mapped columns
+        fmt = source.format if source.format != "auto" else detect_format(first, rows.where[0])
         formats.append(fmt)
         for row, where in zip(rows.rows, rows.where):
-            messages = to_messages(row, fmt, where)
+            messages = to_messages(map_columns(row, fields, where, check=FORMAT_KEYS[fmt]) if fields else row, fmt, where)
             if not messages or messages[-1]["role"] != "assistant":
                 counts["dropped_no_assistant_turn"] += 1
                 continue
