@@ -158,10 +158,10 @@ def _format_stage(p) -> list[str]:
     if p.pipeline_stages > 1:
         bubble = (p.grad_accum + p.pipeline_stages - 1) / p.grad_accum
         lines.append(f"  1F1B with {p.grad_accum} micro-batches: ideal bubble (m + p - 1)/m = {bubble:.2f}x")
-    lines.append("  stage  blocks   params   FLOP/step   weights   grads   optimizer  activations  logits   total")
+    lines.append("  stage  blocks   params   FLOP/step   weights   grads   optimizer  buffers  activations  logits   total")
     for s in stage_memory(p):
         lines.append(f"  {s.stage:>5}  {s.layers:>6}  {s.params / 1e6:>7.1f}M  {_si(s.flops_per_step):>9}  {s.weights / GIB:>8.2f}  "
-                     f"{s.gradients / GIB:>6.2f}  {s.optimizer / GIB:>9.2f}  {s.activations / GIB:>11.2f}  {s.logits / GIB:>6.2f}  "
+                     f"{s.gradients / GIB:>6.2f}  {s.optimizer / GIB:>9.2f}  {s.buffers / GIB:>7.2f}  {s.activations / GIB:>11.2f}  {s.logits / GIB:>6.2f}  "
                      f"{s.total / GIB:>6.2f} GiB")
     return lines
 

@@ -135,8 +135,11 @@ def export_layout(init_dir: str, pipeline_stages: int, zero_stage: int, out_dir:
 
 
 def training_memory(config_kwargs: dict, stage_kwargs: dict, steps: int) -> dict:
-    """Peak resident memory a rank adds from building the engine through `steps` optimizer steps,
-    next to what the planner (pipelines/train/memory.py) estimates for that rank's stage."""
+    """What a rank adds from building the engine through `steps` optimizer steps, next to what
+    the planner (pipelines/train/memory.py) estimates for that rank's stage, in bytes:
+    `allocated`, the peak of live tensor bytes (the CPU counterpart of
+    torch.cuda.max_memory_allocated, from the profiler's allocation records), and `resident`,
+    the peak resident growth of the process (allocator slack and libraries included)."""
     import torch
 
     from model.config import GPTConfig
@@ -149,12 +152,33 @@ def training_memory(config_kwargs: dict, stage_kwargs: dict, steps: int) -> dict
     plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps})
     torch.distributed.barrier()
     before = _restart_peak()
-    engine = Engine(plan, init_state=None)
-    it = _random_batches(plan)
-    for _ in range(steps):
-        engine.train_step(it)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine = Engine(plan, init_state=None)
+        it = _random_batches(plan)
+        for _ in range(steps):
+            engine.train_step(it)
+    resident = _proc_status("VmHWM") - before
     planned = stage_memory(plan)[engine.topology.stage_id]
-    return {"measured": _proc_status("VmHWM") - before, "planned": planned.total}
+    return {"allocated": _allocation_peak(prof), "resident": resident, "planned": planned.total,
+            "terms": {k: getattr(planned, k) for k in ("weights", "gradients", "optimizer", "buffers", "activations", "logits")}}
+
+
+def _allocation_peak(prof) -> int:
+    """The most tensor bytes alive at once among those allocated while `prof` recorded (the
+    profiler's running total of CPU allocations, read from its trace)."""
+    import json
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {}))
 
 
 def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, until_step=None) -> dict:
@@ -234,3 +258,32 @@ def plain_loop_throughput(config_kwargs: dict, micro_batch: int, steps: int, war
     for _ in range(steps):
         loss = step()
     return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
+
+
+def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int, document_end: int) -> dict:
+    """Losses of `steps` optimizer steps on packed rows whose documents are kept apart, then one
+    evaluation loss, for each layout (DeepSpeed settings) in turn; every rank reads the same
+    batches, so every layout trains on the same data whatever its data-parallel size."""
+    import numpy as np
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.data.loader import BatchLoader, TokenWindows, eval_batches
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+
+    init_distributed()
+    config = GPTConfig(**config_kwargs)
+    rng = np.random.default_rng(5)
+    stream = rng.integers(0, document_end, 4000)
+    stream[rng.random(4000) < 0.08] = document_end  # documents of about a dozen tokens
+    windows = TokenWindows(stream, config.block_size, document_end)
+    out = []
+    for deepspeed in layouts:
+        plan = _plan(config, {"steps": steps, "micro_batch": 2, "grad_accum": 2, "deepspeed": deepspeed})
+        engine = Engine(plan, init_state=None)
+        batches = BatchLoader(windows, plan.micro_batch, seed=1)  # data-parallel rank 0 on every rank
+        losses = [engine.train_step(batches)["loss"] for _ in range(steps)]
+        inputs, y = next(eval_batches(windows, plan.micro_batch))
+        out.append({"train": losses, "eval": engine.micro_batch_loss(inputs, y)})
+    return out

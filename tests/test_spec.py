@@ -110,3 +110,27 @@ def test_the_default_partition_balances_compute_with_the_head_counted(tmp_path):
     assert [m.layers for m in even] == ["0-1", "2-3"]
     flops = [m.flops_per_step for m in even]
     assert max(flops) / min(flops) > 3, flops
+
+
+def test_zero_buckets_are_never_larger_than_the_stage_and_the_planner_counts_them(tmp_path):
+    """DeepSpeed allocates its gradient bucket whole (5e8 elements: 1.9 GiB in fp32) even for a
+    model a fraction of that size: the plan caps it at the largest stage's parameters, an
+    explicit deepspeed.extra value wins, and the memory model counts whichever is configured."""
+    from jobs.plan import resolve_plan
+    from pipelines.rundir import RunDir
+    from pipelines.train.memory import stage_memory
+
+    path = job_file(tmp_path, {"pretrain": {"steps": 5, "deepspeed": {"zero_stage": 3}}})
+    plan = resolve_plan(load_job(path), RunDir(tmp_path / "run")).stage("pretrain")
+    params = plan.model.num_params()
+    zero = plan.deepspeed_config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == params == zero["stage3_prefetch_bucket_size"]
+    memory = stage_memory(plan)[0]
+    # the bucket (fp32 gradients) plus the weights ZeRO-3 gathers for compute (all of them: fewer than max_live)
+    assert memory.buffers == params * 4 + params * 4
+    explicit = ["stages.pretrain.deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000, stage3_max_live_parameters: 2000}}"]
+    plan = resolve_plan(load_job(path, explicit), RunDir(tmp_path / "run")).stage("pretrain")
+    assert plan.deepspeed_config["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert stage_memory(plan)[0].buffers == 1000 * 4 + 2000 * 4
+    without_zero = resolve_plan(load_job(path, ["stages.pretrain.deepspeed.zero_stage=0"]), RunDir(tmp_path / "run")).stage("pretrain")
+    assert "reduce_bucket_size" not in without_zero.deepspeed_config["zero_optimization"]

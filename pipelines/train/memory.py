@@ -1,15 +1,24 @@
 """Memory per device of a training stage, estimated from first principles (for `relaygpt plan`).
 
-  weights + gradients + AdamW states, by precision (16-bit: 2 + 2 + 12 bytes per parameter,
-  the 12 being the fp32 master copy and both moments; fp32: 4 + 4 + 8) and divided by the
-  data-parallel size where ZeRO shards them (1: optimizer states, 2: + gradients, 3: + weights;
-  offload moves the optimizer states to the host);
+What one device of a stage holds at its peak, in the terms of `torch.cuda.max_memory_allocated`
+(tensors alive, not allocator slack):
+  weights and gradients in the training precision, divided by the data-parallel size where
+  ZeRO shards them (3: weights; 1 and 2: gradients, because DeepSpeed reduces each bucket
+  straight into the owning rank's partition, so ZeRO-1 holds no more gradients than ZeRO-2);
+  the optimizer: AdamW's two fp32 moments, plus an fp32 master copy of the weights wherever
+  DeepSpeed keeps one (16-bit training, and every ZeRO stage even in fp32), sharded from
+  ZeRO-1 on; offload moves it to the host;
+  DeepSpeed's buffers: ZeRO's gradient bucket (`reduce_bucket_size` elements, allocated whole)
+  and ZeRO-3's gathered weights (up to `stage3_max_live_parameters`); without ZeRO, the flat
+  copy of the gradients that the data-parallel all-reduce makes after the backward pass;
   activations per micro-batch and layer ~ 34 x seq x micro x hidden bytes in 16-bit (Korthikanti
   et al. 2022, without the attention matrix that SDPA never stores), doubled in fp32; with
   activation checkpointing every k layers, only the layer inputs at checkpoints plus one
   segment; in the 1F1B schedule stage i keeps up to (pp - i) micro-batches in flight;
   the fp32 logits and their gradient on the last stage.
-Estimates, not measurements: they are meant to catch a layout that cannot fit.
+The buffers used during the backward pass add to the activations; the all-reduce copy and the
+pipeline's bucket (allocated after the backward pass) replace them at the peak. Measured against
+the profiler's allocation peak on CPU: within 21 % for ZeRO 0-3 and pp 2 (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import math
 from dataclasses import dataclass
 
 GIB = 1024**3
+DEFAULT_BUCKET = 500_000_000      # DeepSpeed's reduce / all-reduce bucket, elements
+DEFAULT_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters
 
 
 @dataclass(frozen=True)
@@ -30,28 +41,35 @@ class StageMemory:
     weights: float
     gradients: float
     optimizer: float
+    buffers: float      # DeepSpeed's gradient bucket, gathered ZeRO-3 weights, the all-reduce copy
     activations: float
     logits: float
     flops_per_step: float  # training FLOPs one device of this stage does per optimizer step
+    buffers_with_activations: bool = True  # False: the buffers replace the activations at the peak
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        held = self.weights + self.gradients + self.optimizer
+        if self.buffers_with_activations:
+            return held + self.buffers + self.activations + self.logits
+        return held + max(self.buffers, self.activations + self.logits)
 
 
 def stage_memory(plan) -> list[StageMemory]:
     """Per pipeline stage of a TrainPlan: what one device of that stage holds, for the partition
-    the engine will impose (model/partition.py)."""
+    the engine will impose (model/partition.py) and the DeepSpeed config it will run with."""
     from model.partition import layer_params, stage_flops
 
     config, ds = plan.model, plan.settings.deepspeed
+    zero = plan.deepspeed_config.get("zero_optimization", {})
     pp, dp, seq, micro = plan.pipeline_stages, plan.data_parallel, plan.seq_len, plan.micro_batch
     parts = list(plan.stage_layers)
     sizes = layer_params(config, pp)
     flops = stage_flops(config, parts, seq)
     c, v = config.n_embd, config.padded_vocab_size
     half = plan.precision in ("bf16", "fp16")
-    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 8)
+    w_bytes = g_bytes = 2 if half else 4
+    master = 4 if (half or plan.zero_stage >= 1) else 0
     act_bytes = 34 * seq * micro * c * (1 if half else 2)
     out = []
     for i in range(pp):
@@ -59,19 +77,26 @@ def stage_memory(plan) -> list[StageMemory]:
         blocks = sum(1 for layer in range(start, stop) if 2 <= layer < config.n_layer + 2)
         first_block = max(start, 2) - 2
         params = sum(sizes[start:stop])
-        weights, grads, opt = params * w_bytes, params * g_bytes, params * o_bytes
+        weights, grads, opt = params * w_bytes, params * g_bytes, params * (master + 8)
         if plan.zero_stage >= 1:
             opt /= dp
-        if plan.zero_stage >= 2:
             grads /= dp
         if plan.zero_stage >= 3:
             weights /= dp
         if ds.offload_optimizer:
             opt = 0.0
+        if plan.zero_stage >= 1:
+            buffers = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params) * g_bytes
+            if plan.zero_stage >= 3:
+                buffers += min(zero.get("stage3_max_live_parameters", DEFAULT_MAX_LIVE), params) * w_bytes
+        else:
+            buffers = min(DEFAULT_BUCKET, params) * g_bytes if dp > 1 else 0.0
         k = ds.activation_checkpoint_interval
         per_micro = blocks * act_bytes if not k else (math.ceil(blocks / k) * seq * micro * c * w_bytes + min(k, blocks) * act_bytes)
         in_flight = min(plan.grad_accum, pp - i) if pp > 1 else 1
         logits = (micro * seq * v * 4 * 2) if stop == config.n_layer + 4 else 0.0
         layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
-        out.append(StageMemory(i, layers, params, weights, grads, opt, per_micro * in_flight, logits, flops[i] * plan.tokens_per_step / dp))
+        out.append(StageMemory(i, layers, params, weights, grads, opt, buffers, per_micro * in_flight, logits,
+                               flops[i] * plan.tokens_per_step / dp,
+                               buffers_with_activations=plan.zero_stage >= 1 and pp == 1))
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import GPTConfig
-from model.partition import stage_boundaries
+from model.partition import layer_params, stage_boundaries
 from pipelines.rundir import RunDir
 from pipelines.train.settings import TrainStageSpec
 
@@ -43,8 +43,19 @@ def clips_in_optimizer(settings: TrainStageSpec, precision: str) -> bool:
     return settings.deepspeed.zero_stage == 0 and precision == "fp32" and settings.optimizer.grad_clip > 0
 
 
-def deepspeed_config(settings: TrainStageSpec, data_parallel: int, precision: str, device: str) -> dict:
-    """The DeepSpeed config dict of a stage (users never write DeepSpeed JSON by hand)."""
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce / all-gather bucket, in elements
+DEEPSPEED_PREFETCH = 50_000_000  # and its default ZeRO-3 prefetch bucket
+
+
+def deepspeed_config(settings: TrainStageSpec, data_parallel: int, precision: str, device: str,
+                     stage_params: int | None = None) -> dict:
+    """The DeepSpeed config dict of a stage (users never write DeepSpeed JSON by hand).
+
+    `stage_params`: the most parameters one pipeline stage holds. ZeRO allocates its gradient
+    bucket whole (`reduce_bucket_size` elements, 1.9 GiB in fp32 at DeepSpeed's default) the
+    first time it reduces, whatever the model's size: a bucket never needs to be larger than
+    every gradient it could hold, so it is capped there (measured on a 90M model in fp32: the
+    peak of allocated tensors under ZeRO-1 fell from 3.05 to 1.51 GiB; `deepspeed.extra` still wins)."""
     ds = settings.deepspeed
     config: dict = {
         "train_micro_batch_size_per_gpu": settings.micro_batch,
@@ -56,6 +67,11 @@ def deepspeed_config(settings: TrainStageSpec, data_parallel: int, precision: st
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if ds.zero_stage and stage_params:
+        bucket = min(DEEPSPEED_BUCKET, stage_params)
+        config["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if ds.zero_stage == 3:
+            config["zero_optimization"]["stage3_prefetch_bucket_size"] = min(DEEPSPEED_PREFETCH, stage_params)
     if ds.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
         # DeepSpeed's CPU Adam steps the host copy; a torch AdamW may stand in where it cannot build.
@@ -122,13 +138,15 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     tokens_per_step = global_batch * seq_len
     precision = resolve_precision(settings.deepspeed.precision, device)
     parts = stage_boundaries(model, pp, settings.deepspeed.partition_method, seq_len) if pp > 1 else (0, model.n_layer + 4)
+    sizes = layer_params(model, pp)
+    stage_params = max(sum(sizes[a:b]) for a, b in zip(parts, parts[1:]))
     return TrainPlan(
         stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,
         zero_stage=settings.deepspeed.zero_stage, micro_batch=settings.micro_batch, grad_accum=settings.grad_accum,
         global_batch=global_batch, seq_len=seq_len, tokens_per_step=tokens_per_step,
         total_steps=total_steps(settings, tokens_per_step), device=device, precision=precision,
         clip_in_optimizer=clips_in_optimizer(settings, precision), stage_layers=tuple(parts),
-        deepspeed_config=deepspeed_config(settings, dp, precision, device),
+        deepspeed_config=deepspeed_config(settings, dp, precision, device, stage_params),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
     )
 
