@@ -122,3 +122,19 @@ def test_zero_3_builds_a_350m_model_sharded():
     for rank, sharded in enumerate(run_distributed(build_memory, 2, kwargs, 3, timeout=600)):
         assert abs(sharded["held"] - whole["total"] / 2) < 1e5, (rank, sharded)
         assert sharded["increase"] <= 0.6 * whole["increase"], (rank, sharded["increase"] / whole["increase"])
+
+
+def test_compiled_blocks_keep_the_losses(engine_job, plain):
+    """torch.compile of every block (stages.X.compile): the same losses as eager (1e-5), the
+    blocks counted in result.json, and an export with the eager model's names and weights."""
+    from jobs.spec import load_job
+
+    run = fresh(engine_job, "compiled")
+    compiled = train(1, engine_job[0], run, ["stages.pretrain.compile=true"])
+    assert_losses_close(plain[1]["losses"], compiled["losses"], 1e-5)
+    assert compiled["result"]["compiled_blocks"] == load_job(engine_job[0]).model.n_layer
+    assert "compiled_blocks" not in plain[1]["result"] or plain[1]["result"]["compiled_blocks"] == 0
+    ours, reference = weights(run), weights(plain[0])
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        assert torch.allclose(ours[name], reference[name], atol=1e-5), name

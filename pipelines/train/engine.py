@@ -171,6 +171,11 @@ class Engine:
                 from pipelines.train.recompute import checkpoint_blocks
 
                 checkpoint_blocks(module, plan.settings.deepspeed.activation_checkpoint_interval)
+        self.compiled_blocks = 0
+        if plan.settings.compile:
+            from pipelines.train.recompute import compile_blocks
+
+            self.compiled_blocks = compile_blocks(module)
         opt = plan.settings.optimizer
         if self.device_type == "cuda" and plan.zero_stage < 3:
             module.to(torch.device("cuda", torch.cuda.current_device()))  # a fused AdamW wants its parameters on the GPU

@@ -1,4 +1,5 @@
-"""Activation checkpointing of a plain GPT (pipeline 1), applied from outside the model.
+"""Activation checkpointing of a plain GPT (pipeline 1), applied from outside the model, and
+compiled blocks on every layout.
 
 `activation_checkpoint_interval: k` means the same on every layout: the blocks run in chunks
 of k consecutive blocks, and each chunk keeps only its input for the backward pass, which
@@ -46,3 +47,16 @@ def _chunk_forward(forwards: list, first_layer: int):
 def _pass_through(x, rope=None, attn_mask=None, kv_cache=None, layer: int = 0):
     """A block whose work its chunk's first block already did."""
     return x
+
+
+def compile_blocks(model) -> int:
+    """torch.compile every transformer block of `model` (a GPT or a pipeline stage) in place, as
+    torchtitan does per block: one small graph reused n_layer times, and parameter names, the
+    state dict and the module tree unchanged. Applied after `checkpoint_blocks`, so a chunk
+    recomputes compiled code. Returns the number of blocks compiled."""
+    from model.gpt import Block
+
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)

@@ -54,6 +54,8 @@ class TrainStageSpec(Strict):
     save_checkpoints: bool = Field(True, description="false: no checkpoints at all (sweep points, throwaway runs); no resume")
     export_model: bool = Field(True, description="false: no model directory at the end (sweep points)")
     log_every: int = Field(10, ge=1)
+    compile: bool = Field(False, description="torch.compile each transformer block (the first steps pay the compile; "
+                                             "docs/PERFORMANCE.md has the speed-up measured)")
     peak_tflops: float | None = Field(None, gt=0, description="peak FLOP/s (in TFLOP/s) per device for MFU when the GPU is not in the built-in table")
     init: str | None = Field(None, description="start from a model directory; for sft the default is the pretrain stage's export")
 
