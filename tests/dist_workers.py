@@ -213,8 +213,10 @@ def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmu
     plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps + warmup})
     engine = Engine(plan, init_state=None)
     it = _random_batches(plan)
+    warm_start = time.perf_counter()
     for _ in range(warmup):
         engine.train_step(it)
+    warmup_s = time.perf_counter() - warm_start
     torch.distributed.barrier()
     resident = _restart_peak()  # what the timed steps add
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -223,7 +225,7 @@ def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmu
     busy = time.process_time() - cpu_start  # CPU time of this rank: its compute, not its waiting
     torch.distributed.barrier()
     return {"step_s": (time.perf_counter() - start) / steps, "busy_s": busy / steps, "loss": loss,
-            "step_peak_bytes": _proc_status("VmHWM") - resident}
+            "step_peak_bytes": _proc_status("VmHWM") - resident, "warmup_s": warmup_s}
 
 
 def plain_loop_throughput(config_kwargs: dict, micro_batch: int, steps: int, warmup: int, threads: int) -> dict:

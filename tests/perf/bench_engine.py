@@ -9,6 +9,8 @@
    equal blocks (type:BlockPipe, the old default) and by compute (the LM head and the loss
    counted): each stage's busy fraction (CPU time / wall time, 1 thread per rank), the step
    time, and the planner's FLOPs per stage for both cuts.
+4. torch.compile of the blocks (stages.X.compile) against eager, one worker, 2 threads: step
+   time after the warm-up, and what the warm-up (the compile) cost.
 """
 
 from dist_workers import engine_throughput, plain_loop_throughput
@@ -69,3 +71,18 @@ def test_pipeline_balance(record):
     numbers.update(dp_step_s=t_dp, compute_pp_over_dp=numbers["compute_step_s"] / t_dp, ideal_1f1b=(m + 1) / m,
                    speedup_compute_over_blocks=numbers["blocks_step_s"] / numbers["compute_step_s"])
     record("pipeline_balance", **numbers)
+
+
+def test_compiled_blocks_vs_eager(record):
+    config = GPTConfig(**MODEL)
+    micro, steps = 8, 8
+    eager, compiled = [], []
+    for _ in range(2):  # alternating fresh processes, so drift on the shared machine hits both
+        for flag, times in ((False, eager), (True, compiled)):
+            stage = {"steps": steps + WARMUP, "micro_batch": micro, "compile": flag, "deepspeed": {"zero_stage": 1}}
+            times.append(run_distributed(engine_throughput, 1, MODEL, stage, steps, WARMUP, 2, timeout=900)[0])
+    t_eager, t_compiled = min(r["step_s"] for r in eager), min(r["step_s"] for r in compiled)
+    record("compiled_blocks", step_s_eager=t_eager, step_s_compiled=t_compiled, speedup=t_eager / t_compiled,
+           warmup_s_eager=min(r["warmup_s"] for r in eager), warmup_s_compiled=min(r["warmup_s"] for r in compiled),
+           model=f"{config.n_layer}L {config.n_embd}d seq {config.block_size}", micro_batch=micro)
+    print(f"compiled blocks: {t_eager / t_compiled:.2f}x the eager speed after the warm-up")
