@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from model.config import GPTConfig
 from model.errors import RelayError
 from model.gpt import GPT
 from model.tokenizer import EOT, Tokenizer
-from model.weights_file import StreamingSafetensors, file_order
+from model.weights_file import SafetensorsReader, StreamingSafetensors, file_order
 
 NATIVE_FORMAT = "relaygpt-native"
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -107,6 +108,64 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer, meta
+
+
+class LazyWeights(Mapping):
+    """A native model directory's weights under GPT names, each read from the safetensors file
+    only when asked for (a tied LM head is the embedding). Training from a model directory
+    goes through this: a ZeRO-3 rank or a pipeline stage reads one tensor at a time and keeps
+    what it owns, instead of every rank loading the whole model first."""
+
+    def __init__(self, path: Path, config: GPTConfig) -> None:
+        try:
+            self._file = SafetensorsReader(path)
+        except FileNotFoundError:
+            raise RelayError(f"{path}: missing") from None
+        except (OSError, ValueError) as exc:
+            raise RelayError(f"{path}: cannot read weights ({exc})") from None
+        self._stored = set(self._file.specs)
+        self._tied = config.tie_embeddings
+        with torch.device("meta"):
+            expected = GPT(config).state_dict()
+        names = set(expected) - ({"lm_head.weight"} if self._tied else set())
+        if self._stored != names:
+            raise RelayError(f"{path}: weights do not match the config (missing: {sorted(names - self._stored)[:3]}, "
+                             f"unexpected: {sorted(self._stored - names)[:3]})")
+        for name in names:
+            shape = self._file.specs[name][1]
+            if shape != tuple(expected[name].shape):
+                raise RelayError(f"{path}: {name} has shape {shape}, the config needs {tuple(expected[name].shape)}")
+        self._keys = list(expected)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stored = "transformer.wte.weight" if (self._tied and name == "lm_head.weight") else name
+        if stored not in self._stored:
+            raise KeyError(name)
+        return self._file.read(stored)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]:
+    """(config, tokenizer, weights) of a model directory without loading it: a native
+    directory's weights are `LazyWeights`; a Hugging Face one is converted whole (its layouts
+    differ from ours), so its weights are already in memory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RelayError(f"{path}: model directory does not exist")
+    meta = _read_json(path / "config.json")
+    if meta.get("format") != NATIVE_FORMAT:
+        model, tokenizer, _ = load_model_dir(path)
+        return model.config, tokenizer, model.state_dict()
+    config = GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
+    tokenizer = Tokenizer.from_dir(path / meta["tokenizer"].get("path", "tokenizer"))
+    if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
+        raise RelayError(f"{path / 'tokenizer'}: tokenizer sha256 does not match config.json; the directory was modified")
+    return config, tokenizer, LazyWeights(path / "model.safetensors", config)
 
 
 def read_model_config(path: str | Path) -> GPTConfig:

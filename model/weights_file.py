@@ -1,4 +1,4 @@
-"""Writing a safetensors file one tensor at a time.
+"""Writing and reading a safetensors file one tensor at a time.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (names, dtypes,
 shapes, byte offsets; padded with spaces to a multiple of 8) and the raw tensor bytes in
@@ -7,6 +7,11 @@ tensor exists, and the tensors can then arrive one by one (gathered from ZeRO-3 
 sent by pipeline stages): the writer never holds more than one. The layout follows the
 reference implementation (`safetensors.torch.save_file`) byte for byte: tensors ordered by
 dtype (wider first, as its dtype enum runs) then name, compact JSON, `__metadata__` first.
+
+The reader reads each tensor's bytes with plain file reads into a fresh tensor. Reading
+through a memory map (safetensors' `safe_open`) leaves every page it touched mapped into the
+process: measured on an 88M-parameter file, a ZeRO-3 rank that kept 164 MiB of it grew by
+372 MiB, the file's pages counted as its own.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ _DTYPES = [
     (torch.bfloat16, "BF16"), (torch.int32, "I32"), (torch.float32, "F32"), (torch.float64, "F64"), (torch.int64, "I64"),
 ]
 _NAME = {dtype: name for dtype, name in _DTYPES}
+_DTYPE = {name: dtype for dtype, name in _DTYPES}
 _RANK = {dtype: i for i, (dtype, _) in enumerate(_DTYPES)}
 
 
@@ -77,3 +83,54 @@ class StreamingSafetensors:
         self._file.close()
         if kind is None and self._next != len(self.order):
             raise ValueError(f"{len(self.order) - self._next} tensor(s) were never written, the next being {self.order[self._next]!r}")
+
+
+class SafetensorsReader:
+    """`SafetensorsReader(path)`: `.specs` {name: (dtype, shape)} from the header, `.read(name)` one
+    tensor. The header is checked (known dtypes, byte ranges inside the file that match the
+    shapes) before anything is read; a file that fails is a ValueError saying why."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", raw)
+            if length > min(size - 8, 100 * 2**20):
+                raise ValueError(f"header length {length} does not fit the file")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        self._base = 8 + length
+        self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, stop) = _DTYPE[entry["dtype"]], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{name}: not a valid tensor entry ({entry!r:.100})") from None
+            count = 1
+            for n in shape:
+                count *= n
+            if not (0 <= start <= stop and self._base + stop <= size and stop - start == count * _ITEMSIZE[dtype]):
+                raise ValueError(f"{name}: byte range {start}-{stop} does not hold a {entry['dtype']} tensor of shape {list(shape)}")
+            self.specs[name] = (dtype, shape)
+            self._ranges[name] = (start, stop)
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape = self.specs[name]
+        start, stop = self._ranges[name]
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(bytearray())
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(view) != stop - start:
+                raise ValueError(f"{name}: the file ends inside the tensor")
+        return out
+
+
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype, _ in _DTYPES}

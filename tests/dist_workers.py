@@ -76,6 +76,46 @@ def build_memory(config_kwargs: dict, zero_stage: int) -> dict:
     return {"increase": peak - before, "held": held, "total": config.num_params()}
 
 
+def init_build_memory(init_dir: str, zero_stage: int) -> dict:
+    """Peak resident memory this rank adds while building a model that starts from a model
+    directory (as SFT does): under ZeRO-3 sharded from the lazily read file, otherwise whole.
+    Under ZeRO-3 the weights are then gathered and compared with the file's, bit for bit."""
+    from model.export import open_model_weights
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.trainer import initial_state
+
+    init_distributed()
+    config, tokenizer, _ = open_model_weights(init_dir)
+    plan = _plan(config, {"steps": 1, "deepspeed": {"zero_stage": zero_stage}}, init_model=Path(init_dir))
+    before = _restart_peak()
+    state = initial_state(plan, tokenizer)
+    if zero_stage == 3:
+        from pipelines.train.engine import build_sharded
+
+        module = build_sharded(plan, state)
+    else:
+        from model.gpt import GPT
+
+        module = GPT(config, initialize=False)
+        module.load_state_dict(state, strict=True)
+    increase = _proc_status("VmHWM") - before
+    shard = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module.parameters()) if zero_stage == 3 else None
+    same = True
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            same = all(torch_equal(p.data, state[name]) for name, p in module.named_parameters())
+    largest = max(v.numel() * v.element_size() for v in (state[k] for k in state))
+    return {"increase": increase, "shard": shard, "largest": largest, "same": same}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
 def _plan(config, stage_kwargs: dict, init_model=None):
     """A TrainPlan for `config` on the current process group, without a job file."""
     import torch

@@ -104,3 +104,33 @@ def test_the_streamed_weights_file_is_what_safetensors_writes(trained_tokenizer,
     assert (tmp_path / "mixed.safetensors").read_bytes() == (tmp_path / "mixed-ref.safetensors").read_bytes()
     with pytest.raises(ValueError, match="expected tensor"), StreamingSafetensors(tmp_path / "bad.safetensors", {"a": (torch.float32, (1,)), "b": (torch.float32, (1,))}) as out:
         out.write("b", torch.zeros(1))
+
+
+def test_the_reader_reads_what_safetensors_wrote_and_refuses_a_damaged_header(tmp_path):
+    """model/weights_file.SafetensorsReader (plain reads, no memory map): every dtype we write, an
+    empty tensor, and headers that lie about their byte ranges."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from model.weights_file import SafetensorsReader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.arange(6, dtype=torch.int64).reshape(2, 3), "d": torch.randn(4, generator=g).half(),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    reader = SafetensorsReader(path)
+    assert set(reader.specs) == set(tensors)
+    for name, tensor in tensors.items():
+        assert reader.specs[name] == (tensor.dtype, tuple(tensor.shape))
+        assert torch.equal(reader.read(name), tensor), name
+    header = b'{"a":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}'
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(ValueError, match="byte range 0-4000"):
+        SafetensorsReader(bad)
+    bad.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ValueError, match="header length"):
+        SafetensorsReader(bad)

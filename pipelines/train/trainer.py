@@ -19,6 +19,7 @@ stage's resolved `TrainPlan`; the trainer goes through named phases:
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,45 +82,50 @@ class CountingIterator:
         return value
 
 
-def initial_state(plan, tokenizer) -> dict | None:
-    """The weights the stage starts from (GPT names), or None for a fresh model."""
-    from model.export import load_model_dir
+def initial_state(plan, tokenizer) -> Mapping | None:
+    """The weights the stage starts from (GPT names), or None for a fresh model. Read lazily
+    (model/export.py: LazyWeights), with the vocabulary grown to the tokenizer's as each
+    embedding is read: a ZeRO-3 rank or a pipeline stage holds one tensor at a time beside
+    its own part, never the whole init model."""
+    from model.export import open_model_weights
 
     if plan.init_model is None:
         return None
-    model, init_tok, _ = load_model_dir(plan.init_model)
+    config, init_tok, weights = open_model_weights(plan.init_model)
     if init_tok.sha256 != tokenizer.sha256 or init_tok.special_tokens != tokenizer.special_tokens:
         raise RelayError(f"stages.{plan.stage}.init: {plan.init_model} uses tokenizer {init_tok.name} ({init_tok.sha256[:12]}), "
                          f"the job's is {tokenizer.name} ({tokenizer.sha256[:12]})")
-    model = add_missing_tokens(model, tokenizer.n_vocab)
-    if model.config != plan.model:
+    grown = config.replace(vocab_size=max(config.vocab_size, tokenizer.n_vocab))
+    if grown != plan.model:
         raise RelayError(f"stages.{plan.stage}.init: {plan.init_model} is not the model the run was planned with "
                          "(it changed since); run the stage again")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return weights if grown == config else GrownVocabulary(weights, config.vocab_size, grown)
 
 
-def add_missing_tokens(model, n_vocab: int):
-    """Grow the vocabulary to `n_vocab` (e.g. chat tokens a base model lacks); new rows = mean embedding."""
-    from model.gpt import GPT
+class GrownVocabulary(Mapping):
+    """Weights whose vocabulary grows from `old` ids to the config's (e.g. the chat tokens a base
+    model lacks): the new embedding and head rows are the mean of the old ones, the padding
+    rows zero; every other tensor passes through."""
 
-    old = model.config.vocab_size
-    if n_vocab <= old:
-        return model
-    grown = GPT(model.config.replace(vocab_size=n_vocab))
-    state = model.state_dict()
-    with torch.no_grad():
-        for name in ("transformer.wte.weight", "lm_head.weight"):
-            if name == "lm_head.weight" and model.config.tie_embeddings:
-                continue
-            rows = grown.state_dict()[name].clone()
-            rows.zero_()
-            rows[:old] = state[name][:old]
-            rows[old:n_vocab] = state[name][:old].mean(dim=0)
-            state[name] = rows
-        if model.config.tie_embeddings:
-            state["lm_head.weight"] = state["transformer.wte.weight"]
-    grown.load_state_dict(state)
-    return grown
+    ROWS = ("transformer.wte.weight", "lm_head.weight")
+
+    def __init__(self, weights: Mapping, old: int, config) -> None:
+        self.weights, self.old, self.config = weights, old, config
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.weights[name]
+        if name not in self.ROWS:
+            return value
+        rows = value.new_zeros((self.config.padded_vocab_size, value.shape[1]))
+        rows[:self.old] = value[:self.old]
+        rows[self.old:self.config.vocab_size] = value[:self.old].mean(dim=0)
+        return rows
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
 
 
 class Trainer:
