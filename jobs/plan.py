@@ -29,6 +29,9 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
     if vocab_size is None:
         vocab_size, vocab_exact = tokenizer_vocabulary(job, run_dir.tokenizer)
     device = device or device_of(job)
+    # The pipeline cut may move to fit a stated GPU memory (never the host's: the plan must not
+    # depend on the machine it is resolved on).
+    budget = job.cluster.device_memory_gb * 1024**3 if device == "cuda" and job.cluster.device_memory_gb else None
     training = {}
     for name in ("pretrain", "sft"):
         settings = getattr(job.stages, name)
@@ -41,7 +44,7 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
             model = _model(name, settings, init, job.model, vocab_size)
         seq_len = sft_seq_len(job) if name == "sft" else settings.seq_len or model.block_size
         training[name] = plan_training(name, settings, model, world_size=job.cluster.num_workers, seq_len=seq_len, device=device,
-                                       data_dir=run_dir.data(name), init_model=init, seed=job.seed)
+                                       data_dir=run_dir.data(name), init_model=init, seed=job.seed, memory_budget=budget)
     return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
                    device=device, training=training, job=job.resolved_dict())
 

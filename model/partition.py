@@ -53,8 +53,13 @@ def layer_params(config: GPTConfig, num_stages: int) -> list[int]:
     return [v * c, position, *([_block_params(config)] * config.n_layer), final_norm, head]
 
 
-def stage_boundaries(config: GPTConfig, num_stages: int, method: str = "compute", seq_len: int | None = None) -> list[int]:
-    """DeepSpeed's `parts`: parts[s] is the first pipeline layer of stage s, parts[-1] the end."""
+def stage_boundaries(config: GPTConfig, num_stages: int, method: str = "compute", seq_len: int | None = None,
+                     fits=None) -> list[int]:
+    """DeepSpeed's `parts`: parts[s] is the first pipeline layer of stage s, parts[-1] the end.
+
+    `fits(stage, start, stop)`, when given, says whether pipeline layers start..stop-1 fit the
+    memory of `stage`: the balanced cut is then the best among those where every stage fits
+    (ValueError when none does)."""
     num_layers = config.n_layer + 4
     if method == "uniform":
         return _uniform(num_layers, num_stages)
@@ -67,7 +72,10 @@ def stage_boundaries(config: GPTConfig, num_stages: int, method: str = "compute"
         sizes = [base + (1 if s < extra else 0) for s in range(num_stages)]
     else:
         costs = layer_flops(config, seq_len or config.block_size) if method == "compute" else layer_params(config, num_stages)
-        sizes = _balanced_blocks(costs[2:-2], num_stages, first=sum(costs[:2]), last=sum(costs[-2:]))
+        def allowed(stage: int, i: int, j: int) -> bool:  # blocks i..j-1 -> pipeline layers
+            return fits(stage, 0 if stage == 0 else 2 + i, num_layers if stage == num_stages - 1 else 2 + j)
+        sizes = _balanced_blocks(costs[2:-2], num_stages, first=sum(costs[:2]), last=sum(costs[-2:]),
+                                 allowed=allowed if fits is not None else None)
     parts, start = [0], 2
     for size in sizes[:-1]:
         start += size
@@ -81,10 +89,11 @@ def stage_flops(config: GPTConfig, parts: list[int], seq_len: int) -> list[float
     return [sum(costs[parts[s]:parts[s + 1]]) for s in range(len(parts) - 1)]
 
 
-def _balanced_blocks(costs: list[float], num_stages: int, *, first: float, last: float) -> list[int]:
+def _balanced_blocks(costs: list[float], num_stages: int, *, first: float, last: float, allowed=None) -> list[int]:
     """Blocks per stage, in order, minimising the largest stage cost, where the first stage also
     pays `first` and the last `last`. Every stage holds at least one block except the last,
-    which may hold the head alone (when the head outweighs a block). Exact, by dynamic programming."""
+    which may hold the head alone (when the head outweighs a block). `allowed(stage, i, j)`, if
+    given, rules out putting blocks i..j-1 on a stage. Exact, by dynamic programming."""
     n, inf = len(costs), float("inf")
     prefix = [0.0]
     for c in costs:
@@ -101,9 +110,13 @@ def _balanced_blocks(costs: list[float], num_stages: int, *, first: float, last:
         is_last = s == num_stages
         for j in ([n] if is_last else range(s, n + 1)):
             for i in range(s - 1, j + 1 if is_last else j):
+                if best[s - 1][i] == inf or (allowed is not None and not allowed(s - 1, i, j)):
+                    continue
                 value = max(best[s - 1][i], cost(s - 1, i, j))
                 if value < best[s][j]:
                     best[s][j], cut[s][j] = value, i
+    if best[num_stages][n] == inf:
+        raise ValueError(f"no cut into {num_stages} stages fits")
     sizes, j = [], n
     for s in range(num_stages, 0, -1):
         i = cut[s][j]

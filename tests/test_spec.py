@@ -134,3 +134,36 @@ def test_zero_buckets_are_never_larger_than_the_stage_and_the_planner_counts_the
     assert stage_memory(plan)[0].buffers == 1000 * 4 + 2000 * 4
     without_zero = resolve_plan(load_job(path, ["stages.pretrain.deepspeed.zero_stage=0"]), RunDir(tmp_path / "run")).stage("pretrain")
     assert "reduce_bucket_size" not in without_zero.deepspeed_config["zero_optimization"]
+
+
+def test_the_pipeline_cut_moves_to_fit_a_stated_gpu_memory(tmp_path):
+    """The compute cut of a 4-block model with the GPT-2 vocabulary at pp 2 puts every block on
+    stage 0 (the head weighs as much). With a device memory that stage 0 of that cut exceeds,
+    the plan takes the most balanced cut in which both stages fit, and says so; with a memory
+    no cut fits, the compute cut stays and the fit check names the stage."""
+    from cluster.plan import check, format_plan
+    from jobs.plan import resolve_plan
+    from pipelines.rundir import RunDir
+    from pipelines.train.memory import stage_memory
+
+    path = job_file(tmp_path, {"pretrain": {"steps": 5, "micro_batch": 1, "grad_accum": 8,
+                                            "deepspeed": {"pipeline_stages": 2, "zero_stage": 1}}})
+    path.write_text(path.read_text().replace("n_layer: 4", "n_layer: 4\n  n_embd: 768\n  n_head: 12\n  block_size: 1024"))
+    gpus = ["cluster.gpus_per_worker=1"]
+    free = resolve_plan(load_job(path, gpus), RunDir(tmp_path / "run")).stage("pretrain")
+    compute = stage_memory(free)
+    assert [m.layers for m in compute] == ["0-3", "-"] and not free.partition_note
+    assert compute[0].total > compute[1].total  # stage 0 binds: its blocks and their in-flight activations
+    budget_gb = (compute[0].total - 1) / 1024**3
+    bound = resolve_plan(load_job(path, gpus + [f"cluster.device_memory_gb={budget_gb}"]), RunDir(tmp_path / "run")).stage("pretrain")
+    moved = stage_memory(bound)
+    assert [m.layers for m in moved] != ["0-3", "-"] and "most balanced cut that fits" in bound.partition_note
+    assert max(m.total for m in moved) <= budget_gb * 1024**3
+    assert bound.deepspeed_config["zero_optimization"]["reduce_bucket_size"] == max(m.params for m in moved)
+    tiny = load_job(path, gpus + ["cluster.device_memory_gb=0.01"])
+    stuck = resolve_plan(tiny, RunDir(tmp_path / "run")).stage("pretrain")
+    assert list(stuck.stage_layers) == list(free.stage_layers) and not stuck.partition_note
+    run, problems = check(tiny, RunDir(tmp_path / "run"))
+    assert any("pipeline stage 0 needs" in p for p in problems), problems
+    job = load_job(path, gpus + [f"cluster.device_memory_gb={budget_gb}"])
+    assert "pipeline cut: the compute-balanced cut puts stage 0 over" in format_plan(job, resolve_plan(job, RunDir(tmp_path / "run")), [])

@@ -58,45 +58,45 @@ class StageMemory:
 def stage_memory(plan) -> list[StageMemory]:
     """Per pipeline stage of a TrainPlan: what one device of that stage holds, for the partition
     the engine will impose (model/partition.py) and the DeepSpeed config it will run with."""
-    from model.partition import layer_params, stage_flops
+    parts = plan.stage_layers
+    return [segment_memory(plan, i, parts[i], parts[i + 1]) for i in range(plan.pipeline_stages)]
+
+
+def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
+    """What one device of pipeline stage `stage` would hold with pipeline layers start..stop-1
+    (any cut: the partition search asks about cuts the plan does not have yet)."""
+    from model.partition import layer_flops, layer_params
 
     config, ds = plan.model, plan.settings.deepspeed
     zero = plan.deepspeed_config.get("zero_optimization", {})
     pp, dp, seq, micro = plan.pipeline_stages, plan.data_parallel, plan.seq_len, plan.micro_batch
-    parts = list(plan.stage_layers)
-    sizes = layer_params(config, pp)
-    flops = stage_flops(config, parts, seq)
     c, v = config.n_embd, config.padded_vocab_size
     half = plan.precision in ("bf16", "fp16")
     w_bytes = g_bytes = 2 if half else 4
     master = 4 if (half or plan.zero_stage >= 1) else 0
     act_bytes = 34 * seq * micro * c * (1 if half else 2)
-    out = []
-    for i in range(pp):
-        start, stop = parts[i], parts[i + 1]
-        blocks = sum(1 for layer in range(start, stop) if 2 <= layer < config.n_layer + 2)
-        first_block = max(start, 2) - 2
-        params = sum(sizes[start:stop])
-        weights, grads, opt = params * w_bytes, params * g_bytes, params * (master + 8)
-        if plan.zero_stage >= 1:
-            opt /= dp
-            grads /= dp
+    blocks = sum(1 for layer in range(start, stop) if 2 <= layer < config.n_layer + 2)
+    first_block = max(start, 2) - 2
+    params = sum(layer_params(config, pp)[start:stop])
+    weights, grads, opt = params * w_bytes, params * g_bytes, params * (master + 8)
+    if plan.zero_stage >= 1:
+        opt /= dp
+        grads /= dp
+    if plan.zero_stage >= 3:
+        weights /= dp
+    if ds.offload_optimizer:
+        opt = 0.0
+    if plan.zero_stage >= 1:
+        buffers = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params) * g_bytes
         if plan.zero_stage >= 3:
-            weights /= dp
-        if ds.offload_optimizer:
-            opt = 0.0
-        if plan.zero_stage >= 1:
-            buffers = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params) * g_bytes
-            if plan.zero_stage >= 3:
-                buffers += min(zero.get("stage3_max_live_parameters", DEFAULT_MAX_LIVE), params) * w_bytes
-        else:
-            buffers = min(DEFAULT_BUCKET, params) * g_bytes if dp > 1 else 0.0
-        k = ds.activation_checkpoint_interval
-        per_micro = blocks * act_bytes if not k else (math.ceil(blocks / k) * seq * micro * c * w_bytes + min(k, blocks) * act_bytes)
-        in_flight = min(plan.grad_accum, pp - i) if pp > 1 else 1
-        logits = (micro * seq * v * 4 * 2) if stop == config.n_layer + 4 else 0.0
-        layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
-        out.append(StageMemory(i, layers, params, weights, grads, opt, buffers, per_micro * in_flight, logits,
-                               flops[i] * plan.tokens_per_step / dp,
-                               buffers_with_activations=plan.zero_stage >= 1 and pp == 1))
-    return out
+            buffers += min(zero.get("stage3_max_live_parameters", DEFAULT_MAX_LIVE), params) * w_bytes
+    else:
+        buffers = min(DEFAULT_BUCKET, params) * g_bytes if dp > 1 else 0.0
+    k = ds.activation_checkpoint_interval
+    per_micro = blocks * act_bytes if not k else (math.ceil(blocks / k) * seq * micro * c * w_bytes + min(k, blocks) * act_bytes)
+    in_flight = min(plan.grad_accum, pp - stage) if pp > 1 else 1
+    logits = (micro * seq * v * 4 * 2) if stop == config.n_layer + 4 else 0.0
+    layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
+    flops = sum(layer_flops(config, seq)[start:stop])
+    return StageMemory(stage, layers, params, weights, grads, opt, buffers, per_micro * in_flight, logits,
+                       flops * plan.tokens_per_step / dp, buffers_with_activations=plan.zero_stage >= 1 and pp == 1)

@@ -9,7 +9,7 @@ again. The arithmetic lives in the small functions below, which the job validato
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,7 @@ class TrainPlan:
     data_dir: Path              # the prepared shards of this stage
     init_model: Path | None     # the model directory the stage starts from (None: fresh weights)
     seed: int
+    partition_note: str = ""    # why the pipeline cut is not the plain compute balance, when it is not
 
     @property
     def total_tokens(self) -> int:
@@ -130,25 +131,48 @@ class TrainPlan:
 
 
 def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, world_size: int, seq_len: int, device: str,
-                  data_dir: Path, init_model: Path | None, seed: int) -> TrainPlan:
-    """Resolve one stage's settings on a layout of `world_size` processes."""
+                  data_dir: Path, init_model: Path | None, seed: int, memory_budget: float | None = None) -> TrainPlan:
+    """Resolve one stage's settings on a layout of `world_size` processes.
+
+    `memory_budget`: bytes one device may use (cluster.device_memory_gb on GPUs). When the
+    compute-balanced pipeline cut would put a stage over it, the cut is the most balanced one
+    in which every stage fits (pipelines/train/memory.py estimates each candidate); when none
+    fits, the compute cut stays and the fit check reports the stage."""
     pp = settings.deepspeed.pipeline_stages
     dp = data_parallel_size(world_size, pp)
     global_batch = settings.micro_batch * settings.grad_accum * dp
     tokens_per_step = global_batch * seq_len
     precision = resolve_precision(settings.deepspeed.precision, device)
-    parts = stage_boundaries(model, pp, settings.deepspeed.partition_method, seq_len) if pp > 1 else (0, model.n_layer + 4)
-    sizes = layer_params(model, pp)
-    stage_params = max(sum(sizes[a:b]) for a, b in zip(parts, parts[1:]))
-    return TrainPlan(
+    method = settings.deepspeed.partition_method
+    parts = stage_boundaries(model, pp, method, seq_len) if pp > 1 else (0, model.n_layer + 4)
+
+    def render(cut) -> dict:
+        sizes = layer_params(model, pp)
+        return deepspeed_config(settings, dp, precision, device, max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:])))
+
+    plan = TrainPlan(
         stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,
         zero_stage=settings.deepspeed.zero_stage, micro_batch=settings.micro_batch, grad_accum=settings.grad_accum,
         global_batch=global_batch, seq_len=seq_len, tokens_per_step=tokens_per_step,
         total_steps=total_steps(settings, tokens_per_step), device=device, precision=precision,
         clip_in_optimizer=clips_in_optimizer(settings, precision), stage_layers=tuple(parts),
-        deepspeed_config=deepspeed_config(settings, dp, precision, device, stage_params),
+        deepspeed_config=render(parts),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
     )
+    if memory_budget and pp > 1 and method == "compute":
+        from pipelines.train.memory import segment_memory, stage_memory
+
+        over = [m.stage for m in stage_memory(plan) if m.total > memory_budget]
+        if over:
+            try:
+                cut = stage_boundaries(model, pp, method, seq_len,
+                                       fits=lambda s, a, b: segment_memory(plan, s, a, b).total <= memory_budget)
+            except ValueError:
+                return plan  # nothing fits: the compute cut, and the fit check names the stage
+            plan = replace(plan, stage_layers=tuple(cut), deepspeed_config=render(cut),
+                           partition_note=f"the compute-balanced cut puts stage {over[0]} over the device memory; "
+                                          "this is the most balanced cut that fits")
+    return plan
 
 
 @dataclass(frozen=True)
