@@ -44,9 +44,16 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
             model = _model(name, settings, init, job.model, vocab_size)
         seq_len = sft_seq_len(job) if name == "sft" else settings.seq_len or model.block_size
         training[name] = plan_training(name, settings, model, world_size=job.cluster.num_workers, seq_len=seq_len, device=device,
-                                       data_dir=run_dir.data(name), init_model=init, seed=job.seed, memory_budget=budget)
+                                       data_dir=run_dir.data(name), init_model=init, seed=job.seed, memory_budget=budget,
+                                       separate_documents=_separate_documents(job, name))
     return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
                    device=device, training=training, job=job.resolved_dict())
+
+
+def _separate_documents(job, name: str) -> bool:
+    """data.<stage>.separate_documents (its defaults: on for SFT, off for pretraining)."""
+    section = getattr(job.data, name, None)
+    return section.separate_documents if section is not None else name == "sft"
 
 
 def _init_model(job, name: str, settings, run_dir: RunDir) -> Path | None:

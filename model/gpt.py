@@ -45,6 +45,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.to(x.dtype)
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that restart at 0 where each packed document begins.
+
+    document_ids (B, T) number the documents of a packed row in order (a new id starts a new
+    document): a token's position is its distance from the first token of its document.
+    """
+    B, T = document_ids.shape
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) where each token's document starts
+    return index - first
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask: a query sees earlier keys of its own document only.
+
+    Block-diagonal causal attention keeps packed documents apart (every query sees at least
+    itself, so no row is empty). FlexAttention would skip the masked blocks, but in torch
+    2.13 it has no backward on CPU; SDPA takes this mask on every device.
+    """
+    T = document_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
 class KVCache:
     """Preallocated keys and values for every layer, written in place as tokens arrive.
 
@@ -185,6 +212,7 @@ class GPT(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -194,10 +222,14 @@ class GPT(nn.Module):
         input t); IGNORE_INDEX marks positions outside the loss.
         attention_mask (B, T) marks real tokens (0 on left padding); with a KV cache it
         covers the new tokens only and is remembered for later steps.
+        document_ids (B, T) keep the documents of a packed training row apart: attention
+        stays within a document and positions restart at each one (see `document_mask`).
         """
         B, T = input_ids.shape
         offset = kv_cache.length if kv_cache is not None else 0
-        if position_ids is None:
+        if position_ids is None and document_ids is not None:
+            position_ids = document_positions(document_ids)  # (B, T), restarting per document
+        elif position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         if offset + T > self.config.block_size and self.config.position == "learned":
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
@@ -206,7 +238,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(position_ids)
         x = self.transformer.drop(x)
         rope = rope_tables(self.config, position_ids) if self.config.position == "rope" else None
-        attn_mask = self.attention_mask(T, attention_mask, kv_cache, input_ids.device)
+        attn_mask = self.attention_mask(T, attention_mask, kv_cache, input_ids.device, document_ids)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, attn_mask, kv_cache, i)
         if kv_cache is not None:
@@ -219,8 +251,13 @@ class GPT(nn.Module):
         return logits, loss
 
     @staticmethod
-    def attention_mask(T, padding_mask, kv_cache, device) -> torch.Tensor | None:
+    def attention_mask(T, padding_mask, kv_cache, device, document_ids=None) -> torch.Tensor | None:
         """Boolean (B, 1, T, Tk) mask of allowed keys, or None when plain causal suffices."""
+        if document_ids is not None:
+            if kv_cache is not None or padding_mask is not None:
+                raise ValueError("document_ids keep the documents of packed training rows apart; "
+                                 "they take no KV cache and no padding mask")
+            return document_mask(document_ids)
         offset = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and padding_mask is not None:
             if kv_cache.key_mask is None:

@@ -8,6 +8,12 @@ Layer order (indices are what DeepSpeed partitions and names parameters by):
     L+2          final norm
     L+3          LM head                    (the tied "embed" module again, used as a matmul)
 
+Between stages a layer passes the hidden states (B, T, C), or, when the documents of packed
+rows are kept apart, the tuple (hidden states, document ids (B, T)): the first stage reads
+(token ids, document ids) from the batch, every block rebuilds positions and its mask from
+the ids (a (B, T) integer tensor travels instead of a (B, 1, T, T) mask, and needs no
+gradient), and the final norm drops them.
+
 With tied embeddings the first and last stages each hold a copy of the token embedding and
 DeepSpeed all-reduces its gradient between them, so they stay one matrix. `gpt_key` maps a
 pipeline parameter name to the GPT parameter name, which is how weights move between the two
@@ -23,9 +29,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import GPTConfig
-from model.gpt import Block, init_weights, lm_loss, make_norm, rope_tables
+from model.gpt import Block, document_mask, document_positions, init_weights, lm_loss, make_norm, rope_tables
 
 EMBED_KEY = "embed"
+
+
+def split_documents(inputs):
+    """(tensor, document ids) from what a layer receives: a tensor alone, or the pair."""
+    return inputs if isinstance(inputs, tuple) else (inputs, None)
+
+
+def positions_of(x: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+    """Positions (B, T) of hidden states x (B, T, C): restarting per document when ids are given."""
+    if document_ids is not None:
+        return document_positions(document_ids)
+    return torch.arange(x.size(1), device=x.device).expand(x.size(0), -1)
 
 
 class TokenEmbeddingPipe(nn.Module):
@@ -34,8 +52,10 @@ class TokenEmbeddingPipe(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.wte(input_ids)  # (B, T, C)
+    def forward(self, inputs):
+        input_ids, document_ids = split_documents(inputs)
+        x = self.wte(input_ids)  # (B, T, C)
+        return x if document_ids is None else (x, document_ids)
 
 
 def tied_head(module: TokenEmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
@@ -52,26 +72,30 @@ class PositionPipe(nn.Module):
             nn.init.normal_(self.wpe.weight, mean=0.0, std=0.02)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs):
+        x, document_ids = split_documents(inputs)
         if self.learned:
-            x = x + self.wpe(torch.arange(x.size(1), device=x.device))
-        return self.drop(x)
+            positions = torch.arange(x.size(1), device=x.device) if document_ids is None else document_positions(document_ids)
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        return x if document_ids is None else (x, document_ids)
 
 
 class BlockPipe(Block):
-    """A transformer block that takes only hidden states (pipeline stages pass one tensor)."""
+    """A transformer block that takes hidden states, or hidden states and document ids
+    (pipeline stages pass tensors only: rope tables and masks are rebuilt here)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         self.config = config
         self.apply(lambda m: init_weights(m, config))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rope = None
-        if self.config.position == "rope":
-            positions = torch.arange(x.size(1), device=x.device).expand(x.size(0), -1)
-            rope = rope_tables(self.config, positions)
-        return super().forward(x, rope)
+    def forward(self, inputs):
+        x, document_ids = split_documents(inputs)
+        rope = rope_tables(self.config, positions_of(x, document_ids)) if self.config.position == "rope" else None
+        if document_ids is None:
+            return super().forward(x, rope)  # plain causal attention
+        return super().forward(x, rope, document_mask(document_ids)), document_ids
 
 
 class FinalNormPipe(nn.Module):
@@ -79,7 +103,8 @@ class FinalNormPipe(nn.Module):
         super().__init__()
         self.ln_f = make_norm(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs) -> torch.Tensor:
+        x, _ = split_documents(inputs)  # the head and the loss need no document ids
         return self.ln_f(x)
 
 

@@ -127,14 +127,19 @@ def _plan(config, stage_kwargs: dict, init_model=None):
                          seq_len=config.block_size, device="cpu", data_dir=Path("."), init_model=init_model, seed=0)
 
 
-def _random_batches(plan):
-    """Endless (x, y) micro-batches of random tokens, different on every rank."""
+def _random_batches(plan, document_length: int | None = None):
+    """Endless (x, y) micro-batches of random tokens, different on every rank; with
+    `document_length`, ((x, document ids), y) of rows packed with documents that long."""
     import torch
 
     g = torch.Generator().manual_seed(torch.distributed.get_rank())
     while True:
         x = torch.randint(0, plan.model.vocab_size, (plan.micro_batch, plan.seq_len), generator=g)
-        yield x, torch.roll(x, -1, dims=1)
+        if document_length is None:
+            yield x, torch.roll(x, -1, dims=1)
+        else:
+            document_ids = (torch.arange(plan.seq_len) // document_length).expand(plan.micro_batch, -1)
+            yield (x, document_ids), torch.roll(x, -1, dims=1)
 
 
 def _restart_peak() -> int:
@@ -238,8 +243,10 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
     return {"losses": losses, "result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
 
 
-def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmup: int, threads: int) -> dict:
-    """Seconds per optimizer step of the relaygpt Engine on this process group (rank 0 reports)."""
+def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmup: int, threads: int,
+                      document_length: int | None = None) -> dict:
+    """Seconds per optimizer step of the relaygpt Engine on this process group (rank 0 reports);
+    with `document_length`, on rows whose documents are kept apart (see `_random_batches`)."""
     import time
 
     import torch
@@ -252,7 +259,7 @@ def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmu
     init_distributed()
     plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps + warmup})
     engine = Engine(plan, init_state=None)
-    it = _random_batches(plan)
+    it = _random_batches(plan, document_length)
     warm_start = time.perf_counter()
     for _ in range(warmup):
         engine.train_step(it)
@@ -302,12 +309,11 @@ def plain_loop_throughput(config_kwargs: dict, micro_batch: int, steps: int, war
     return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
 
 
-def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int, document_end: int) -> dict:
+def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int, document_end: int) -> list[dict]:
     """Losses of `steps` optimizer steps on packed rows whose documents are kept apart, then one
     evaluation loss, for each layout (DeepSpeed settings) in turn; every rank reads the same
     batches, so every layout trains on the same data whatever its data-parallel size."""
     import numpy as np
-    import torch
 
     from model.config import GPTConfig
     from pipelines.data.loader import BatchLoader, TokenWindows, eval_batches

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import tiktoken
+import torch
 import yaml
 
 from jobs.spec import load_job
@@ -124,6 +125,29 @@ def test_sft_packing_counts_truncation_and_drops(tmp_path):
     st = out["sft"]["stats"]
     assert (st["truncated"], st["dropped_no_supervised_tokens"], st["dropped_no_assistant_turn"]) == (2, 1, 1)
     assert out["sft"]["splits"]["train"]["rows"] == 2
+
+
+def test_prepared_sft_rows_part_at_each_conversation(tmp_path):
+    from model.errors import RelayError
+
+    chats = [{"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}"}]}
+             for i in range(3)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    path = write_job(tmp_path, {"sft": {"val_fraction": 0.0, "sources": [{"type": "json", "path": "c.jsonl"}]}})
+    job, out = prepare(path)
+    tok, directory = out["tokenizer"], job.run_dir() / "data" / "sft"
+    assert job.data.sft.separate_documents and out["sft"]["eot_id"] == tok.eot_id
+    assert isinstance(next(BatchLoader(open_split(directory, "train"), 1))[0], torch.Tensor)  # off: plain (x, y)
+    (x, document_ids), y = next(BatchLoader(open_split(directory, "train", separate_documents=True), 1))
+    starts = [*np.flatnonzero(x[0].numpy() == tok.user_id), int(np.flatnonzero(x[0].numpy() == tok.eot_id)[2]) + 1]
+    assert len(starts) == 4  # three conversations in one row, then padding
+    for k in range(3):
+        assert (document_ids[0, starts[k] : starts[k + 1]] == k).all()
+    manifest = read_manifest(directory)
+    del manifest["eot_id"]  # as an older relaygpt prepared it
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RelayError, match="re-run relaygpt data prepare"):
+        open_split(directory, "train", separate_documents=True)
 
 
 def test_parquet_csv_and_weights(tmp_path):

@@ -134,6 +134,16 @@ def test_changing_masked_targets_leaves_the_loss_unchanged(base):
     assert not torch.equal(model(x, labels=y_sup)[1], base_loss)
 
 
+def test_the_pretraining_option_reaches_the_loader(base):
+    """data.pretrain.separate_documents: the end-of-text closing each document predicts nothing
+    (its target is the next document's first token); off, every target counts."""
+    job_path, steps = base[0], ["stages.pretrain.steps=2"]
+    across = train(1, job_path, fresh(base, "across"), steps)
+    apart = train(1, job_path, fresh(base, "apart"), steps + ["data.pretrain.separate_documents=true"])
+    assert across["result"]["train/supervised_fraction"] == 1.0
+    assert 0.8 < apart["result"]["train/supervised_fraction"] < 1.0
+
+
 def test_tensorboard_has_the_scalars(base):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -93,12 +93,16 @@ class PretrainDataSpec(Strict):
     sources: list[SourceSpec] = Field(min_length=1)
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="documents held out for validation (by document hash)")
     shard_tokens: int = Field(1 << 26, ge=1024, description="tokens per shard file")
+    separate_documents: bool = Field(False, description="attend within each document of a window only, positions restarting "
+                                     "at each; off: attention runs across documents (the plain causal kernel)")
 
 
 class SFTDataSpec(Strict):
     sources: list[SourceSpec] = Field(min_length=1)
     val_fraction: float = Field(0.05, ge=0, lt=0.5)
     seq_len: int | None = Field(None, ge=8, description="packed row length; default the model's block_size")
+    separate_documents: bool = Field(True, description="attend within each conversation of a packed row only, positions "
+                                     "restarting at each; off: later conversations see earlier ones of their row")
 
 
 class SyntheticSpec(Strict):

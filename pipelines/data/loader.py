@@ -10,6 +10,15 @@ windows; an epoch's remainder that cannot fill a whole step is skipped. The stat
 position) is the same on every rank and is all a checkpoint needs for a resumed run to see
 exactly the batches the uninterrupted run would have seen.
 
+Packed rows hold several documents (pretraining: every document closed by end-of-text; SFT:
+every conversation closed by end-of-text, then padding made of end-of-text). Opened with
+`separate_documents`, a split keeps them apart: a batch is ((x, document_ids), y), where
+document_ids (B, T) number the documents of each row, for the model to attend within a
+document only and restart positions at each (model/gpt.py); without it a batch is (x, y) and
+attention runs across the whole row. The ids are cut at end-of-text, which is exact: text is
+encoded with `encode_ordinary` and the chat template places its own tokens by id, so
+end-of-text occurs only where preparation closed a document.
+
 Pipeline engines: the first and the last stage of a data-parallel rank build the same loader
 (same rank, seed and state), so both see the same batches (inputs and labels).
 """
@@ -32,8 +41,9 @@ class TokenWindows:
 
     shifts = True  # windows may start at an epoch's offset
 
-    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
-        self.tokens, self.seq_len = tokens, seq_len
+    def __init__(self, tokens: np.ndarray, seq_len: int, document_end: int | None = None) -> None:
+        """`document_end`: the end-of-text id, when documents are kept apart (see `to_batch`)."""
+        self.tokens, self.seq_len, self.document_end = tokens, seq_len, document_end
         # Room is kept for any offset below seq_len, so every epoch has the same count.
         self.num_windows = max(0, (len(tokens) - 1 - (seq_len - 1)) // seq_len) if len(tokens) > 2 * seq_len else max(0, (len(tokens) - 1) // seq_len)
         self.max_offset = seq_len if len(tokens) > 2 * seq_len else 1
@@ -49,8 +59,10 @@ class PackedRows:
     shifts = False
     max_offset = 1
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray, row_len: int) -> None:
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, row_len: int, document_end: int | None = None) -> None:
+        """`document_end`: the end-of-text id, when conversations are kept apart (see `to_batch`)."""
         self.tokens, self.mask = tokens.reshape(-1, row_len), mask.reshape(-1, row_len)
+        self.document_end = document_end
         self.seq_len = row_len - 1
         self.num_windows = len(self.tokens)
 
@@ -58,32 +70,50 @@ class PackedRows:
         return np.asarray(self.tokens[i], dtype=np.int64), np.asarray(self.mask[i])
 
 
-def open_split(directory: str | Path, split: str, seq_len: int | None = None, verify: bool = True):
-    """Windows of a prepared data directory's split; shards are hash-checked first."""
+def open_split(directory: str | Path, split: str, seq_len: int | None = None, verify: bool = True,
+               separate_documents: bool = False):
+    """Windows of a prepared data directory's split; shards are hash-checked first.
+
+    `separate_documents`: batches carry document ids, so packed documents stay apart."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest is None:
         raise RelayError(f"{directory}: no manifest.json; prepare the data first (relaygpt data prepare)")
     if verify:
         verify_shards(directory, manifest)
+    document_end = None
+    if separate_documents:
+        document_end = manifest.get("eot_id")
+        if document_end is None:
+            raise RelayError(f"{directory}: prepared by an older relaygpt that did not record the end-of-text id, which keeping "
+                             "documents apart needs; re-run relaygpt data prepare")
     if manifest["kind"] == "sft":
         tokens = load_split(directory, manifest, split)
         mask = load_split(directory, manifest, split, key="mask_file")
-        return PackedRows(tokens, mask, manifest["row_len"])
+        return PackedRows(tokens, mask, manifest["row_len"], document_end)
     if seq_len is None:
         raise ValueError("pretraining windows need seq_len")
-    return TokenWindows(load_split(directory, manifest, split), seq_len)
+    return TokenWindows(load_split(directory, manifest, split), seq_len, document_end)
 
 
-def to_batch(windows, indices, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) LongTensors (B, T); y is IGNORE_INDEX where the mask excludes the target."""
+def to_batch(windows, indices, offset: int = 0, document_end: int | None = None):
+    """(x, y) LongTensors (B, T); y is IGNORE_INDEX where the mask excludes the target.
+
+    With `document_end` (the end-of-text id that closes every document) the batch is
+    ((x, document_ids), y): document_ids (B, T) count the documents closed before each token,
+    and a document's end-of-text predicts nothing, as its target opens the next document."""
     rows, masks = zip(*(windows.window(int(i), offset) for i in indices))
     data = torch.from_numpy(np.stack(rows))
     x, y = data[:, :-1].contiguous(), data[:, 1:].clone()
     if masks[0] is not None:
         keep = torch.from_numpy(np.stack(masks)[:, 1:].astype(bool))
         y[~keep] = IGNORE_INDEX
-    return x, y
+    if document_end is None:
+        return x, y
+    ends = x == document_end  # (B, T) the last token of each document
+    document_ids = ends.cumsum(dim=1) - ends.long()  # (B, T) documents closed before each token
+    y[ends] = IGNORE_INDEX
+    return (x, document_ids), y
 
 
 @dataclass
@@ -136,9 +166,9 @@ class BatchLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple:
         indices = self.next_indices()
-        return to_batch(self.windows, indices, self.offset)
+        return to_batch(self.windows, indices, self.offset, self.windows.document_end)
 
     def state_dict(self) -> dict:
         return asdict(self.state)
@@ -155,4 +185,4 @@ def eval_batches(windows, micro_batch: int, *, dp_rank: int = 0, dp_size: int = 
         steps = min(steps, max_batches)
     for step in range(steps):
         start = step * per_step + dp_rank * micro_batch
-        yield to_batch(windows, range(start, start + micro_batch))
+        yield to_batch(windows, range(start, start + micro_batch), document_end=windows.document_end)

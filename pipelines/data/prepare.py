@@ -22,7 +22,7 @@ from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
 from pipelines.inputs import FileHashes
 
-PREP_VERSION = 1  # bump when the on-disk format or the processing changes
+PREP_VERSION = 2  # bump when the on-disk format or the processing changes (2: SFT manifests record eot_id)
 MAX_VAL_SHARE = 0.25  # a validation split holding more of a stage's tokens than this is reported
 
 

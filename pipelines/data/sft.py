@@ -5,7 +5,8 @@ uses) inside `datasets.map`, followed by an end-of-text separator outside the lo
 `seq_len + 1` tokens are filled greedily with whole conversations; the rest of a row is
 padding outside the loss. A conversation longer than a row is truncated (counted); one left
 with no supervised target is dropped (counted), as is one that does not end with an
-assistant turn.
+assistant turn. The end-of-text id is recorded in the manifest: the loader cuts rows into
+their conversations there (pipelines/data/loader.py), so that attention stays within each.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def prepare_sft(job, tokenizer: Tokenizer, directory: Path, fingerprint: str, se
             "fingerprint": fingerprint,
             "tokenizer": tokenizer.identity,
             "dtype": dtype.name,
+            "eot_id": tokenizer.eot_id,  # closes every conversation and pads rows: where documents part
             "seq_len": seq_len,
             "row_len": row_len,
             "splits": splits,

@@ -227,8 +227,8 @@ class Engine:
             self.engine.train()
             total = torch.zeros((), dtype=torch.float64)
             for _ in range(self.plan.grad_accum):
-                x, y = next(batches)
-                _, micro_loss = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device))
+                inputs, y = next(batches)
+                _, micro_loss = self._forward(inputs, y)
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 total += micro_loss.detach().double().cpu()
@@ -250,8 +250,17 @@ class Engine:
             batch = iter([(x, y)]) if self.topology.needs_data else None
             return float(self.engine.eval_batch(batch, num_micro_batches=1))
         self.engine.eval()
-        _, loss = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device))
+        _, loss = self._forward(x, y)
         return float(loss)
+
+    def _forward(self, inputs, labels: torch.Tensor):
+        """The unpipelined model on one micro-batch: `inputs` are token ids, or (token ids,
+        document ids) when packed documents are kept apart (pipelines/data/loader.py)."""
+        device = self.engine.device
+        if isinstance(inputs, tuple):
+            x, document_ids = inputs
+            return self.engine(x.to(device), labels=labels.to(device), document_ids=document_ids.to(device))
+        return self.engine(inputs.to(device), labels=labels.to(device))
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)

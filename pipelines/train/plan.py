@@ -124,6 +124,7 @@ class TrainPlan:
     init_model: Path | None     # the model directory the stage starts from (None: fresh weights)
     seed: int
     partition_note: str = ""    # why the pipeline cut is not the plain compute balance, when it is not
+    separate_documents: bool = False  # packed rows keep their documents apart (data.<stage>.separate_documents)
 
     @property
     def total_tokens(self) -> int:
@@ -131,7 +132,8 @@ class TrainPlan:
 
 
 def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, world_size: int, seq_len: int, device: str,
-                  data_dir: Path, init_model: Path | None, seed: int, memory_budget: float | None = None) -> TrainPlan:
+                  data_dir: Path, init_model: Path | None, seed: int, memory_budget: float | None = None,
+                  separate_documents: bool = False) -> TrainPlan:
     """Resolve one stage's settings on a layout of `world_size` processes.
 
     `memory_budget`: bytes one device may use (cluster.device_memory_gb on GPUs). When the
@@ -158,6 +160,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
         clip_in_optimizer=clips_in_optimizer(settings, precision), stage_layers=tuple(parts),
         deepspeed_config=render(parts),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
+        separate_documents=separate_documents,
     )
     if memory_budget and pp > 1 and method == "compute":
         from pipelines.train.memory import segment_memory, stage_memory

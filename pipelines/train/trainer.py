@@ -149,8 +149,9 @@ class Trainer:
         if dist.get_world_size() != plan.world_size:
             raise RelayError(f"cluster.num_workers: the plan is for {plan.world_size} workers but {dist.get_world_size()} started")
         self.tokenizer = Tokenizer.from_dir(self.run.run_dir.tokenizer)
-        self.train_windows = open_split(plan.data_dir, "train", seq_len=plan.seq_len)
-        self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False)
+        separate = plan.separate_documents
+        self.train_windows = open_split(plan.data_dir, "train", seq_len=plan.seq_len, separate_documents=separate)
+        self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False, separate_documents=separate)
         self.engine = Engine(plan, init_state=initial_state(plan, self.tokenizer))
         self.topo = self.engine.topology
         self.loader = BatchLoader(self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank, dp_size=plan.data_parallel,

@@ -11,6 +11,8 @@
    time, and the planner's FLOPs per stage for both cuts.
 4. torch.compile of the blocks (stages.X.compile) against eager, one worker, 2 threads: step
    time after the warm-up, and what the warm-up (the compile) cost.
+5. Documents kept apart (data.X.separate_documents: a block-diagonal mask through SDPA) against
+   plain causal attention, one worker, 2 threads, rows of 64-token documents.
 """
 
 from dist_workers import engine_throughput, plain_loop_throughput
@@ -86,3 +88,17 @@ def test_compiled_blocks_vs_eager(record):
            warmup_s_eager=min(r["warmup_s"] for r in eager), warmup_s_compiled=min(r["warmup_s"] for r in compiled),
            model=f"{config.n_layer}L {config.n_embd}d seq {config.block_size}", micro_batch=micro)
     print(f"compiled blocks: {t_eager / t_compiled:.2f}x the eager speed after the warm-up")
+
+
+def test_documents_kept_apart_vs_plain_attention(record):
+    config = GPTConfig(**MODEL)
+    micro, document_length = 8, 64
+    stage = {"steps": STEPS + WARMUP, "micro_batch": micro, "deepspeed": {"zero_stage": 1}}
+    plain, masked = [], []
+    for _ in range(2):  # alternating fresh processes, so drift on the shared machine hits both
+        plain.append(run_distributed(engine_throughput, 1, MODEL, stage, STEPS, WARMUP, 2)[0]["step_s"])
+        masked.append(run_distributed(engine_throughput, 1, MODEL, stage, STEPS, WARMUP, 2, document_length)[0]["step_s"])
+    t_plain, t_masked = min(plain), min(masked)
+    record("documents_kept_apart", step_s_plain=t_plain, step_s_masked=t_masked, masked_over_plain=t_masked / t_plain,
+           model=f"{config.n_layer}L {config.n_embd}d seq {config.block_size}", micro_batch=micro, document_length=document_length)
+    print(f"documents kept apart: {t_masked / t_plain:.3f}x the step time of plain causal attention")
