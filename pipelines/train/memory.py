@@ -14,7 +14,8 @@ What one device of a stage holds at its peak, in the terms of `torch.cuda.max_me
   activations per micro-batch and layer ~ 34 x seq x micro x hidden bytes in 16-bit (Korthikanti
   et al. 2022, without the attention matrix that SDPA never stores), doubled in fp32; with
   activation checkpointing every k layers, only the layer inputs at checkpoints plus one
-  segment; in the 1F1B schedule stage i keeps up to (pp - i) micro-batches in flight;
+  segment; packed rows that keep documents apart add their boolean attention mask; in the
+  1F1B schedule stage i keeps up to (pp - i) micro-batches in flight;
   the fp32 logits and their gradient on the last stage.
 The buffers used during the backward pass add to the activations; the all-reduce copy and the
 pipeline's bucket (allocated after the backward pass) replace them at the peak. Measured against
@@ -94,6 +95,8 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
         buffers = min(DEFAULT_BUCKET, params) * g_bytes if dp > 1 else 0.0
     k = ds.activation_checkpoint_interval
     per_micro = blocks * act_bytes if not k else (math.ceil(blocks / k) * seq * micro * c * w_bytes + min(k, blocks) * act_bytes)
+    if plan.separate_documents and blocks:  # the (micro, 1, seq, seq) boolean document mask: one per
+        per_micro += micro * seq * seq * (blocks if pp > 1 else 1)  # forward, or per block in a stage
     in_flight = min(plan.grad_accum, pp - stage) if pp > 1 else 1
     logits = (micro * seq * v * 4 * 2) if stop == config.n_layer + 4 else 0.0
     layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
