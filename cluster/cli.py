@@ -217,6 +217,28 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_verify(args) -> int:
+    from pipelines.data.shards import read_manifest, verify_shards
+
+    job, run_dir = _job_and_run_dir(args)
+    checked = 0
+    for stage in ("pretrain", "sft"):
+        if getattr(job.data, stage) is None:
+            continue
+        directory = run_dir.data(stage)
+        manifest = read_manifest(directory)
+        if manifest is None:
+            raise RelayError(f"{directory}: not prepared yet (relaygpt data prepare {args.job})")
+        verify_shards(directory, manifest, full=True)
+        shards = sum(len(split["shards"]) for split in manifest["splits"].values())
+        tokens = sum(split["tokens"] for split in manifest["splits"].values())
+        print(f"{stage}: {shards} shards, {tokens} tokens: every sha256 matches {directory / 'manifest.json'}")
+        checked += 1
+    if not checked:
+        raise RelayError(f"{args.job}: the job has no data section to verify")
+    return 0
+
+
 def cmd_data_inspect(args) -> int:
     from jobs.plan import resolve_plan
     from pipelines.data.inspect import describe
@@ -408,6 +430,7 @@ COMMANDS = [
     ("eval", "evaluate one model directory on a task (generation workers on Ray)", _eval_args, cmd_eval),
     ("data prepare", "tokenizer + token shards for every data stage of a job", _job_args, cmd_data_prepare),
     ("data inspect", "rendered samples and statistics of a prepared stage", _inspect_args, cmd_data_inspect),
+    ("data verify", "re-hash every prepared shard against its manifest (training starts check sizes only)", _job_args, cmd_data_verify),
     ("tokenizer train", "train a byte-level BPE on text files", _tokenizer_train_args, cmd_tokenizer_train),
     ("export", "write a model directory (native or Hugging Face GPT-2)", _export_args, cmd_export),
     ("generate", "generate completions for a JSONL file of prompts", _generate_args, cmd_generate),

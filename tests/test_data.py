@@ -34,7 +34,7 @@ def test_shakespeare_shards_hold_exactly_the_gpt2_tokens(tmp_path, shared_data, 
     expected = tiktoken.get_encoding("gpt2").encode_ordinary(shakespeare)
     assert m["dtype"] == "uint16" and m["splits"]["train"]["documents"] == 1
     assert m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"] == len(expected) + 1  # + one end-of-text
-    tokens = load_split(job.run_dir() / "data" / "pretrain", m, "train")
+    tokens = np.asarray(load_split(job.run_dir() / "data" / "pretrain", m, "train"))
     assert tokens[-1] == 50256 and list(tokens[:-1]) == expected
     assert out["tokenizer"].decode(tokens[:-1]) == shakespeare
 
@@ -49,7 +49,7 @@ def test_blank_line_documents_split_by_document_and_decode_back(tmp_path, shared
     assert m["splits"]["val"]["documents"] > 0 and len(m["splits"]["train"]["shards"]) > 1
     docs = []
     for split in ("train", "val"):
-        tokens = load_split(job.run_dir() / "data" / "pretrain", m, split)
+        tokens = np.asarray(load_split(job.run_dir() / "data" / "pretrain", m, split))
         assert tokens[-1] == tok.eot_id
         segments = np.split(tokens, np.flatnonzero(tokens == tok.eot_id) + 1)[:-1]  # each ends with end-of-text
         docs += [tok.decode(seg[:-1]) for seg in segments]

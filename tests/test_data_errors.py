@@ -68,15 +68,27 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     assert out["pretrain"]["stats"]["documents"] == 2
 
 
-def test_modified_shard_is_refused_with_its_name(tmp_path, shared_data):
+def test_damaged_shards_and_manifests_are_refused_with_their_names(tmp_path, shared_data):
+    """Training starts check sizes and the manifest's digest (no shard is read); a same-size
+    change is found by `relaygpt data verify`, which re-hashes every shard."""
     path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "text", "path": str(shared_data / "pretrain" / "tinystories_sample.txt")}]}})
     job, out = prepare(path)
     directory = job.run_dir() / "data" / "pretrain"
     shard = directory / out["pretrain"]["splits"]["train"]["shards"][0]["file"]
-    data = bytearray(shard.read_bytes())
+    original = shard.read_bytes()
+    data = bytearray(original)
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(RelayError, match=f"{shard.name}: sha256 no longer matches"):
+    open_split(directory, "train", seq_len=16)  # the quick check reads no shard
+    assert_one_line_error(relaygpt("data", "verify", path), f"{shard.name}: sha256 no longer matches")
+    shard.write_bytes(original[:-2])
+    with pytest.raises(RelayError, match=f"{shard.name}: {len(original) - 2} bytes, the manifest says"):
+        open_split(directory, "train", seq_len=16)
+    shard.write_bytes(original)
+    assert relaygpt("data", "verify", path).returncode == 0
+    manifest = directory / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"tokens"', '"tokens" ', 1))
+    with pytest.raises(RelayError, match="manifest.json: changed since it was written"):
         open_split(directory, "train", seq_len=16)
 
 

@@ -59,20 +59,25 @@ class PackedRows:
     shifts = False
     max_offset = 1
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray, row_len: int, document_end: int | None = None) -> None:
-        """`document_end`: the end-of-text id, when conversations are kept apart (see `to_batch`)."""
-        self.tokens, self.mask = tokens.reshape(-1, row_len), mask.reshape(-1, row_len)
+    def __init__(self, tokens, mask, row_len: int, document_end: int | None = None) -> None:
+        """`tokens`, `mask`: the rows one after another (arrays, or shards read in place);
+        `document_end`: the end-of-text id, when conversations are kept apart (see `to_batch`)."""
+        flat = [np.reshape(a, -1) if isinstance(a, np.ndarray) else a for a in (tokens, mask)]
+        self.tokens, self.mask, self.row_len = flat[0], flat[1], row_len
         self.document_end = document_end
         self.seq_len = row_len - 1
-        self.num_windows = len(self.tokens)
+        self.num_windows = len(self.tokens) // row_len
 
     def window(self, i: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-        return np.asarray(self.tokens[i], dtype=np.int64), np.asarray(self.mask[i])
+        start = i * self.row_len
+        return (np.asarray(self.tokens[start:start + self.row_len], dtype=np.int64),
+                np.asarray(self.mask[start:start + self.row_len]))
 
 
 def open_split(directory: str | Path, split: str, seq_len: int | None = None, verify: bool = True,
                separate_documents: bool = False):
-    """Windows of a prepared data directory's split; shards are hash-checked first.
+    """Windows of a prepared data directory's split, read in place; `verify` runs the quick
+    integrity check first (sizes and the manifest's digest: pipelines/data/shards.py).
 
     `separate_documents`: batches carry document ids, so packed documents stay apart."""
     directory = Path(directory)
