@@ -108,6 +108,11 @@ def to_batch(windows, indices, offset: int = 0, document_end: int | None = None)
     ((x, document_ids), y): document_ids (B, T) count the documents closed before each token,
     and a document's end-of-text predicts nothing, as its target opens the next document."""
     rows, masks = zip(*(windows.window(int(i), offset) for i in indices))
+    return windows_to_batch(rows, masks, document_end)
+
+
+def windows_to_batch(rows, masks, document_end: int | None = None):
+    """`to_batch` for windows already read (each a (tokens, mask or None) pair's parts)."""
     data = torch.from_numpy(np.stack(rows))
     x, y = data[:, :-1].contiguous(), data[:, 1:].clone()
     if masks[0] is not None:
@@ -180,6 +185,107 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = LoaderState(int(state["epoch"]), int(state["position"]))
+
+
+def source_windows(directory: str | Path, split: str, seq_len: int | None = None, separate_documents: bool = False):
+    """[(name, weight, windows)] per source of a split whose shards are tagged by source (see
+    pipelines/data/prepare.py), in source order; [] when the manifest does not tag them."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    shards = manifest["splits"][split]["shards"]
+    if not shards or any("source" not in shard for shard in shards):
+        return []
+    document_end = manifest.get("eot_id") if separate_documents else None
+    settings = manifest.get("sources", [])
+    out = []
+    for index in sorted({shard["source"] for shard in shards}):
+        part = {**manifest, "splits": {split: {"shards": [sh for sh in shards if sh["source"] == index]}}}
+        source = settings[index] if index < len(settings) else {}
+        name = source_name(index, source)
+        if manifest["kind"] == "sft":
+            windows = PackedRows(load_split(directory, part, split), load_split(directory, part, split, key="mask_file"),
+                                 manifest["row_len"], document_end)
+        else:
+            windows = TokenWindows(load_split(directory, part, split), seq_len, document_end)
+        out.append((name, float(source.get("weight", 1.0)), windows))
+    return out
+
+
+def source_name(index: int, source: dict) -> str:
+    """A short label for a source: its file's or dataset's name, prefixed by its position."""
+    label = source.get("name") or Path(str(source.get("path") or source.get("type") or "source")).name
+    clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_") or "source"
+    return f"{index}_{clean}"
+
+
+def make_loader(directory: str | Path, windows, micro_batch: int, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                separate_documents: bool = False):
+    """The training loader of a split: one stream over every window, or, when the sources carry
+    different weights, a mixture that draws each window's source by probability."""
+    parts = source_windows(directory, "train", windows.seq_len, separate_documents)
+    if len(parts) < 2 or len({weight for _, weight, _ in parts}) == 1:
+        return BatchLoader(windows, micro_batch, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+    return MixtureLoader(parts, micro_batch, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+
+
+class MixtureLoader:
+    """Micro-batches whose windows come from several sources, each drawn with probability
+    proportional to weight x the source's tokens (a weight of 2 doubles a source's share of
+    what the run sees, 0.5 halves it; equal weights are the sources' natural proportions).
+
+    Applied after packing: every source keeps its own windows in its own seeded epochs. At step
+    t the sources of the step's micro_batch x dp_size windows are drawn from a generator fixed
+    by (seed, t), the same on every rank; each rank takes its slice, as BatchLoader does. The
+    state (step, every source's epoch and position, the tokens served per source) is what a
+    checkpoint keeps, so a resumed run sees the same windows."""
+
+    def __init__(self, parts: list, micro_batch: int, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0) -> None:
+        self.names = [name for name, _, _ in parts]
+        self.micro_batch, self.dp_rank, self.dp_size, self.seed = micro_batch, dp_rank, dp_size, seed
+        self.streams = []
+        for i, (name, _, windows) in enumerate(parts):
+            if windows.num_windows < 1:
+                raise RelayError(f"data source {name}: fewer tokens than one window of {windows.seq_len}; add data to it or remove it")
+            self.streams.append(BatchLoader(windows, 1, seed=seed * 1_000_003 + i + 1))
+        shares = np.array([weight * w.num_windows for _, weight, w in parts], dtype=np.float64)
+        self.target = shares / shares.sum()
+        self.seq_len = parts[0][2].seq_len
+        self.document_end = parts[0][2].document_end
+        self.step, self.served = 0, np.zeros(len(parts), dtype=np.int64)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple:
+        rng = np.random.default_rng([self.seed, 7919, self.step])
+        chosen = rng.choice(len(self.streams), size=self.micro_batch * self.dp_size, p=self.target)
+        mine = range(self.dp_rank * self.micro_batch, (self.dp_rank + 1) * self.micro_batch)
+        rows, masks = [], []
+        for slot, source in enumerate(chosen):
+            stream = self.streams[source]
+            index = int(stream.next_indices()[0])  # every rank advances every source alike
+            self.served[source] += 1
+            if slot in mine:
+                tokens, mask = stream.windows.window(index, stream.offset)
+                rows.append(tokens)
+                masks.append(mask)
+        self.step += 1
+        return windows_to_batch(rows, masks, self.document_end)
+
+    def fractions(self) -> dict[str, float]:
+        """The share of windows each source has given the run so far (all ranks together)."""
+        total = max(1, int(self.served.sum()))
+        return {name: float(n) / total for name, n in zip(self.names, self.served)}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "served": self.served.tolist(), "sources": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("sources", [])) != len(self.streams):
+            raise RelayError("the checkpoint's data state is for a different set of sources; start the stage afresh")
+        self.step, self.served = int(state["step"]), np.asarray(state["served"], dtype=np.int64)
+        for stream, saved in zip(self.streams, state["sources"]):
+            stream.load_state_dict(saved)
 
 
 def eval_batches(windows, micro_batch: int, *, dp_rank: int = 0, dp_size: int = 1, max_batches: int | None = None):

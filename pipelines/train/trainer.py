@@ -140,7 +140,7 @@ class Trainer:
 
     def build(self) -> None:
         from model.tokenizer import Tokenizer
-        from pipelines.data.loader import BatchLoader, open_split
+        from pipelines.data.loader import make_loader, open_split
         from pipelines.train.distributed import init_distributed
         from pipelines.train.engine import Engine
 
@@ -154,8 +154,9 @@ class Trainer:
         self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False, separate_documents=separate)
         self.engine = Engine(plan, init_state=initial_state(plan, self.tokenizer))
         self.topo = self.engine.topology
-        self.loader = BatchLoader(self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank, dp_size=plan.data_parallel,
-                                  seed=plan.seed) if self.topo.needs_data else None
+        self.loader = make_loader(plan.data_dir, self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank,
+                                  dp_size=plan.data_parallel, seed=plan.seed,
+                                  separate_documents=separate) if self.topo.needs_data else None
         self.batches = CountingIterator(self.loader) if self.loader is not None else None
         self.state = TrainState()
         self.logger = MetricsLogger(self.dir, rank=self.topo.rank, console=self.console)
@@ -230,6 +231,10 @@ class Trainer:
         }
         if self.batches is not None:
             metrics["train/supervised_fraction"] = self.batches.take_fraction()
+        if hasattr(self.loader, "fractions"):  # a mixture: the share each source has had so far, and its target
+            for (name, share), target in zip(self.loader.fractions().items(), self.loader.target):
+                metrics[f"data/fraction/{name}"] = share
+                metrics[f"data/target_fraction/{name}"] = float(target)
         return metrics
 
     def maybe_evaluate(self) -> dict:
