@@ -12,7 +12,7 @@ from pathlib import Path
 from model.atomic import write_json_atomically, write_jsonl_atomically
 from model.errors import RelayError
 from pipelines.eval.report import write_report
-from pipelines.eval.task import Task, apply_stops, render_prompt, score, summarise
+from pipelines.eval.task import Task, apply_stops, choice_row, choice_scores, render_prompt, score, summarise
 
 
 def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out=None, temperature: float = 0.0,
@@ -35,6 +35,24 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
                 metrics[model][task.name] = bits_per_byte_of_texts(str(model_dir), [ex["target"] for ex in task.examples])
                 if show:
                     show(f"[eval] {model}: {task.name} {metrics[model][task.name]:.4f} bits per byte ({len(task.examples)} texts)")
+                continue
+            if task.metric == "loglikelihood":  # multiple choice: every continuation scored on the pool
+                results = generate(str(model_dir), [choice_row(task, ex) for ex in task.examples], {}, False)
+                accs, norms = [], []
+                for ex, res in zip(task.examples, results):
+                    picked = choice_scores(ex, res["loglikelihoods"])
+                    accs.append(picked["acc"])
+                    norms.append(picked["acc_norm"])
+                    predictions.append({"model": model, "task": task.name, "input": ex["context"], "reference": ex["target"],
+                                        "prediction": ex["continuations"][picked["prediction"]], "correct": bool(picked["acc"]),
+                                        "context": res["context"], "continuations": ex["continuations"], "label": ex["label"],
+                                        "loglikelihoods": res["loglikelihoods"], "num_tokens": res["num_tokens"],
+                                        "prediction_norm": picked["prediction_norm"], "correct_norm": bool(picked["acc_norm"])})
+                metrics[model][task.name] = sum(accs) / len(accs)
+                metrics[model][f"{task.name}_norm"] = sum(norms) / len(norms)
+                if show:
+                    show(f"[eval] {model}: {task.name} acc {metrics[model][task.name]:.3f}, "
+                         f"acc_norm {metrics[model][task.name + '_norm']:.3f} ({len(accs)} questions)")
                 continue
             rows = [render_prompt(task, ex) for ex in task.examples]
             params = {"max_new_tokens": task.max_new_tokens, "temperature": temperature, "seed": seed}

@@ -6,7 +6,7 @@ A task is a YAML file (shipped ones live in pipelines/eval/tasks/, any other pat
     source: {file: path/to/test.jsonl}          # or {hub: openai/gsm8k, config: main, split: test}
     input_field: question
     target_field: answer
-    metric: numeric          # exact_match | numeric | multiple_choice | bpb
+    metric: numeric          # exact_match | numeric | multiple_choice | bpb | loglikelihood
     style: completion        # or chat (rendered with the chat template)
     prompt: "Question: {input}\\nAnswer:"
     shots: 0                 # few-shot examples, taken from the front and not scored
@@ -14,6 +14,18 @@ A task is a YAML file (shipped ones live in pipelines/eval/tasks/, any other pat
     stop: ["\\n\\n"]
 
 `synthetic` is built in: the held-out questions of the job's synthetic world, chat style.
+
+`metric: loglikelihood` tasks are multiple choice scored without generating: every choice's
+continuation is scored given the context (model/score.py) and the prediction is the choice
+with the highest log-likelihood (`acc`) or the highest log-likelihood per character of the
+continuation (`acc_norm`), as lm-evaluation-harness defines them. `format:` names how rows
+become (context, continuations, label), with the harness's prompts:
+
+    hellaswag  "{activity_label}: {ctx_a} {Ctx_b}" (bracketed WikiHow markers removed) -> " {ending}"
+    arc        "Question: {question}\nAnswer:" -> " {choice}"           (ARC-Easy and ARC-Challenge)
+    piqa       "Question: {goal}\nAnswer:" -> " {sol1}" | " {sol2}"
+    mmlu       "The following are multiple choice questions (with answers) about {subject}.\n\n
+                {question}\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:" -> " A" | " B" | " C" | " D"
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import yaml
 from model.errors import RelayError
 
 TASK_DIR = Path(__file__).with_name("tasks")
-METRICS = ("exact_match", "numeric", "multiple_choice", "bpb")
+METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood")
 
 
 @dataclass
@@ -42,7 +54,8 @@ class Task:
     max_new_tokens: int = 32
     stop: list[str] = field(default_factory=list)
     examples: list[dict] = field(default_factory=list)  # {"input", "target"} (+ "messages" for chat)
-    fewshot: list[dict] = field(default_factory=list)
+    fewshot: list[dict] = field(default_factory=list)   # loglikelihood: + "context", "continuations", "label"
+    format: str = ""
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -135,7 +148,8 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     except yaml.YAMLError as exc:
         raise RelayError(f"{path}: invalid YAML ({exc})") from None
     where = str(path)
-    unknown = sorted(set(spec) - {"name", "source", "input_field", "target_field", "metric", "style", "prompt", "shots", "max_new_tokens", "stop", "target_prefix"})
+    unknown = sorted(set(spec) - {"name", "source", "input_field", "target_field", "metric", "style", "prompt", "shots",
+                                  "max_new_tokens", "stop", "target_prefix", "format"})
     if unknown:
         raise RelayError(f"{where}: unknown key(s) {', '.join(unknown)}")
     metric = spec.get("metric", "exact_match")
@@ -143,6 +157,8 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
         raise RelayError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
     source = {"file": data_file} if data_file else spec.get("source", {})
     rows = _read_rows(source, where, path.parent)
+    if metric == "loglikelihood":
+        return _choice_task(spec, rows, where, path.stem, limit)
     input_field, target_field = spec.get("input_field", "input"), spec.get("target_field", "target")
     examples = []
     for i, row in enumerate(rows):
@@ -160,6 +176,85 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     if not task.examples:
         raise RelayError(f"{where}: no examples to evaluate")
     return task
+
+
+def _hellaswag_text(text: str) -> str:
+    """The harness's clean-up of HellaSwag text: WikiHow's bracketed markers out, spaces fixed."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag(row: dict) -> tuple[str, list[str], int]:
+    if "ctx_a" in row:  # the hub's rows: the second part is capitalised as the harness does
+        ctx = row["ctx_a"] + " " + row.get("ctx_b", "").capitalize()
+    else:  # a local copy may keep only the joined `ctx`
+        ctx = row["ctx"]
+    context = _hellaswag_text(row.get("activity_label", "") + ": " + ctx)
+    return context, [" " + _hellaswag_text(ending) for ending in row["endings"]], int(row["label"])
+
+
+def _arc(row: dict) -> tuple[str, list[str], int]:
+    labels = list(row["choices"]["label"])
+    return (f"Question: {row['question']}\nAnswer:", [" " + text for text in row["choices"]["text"]],
+            labels.index(row["answerKey"]))
+
+
+def _piqa(row: dict) -> tuple[str, list[str], int]:
+    return f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(row["label"])
+
+
+def _mmlu(row: dict) -> tuple[str, list[str], int]:
+    subject = row.get("subject", "").replace("_", " ")
+    letters = "ABCD"[: len(row["choices"])]
+    lines = [row["question"].strip()] + [f"{letter}. {choice}" for letter, choice in zip(letters, row["choices"])]
+    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
+    return header + "\n".join(lines) + "\nAnswer:", [" " + letter for letter in letters], int(row["answer"])
+
+
+CHOICE_FORMATS = {"hellaswag": _hellaswag, "arc": _arc, "piqa": _piqa, "mmlu": _mmlu}
+
+
+def _choice_task(spec: dict, rows: list[dict], where: str, stem: str, limit: int | None) -> Task:
+    fmt = spec.get("format")
+    if fmt not in CHOICE_FORMATS:
+        raise RelayError(f"{where}: format must be one of {', '.join(CHOICE_FORMATS)} for metric loglikelihood, got {fmt!r}")
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            context, continuations, label = CHOICE_FORMATS[fmt](row)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            fields = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise RelayError(f"{where}: example {i} is not a {fmt} row ({type(exc).__name__}: {exc}; fields: {fields})") from None
+        if not 0 <= label < len(continuations):
+            raise RelayError(f"{where}: example {i}: label {label} is not one of its {len(continuations)} choices")
+        examples.append({"input": context, "target": continuations[label], "context": context,
+                         "continuations": continuations, "label": label})
+    shots = int(spec.get("shots", 0))
+    task = Task(name=spec.get("name", stem), metric="loglikelihood", shots=shots, format=fmt,
+                fewshot=examples[:shots], examples=examples[shots:])
+    if limit is not None:
+        task.examples = task.examples[:limit]
+    if not task.examples:
+        raise RelayError(f"{where}: no examples to evaluate")
+    return task
+
+
+def choice_row(task: Task, example: dict) -> dict:
+    """The scoring row of a multiple-choice example: few-shot examples (context and correct
+    continuation, blank-line separated) before its context."""
+    shots = "".join(s["context"] + s["continuations"][s["label"]] + "\n\n" for s in task.fewshot)
+    return {"context": shots + example["context"], "continuations": example["continuations"]}
+
+
+def choice_scores(example: dict, loglikelihoods: list[float]) -> dict:
+    """acc and acc_norm of one example (the harness's: the highest log-likelihood, and the
+    highest log-likelihood per character of the continuation)."""
+    per_char = [ll / max(1, len(c)) for ll, c in zip(loglikelihoods, example["continuations"])]
+    pick = max(range(len(loglikelihoods)), key=lambda i: loglikelihoods[i])
+    pick_norm = max(range(len(per_char)), key=lambda i: per_char[i])
+    return {"prediction": pick, "prediction_norm": pick_norm,
+            "acc": float(pick == example["label"]), "acc_norm": float(pick_norm == example["label"])}
 
 
 def _synthetic_task(job, limit: int | None) -> Task:

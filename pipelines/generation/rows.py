@@ -82,3 +82,34 @@ def complete_rows(model, tokenizer: Tokenizer, rows: list[dict], params: Samplin
             )
             results[i] = row
     return results  # type: ignore[return-value]
+
+
+def choice_requests(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness splits them: a space that ends
+    the context moves to the continuation, the continuation's ids are those of the whole
+    string after the context's, and an empty context is the end-of-text token."""
+    if context.endswith(" ") and not continuation.startswith(" "):
+        context, continuation = context[:-1], " " + continuation
+    if not context:
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
+def score_rows(model, tokenizer: Tokenizer, rows: list[dict], *, batch_size: int) -> list[dict]:
+    """Rows of {"context", "continuations"} -> the same rows with per choice `loglikelihoods`
+    and `num_tokens` (model/score.py), in input order."""
+    from model.score import continuation_logprobs
+
+    requests, owners = [], []
+    for i, row in enumerate(rows):
+        for continuation in row["continuations"]:
+            requests.append(choice_requests(tokenizer, row["context"], continuation))
+            owners.append(i)
+    scores = continuation_logprobs(model, requests, batch_size=batch_size)
+    results = [{**row, "loglikelihoods": [], "num_tokens": []} for row in rows]
+    for (_, continuation), owner, value in zip(requests, owners, scores):
+        results[owner]["loglikelihoods"].append(value)
+        results[owner]["num_tokens"].append(len(continuation))
+    return results

@@ -24,8 +24,12 @@ class GenerationWorker:
         self.chat, self.batch_size = chat, batch_size
 
     def generate_rows(self, rows: list[dict]) -> list[dict]:
-        from pipelines.generation.rows import complete_rows
+        """Completions; or, for rows of {"context", "continuations"} (multiple choice), the
+        log-likelihood of every continuation."""
+        from pipelines.generation.rows import complete_rows, score_rows
 
+        if rows and "continuations" in rows[0]:
+            return score_rows(self.model, self.tokenizer, rows, batch_size=self.batch_size)
         return complete_rows(self.model, self.tokenizer, rows, self.params, chat=self.chat, batch_size=self.batch_size)
 
     def __call__(self, batch: dict) -> dict:
