@@ -115,6 +115,7 @@ def _eval_args(p):
     p.add_argument("--job", default=None, metavar="JOB.yaml", help="the job whose synthetic world the 'synthetic' task uses")
     p.add_argument("--data", default=None, metavar="FILE", help="local data file for the task (instead of its source)")
     p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where one worker runs the model (auto: the GPU if any)")
     p.add_argument("--limit", type=_positive_int, default=None, help="examples per task")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--out", default=None, metavar="DIR", help="write predictions.jsonl, metrics.json, report.md here")
@@ -134,6 +135,8 @@ def _generate_args(p):
     p.add_argument("--chat", action="store_true", help="render prompts with the chat template, stop at end of turn")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--workers", type=_positive_int, default=1, help="generation workers; more than 1 runs a Ray Data actor pool")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where one worker runs the model (auto: the GPU if there is one, in bf16); pool workers use the device they reserved")
     p.add_argument("--address", default=None, help="Ray cluster for --workers (default: embedded)")
     _sampling_args(0.0)(p)
 
@@ -148,6 +151,7 @@ def _sweep_args(p):
 def _chat_args(p):
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--system", default=None, metavar="TEXT")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU if there is one, in bf16")
     _sampling_args(0.7)(p)
 
 
@@ -285,18 +289,19 @@ def cmd_generate(args) -> int:
     _, tokenizer, _ = load_model_dir(args.model_dir)  # checks the directory and every row before any worker starts
     for i, row in enumerate(rows):
         prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}")
-    results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address)
+    results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address,
+                             device=args.device)
     write_jsonl_atomically(args.out, results)
     print(f"wrote {len(results)} completions to {args.out}")
     return 0
 
 
-def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None):
-    """In this process for one worker; a Ray Data actor pool for more."""
+def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None, device: str = "auto"):
+    """In this process for one worker (on `device`); a Ray Data actor pool for more."""
     if workers == 1:
         from pipelines.generation.worker import GenerationWorker
 
-        return GenerationWorker(str(model_dir), params, chat, batch_size).generate_rows([dict(r) for r in rows])
+        return GenerationWorker(str(model_dir), params, chat, batch_size, device=device).generate_rows([dict(r) for r in rows])
     from cluster.launch import generate_on_ray
     from cluster.runtime import ray_session
 
@@ -320,7 +325,7 @@ def cmd_eval(args) -> int:
     load_model_dir(args.model_dir)
 
     def generate(model_dir, rows, params, chat):
-        return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address)
+        return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device)
 
     out = EvalDir(Path(args.out)) if args.out else None
     evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True))
@@ -384,9 +389,13 @@ def cmd_chat(args) -> int:
     from model.generate import prepare_for_inference
     from pipelines.generation.chat import COMMANDS, ChatSession
 
+    from pipelines.generation.worker import pick_device
+
     params = _sampling(args)
-    model, tokenizer, _ = load_model_dir(args.model_dir)
-    prepare_for_inference(model)
+    device, dtype = pick_device(args.device)
+    model, tokenizer, _ = load_model_dir(args.model_dir, device=device, dtype=dtype)
+    if device == "cpu":
+        prepare_for_inference(model)
     session = ChatSession(model, tokenizer, system=args.system, params=params)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -113,3 +113,20 @@ def test_inference_layout_keeps_values_and_tokens(arch):
     assert [c.tokens for c in generate(model, PROMPTS, SamplingParams(max_new_tokens=30))] == [c.tokens for c in expected]
     if model.config.tie_embeddings:
         assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_the_generation_device_is_the_gpu_when_there_is_one():
+    """pick_device: auto takes a visible GPU in bf16 (fp32 where it has no bf16), else the CPU;
+    asking for cuda without one is a clear error."""
+    import torch
+
+    from model.errors import RelayError
+    from pipelines.generation.worker import pick_device
+
+    assert pick_device("auto", cuda_available=False) == ("cpu", torch.float32)
+    assert pick_device("auto", cuda_available=True, bf16_supported=True) == ("cuda", torch.bfloat16)
+    assert pick_device("auto", cuda_available=True, bf16_supported=False) == ("cuda", torch.float32)
+    assert pick_device("cpu", cuda_available=True) == ("cpu", torch.float32)
+    with pytest.raises(RelayError, match="--device cuda: this process sees no CUDA device"):
+        pick_device("cuda", cuda_available=False)
+    assert pick_device() == (("cuda", pick_device()[1]) if torch.cuda.is_available() else ("cpu", torch.float32))

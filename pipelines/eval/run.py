@@ -2,7 +2,8 @@
 
 Generation goes through a `generate(model_dir, rows, params, chat)` callable that returns one
 result per row, in order: a Ray Data pool of generation workers (cluster/launch.py) or the
-worker in this process. Bits-per-byte tasks score likelihoods and generate nothing.
+worker in this process. Bits-per-byte and multiple-choice tasks send scoring rows through the
+same callable (pipelines/generation/worker.py) and generate nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
             raise RelayError(f"{model}: no model directory at {model_dir}")
         metrics[model] = {}
         for task in tasks:
-            if task.metric == "bpb":  # no generation: the likelihood of held-out text
-                metrics[model][task.name] = bits_per_byte_of_texts(str(model_dir), [ex["target"] for ex in task.examples])
+            if task.metric == "bpb":  # no generation: the likelihood of held-out text, on the pool
+                from pipelines.train.metrics import bits_per_byte
+
+                scored = generate(str(model_dir), [{"score_text": ex["target"]} for ex in task.examples], {}, False)
+                metrics[model][task.name] = bits_per_byte(sum(r["nats"] for r in scored), sum(r["bytes"] for r in scored))
                 if show:
                     show(f"[eval] {model}: {task.name} {metrics[model][task.name]:.4f} bits per byte ({len(task.examples)} texts)")
                 continue
@@ -89,27 +93,15 @@ def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report
 
 
 def bits_per_byte_of_texts(model_dir: str, texts: list[str], threads: int | None = None) -> float:
-    """Bits per byte of `texts` under a model: each text scored on its own, in windows of the
-    context length, every token predicted from the tokens before it in its window."""
+    """Bits per byte of `texts` under a model, in this process (pipelines/generation/rows.text_nats)."""
     import torch
 
     from model.export import load_model_dir
-    from model.gpt import lm_loss
+    from pipelines.generation.rows import text_nats
     from pipelines.train.metrics import bits_per_byte
 
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, _ = load_model_dir(model_dir)
-    window = model.config.block_size
-    nats, nbytes = 0.0, 0
-    with torch.inference_mode():
-        for text in texts:
-            ids = [tokenizer.eot_id] + tokenizer.encode(text)  # end-of-text stands for the document start
-            nbytes += len(text.encode("utf-8"))
-            for start in range(0, len(ids) - 1, window):
-                chunk = torch.tensor(ids[start : start + window + 1])[None]
-                if chunk.size(1) < 2:
-                    break
-                logits, _ = model(chunk[:, :-1])
-                nats += float(lm_loss(logits, chunk[:, 1:])) * (chunk.size(1) - 1)
-    return bits_per_byte(nats, nbytes)
+    scored = [text_nats(model, tokenizer, text) for text in texts]
+    return bits_per_byte(sum(n for n, _ in scored), sum(b for _, b in scored))

@@ -113,3 +113,35 @@ def score_rows(model, tokenizer: Tokenizer, rows: list[dict], *, batch_size: int
         results[owner]["loglikelihoods"].append(value)
         results[owner]["num_tokens"].append(len(continuation))
     return results
+
+
+def text_nats(model, tokenizer: Tokenizer, text: str) -> tuple[float, int]:
+    """(negative log-likelihood in nats, UTF-8 bytes) of a text on its own: end-of-text stands
+    for the document start, and the text is read in windows of the context length, every
+    token predicted from the tokens before it in its window."""
+    import torch
+
+    from model.gpt import lm_loss
+
+    window = model.config.block_size
+    device = next(model.parameters()).device
+    ids = [tokenizer.eot_id] + tokenizer.encode(text)
+    nats = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor(ids[start : start + window + 1], device=device)[None]
+            if chunk.size(1) < 2:
+                break
+            logits, _ = model(chunk[:, :-1])
+            nats += float(lm_loss(logits, chunk[:, 1:])) * (chunk.size(1) - 1)
+    return nats, len(text.encode("utf-8"))
+
+
+def score_texts(model, tokenizer: Tokenizer, rows: list[dict]) -> list[dict]:
+    """Rows of {"score_text"} -> {"nats", "bytes"} each (bits per byte, summed by the caller)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [dict(zip(("nats", "bytes"), text_nats(model, tokenizer, row["score_text"]))) for row in rows]
+    finally:
+        model.train(was_training)

@@ -7,10 +7,34 @@ from __future__ import annotations
 import json
 
 
-class GenerationWorker:
-    """Loads a model directory once; turns batches of rows into completions (a Ray Data actor)."""
+DEVICES = ("auto", "cpu", "cuda")
 
-    def __init__(self, model_dir: str, params: dict, chat: bool, batch_size: int = 16, threads: int | None = None) -> None:
+
+def pick_device(requested: str = "auto", *, cuda_available: bool | None = None, bf16_supported: bool | None = None):
+    """(device, dtype) a generation worker loads its model with: `auto` is the GPU this process
+    was given (Ray sets CUDA_VISIBLE_DEVICES for an actor that reserved one), in bf16 where it
+    has bf16, else the CPU in fp32. Asking for `cuda` where there is none is an error."""
+    import torch
+
+    from model.errors import RelayError
+
+    if requested not in DEVICES:
+        raise RelayError(f"--device: must be one of {', '.join(DEVICES)}, got {requested!r}")
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "cuda" and not cuda:
+        raise RelayError("--device cuda: this process sees no CUDA device (use --device cpu, or reserve a GPU for the workers)")
+    if requested == "cpu" or not cuda:
+        return "cpu", torch.float32
+    bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+    return "cuda", torch.bfloat16 if bf16 else torch.float32
+
+
+class GenerationWorker:
+    """Loads a model directory once, on its device (pick_device); turns batches of rows into
+    completions or choice scores (a Ray Data actor)."""
+
+    def __init__(self, model_dir: str, params: dict, chat: bool, batch_size: int = 16, threads: int | None = None,
+                 device: str = "auto") -> None:
         import torch
 
         from model.export import load_model_dir
@@ -18,18 +42,23 @@ class GenerationWorker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.model, self.tokenizer, _ = load_model_dir(model_dir)
-        prepare_for_inference(self.model)
+        self.device, dtype = pick_device(device)
+        self.model, self.tokenizer, _ = load_model_dir(model_dir, device=self.device, dtype=dtype)
+        if self.device == "cpu":
+            prepare_for_inference(self.model)  # the column-major layout helps CPU BLAS only
+        self.model.eval()
         self.params = SamplingParams(**params)
         self.chat, self.batch_size = chat, batch_size
 
     def generate_rows(self, rows: list[dict]) -> list[dict]:
         """Completions; or, for rows of {"context", "continuations"} (multiple choice), the
-        log-likelihood of every continuation."""
-        from pipelines.generation.rows import complete_rows, score_rows
+        log-likelihood of every continuation; or, for rows of {"score_text"}, its nats and bytes."""
+        from pipelines.generation.rows import complete_rows, score_rows, score_texts
 
         if rows and "continuations" in rows[0]:
             return score_rows(self.model, self.tokenizer, rows, batch_size=self.batch_size)
+        if rows and "score_text" in rows[0]:
+            return score_texts(self.model, self.tokenizer, rows)
         return complete_rows(self.model, self.tokenizer, rows, self.params, chat=self.chat, batch_size=self.batch_size)
 
     def __call__(self, batch: dict) -> dict:
