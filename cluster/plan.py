@@ -25,6 +25,8 @@ def check(job, run_dir) -> tuple[object | None, list[str]]:
             run = resolve_plan(job, run_dir)
         except RelayError as exc:
             problems.append(str(exc))
+    if job.stages.eval is not None:  # the eval stage's tasks and their data (the plan does not need them)
+        problems += _eval_inputs(job, run_dir)
     if run is not None:
         budget = device_memory(job)
         for plan in run.training.values():
@@ -45,7 +47,7 @@ def preflight(job, run_dir):
 
 
 def missing_inputs(job, run_dir) -> list[str]:
-    """Files the job names that are not there (data sources, tokenizer, init models, eval tasks)."""
+    """Files the plan needs that are not there (data sources, tokenizer, init models)."""
     problems = []
     for name in ("pretrain", "sft"):
         section = getattr(job.data, name)
@@ -60,19 +62,24 @@ def missing_inputs(job, run_dir) -> list[str]:
         stage = getattr(job.stages, name)
         if stage is not None and stage.init and not job.path(stage.init).is_dir():
             problems.append(f"stages.{name}.init: model directory {job.path(stage.init)} does not exist")
-    if job.stages.eval is not None:
-        problems += _eval_inputs(job, run_dir)
     return problems
 
 
 def _eval_inputs(job, run_dir) -> list[str]:
     from pipelines.eval.task import TASK_DIR
 
+    from pipelines.eval.task import load_task
+
     problems = []
     for i, task in enumerate(job.stages.eval.tasks):
         if task != "synthetic" and not (TASK_DIR / f"{task}.yaml").exists() and not job.path(task).exists():
             shipped = ", ".join(["synthetic", *sorted(p.stem for p in TASK_DIR.glob("*.yaml"))])
             problems.append(f"stages.eval.tasks[{i}]: {task!r} is neither a task file nor a shipped task ({shipped})")
+            continue
+        try:  # its data too (a hub dataset the workers could not load would fail after the training)
+            load_task(task if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists() else str(job.path(task)), job=job, limit=1)
+        except RelayError as exc:
+            problems.append(f"stages.eval.tasks[{i}]: {exc}")
     for i, model in enumerate(job.stages.eval.models):
         if model == "base" and job.stages.pretrain is None and not run_dir.model("pretrain").exists():
             problems.append(f"stages.eval.models[{i}]: 'base' is the pretrain export, but the job has no pretrain stage")

@@ -126,3 +126,22 @@ def test_preflight_checks_the_run_directory_that_out_and_run_id_chose(tmp_path, 
         captured = capsys.readouterr()
         assert code == 2
         assert "stages.eval.models[0]: 'base' is the pretrain export, but the job has no pretrain stage" in captured.out + captured.err
+
+
+def test_an_eval_task_without_its_data_fails_in_preflight_naming_the_task(tmp_path, capsys):
+    """The eval stage's data is read before the first stage starts: a hub task offline, or a task
+    file whose data file is missing, is refused by plan and run alike, nothing started."""
+    job = yaml.safe_load(yaml.safe_dump(TINY))
+    (tmp_path / "t.yaml").write_text("name: mine\nsource: {file: missing.jsonl}\nmetric: exact_match\n")
+    job["stages"]["eval"]["tasks"] = ["synthetic", "arc_easy", str(tmp_path / "t.yaml")]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    for command in ("plan", "run"):
+        code = cli.main([command, str(path), "--out", str(tmp_path / "out")])
+        captured = capsys.readouterr()
+        text = captured.out + captured.err
+        assert code == 2, text
+        assert "stages.eval.tasks[1]:" in text and "hub dataset 'allenai/ai2_arc' could not be loaded" in text, text
+        assert "stages.eval.tasks[2]:" in text and "missing.jsonl does not exist" in text, text
+        assert "stages.eval.tasks[0]" not in text
+    assert not list((tmp_path / "out").rglob("stage.json"))

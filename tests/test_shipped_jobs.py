@@ -42,7 +42,11 @@ def _numbers(run, plan) -> tuple:
 def test_shipped_job_resolves_to_the_hand_computed_plan(path, tmp_path):
     job = load_job(path)
     run, problems = check(job, RunDir(tmp_path / "run"))
-    assert problems == [], problems
+    # Offline (as tests run), the only problems are eval tasks whose data lives on the hub:
+    # preflight reads every task's data before anything starts.
+    hub = [p for p in problems if p.startswith("stages.eval.tasks[") and "could not be loaded" in p]
+    assert problems == hub, problems
+    assert len(hub) == len([t for t in (job.stages.eval.tasks if job.stages.eval else []) if t != "synthetic"])
     assert {stage: _numbers(run, plan) for stage, plan in run.training.items()} == EXPECTED[path.name]
     for plan in run.training.values():
         assert plan.deepspeed_config["train_batch_size"] == plan.global_batch
