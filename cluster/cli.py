@@ -116,6 +116,9 @@ def _eval_args(p):
     p.add_argument("--data", default=None, metavar="FILE", help="local data file for the task (instead of its source)")
     p.add_argument("--workers", type=_positive_int, default=1)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where one worker runs the model (auto: the GPU if any)")
+    p.add_argument("--style", choices=("auto", "chat", "completion"), default="auto",
+                   help="how to prompt: auto is chat for an SFT export (its chat template), completion otherwise")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt when prompting through the chat template")
     p.add_argument("--limit", type=_positive_int, default=None, help="examples per task")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--out", default=None, metavar="DIR", help="write predictions.jsonl, metrics.json, report.md here")
@@ -328,7 +331,9 @@ def cmd_eval(args) -> int:
         return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device)
 
     out = EvalDir(Path(args.out)) if args.out else None
-    evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True))
+    styles = {"model": args.style} if args.style != "auto" else None
+    evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True),
+                    styles=styles, system=args.system)
     if out is not None:
         print(f"wrote {out.root}")
     return 0

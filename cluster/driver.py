@@ -200,7 +200,7 @@ def _run_eval(job, run_dir: RunDir, show) -> dict:
     models = {m: named.get(m) or job.path(m) for m in spec.models}
     tasks = [load_task(t, job=job, limit=spec.limit) for t in spec.tasks]
     metrics = evaluate_models(models, tasks, generate, out=run_dir.eval, temperature=spec.temperature, seed=job.seed,
-                              samples_in_report=spec.samples_in_report)
+                              samples_in_report=spec.samples_in_report, system=spec.system_prompt)
     for model, scores in metrics.items():
         show(f"[eval] {model}: " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
     return {"scores": metrics}

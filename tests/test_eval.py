@@ -135,3 +135,33 @@ def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_token
 
     assert main(["eval", str(model_dir), "--task", "text_bpb", "--data", str(tmp_path / "held.jsonl"), "--out", str(tmp_path / "e")]) == 0
     assert abs(json.loads((tmp_path / "e" / "metrics.json").read_text())["model"]["text_bpb"] - got) < 1e-9
+
+
+def test_assistants_are_prompted_through_their_chat_template(tmp_path, trained_tokenizer, shared_data):
+    """An SFT export is evaluated through the chat template (system prompt first, few-shot
+    examples as earlier turns), a base model with few-shot text; report.md says which."""
+    from pipelines.eval.run import model_style
+    from pipelines.eval.task import render_prompt
+
+    gsm8k = load_task("gsm8k", data_file=str(shared_data / "eval" / "gsm8k_test.jsonl"), limit=2)
+    chat = render_prompt(gsm8k, gsm8k.examples[0], style="chat", system="Be brief.")["messages"]
+    assert chat[0] == {"role": "system", "content": "Be brief."}
+    assert [m["role"] for m in chat[1:]] == ["user", "assistant"] * gsm8k.shots + ["user"]
+    assert chat[2]["content"] == gsm8k.fewshot[0]["target"] and chat[-1]["content"].startswith("Question: ")
+    assert "prompt" in render_prompt(gsm8k, gsm8k.examples[0])
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(trained_tokenizer.n_vocab, block_size=2048))  # four worked examples of GSM8K fit
+    base = save_model_dir(model, trained_tokenizer, tmp_path / "base", provenance={"stage": "pretrain"})
+    assistant = save_model_dir(model, trained_tokenizer, tmp_path / "assistant", provenance={"stage": "sft"})
+    assert (model_style(base), model_style(assistant)) == ("completion", "chat")
+    from cluster.cli import main
+
+    data = str(shared_data / "eval" / "gsm8k_test.jsonl")
+    for model_dir, flags, style in ((assistant, [], "chat"), (assistant, ["--style", "completion"], "completion"), (base, [], "completion")):
+        out = tmp_path / f"e-{model_dir.name}-{style}"
+        assert main(["eval", str(model_dir), "--task", "gsm8k", "--data", data, "--limit", "2", "--out", str(out),
+                     "--system", "Be brief.", *flags]) == 0
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert [r["style"] for r in rows] == [style, style]
+        assert f"({style})" in (out / "report.md").read_text()

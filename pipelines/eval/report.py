@@ -7,13 +7,20 @@ from pathlib import Path
 from model.atomic import write_text_atomically
 
 
-def write_report(path: Path, metrics: dict, predictions: list[dict], samples: int = 3) -> None:
+def write_report(path: Path, metrics: dict, predictions: list[dict], samples: int = 3, styles: dict | None = None) -> None:
+    """`styles`: {model: {task: prompt style}} (chat, completion, likelihood), shown beside each score."""
     models = list(metrics)
     tasks = sorted({t for m in metrics.values() for t in m})
     lines = ["# Evaluation", "", "| task | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for task in tasks:
-        lines.append(f"| {task} | " + " | ".join(f"{metrics[m].get(task, float('nan')):.3f}" for m in models) + " |")
-    lines += ["", "Scores are exact match (after normalisation) or accuracy; bits per byte for `bpb` tasks.", ""]
+        cells = []
+        for m in models:
+            style = (styles or {}).get(m, {}).get(task)
+            cells.append(f"{metrics[m].get(task, float('nan')):.3f}" + (f" ({style})" if style else ""))
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += ["", "Scores are exact match (after normalisation) or accuracy; bits per byte for `bpb` tasks; "
+              "`<task>_norm` is accuracy by log-likelihood per character. Beside each score, how the model was "
+              "prompted: chat (its chat template), completion (plain or few-shot text) or likelihood (nothing generated).", ""]
     for task in tasks:
         lines += [f"## Sample answers: {task}", ""]
         for model in models:

@@ -16,22 +16,46 @@ from pipelines.eval.report import write_report
 from pipelines.eval.task import Task, apply_stops, choice_row, choice_scores, render_prompt, score, summarise
 
 
+def model_style(model_dir) -> str:
+    """How a model is prompted: `chat` for an assistant (an export of an SFT stage, which was
+    trained on the chat template), `completion` for anything else."""
+    import json
+
+    try:
+        meta = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "completion"
+    provenance = meta.get("provenance") if isinstance(meta, dict) else None
+    return "chat" if isinstance(provenance, dict) and provenance.get("stage") == "sft" else "completion"
+
+
 def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out=None, temperature: float = 0.0,
-                    seed: int | None = None, samples_in_report: int = 3, show=None) -> dict[str, dict[str, float]]:
+                    seed: int | None = None, samples_in_report: int = 3, show=None, styles: dict[str, str] | None = None,
+                    system: str | None = None) -> dict[str, dict[str, float]]:
     """Every model on every task; returns {model: {task: score}}.
 
-    With `out` (an EvalDir) writes predictions.jsonl, metrics.json, report.md and TensorBoard
-    scalars there. `show` receives one line per model and task.
+    An assistant is prompted through its chat template (with `system` as the system prompt and
+    few-shot examples as earlier turns), a base model with completion / few-shot prompts
+    (`model_style`; `styles` overrides it per model); a chat-only task (synthetic) is chat for
+    every model. With `out` (an EvalDir) writes predictions.jsonl, metrics.json, report.md
+    (which says the prompt style of every score) and TensorBoard scalars there. `show`
+    receives one line per model and task.
     """
     from model.chat import strip_reply
 
     metrics: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
+    used: dict[str, dict[str, str]] = {}
     for model, model_dir in models.items():
         if not Path(model_dir).is_dir():
             raise RelayError(f"{model}: no model directory at {model_dir}")
-        metrics[model] = {}
+        metrics[model], used[model] = {}, {}
+        preferred = (styles or {}).get(model) or model_style(model_dir)
         for task in tasks:
+            if task.metric in ("bpb", "loglikelihood"):
+                used[model][task.name] = "likelihood"
+            if task.metric == "loglikelihood":
+                used[model][f"{task.name}_norm"] = "likelihood"
             if task.metric == "bpb":  # no generation: the likelihood of held-out text, on the pool
                 from pipelines.train.metrics import bits_per_byte
 
@@ -58,32 +82,34 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
                     show(f"[eval] {model}: {task.name} acc {metrics[model][task.name]:.3f}, "
                          f"acc_norm {metrics[model][task.name + '_norm']:.3f} ({len(accs)} questions)")
                 continue
-            rows = [render_prompt(task, ex) for ex in task.examples]
+            style = "chat" if task.style == "chat" else preferred
+            used[model][task.name] = style
+            rows = [render_prompt(task, ex, style=style, system=system) for ex in task.examples]
             params = {"max_new_tokens": task.max_new_tokens, "temperature": temperature, "seed": seed}
-            results = generate(str(model_dir), rows, params, task.style == "chat")
+            results = generate(str(model_dir), rows, params, style == "chat")
             scored = []
             for ex, res in zip(task.examples, results):
                 text = apply_stops(res["completion"], task.stop)
-                text = strip_reply(text) if task.style == "chat" else text
+                text = strip_reply(text) if style == "chat" else text
                 correct = score(task.metric, text, ex["target"])
                 scored.append(correct)
                 predictions.append({"model": model, "task": task.name, "input": ex["input"], "reference": ex["target"],
-                                    "prediction": text, "correct": correct, "finish_reason": res["finish_reason"]})
+                                    "prediction": text, "correct": correct, "finish_reason": res["finish_reason"], "style": style})
             metrics[model][task.name] = summarise(task, scored)
             if show:
                 show(f"[eval] {model}: {task.name} {metrics[model][task.name]:.3f} ({sum(scored)}/{len(scored)})")
     if out is not None:
-        write_outputs(out, metrics, predictions, samples_in_report)
+        write_outputs(out, metrics, predictions, samples_in_report, used)
     return metrics
 
 
-def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report: int) -> None:
+def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report: int, styles: dict | None = None) -> None:
     """predictions.jsonl, metrics.json, report.md and TensorBoard scalars in `out` (an EvalDir)."""
     from pipelines.train.metrics import Board
 
     write_jsonl_atomically(out.predictions, predictions)
     write_json_atomically(out.metrics, metrics)
-    write_report(out.report, metrics, predictions, samples_in_report)
+    write_report(out.report, metrics, predictions, samples_in_report, styles)
     board = Board(out.tensorboard)
     for model, scores in metrics.items():
         board.scalars(0, {f"eval/{model}/{task}": value for task, value in scores.items()})

@@ -19,4 +19,5 @@ class EvalStageSpec(Strict):
     batch_size: int = Field(16, ge=1)
     limit: int | None = Field(None, ge=1, description="examples per task")
     temperature: float = Field(0.0, ge=0)
+    system_prompt: str | None = Field(None, description="the system prompt an assistant (a chat model) is evaluated with")
     samples_in_report: int = Field(3, ge=0)

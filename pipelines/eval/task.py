@@ -268,15 +268,19 @@ def _synthetic_task(job, limit: int | None) -> Task:
     return Task(name="synthetic", metric="exact_match", style="chat", max_new_tokens=16, examples=examples[:limit] if limit else examples)
 
 
-def render_prompt(task: Task, example: dict) -> dict:
-    """The generation row of one example: chat messages or completion text (with few-shot)."""
-    if task.style == "chat":
-        messages = []
+def render_prompt(task: Task, example: dict, style: str | None = None, system: str | None = None) -> dict:
+    """The generation row of one example: chat messages (few-shot examples as earlier turns,
+    `system` first) or completion text (few-shot examples before it). `style` defaults to the
+    task's own."""
+    if (style or task.style) == "chat":
+        messages = [{"role": "system", "content": system}] if system else []
         for shot in task.fewshot:
             messages += [{"role": "user", "content": task.prompt.format(input=shot["input"])},
                          {"role": "assistant", "content": shot["target"]}]
-        messages += example.get("messages") or [{"role": "user", "content": task.prompt.format(input=example["input"])}]
-        return {"messages": messages}
+        own = example.get("messages") or [{"role": "user", "content": task.prompt.format(input=example["input"])}]
+        if own and own[0]["role"] == "system":  # the example brings its own system prompt
+            messages = [m for m in messages if m["role"] != "system"]
+        return {"messages": messages + own}
     shots = "".join(task.prompt.format(input=s["input"]) + " " + s["target"] + "\n\n" for s in task.fewshot)
     return {"prompt": shots + task.prompt.format(input=example["input"])}
 
