@@ -5,8 +5,9 @@ Native (`relaygpt-native`):
     model.safetensors  weights (a tied LM head is stored once, as transformer.wte.weight)
     tokenizer/         tokenizer.json + ranks.tiktoken
 
-Hugging Face (`--format hf`): config.json (model_type gpt2), model.safetensors with Conv1D
-layouts, vocab.json + merges.txt, loadable by `transformers.GPT2LMHeadModel.from_pretrained`.
+Hugging Face (`--format hf`): config.json (model_type gpt2, or llama for RoPE / RMSNorm /
+SwiGLU models: model/hf.py), model.safetensors (Conv1D layouts for GPT-2), the unpadded
+vocabulary, and tokenizer files AutoTokenizer loads with the chat template.
 
 Loading never unpickles: weights come from safetensors only. Directories are written under a
 temporary name and renamed into place, so an interrupted export never looks complete.
@@ -22,13 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.bpe import gpt2_files_from_ranks
 from model.atomic import atomic_dir
 from model.chat import TEMPLATE_INFO
 from model.config import GPTConfig
 from model.errors import RelayError
 from model.gpt import GPT
-from model.tokenizer import EOT, Tokenizer
+from model.tokenizer import Tokenizer
 from model.weights_file import SafetensorsReader, StreamingSafetensors, file_order
 
 NATIVE_FORMAT = "relaygpt-native"
@@ -91,6 +91,8 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     meta = _read_json(path / "config.json")
     if meta.get("model_type") == "gpt2":
         model, tokenizer, meta = import_hf(path)
+    elif meta.get("model_type") == "llama":
+        model, tokenizer, meta = import_llama(path)
     elif meta.get("format") == NATIVE_FORMAT:
         config = GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
         tokenizer = Tokenizer.from_dir(path / meta["tokenizer"].get("path", "tokenizer"))
@@ -103,7 +105,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
             state["lm_head.weight"] = state["transformer.wte.weight"]
         _assign(model, state, path)
     else:
-        raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 (model_type gpt2)")
+        raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 or Llama (model_type gpt2 / llama)")
     if dtype is not None or device != "cpu":
         model = model.to(device=device, dtype=dtype)
     model.eval()
@@ -175,9 +177,13 @@ def read_model_config(path: str | Path) -> GPTConfig:
     meta = _read_json(path / "config.json")
     if meta.get("model_type") == "gpt2":
         return _hf_config(meta)
+    if meta.get("model_type") == "llama":
+        from model.hf import config_from_llama
+
+        return config_from_llama(meta, path / "config.json")
     if meta.get("format") == NATIVE_FORMAT:
         return GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
-    raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 (model_type gpt2)")
+    raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 or Llama (model_type gpt2 / llama)")
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -216,47 +222,76 @@ def hf_incompatibilities(config: GPTConfig) -> list[str]:
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
-    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
+    """A directory `transformers` loads: GPT2LMHeadModel for GPT-2-shaped models, LlamaForCausalLM
+    for RoPE / RMSNorm / SwiGLU ones (grouped-query attention and an untied head included).
+    The vocabulary is unpadded (config vocab_size = the tokenizer's ids), and the tokenizer
+    files load with AutoTokenizer, chat template included (model/hf.py)."""
+    from model.hf import llama_config, llama_incompatibilities, llama_weights, tokenizer_files
+
     config = model.config
-    problems = hf_incompatibilities(config)
-    if problems:
-        raise RelayError("--format hf needs a GPT-2-compatible model: " + "; ".join(problems))
-    hf_config = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": config.padded_vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": config.mlp_hidden,
-        "activation_function": "gelu_new",
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": config.norm_eps,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": tokenizer.eot_id,
-        "eos_token_id": tokenizer.eot_id,
-        "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
-    }
-    state = {}
-    for name, tensor in _weights_for_saving(model).items():
-        state[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor
-    vocab, merges = gpt2_files_from_ranks(tokenizer.mergeable_ranks, tokenizer.special_tokens)
+    gpt2_problems, llama_problems = hf_incompatibilities(config), llama_incompatibilities(config)
+    if gpt2_problems and llama_problems:
+        raise RelayError("--format hf needs a GPT-2-shaped model (" + "; ".join(gpt2_problems) + ") or a Llama-shaped one ("
+                         + "; ".join(llama_problems) + ")")
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    if not gpt2_problems:
+        hf_config = {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": config.vocab_size,
+            "n_positions": config.block_size,
+            "n_ctx": config.block_size,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": config.mlp_hidden,
+            "activation_function": "gelu_new",
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "layer_norm_epsilon": config.norm_eps,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "tie_word_embeddings": True,
+            "bos_token_id": tokenizer.eot_id,
+            "eos_token_id": tokenizer.eot_id,
+            "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
+        }
+        weights = {}
+        for name, tensor in state.items():
+            if name == "lm_head.weight":
+                continue  # tied: the embedding
+            if name == "transformer.wte.weight":
+                tensor = tensor[: config.vocab_size]
+            weights[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor.contiguous()
+    else:
+        hf_config, weights = llama_config(config, tokenizer), llama_weights(state, config)
     with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "GPT2Tokenizer", "eos_token": EOT, "bos_token": EOT, "unk_token": EOT,
-            "model_max_length": config.block_size, "add_prefix_space": False,
-        }, indent=2) + "\n", encoding="utf-8")
+        for name, text in tokenizer_files(tokenizer, config.block_size).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(out)
+
+
+def import_llama(path: Path) -> tuple[GPT, Tokenizer, dict]:
+    """A Llama-family directory (config.json, model.safetensors, a byte-level BPE tokenizer)."""
+    from model.hf import config_from_llama, state_from_llama, tokenizer_of_hf_dir
+
+    hf = _read_json(path / "config.json")
+    config = config_from_llama(hf, path / "config.json")
+    recorded = hf.get("relaygpt", {}).get("tokenizer", {})
+    tokenizer = tokenizer_of_hf_dir(path, recorded)
+    if recorded and recorded.get("sha256") != tokenizer.sha256:
+        raise RelayError(f"{path}: the tokenizer files do not match the tokenizer recorded in config.json")
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise RelayError(f"{path}: no model.safetensors (only safetensors weights are loaded; pickled .bin files are refused)")
+    with torch.device("meta"):
+        model = GPT(config)
+    _assign(model, state_from_llama(_load_safetensors(weights), config, weights), weights)
+    meta = {"format": "hf-llama", "model": config.to_dict(), "tokenizer": tokenizer.identity, "provenance": {"imported_from": str(path.resolve())}}
+    return model, tokenizer, meta
 
 
 def _hf_config(hf: dict) -> GPTConfig:

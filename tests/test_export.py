@@ -31,9 +31,9 @@ def test_native_round_trip_is_exact(arch, trained_tokenizer, tmp_path):
     assert [c.tokens for c in generate(loaded, prompts, params)] == [c.tokens for c in generate(model, prompts, params)]
 
 
-def test_hf_export_refuses_non_gpt2_architectures(trained_tokenizer, tmp_path):
-    model = GPT(tiny_config(trained_tokenizer.n_vocab, **ARCHITECTURES["modern"]))
-    with pytest.raises(RelayError, match=r"model\.position is 'rope' \(GPT-2 needs 'learned'\)"):
+def test_hf_export_refuses_what_is_neither_gpt2_nor_llama(trained_tokenizer, tmp_path):
+    model = GPT(tiny_config(trained_tokenizer.n_vocab, position="rope", norm="layernorm", mlp="gelu"))
+    with pytest.raises(RelayError, match=r"model\.position is 'rope' \(GPT-2 needs 'learned'\).*model\.norm is 'layernorm' \(Llama needs 'rmsnorm'\)"):
         export_hf(model, trained_tokenizer, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

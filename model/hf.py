@@ -1,0 +1,209 @@
+"""Hugging Face interop beyond GPT-2: the Llama family, tokenizer files, the chat template.
+
+A model with RoPE, RMSNorm and SwiGLU (grouped-query attention and an untied head allowed)
+is a `LlamaForCausalLM`: our fused q/k/v and gate/up projections are cut into Llama's
+separate ones, and the rotation convention is the same (the two halves of each head rotated
+together, inverse frequencies theta^(-2i/d)). Every export writes the unpadded vocabulary:
+the embedding and head rows past the tokenizer's ids (padding to a multiple of 64 for
+speed) are not tokens, so they are dropped on the way out and zero rows are put back on
+the way in.
+
+Tokenizer files: vocab.json + merges.txt (GPT-2's layout) and a tokenizer.json for
+`AutoTokenizer` (byte-level BPE, the tiktoken pattern as its pre-tokenizer, the special
+tokens registered as such), and in tokenizer_config.json a `chat_template` that renders a
+conversation to exactly the ids model/chat.py gives it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.config import GPTConfig
+from model.errors import RelayError
+from model.tokenizer import EOT, Tokenizer
+
+# model/chat.py's template as Jinja: a role token, one space, the content, <|end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
+    """{file name: text} of the tokenizer of an export: vocab.json, merges.txt, tokenizer.json,
+    tokenizer_config.json (with the chat template when the tokenizer has the chat tokens) and
+    special_tokens_map.json."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as FastTokenizer
+
+    from model.bpe import gpt2_files_from_ranks
+
+    vocab, merges = gpt2_files_from_ranks(tokenizer.mergeable_ranks, tokenizer.special_tokens)
+    base = {token: rank for token, rank in vocab.items() if token not in tokenizer.special_tokens}
+    fast = FastTokenizer(models.BPE(vocab=base, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
+    fast.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizer.pat_str), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    fast.decoder = decoders.ByteLevel()
+    for token, _ in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1]):
+        fast.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    for token, idx in tokenizer.special_tokens.items():
+        if fast.token_to_id(token) != idx:
+            raise RelayError(f"tokenizer: special token {token} would get id {fast.token_to_id(token)} in tokenizer.json, not {idx}")
+    chat = all(t in tokenizer.special_tokens for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context, "clean_up_tokenization_spaces": False,
+        "bos_token": EOT, "eos_token": "<|end|>" if chat else EOT, "unk_token": None, "pad_token": EOT,
+        "add_bos_token": False, "add_eos_token": False,
+    }
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
+    specials = {"bos_token": EOT, "eos_token": config["eos_token"], "pad_token": EOT,
+                "additional_special_tokens": sorted(t for t in tokenizer.special_tokens if t != EOT)}
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer.json": fast.to_str(),
+        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(specials, indent=2) + "\n",
+    }
+
+
+# ---- the Llama family ---------------------------------------------------------------------
+
+def llama_incompatibilities(config: GPTConfig) -> list[str]:
+    """Why `config` is not a Llama-family model (empty when it is)."""
+    needs = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+    return [f"model.{k} is {getattr(config, k)!r} (Llama needs {v!r})" for k, v in needs.items() if getattr(config, k) != v]
+
+
+def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": 0.02,
+        "bos_token_id": tokenizer.eot_id,
+        "eos_token_id": tokenizer.special_tokens.get("<|end|>", tokenizer.eot_id),
+        "torch_dtype": "float32",
+        "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
+    }
+
+
+def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our GPT weights (GPT names) under Llama's names, the vocabulary unpadded."""
+    v, q, kv, hidden = config.vocab_size, config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.mlp_hidden
+    out = {"model.embed_tokens.weight": state["transformer.wte.weight"][:v], "model.norm.weight": state["transformer.ln_f.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"][:v]
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            qkv = state[ours + f"attn.c_attn.{kind}"]
+            out[theirs + f"self_attn.q_proj.{kind}"] = qkv[:q]
+            out[theirs + f"self_attn.k_proj.{kind}"] = qkv[q:q + kv]
+            out[theirs + f"self_attn.v_proj.{kind}"] = qkv[q + kv:]
+            out[theirs + f"self_attn.o_proj.{kind}"] = state[ours + f"attn.c_proj.{kind}"]
+            gate_up = state[ours + f"mlp.c_fc.{kind}"]
+            out[theirs + f"mlp.gate_proj.{kind}"] = gate_up[:hidden]
+            out[theirs + f"mlp.up_proj.{kind}"] = gate_up[hidden:]
+            out[theirs + f"mlp.down_proj.{kind}"] = state[ours + f"mlp.c_proj.{kind}"]
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def config_from_llama(hf: dict, where: Path) -> GPTConfig:
+    """Our config of a Llama-family config.json (refusing what we do not implement)."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise RelayError(f"{where}: hidden_act {act!r} is not supported (silu only)")
+    if hf.get("rope_scaling"):
+        raise RelayError(f"{where}: rope_scaling {hf['rope_scaling']!r} is not supported (plain RoPE only)")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise RelayError(f"{where}: attention_bias and mlp_bias differ; relaygpt models have biases everywhere or nowhere")
+    try:
+        heads, width = int(hf["num_attention_heads"]), int(hf["hidden_size"])
+        head_dim = int(hf.get("head_dim") or width // heads)
+        if head_dim * heads != width:
+            raise RelayError(f"{where}: head_dim {head_dim} x {heads} heads is not hidden_size {width}; relaygpt needs them equal")
+        return GPTConfig(
+            vocab_size=int(hf.get("relaygpt", {}).get("vocab_size", hf["vocab_size"])), block_size=int(hf.get("max_position_embeddings", 2048)),
+            n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_embd=width,
+            n_kv_head=int(hf.get("num_key_value_heads") or heads), n_inner=int(hf["intermediate_size"]),
+            position="rope", rope_theta=float(hf.get("rope_theta", 10000.0)), norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            mlp="swiglu", bias=bool(hf.get("attention_bias", False)), dropout=0.0, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise RelayError(f"{where}: config.json lacks {exc.args[0]!r}, which a Llama config needs") from None
+
+
+def state_from_llama(weights: dict[str, torch.Tensor], config: GPTConfig, where: Path) -> dict[str, torch.Tensor]:
+    """Llama weights under our GPT names, the vocabulary padded with zero rows."""
+    def take(name: str) -> torch.Tensor:
+        if name not in weights:
+            raise RelayError(f"{where}: no tensor {name!r}; not a Llama checkpoint of this config")
+        return weights[name].float()
+
+    def pad(rows: torch.Tensor) -> torch.Tensor:
+        missing = config.padded_vocab_size - rows.size(0)
+        return torch.cat([rows, rows.new_zeros(missing, rows.size(1))]) if missing > 0 else rows
+
+    state = {"transformer.wte.weight": pad(take("model.embed_tokens.weight")), "transformer.ln_f.weight": take("model.norm.weight")}
+    state["lm_head.weight"] = state["transformer.wte.weight"] if config.tie_embeddings else pad(take("lm_head.weight"))
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        state[ours + "ln_1.weight"] = take(theirs + "input_layernorm.weight")
+        state[ours + "ln_2.weight"] = take(theirs + "post_attention_layernorm.weight")
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            state[ours + f"attn.c_attn.{kind}"] = torch.cat([take(theirs + f"self_attn.{p}_proj.{kind}") for p in "qkv"])
+            state[ours + f"attn.c_proj.{kind}"] = take(theirs + f"self_attn.o_proj.{kind}")
+            state[ours + f"mlp.c_fc.{kind}"] = torch.cat([take(theirs + f"mlp.{p}_proj.{kind}") for p in ("gate", "up")])
+            state[ours + f"mlp.c_proj.{kind}"] = take(theirs + f"mlp.down_proj.{kind}")
+    return state
+
+
+def tokenizer_of_hf_dir(path: Path, recorded: dict) -> Tokenizer:
+    """The tokenizer of a Hugging Face directory: vocab.json + merges.txt, or the byte-level BPE
+    of a tokenizer.json (its vocabulary and merges are the same content)."""
+    if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+        return Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+    spec = path / "tokenizer.json"
+    if not spec.exists():
+        raise RelayError(f"{path}: no tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+    try:
+        data = json.loads(spec.read_text(encoding="utf-8"))
+        model = data["model"]
+        if model.get("type") != "BPE":
+            raise RelayError(f"{spec}: a {model.get('type')} tokenizer; only byte-level BPE tokenizers can be imported")
+        vocab = dict(model["vocab"])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RelayError(f"{spec}: not a readable BPE tokenizer.json ({exc})") from None
+    for added in data.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+        return Tokenizer.from_gpt2_files(tmp, recorded.get("name") or f"hf:{path.name}", recorded.get("pat_str"))
