@@ -15,10 +15,21 @@ import pytest
 RESULTS = Path(__file__).with_name("results.jsonl")
 
 
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo), recorded beside every result: BLAS kernels and so
+    ratios differ between processors."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or "unknown"
+
+
 @pytest.fixture
 def record():
     def _record(name: str, **numbers):
-        row = {"bench": name, "when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "machine": platform.machine(), **numbers}
+        row = {"bench": name, "when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "machine": platform.machine(),
+               "cpu": cpu_model(), **numbers}
         with open(RESULTS, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"\n[{name}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()))
