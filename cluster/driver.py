@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import threading
 import time
 
@@ -74,7 +73,7 @@ RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", 
 def _clear_stage(run_dir: RunDir, stage: str) -> None:
     if stage == "data":
         return  # data stages cache by their own fingerprints; nothing to throw away
-    shutil.rmtree(run_dir.stage(stage).root, ignore_errors=True)
+    run_dir.remove(run_dir.stage(stage).root)  # refuses anything outside the run directory
 
 
 def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = False, from_stage: str | None = None,

@@ -8,6 +8,7 @@ cluster's Python environment provides the dependencies (torch, deepspeed, ray, .
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tempfile
 import time
@@ -60,6 +61,17 @@ def _absolute_paths(job) -> dict:
     return data
 
 
+def entrypoint(run_id: str, out: str | None, resume: bool) -> str:
+    """The command Ray Jobs runs on the cluster. Ray hands it to a shell, so every argument is
+    quoted: a path with a space or a `;` stays one argument and never runs as a command."""
+    argv = ["python", "-m", "cluster.cli", "run", "job.yaml", "--run-id", run_id]
+    if out:
+        argv += ["--out", str(Path(out).resolve())]
+    if resume:
+        argv.append("--resume")
+    return shlex.join(argv)
+
+
 def submit(job, address: str, *, run_dir, run_id: str = "default", out: str | None = None, resume: bool = False) -> str:
     """Submit `job` to the Ray cluster at `address` (http://host:8265); returns the job id.
     `run_dir` (a RunDir) is where the run will write, checked here before anything is sent."""
@@ -70,18 +82,13 @@ def submit(job, address: str, *, run_dir, run_id: str = "default", out: str | No
     staging = Path(tempfile.mkdtemp(prefix="relaygpt-submit-"))
     try:
         (staging / "job.yaml").write_text(yaml.safe_dump(_absolute_paths(job), sort_keys=False))
-        entry = ["python", "-m", "cluster.cli", "run", "job.yaml", "--run-id", run_id]
-        if out:
-            entry += ["--out", str(Path(out).resolve())]
-        if resume:
-            entry.append("--resume")
         runtime_env = {
             "working_dir": str(staging),
             "py_modules": [str(PROJECT / p) for p in PACKAGES],
             "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"},
         }
         try:
-            return api.submit_job(entrypoint=" ".join(entry), runtime_env=runtime_env,
+            return api.submit_job(entrypoint=entrypoint(run_id, out, resume), runtime_env=runtime_env,
                                   metadata={"relaygpt_job": job.name}, submission_id=None)
         except Exception as exc:
             raise RelayError(f"the Ray cluster at {address} refused the submission ({type(exc).__name__}: {str(exc)[:200]})") from None

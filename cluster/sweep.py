@@ -102,7 +102,7 @@ def _run_point(sweep, point, out_dir: Path, show) -> dict:
     data = RunDir(out_dir / "data" / fingerprints(job)["data"])
     launch.prepare_on_ray(job, data)
     run_dir = _point_dir(out_dir, point)
-    shutil.rmtree(run_dir.stage(stage).root, ignore_errors=True)
+    run_dir.remove(run_dir.stage(stage).root)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     for shared, link in ((data.tokenizer, run_dir.tokenizer), (data.data(stage).parent, run_dir.data(stage).parent)):
         if link.is_symlink() or link.exists():

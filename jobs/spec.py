@@ -98,8 +98,21 @@ class StagesSpec(Strict):
 
 # ---- the job -----------------------------------------------------------------------------
 
+# A job's name and a run id each name one directory: letters, digits, '.', '_', '-', never a
+# leading '.' or '-', so neither can be empty, '..', an absolute path or contain a '/'.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names one directory under OUT/<name>/; anything else is refused (never joined)."""
+    if not isinstance(run_id, str) or not re.fullmatch(NAME_PATTERN, run_id):
+        raise RelayError(f"--run-id: {run_id!r} is not a valid run id ({NAME_RULE}; it names the directory OUT/<name>/<run-id>/)")
+    return run_id
+
+
 class JobSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="names the run directory OUT/<name>/")
+    name: str = Field(pattern=NAME_PATTERN, description="names the run directory OUT/<name>/")
     seed: int = 1234
     output_dir: str = Field("runs", description="OUT: where run directories go (relative to the job file)")
     model: ModelSpec = ModelSpec()
@@ -164,7 +177,7 @@ class JobSpec(Strict):
 
     def run_dir(self, run_id: str = "default", output_dir: str | None = None) -> Path:
         """OUT/<name>/<run-id>: a stable id, so re-running a job reuses its completed stages."""
-        return self.path(output_dir or self.output_dir) / self.name / run_id
+        return self.path(output_dir or self.output_dir) / self.name / check_run_id(run_id)
 
     def resolved_dict(self) -> dict[str, Any]:
         """Every default filled in: what run directories record as job.yaml."""

@@ -83,6 +83,20 @@ def _read_json(path: Path) -> dict:
         raise RelayError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
+def tokenizer_dir(path: Path, meta: dict) -> Path:
+    """The tokenizer directory a native config.json names (`tokenizer.path`, default
+    "tokenizer"). It must lie inside the model directory: an absolute path, or one that leads
+    out of it through '..' or a link, is refused, so a model directory reads only its own files."""
+    name = meta["tokenizer"].get("path", "tokenizer")
+    where = f"{path / 'config.json'}: tokenizer.path"
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise RelayError(f"{where}: {name!r} is not a relative path inside the model directory")
+    resolved = (path / name).resolve()
+    if not resolved.is_relative_to(path.resolve()):
+        raise RelayError(f"{where}: {name!r} leads outside the model directory (to {resolved})")
+    return path / name
+
+
 def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict]:
     """Model, tokenizer and metadata from a native or a Hugging Face GPT-2 directory."""
     path = Path(path)
@@ -95,7 +109,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
         model, tokenizer, meta = import_llama(path)
     elif meta.get("format") == NATIVE_FORMAT:
         config = GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
-        tokenizer = Tokenizer.from_dir(path / meta["tokenizer"].get("path", "tokenizer"))
+        tokenizer = Tokenizer.from_dir(tokenizer_dir(path, meta))
         if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
             raise RelayError(f"{path / 'tokenizer'}: tokenizer sha256 does not match config.json; the directory was modified")
         with torch.device("meta"):
@@ -164,7 +178,7 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
         model, tokenizer, _ = load_model_dir(path)
         return model.config, tokenizer, model.state_dict()
     config = GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
-    tokenizer = Tokenizer.from_dir(path / meta["tokenizer"].get("path", "tokenizer"))
+    tokenizer = Tokenizer.from_dir(tokenizer_dir(path, meta))
     if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
         raise RelayError(f"{path / 'tokenizer'}: tokenizer sha256 does not match config.json; the directory was modified")
     return config, tokenizer, LazyWeights(path / "model.safetensors", config)

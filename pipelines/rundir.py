@@ -18,11 +18,13 @@ result and the sweep's measurements read it).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from model.atomic import write_json_atomically
+from model.errors import RelayError
 
 TRAINING_STAGES = ("pretrain", "sft")
 
@@ -188,3 +190,20 @@ class RunDir:
     @property
     def eval(self) -> EvalDir:
         return EvalDir(self.root / "eval")
+
+    def remove(self, path: str | Path) -> None:
+        """Delete `path` (a directory tree or a file) if it exists. Only what lies inside the run
+        directory once every symlink is resolved can be deleted: the run directory itself, a path
+        outside it or a link leading out of it is refused, so no setting and no link planted in
+        the run directory can make a re-run delete anything else."""
+        path = Path(path)
+        if not path.is_absolute():
+            path = self.root / path
+        resolved, root = path.resolve(), self.root.resolve()
+        if resolved == root or not resolved.is_relative_to(root):
+            raise RelayError(f"{path}: resolves to {resolved}, which is not inside the run directory {self.root}; "
+                             "refusing to delete it")
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path, ignore_errors=True)

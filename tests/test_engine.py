@@ -70,19 +70,59 @@ def test_resume_continues_exactly(base, layout):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_truncated_checkpoint_is_skipped_and_the_previous_used(base, capfd):
+def _alter_one_byte(path):
+    """Same size, one byte different: what corruption or a planted payload looks like to a size check."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_damaged_checkpoint_is_skipped_and_the_previous_used(base, capfd, damage):
     job_path = base[0]
-    run = fresh(base, "truncated")
+    run = fresh(base, damage)
     train(1, job_path, run, ["stages.pretrain.steps=6"])
     newest = run / "pretrain" / "checkpoints" / "step_00000006"
     victim = max((p for p in newest.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        expected = f"{victim.name} is {victim.stat().st_size} bytes"
+    else:
+        _alter_one_byte(victim)
+        expected = f"{victim.name} does not match the sha256 recorded in checkpoint.json"
     capfd.readouterr()
     again = train(1, job_path, run, ["stages.pretrain.steps=8"])  # a longer run of the same job
     out = capfd.readouterr().out
-    assert f"skipping checkpoint {newest}" in out and "truncated" in out
+    assert f"warning: skipping checkpoint {newest}: {expected}" in out, out[-3000:]
     assert "resumed from" in out and "step_00000003" in out
     assert sorted(again["losses"]) == [4, 5, 6, 7, 8]
+
+
+def test_every_ranks_files_are_verified_before_any_rank_loads(base, capfd):
+    """ZeRO-1 on 2 ranks: each rank writes its own optimizer shard. The record covers both, and
+    one altered byte in rank 1's shard (in every checkpoint) makes both ranks skip every
+    checkpoint and start fresh together: nothing unverified reaches DeepSpeed's load."""
+    import json
+
+    job_path = base[0]
+    run = fresh(base, "altered-rank-1")
+    layout = ["cluster.num_workers=2", "stages.pretrain.deepspeed.zero_stage=1"]
+    train(2, job_path, run, layout + ["stages.pretrain.steps=6"])
+    checkpoints = sorted((run / "pretrain" / "checkpoints").glob("step_*"))
+    assert [p.name for p in checkpoints] == ["step_00000003", "step_00000006"]
+    for path in checkpoints:
+        recorded = json.loads((path / "checkpoint.json").read_text())["files"]
+        assert set(recorded) == {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {"checkpoint.json"}
+        shards = [name for name in recorded if name.startswith("zero_pp_rank_")]
+        assert len(shards) == 2, recorded
+        _alter_one_byte(path / next(name for name in shards if name.startswith("zero_pp_rank_1_")))
+    capfd.readouterr()
+    again = train(2, job_path, run, layout + ["stages.pretrain.steps=8"])
+    out = capfd.readouterr().out
+    for path in checkpoints:
+        assert f"warning: skipping checkpoint {path}: zero_pp_rank_1_" in out, out[-3000:]
+    assert "resumed from" not in out
+    assert sorted(again["losses"]) == list(range(1, 9))
 
 
 def test_sft_starts_from_the_pretrain_export_and_learns(base):

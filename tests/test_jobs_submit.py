@@ -13,13 +13,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _job_file(tmp_path, steps):
+def _job_file(tmp_path, steps, out=None):
     text = (REPO / "jobs" / "tiny-assistant.yaml").read_text()
     path = tmp_path / "job.yaml"
     path.write_text(text)
     return path, ["--set", f"stages.pretrain.steps={steps}", "--set", "stages.pretrain.log_every=1", "--set", "stages.sft=null",
                   "--set", "stages.eval=null", "--set", "data.synthetic.mentions_per_fact=6", "--set", "data.num_proc=1",
-                  "--out", str(tmp_path / "out")]
+                  "--out", str(out or tmp_path / "out")]
 
 
 def _wait_for(head, job_id, states, timeout=300):
@@ -33,7 +33,11 @@ def _wait_for(head, job_id, states, timeout=300):
 
 
 def test_submit_runs_a_short_job_to_success(ray_head, tmp_path):
-    job, extra = _job_file(tmp_path, steps=4)
+    """With an output directory that has spaces and a `; touch` in its name: Ray runs the
+    entrypoint through a shell, which must pass it as one argument and run nothing else."""
+    pwned = tmp_path / "PWNED"
+    out_dir = tmp_path / f"o u t; touch {pwned}"
+    job, extra = _job_file(tmp_path, steps=4, out=out_dir)
     proc = relaygpt("submit", job, "--address", ray_head.dashboard, *extra, env=ray_head.env)
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted tiny-assistant as (\S+)", proc.stdout).group(1)
@@ -44,7 +48,8 @@ def test_submit_runs_a_short_job_to_success(ray_head, tmp_path):
     assert out.returncode == 0 and "[pretrain] step 4/4" in out.stdout and "done: tiny-assistant" in out.stdout
     listed = relaygpt("jobs", "list", "--address", ray_head.dashboard, env=ray_head.env)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    assert (tmp_path / "out" / "tiny-assistant" / "default" / "pretrain" / "model" / "model.safetensors").exists()
+    assert (out_dir / "tiny-assistant" / "default" / "pretrain" / "model" / "model.safetensors").exists()
+    assert not pwned.exists()
 
 
 def test_stop_stops_a_long_job(ray_head, tmp_path):

@@ -1,11 +1,17 @@
 """Training checkpoints: DeepSpeed writes, we commit atomically and find the newest good one.
 
-Every rank writes its part into `checkpoints/.tmp-step_NNNNNNNN/`; after a barrier rank 0
-records `checkpoint.json` (step and the size of every file) and renames the directory to
-`step_NNNNNNNN`, so a checkpoint either exists complete or does not exist. On resume the
-newest committed checkpoint whose files all match the manifest is used; a damaged one (a file
-truncated or missing) is skipped with a warning that names it. Only the newest K are kept.
-A multi-node run needs the run directory on a filesystem every node sees.
+Every rank writes its part into `checkpoints/.tmp-step_NNNNNNNN/`; after a barrier the ranks
+hash the files between them (sha256, streamed) and rank 0 records `checkpoint.json` (step, and
+the size and sha256 of every file of the tag, whichever rank wrote it), then renames the
+directory to `step_NNNNNNNN`, so a checkpoint either exists complete or does not exist.
+
+DeepSpeed loads checkpoints with `torch.load(weights_only=False)`, which runs whatever code a
+pickle names, so no file is loaded unverified: on resume the newest committed checkpoint whose
+every file matches its record (size, then sha256; no file missing, none added) is used, before
+any rank calls DeepSpeed's load. A damaged one (truncated, altered, corrupted) is skipped with a
+warning that names the file, and the next older one is tried. This protects against corruption
+and against tampering by anyone who cannot also rewrite checkpoint.json. Only the newest K are
+kept. A multi-node run needs the run directory on a filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
+
+from model.tokenizer import sha256_file
 
 MANIFEST = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -29,32 +38,72 @@ def temp_tag(step: int) -> str:
     return f".tmp-{tag_for(step)}"
 
 
-def commit(root: Path, step: int, extra: dict | None = None) -> Path:
-    """Rank 0, after every rank has written: manifest, then the atomic rename."""
+def files_of(directory: Path) -> list[str]:
+    """Every file of a checkpoint directory by its relative name, sorted; the record excepted."""
+    return sorted(name for p in directory.rglob("*") if p.is_file() and (name := str(p.relative_to(directory))) != MANIFEST)
+
+
+def share(names: list[str], part: tuple[int, int]) -> list[str]:
+    """The names rank `part[0]` of `part[1]` hashes: every rank a different slice, together all."""
+    index, count = part
+    return names[index::count]
+
+
+def describe(directory: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {"size", "sha256"}} of the named files of `directory`, each read as a stream."""
+    return {name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)} for name in names}
+
+
+def commit(root: Path, step: int, files: dict[str, dict] | None = None, extra: dict | None = None) -> Path:
+    """Rank 0, after every rank has written: the record, then the atomic rename. `files` are the
+    ranks' shares of `describe` merged; whatever file of the tag they left out is hashed here, so
+    the record covers every file the directory holds."""
     tmp, final = root / temp_tag(step), root / tag_for(step)
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "time": time.time(), "files": files, **(extra or {})}, indent=2) + "\n")
+    files = files or {}
+    listed = files_of(tmp)
+    assert set(files) <= set(listed), f"hashed files that are not in {tmp}: {sorted(set(files) - set(listed))}"
+    files = {**files, **describe(tmp, [name for name in listed if name not in files])}
+    record = {"step": step, "time": time.time(), "files": {name: files[name] for name in listed}, **(extra or {})}
+    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
     if final.exists():  # a re-run of the same step (e.g. after resuming): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
 
 
-def problem_with(path: Path) -> str | None:
-    """Why a committed checkpoint cannot be used, or None when it is complete."""
+def _recorded(path: Path) -> dict[str, dict] | str:
+    """The files a checkpoint's record lists, or why there is no usable record."""
     manifest = path / MANIFEST
     if not manifest.exists():
         return "no checkpoint.json"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return "unreadable checkpoint.json"
-    for name, size in files.items():
+    if not isinstance(files, dict) or not all(isinstance(f, dict) and {"size", "sha256"} <= f.keys() for f in files.values()):
+        return "checkpoint.json records no sha256 of its files (written before checkpoints were hashed), so it cannot be verified"
+    return files
+
+
+def problem_with(path: Path, part: tuple[int, int] = (0, 1)) -> str | None:
+    """Why a committed checkpoint cannot be used, or None when every file matches its record.
+    Names, existence and sizes are checked whole (cheap); the sha256 of `share(part)` only, so
+    that ranks verifying together each read a slice."""
+    files = _recorded(path)
+    if isinstance(files, str):
+        return files
+    unrecorded = sorted(set(files_of(path)) - set(files))
+    if unrecorded:
+        return f"{unrecorded[0]} is not in checkpoint.json (added after the checkpoint was written)"
+    for name, want in sorted(files.items()):
         f = path / name
-        if not f.exists():
+        if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} is {f.stat().st_size} bytes, expected {size} (truncated?)"
+        if f.stat().st_size != want["size"]:
+            return f"{name} is {f.stat().st_size} bytes, expected {want['size']} (truncated?)"
+    for name in share(sorted(files), part):
+        if sha256_file(path / name) != files[name]["sha256"]:
+            return f"{name} does not match the sha256 recorded in checkpoint.json (altered or corrupted)"
     return None
 
 
@@ -66,10 +115,14 @@ def committed(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def newest_usable(root: Path, warn) -> tuple[int, str] | None:
-    """(step, tag) of the newest complete checkpoint; damaged ones are reported via `warn`."""
-    for step, path in committed(root):
-        reason = problem_with(path)
+def newest_usable(root: Path, warn, part: tuple[int, int] = (0, 1), agree: Callable[[str | None], str | None] = lambda r: r,
+                  candidates: list[tuple[int, Path]] | None = None) -> tuple[int, str] | None:
+    """(step, tag) of the newest checkpoint whose files all match its record; damaged ones are
+    reported via `warn`. Ranks verifying together pass their `part` (rank, world size), the same
+    `candidates` (rank 0's `committed`) and an `agree` that returns the first problem any rank
+    found (a collective), so that all of them choose the same checkpoint."""
+    for step, path in committed(root) if candidates is None else candidates:
+        reason = agree(problem_with(path, part))
         if reason is None:
             return step, path.name
         warn(f"skipping checkpoint {path}: {reason}")

@@ -37,6 +37,24 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
+def from_rank_0(value):
+    """Rank 0's `value` on every rank (a collective)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ranks(value) -> list:
+    """Every rank's `value`, in rank order, on every rank (a collective)."""
+    import torch.distributed as dist
+
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 

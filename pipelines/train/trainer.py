@@ -5,13 +5,14 @@ torch.distributed initialised from the environment. Every number it uses comes f
 stage's resolved `TrainPlan`; the trainer goes through named phases:
 
     build     tokenizer, initial weights, data windows, the DeepSpeed engine, the loader
-    resume    from the newest complete checkpoint, when the stage has one
+    resume    from the newest complete checkpoint whose files match their recorded sha256
     step      one optimizer step (any layout: the engine hides pipelined vs plain)
     evaluate  validation loss and bits per byte, every `eval_every` steps and at the end
     checkpoint  every `checkpoint_every` steps, at the end and where the run stops early
     finish    peak memory of every rank, the native export, result.json
 
-    RUN/<stage>/checkpoints/step_NNNNNNNN/   DeepSpeed state + TrainState, committed atomically
+    RUN/<stage>/checkpoints/step_NNNNNNNN/   DeepSpeed state + TrainState, committed atomically with
+                                             the sha256 of every file (checkpoint.json)
     RUN/<stage>/tensorboard/, metrics.jsonl  written by rank 0 (MetricsLogger)
     RUN/<stage>/model/                       the native export, independent of the parallel layout
 """
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from model.errors import RelayError
 from model.gpt import IGNORE_INDEX
 from pipelines.train import checkpoint as ckpt
+from pipelines.train.distributed import all_ranks, from_rank_0
 from pipelines.train.metrics import MetricsLogger, StepTimer, bits_per_byte, device_peak_flops, peak_memory_bytes, token_byte_lengths
 
 
@@ -172,7 +174,7 @@ class Trainer:
             self.dir.checkpoints.mkdir(parents=True, exist_ok=True)
             ckpt.drop_unfinished(self.dir.checkpoints)
         dist.barrier()
-        found = ckpt.newest_usable(self.dir.checkpoints, warn=self._warn)
+        found = self._newest_verified()
         if found is None:
             self.logger.text("config/job", "```\n" + _yaml(self.run.job) + "\n```")
             self.logger.text("config/deepspeed", "```\n" + _yaml(self.plan.deepspeed_config) + "\n```")
@@ -186,6 +188,17 @@ class Trainer:
         _set_rng_state(self.state.rng)
         if self.topo.rank == 0:
             print(f"[{self.plan.stage}] resumed from {self.dir.checkpoints / tag} at step {self.state.step}", flush=True)
+
+    def _newest_verified(self) -> tuple[int, str] | None:
+        """The newest checkpoint every file of which matches its recorded sha256, chosen by all
+        ranks together (each hashes a share of the files) before any of them loads one: DeepSpeed
+        unpickles checkpoint files, so nothing unverified reaches it."""
+        def first_problem(reason: str | None) -> str | None:
+            return next((r for r in all_ranks(reason) if r is not None), None)
+
+        candidates = from_rank_0(ckpt.committed(self.dir.checkpoints) if self.topo.rank == 0 else None)
+        return ckpt.newest_usable(self.dir.checkpoints, warn=self._warn, part=(self.topo.rank, self.topo.world_size),
+                                  agree=first_problem, candidates=candidates)
 
     def _warn(self, message: str) -> None:
         if self.topo.rank == 0:
@@ -261,8 +274,11 @@ class Trainer:
         state.rng = _rng_state()
         self.engine.save(str(root), ckpt.temp_tag(state.step), {"train_state": asdict(state)})
         dist.barrier()
+        # Every rank's files are written: the ranks hash them between them, rank 0 records them all.
+        tmp, part = root / ckpt.temp_tag(state.step), (self.topo.rank, self.topo.world_size)
+        shares = all_ranks(ckpt.describe(tmp, ckpt.share(ckpt.files_of(tmp), part)))
         if self.topo.rank == 0:
-            ckpt.commit(root, state.step)
+            ckpt.commit(root, state.step, files={name: f for hashed in shares for name, f in hashed.items()})
             ckpt.prune(root, self.plan.settings.keep_last)
         dist.barrier()
 
