@@ -163,11 +163,14 @@ def _chat_args(p):
 def cmd_tokenizer_train(args) -> int:
     import time
 
-    from model.tokenizer import train_tokenizer_from_files
+    from model.tokenizer import train_tokenizer_from_files, vocabulary_shortfall
 
     start = time.perf_counter()
     tok = train_tokenizer_from_files(args.input, args.vocab_size, args.out)
     print(f"trained {tok.n_vocab}-token BPE in {time.perf_counter() - start:.1f}s -> {args.out} (sha256 {tok.sha256[:12]})")
+    shortfall = vocabulary_shortfall(tok, args.vocab_size)
+    if shortfall:
+        print(f"warning: {shortfall}")
     return 0
 
 
@@ -288,15 +291,29 @@ def cmd_generate(args) -> int:
     from pipelines.generation.rows import prompt_ids, read_prompts
 
     params = _sampling(args)
+    _check_output_file(args.out, "--out")
     rows = read_prompts(args.prompts)
-    _, tokenizer, _ = load_model_dir(args.model_dir)  # checks the directory and every row before any worker starts
+    model, tokenizer, _ = load_model_dir(args.model_dir)  # checks the directory and every row before any worker starts
     for i, row in enumerate(rows):
-        prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}")
+        prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}", model.config.block_size)
+    del model
     results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address,
                              device=args.device)
     write_jsonl_atomically(args.out, results)
     print(f"wrote {len(results)} completions to {args.out}")
     return 0
+
+
+def _check_output_file(path: str, flag: str) -> None:
+    """Refuse an output file that could not be written, before any work is done for it."""
+    path = Path(path)
+    if path.is_dir():
+        raise RelayError(f"{flag} {path}: is a directory; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RelayError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
 
 
 def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None, device: str = "auto"):

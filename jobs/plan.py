@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jobs.spec import ModelSpec
 from model.errors import RelayError
 from pipelines.rundir import RunDir
 from pipelines.train.plan import RunPlan, plan_training
@@ -41,7 +42,7 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
         if name == "sft" and not settings.init and "pretrain" in training:
             model = training["pretrain"].model  # starts from the export of the pretrain stage above
         else:
-            model = _model(name, settings, init, job.model, vocab_size)
+            model = _model(name, settings, init, job.model if "model" in job.model_fields_set else None, vocab_size)
         seq_len = sft_seq_len(job) if name == "sft" else settings.seq_len or model.block_size
         training[name] = plan_training(name, settings, model, world_size=job.cluster.num_workers, seq_len=seq_len, device=device,
                                        data_dir=run_dir.data(name), init_model=init, seed=job.seed, memory_budget=budget,
@@ -65,13 +66,24 @@ def _init_model(job, name: str, settings, run_dir: RunDir) -> Path | None:
 
 def _model(name: str, settings, init: Path | None, model_spec, vocab_size: int):
     """The stage's architecture: the job's model, or that of the model directory it starts from
-    (its vocabulary grown to the tokenizer's: chat tokens a base model lacks get new rows)."""
+    (its vocabulary grown to the tokenizer's: chat tokens a base model lacks get new rows).
+
+    `model_spec` is the job's `model:` section, None when the job has none. A stage with an
+    `init` takes the directory's architecture; a `model:` section that the job writes must then
+    describe that same model, or the job is refused: it would otherwise be ignored in silence."""
     from model.export import read_model_config
 
     if init is None:
-        return model_spec.config(vocab_size)
+        return (model_spec or ModelSpec()).config(vocab_size)
     if not (init / "config.json").is_file():
         hint = "" if settings.init else " (the job has no pretrain stage; set stages.sft.init to a model directory)"
         raise RelayError(f"stages.{name}.init: no model directory at {init}{hint}")
     config = read_model_config(init)
+    if model_spec is not None and settings.init:
+        written = model_spec.config(config.vocab_size).to_dict()
+        differ = [f"{key} {value!r} (model: says {written[key]!r})" for key, value in config.to_dict().items()
+                  if key != "vocab_size" and value != written[key]]
+        if differ:
+            raise RelayError(f"stages.{name}.init: the model directory {init} has {', '.join(differ[:4])}; the stage trains the "
+                             "directory's architecture, so make the model: section match it or remove the section")
     return config.replace(vocab_size=max(config.vocab_size, vocab_size))

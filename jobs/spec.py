@@ -1,7 +1,7 @@
 """The job file: one YAML document describing a model, its tokenizer, data and stages.
 
 Loaded with `yaml.safe_load` semantics (a composed node tree, so every problem can name its
-file:line), overridden with `--set a.b.c=value`, validated by pydantic with unknown keys
+file:line; a key written twice is refused, pipelines/yaml_file.py), overridden with `--set a.b.c=value`, validated by pydantic with unknown keys
 refused (with a did-you-mean), and every problem reported at once. Relative paths in a job
 file are relative to the job file's own folder.
 """
@@ -26,6 +26,7 @@ from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
 from pipelines.train.plan import data_parallel_size
 from pipelines.train.settings import TrainStageSpec
+from pipelines.yaml_file import read_yaml
 
 
 class JobError(RelayError):
@@ -157,6 +158,8 @@ class JobSpec(Strict):
             if name == "sft" and stage.seq_len is not None:
                 problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
+            if not workers % pp:
+                problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp))
         if self.cluster.device_memory_gb is not None and self.cluster.gpus_per_worker == 0:
             problems.append("cluster.device_memory_gb: the workers have no GPU (cluster.gpus_per_worker is 0), so there is no "
                             "device memory to check; remove it or reserve GPUs")
@@ -184,6 +187,38 @@ class JobSpec(Strict):
         data = self.model_dump(mode="json")
         data["model"] = {"preset": self.model.preset, **self.model.overrides}
         return data
+
+
+def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int) -> list[str]:
+    """`deepspeed.extra` keys that would overrule a value the job derives from its own fields.
+    DeepSpeed would take the extra value (it is merged in last) while the plan, the loaders and
+    the step arithmetic keep the job's: the run would assert in a worker, or silently do
+    something else. Each is refused, naming the key, the derived value and the field to set."""
+    extra, ds = stage.deepspeed.extra, stage.deepspeed
+    derived = {
+        ("train_micro_batch_size_per_gpu",): (stage.micro_batch, "micro_batch"),
+        ("gradient_accumulation_steps",): (stage.grad_accum, "grad_accum"),
+        ("train_batch_size",): (stage.micro_batch * stage.grad_accum * data_parallel,
+                                f"micro_batch x grad_accum x data-parallel {data_parallel}"),
+        ("zero_optimization", "stage"): (ds.zero_stage, "deepspeed.zero_stage"),
+        ("gradient_clipping",): (stage.optimizer.grad_clip, "optimizer.grad_clip"),
+    }
+    for name in ("bf16", "fp16"):  # the precision: auto decides per device, so any setting here contradicts it
+        derived[(name, "enabled")] = (ds.precision == name, "deepspeed.precision")
+    problems = []
+    for keys, (value, field) in derived.items():
+        node = extra
+        for key in keys:
+            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is _ABSENT or (node == value and isinstance(node, bool) == isinstance(value, bool)):
+            continue
+        shown = f"deepspeed.precision {ds.precision!r}" if field == "deepspeed.precision" else f"{field} = {value}"
+        problems.append(f"{where}.deepspeed.extra.{'.'.join(keys)}: {node!r} contradicts the job's {shown}; "
+                        f"set {where}.{field.split(' ')[0]} instead (extra is for DeepSpeed settings the job does not derive)")
+    return problems
+
+
+_ABSENT = object()
 
 
 def _settings_that_would_do_nothing(where: str, stage: TrainStageSpec, cluster: ClusterSpec) -> list[str]:
@@ -261,23 +296,34 @@ def _names_a_field(msg: str, schema: type[BaseModel]) -> bool:
     return bool(m) and (bool(m.group(2)) or m.group(1) in schema.model_fields)
 
 
-def validation_problems(exc: ValidationError, where: str, lines: dict[tuple, int], schema: type[BaseModel] | None = None) -> list[str]:
-    schema = schema or JobSpec
+def _origin(loc: tuple, where: str, lines: dict[tuple, int], overridden: dict[tuple, str], shortest: int) -> str:
+    """Where the value at `loc` came from: the `--set` that wrote it (or a section above it),
+    else the file and the line of the nearest key written there."""
+    for i in range(len(loc), 0, -1):
+        if loc[:i] in overridden:
+            return f"--set {overridden[loc[:i]]}"
+    line = next((lines[loc[:i]] for i in range(len(loc), shortest - 1, -1) if loc[:i] in lines), None)
+    return f"{where}:{line}" if line else where
+
+
+def validation_problems(exc: ValidationError, where: str, lines: dict[tuple, int], schema: type[BaseModel] | None = None,
+                        overridden: dict[tuple, str] | None = None) -> list[str]:
+    """One line per problem, each naming its field and where its value came from: file:line, or
+    the `--set KEY=VALUE` (`overridden`: field path -> assignment) that gave it."""
+    schema, overridden = schema or JobSpec, overridden or {}
     problems = []
     for err in exc.errors():
         if err["type"] == "value_error" and "\n" in err["msg"] or _names_a_field(err["msg"], schema):
             for line_msg in err["msg"].removeprefix("Value error, ").split("\n"):
                 path, _, text = line_msg.partition(": ")
                 loc = tuple(int(p) if p.isdigit() else p for p in path.split("."))
-                line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-                problems.append(f"{where}:{line}: {path}: {text}" if line else f"{where}: {path}: {text}")
+                problems.append(f"{_origin(loc, where, lines, overridden, 1)}: {path}: {text}")
             continue
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("list", "union"))))
         named = re.search(r"unknown key '([^']+)'", err["msg"])
-        if named and (*loc, named.group(1)) in lines:  # a section's validator naming one of its keys
+        if named and ((*loc, named.group(1)) in lines or (*loc, named.group(1)) in overridden):  # a section's validator naming one of its keys
             loc = (*loc, named.group(1))
-        line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
-        prefix = f"{where}:{line}" if line else where
+        prefix = _origin(loc, where, lines, overridden, 0)
         field = _format_loc(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             msg = f"unknown key{did_you_mean(str(loc[-1]), _fields_at(schema, loc[:-1]))}"
@@ -291,12 +337,20 @@ def validation_problems(exc: ValidationError, where: str, lines: dict[tuple, int
     return problems
 
 
+def override_path(assignment: str) -> tuple:
+    """The field path `a.b.0.c=value` sets, as a tuple ("a", "b", 0, "c"); a malformed
+    assignment (no '=', an empty key or an empty part of one) is an error naming it."""
+    key, equals, _ = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not equals or not all(part.strip() for part in parts):
+        raise JobError([f"--set {assignment!r}: expected KEY=VALUE with a dotted field name as KEY, e.g. data.num_proc=4"])
+    return tuple(int(p) if re.fullmatch(r"\d+", p) else p for p in (part.strip() for part in parts))
+
+
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` (value parsed as YAML; list items by index: sources.0.path)."""
-    if "=" not in assignment:
-        raise JobError([f"--set {assignment!r}: expected KEY=VALUE, e.g. data.num_proc=4"])
+    parts = list(override_path(assignment))
     key, raw = assignment.split("=", 1)
-    parts = [int(p) if re.fullmatch(r"\d+", p) else p for p in key.strip().split(".")]
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -322,26 +376,18 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read, override and validate a job file; JobError lists every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JobError([f"{path}: job file does not exist"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise JobError([f"{path}: cannot read the job file ({exc})"]) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise JobError([f"{where}: invalid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+        data, node = read_yaml(path, "job file")
+    except RelayError as exc:
+        raise JobError([str(exc)]) from None
     if not isinstance(data, dict):
         raise JobError([f"{path}: a job file is a YAML mapping (name:, model:, tokenizer:, data:, ...)"])
     lines = line_map(node) if node is not None else {}
+    overridden = {override_path(assignment): assignment for assignment in overrides}
     for assignment in overrides:
         apply_override(data, assignment)
     try:
         job = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise JobError(validation_problems(exc, str(path), lines)) from None
+        raise JobError(validation_problems(exc, str(path), lines, overridden=overridden)) from None
     job._base_dir = path.resolve().parent
     return job

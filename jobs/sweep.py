@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
-from jobs.spec import MODEL_FIELDS, JobError, apply_override, did_you_mean, line_map, load_job, validation_problems
+from jobs.spec import (MODEL_FIELDS, JobError, apply_override, did_you_mean, line_map, load_job, override_path,
+                       validation_problems)
+from model.errors import RelayError
 from pipelines.settings import Strict
 from pipelines.train.plan import data_parallel_size
+from pipelines.yaml_file import read_yaml
 
 # Short axis names; {stage} is the measured stage.
 AXES = {
@@ -132,22 +134,19 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
     """Read and validate a sweep file (every problem at once, each with its file:line)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        node, data = yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
-    except FileNotFoundError:
-        raise JobError([f"{path}: sweep file does not exist"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise JobError([f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+        data, node = read_yaml(path, "sweep file")
+    except RelayError as exc:
+        raise JobError([str(exc)]) from None
     if not isinstance(data, dict):
         raise JobError([f"{path}: a sweep file is a YAML mapping (name:, base:, grid:, ...)"])
+    overridden = {override_path(assignment): assignment for assignment in overrides}
     for assignment in overrides:
         apply_override(data, assignment)
     lines = line_map(node) if node is not None else {}
     try:
         sweep = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise JobError(validation_problems(exc, str(path), lines, SweepSpec)) from None
+        raise JobError(validation_problems(exc, str(path), lines, SweepSpec, overridden=overridden)) from None
     sweep._base_dir = path.resolve().parent
     if not sweep.path(sweep.base).is_file():
         raise JobError([f"{path}:{lines.get(('base',), '?')}: base: job file {sweep.path(sweep.base)} does not exist"])
@@ -191,7 +190,7 @@ def expand_points(sweep: SweepSpec) -> list[Point]:
                 point.overrides.append(f"stages.{sweep.stage}.grad_accum={_strong_accum(sweep, point.job)}")
                 point.job = load_job(base_path, point.overrides)
         except JobError as exc:
-            point.reason = "; ".join(p.split(": ", 1)[-1] if p.startswith(base_path) else p for p in exc.problems)
+            point.reason = "; ".join(p.split(": ", 1)[-1] if p.startswith((base_path, "--set ")) else p for p in exc.problems)
         points.append(point)
     return points
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from model.atomic import atomic_dir
 from model.chat import TEMPLATE_INFO
 from model.config import GPTConfig
-from model.errors import RelayError
+from model.errors import ConfigError, RelayError
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
 from model.weights_file import SafetensorsReader, StreamingSafetensors, file_order
@@ -76,11 +76,36 @@ def write_model_dir(config: GPTConfig, tokenizer: Tokenizer, out: str | Path, sp
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RelayError(f"{path.parent}: not a model directory (no config.json)") from None
     except json.JSONDecodeError as exc:
         raise RelayError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(meta, dict):
+        raise RelayError(f"{path}: expected a JSON object of model settings, got a JSON {type(meta).__name__}")
+    return meta
+
+
+def _native_meta(path: Path, meta: dict) -> dict:
+    """A native config.json's sections, checked before anything reads them: `model` an object
+    of GPTConfig fields, `tokenizer` an object whose `sha256` is the tokenizer files' hash."""
+    where = path / "config.json"
+    if not isinstance(meta.get("model"), dict):
+        raise RelayError(f"{where}: 'model' must be an object of model settings (vocab_size, block_size, n_layer, ...), "
+                         f"got {_kind(meta.get('model'))}")
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("sha256"), str):
+        raise RelayError(f"{where}: 'tokenizer' must be an object with the tokenizer's 'sha256' (and 'path'), "
+                         f"got {_kind(tokenizer)}")
+    return meta
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return f"an object with keys {sorted(value)}"
+    return f"a JSON {type(value).__name__}"
 
 
 def tokenizer_dir(path: Path, meta: dict) -> Path:
@@ -108,6 +133,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     elif meta.get("model_type") == "llama":
         model, tokenizer, meta = import_llama(path)
     elif meta.get("format") == NATIVE_FORMAT:
+        _native_meta(path, meta)
         config = GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
         tokenizer = Tokenizer.from_dir(tokenizer_dir(path, meta))
         if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
@@ -177,6 +203,7 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
     if meta.get("format") != NATIVE_FORMAT:
         model, tokenizer, _ = load_model_dir(path)
         return model.config, tokenizer, model.state_dict()
+    _native_meta(path, meta)
     config = GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
     tokenizer = Tokenizer.from_dir(tokenizer_dir(path, meta))
     if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
@@ -190,12 +217,13 @@ def read_model_config(path: str | Path) -> GPTConfig:
     path = Path(path)
     meta = _read_json(path / "config.json")
     if meta.get("model_type") == "gpt2":
-        return _hf_config(meta)
+        return _hf_config(meta, path / "config.json")
     if meta.get("model_type") == "llama":
         from model.hf import config_from_llama
 
         return config_from_llama(meta, path / "config.json")
     if meta.get("format") == NATIVE_FORMAT:
+        _native_meta(path, meta)
         return GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
     raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 or Llama (model_type gpt2 / llama)")
 
@@ -308,16 +336,25 @@ def import_llama(path: Path) -> tuple[GPT, Tokenizer, dict]:
     return model, tokenizer, meta
 
 
-def _hf_config(hf: dict) -> GPTConfig:
-    return GPTConfig(
-        vocab_size=hf.get("relaygpt", {}).get("vocab_size", hf["vocab_size"]),
-        block_size=hf.get("n_positions", 1024),
-        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-        n_inner=hf.get("n_inner") or None,
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        dropout=0.0,
-        pad_vocab_multiple=64,
-    )
+def _hf_config(hf: dict, where: Path) -> GPTConfig:
+    """Our config for a transformers GPT-2 config.json (`where`): the sizes it must state."""
+    missing = [key for key in ("vocab_size", "n_layer", "n_head", "n_embd") if key not in hf]
+    if missing:
+        raise RelayError(f"{where}: no {', '.join(missing)}; a GPT-2 config.json states vocab_size, n_layer, n_head "
+                         "and n_embd (positive integers)")
+    recorded = hf.get("relaygpt")
+    try:
+        return GPTConfig(
+            vocab_size=recorded.get("vocab_size", hf["vocab_size"]) if isinstance(recorded, dict) else hf["vocab_size"],
+            block_size=hf.get("n_positions", 1024),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+            n_inner=hf.get("n_inner") or None,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            dropout=0.0,
+            pad_vocab_multiple=64,
+        )
+    except ConfigError as exc:
+        raise RelayError(f"{where}: {exc}") from None
 
 
 def import_hf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
@@ -327,7 +364,7 @@ def import_hf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise RelayError(f"{path / 'config.json'}: activation_function {activation!r} is not supported (gelu_new only)")
-    config = _hf_config(hf)
+    config = _hf_config(hf, path / "config.json")
     recorded = hf.get("relaygpt", {}).get("tokenizer", {})
     tokenizer = Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
     if recorded and recorded.get("sha256") != tokenizer.sha256:

@@ -274,6 +274,7 @@ def _restore(source: tuple[str, str], sha256: str, name: str, pat_str: str) -> T
 
 def train_tokenizer_from_files(paths: list[str | Path], vocab_size: int, out: str | Path, name: str | None = None) -> Tokenizer:
     """`relaygpt tokenizer train`: BPE on the given text files, saved to `out`."""
+    _check_output_dir(Path(out))
     texts = []
     for p in paths:
         try:
@@ -287,3 +288,27 @@ def train_tokenizer_from_files(paths: list[str | Path], vocab_size: int, out: st
     tok = Tokenizer.train(texts, vocab_size, name=name or Path(out).name)
     tok.save(out)
     return tok
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse an output directory that could not be created, before any training."""
+    for place in (out, *out.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise RelayError(f"--out {out}: {place} is a file, not a directory")
+            return
+
+
+def vocabulary_shortfall(tokenizer: Tokenizer, asked: int) -> str | None:
+    """A warning when the corpus allowed fewer ids than `asked`, else None.
+
+    BPE stops merging when every word of the corpus is one token, so a small corpus yields a smaller
+    (still complete and consistent) vocabulary. That is not an error: the model's vocabulary is
+    the tokenizer's real size, and only more text could give more merges. But the size asked
+    for was not met, and the user must be told rather than find out from a count later.
+    """
+    if tokenizer.n_vocab >= asked:
+        return None
+    return (f"the corpus allowed only {tokenizer.n_vocab} ids, not the {asked} asked for "
+            f"(after {tokenizer.n_vocab - 256 - 1 - len(CHAT_TOKENS)} merges every word of it was one token); "
+            "train on more text for a larger vocabulary")

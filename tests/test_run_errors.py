@@ -53,6 +53,22 @@ CASES = [
     ("invalid YAML", None, "name: x\nstages: [unclosed\n", ["invalid YAML"]),
     ("bad --set path", {}, None, ["--set data.pretrain.sources.9.weight: data.pretrain.sources.9 does not exist"]),
     ("init model missing", {"stages.sft.init": "no/such/model"}, None, ["stages.sft.init: model directory", "does not exist"]),
+    # once accepted silently (issue 14)
+    ("repeated key", None, "name: x\nseed: 1\nseed: 2\n", ["job.yaml:3: key 'seed' is repeated (first at line 2)"]),
+    ("repeated nested key", None, "name: x\nstages:\n  pretrain: {steps: 1, steps: 2}\n", ["job.yaml:3: key 'steps' is repeated"]),
+    ("boolean micro_batch", {"stages.pretrain.micro_batch": True}, None,
+     ["job.yaml:", "stages.pretrain.micro_batch: expected a number, got the boolean true"]),
+    ("boolean learning rate", {"stages.sft.optimizer.lr": False}, None, ["stages.sft.optimizer.lr: expected a number, got the boolean false"]),
+    ("extra contradicts train_batch_size", {"stages.pretrain.deepspeed": {"extra": {"train_batch_size": 7}}}, None,
+     ["stages.pretrain.deepspeed.extra.train_batch_size: 7 contradicts", "data-parallel 2 = 16", "set stages.pretrain.micro_batch"]),
+    ("extra contradicts the micro-batch", {"stages.sft.deepspeed": {"extra": {"train_micro_batch_size_per_gpu": 2}}}, None,
+     ["stages.sft.deepspeed.extra.train_micro_batch_size_per_gpu: 2 contradicts the job's micro_batch = 8"]),
+    ("extra contradicts grad_accum", {"stages.sft.deepspeed": {"extra": {"gradient_accumulation_steps": 3}}}, None,
+     ["stages.sft.deepspeed.extra.gradient_accumulation_steps: 3 contradicts the job's grad_accum = 1"]),
+    ("extra contradicts the ZeRO stage", {"stages.pretrain.deepspeed": {"zero_stage": 1, "extra": {"zero_optimization": {"stage": 3}}}}, None,
+     ["stages.pretrain.deepspeed.extra.zero_optimization.stage: 3 contradicts the job's deepspeed.zero_stage = 1"]),
+    ("extra contradicts the precision", {"stages.pretrain.deepspeed": {"extra": {"bf16": {"enabled": True}}}}, None,
+     ["stages.pretrain.deepspeed.extra.bf16.enabled: True contradicts the job's deepspeed.precision 'auto'"]),
 ]
 
 
@@ -145,3 +161,56 @@ def test_an_eval_task_without_its_data_fails_in_preflight_naming_the_task(tmp_pa
         assert "stages.eval.tasks[2]:" in text and "missing.jsonl does not exist" in text, text
         assert "stages.eval.tasks[0]" not in text
     assert not list((tmp_path / "out").rglob("stage.json"))
+
+
+def test_extra_that_agrees_or_adds_is_accepted(tmp_path):
+    from jobs.spec import load_job
+
+    job = yaml.safe_load(yaml.safe_dump(TINY))
+    job["stages"]["pretrain"]["deepspeed"]["extra"] = {"train_batch_size": 16, "zero_optimization": {"stage": 1, "overlap_comm": True}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    assert load_job(path).stages.pretrain.deepspeed.extra["zero_optimization"]["overlap_comm"] is True
+
+
+@pytest.mark.parametrize("assignment, needles", [
+    ("stages.pretrain.micro_batch=abc", ["--set stages.pretrain.micro_batch=abc: stages.pretrain.micro_batch", "valid integer"]),
+    ("stages.pretrain.micro_batch=true", ["--set stages.pretrain.micro_batch=true: stages.pretrain.micro_batch: expected a number"]),
+    ("stages.sft.stpes=3", ["--set stages.sft.stpes=3: stages.sft.stpes: unknown key", "did you mean 'steps'"]),
+    ("=5", ["--set '=5': expected KEY=VALUE"]),
+    ("stages..steps=5", ["--set 'stages..steps=5': expected KEY=VALUE"]),
+    ("stages.pretrain.steps", ["--set 'stages.pretrain.steps': expected KEY=VALUE"]),
+])
+def test_set_errors_name_the_set_argument_not_a_line_of_the_file(assignment, needles, capsys):
+    code = cli.main(["plan", str(REPO / "jobs" / "tiny-assistant.yaml"), "--set", assignment])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and "\n" not in err, err
+    assert "tiny-assistant.yaml:" not in err and "unknown key (top level)" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_an_init_model_that_contradicts_the_model_section_is_refused(tmp_path, capsys, trained_tokenizer):
+    """The stage trains the init directory's architecture; a model: section the job writes must
+    describe it. Without a model: section the directory's architecture is simply used."""
+    from helpers import tiny_config
+    from model.export import save_model_dir
+    from model.gpt import GPT
+
+    init = save_model_dir(GPT(tiny_config(trained_tokenizer.n_vocab, n_layer=2, n_embd=64, block_size=128)), trained_tokenizer,
+                          tmp_path / "init")
+    job = yaml.safe_load(yaml.safe_dump(TINY))  # model: preset tiny (4 layers, 128 wide), block_size 128
+    job["stages"]["pretrain"]["init"] = str(init)
+    del job["stages"]["sft"], job["stages"]["eval"]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert f"stages.pretrain.init: the model directory {init} has n_layer 2 (model: says 4), n_embd 64 (model: says 128)" in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("stage.json"))
+
+    del job["model"]
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    assert cli.main(["plan", str(path), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr()
+    assert "2 layers" in capsys.readouterr().out

@@ -204,3 +204,13 @@ def test_the_cpu_demo_sweep_runs_and_writes_every_output(ray_head, tmp_path):
     assert again.stdout.count("measured earlier, kept") == 6
     with open(root / "results.csv", newline="") as f:
         assert [r["tokens_per_s"] for r in csv.DictReader(f)] == [r["tokens_per_s"] for r in rows]
+
+
+def test_a_sweep_that_is_not_utf8_text_or_is_a_directory_is_one_line(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(b"name: s\nbase: job.yaml\n# caf\xe9\n")
+    assert_one_line_error(relaygpt("sweep", path, "--out", tmp_path / "out"), "sweep.yaml: not UTF-8 text", "a sweep file is YAML in UTF-8")
+    assert_one_line_error(relaygpt("sweep", tmp_path, "--out", tmp_path / "out"), f"{tmp_path}: is a directory; give the sweep file itself")
+    path.write_text(f"name: s\nbase: {REPO / 'jobs' / 'tiny-assistant.yaml'}\ngrid: {{workers: [1]}}\ngrid: {{workers: [2]}}\n")
+    assert_one_line_error(relaygpt("sweep", path, "--out", tmp_path / "out"), "sweep.yaml:4: key 'grid' is repeated (first at line 3)")
+    assert not (tmp_path / "out").exists()

@@ -85,6 +85,7 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
             style = "chat" if task.style == "chat" else preferred
             used[model][task.name] = style
             rows = [render_prompt(task, ex, style=style, system=system) for ex in task.examples]
+            _check_prompts_fit(model_dir, task, rows, style == "chat")
             params = {"max_new_tokens": task.max_new_tokens, "temperature": temperature, "seed": seed}
             results = generate(str(model_dir), rows, params, style == "chat")
             scored = []
@@ -101,6 +102,23 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
     if out is not None:
         write_outputs(out, metrics, predictions, samples_in_report, used)
     return metrics
+
+
+def _check_prompts_fit(model_dir, task: Task, rows: list[dict], chat: bool) -> None:
+    """Every prompt of `task` leaves room to generate in the model's context, checked before
+    any generation (a worker would otherwise fail on the first long one, after the others' work)."""
+    from model.export import open_model_weights
+    from pipelines.generation.rows import prompt_ids
+
+    config, tokenizer, _ = open_model_weights(model_dir)  # a native directory's weights are not read
+    context = config.block_size
+    for i, row in enumerate(rows):
+        length = len(prompt_ids(row, tokenizer, chat, f"task {task.name}: example {i}"))
+        if length >= context:
+            cause = (f" with its {task.shots} few-shot example(s)", f"; lower the task's shots (now {task.shots})") if task.shots \
+                else ("", "; it needs a model with a longer context or shorter inputs")
+            raise RelayError(f"task {task.name}: example {i}'s prompt is {length} tokens{cause[0]}, but {model_dir} has a "
+                             f"{context}-token context (prompts of at most {context - 1} tokens){cause[1]}")
 
 
 def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report: int, styles: dict | None = None) -> None:

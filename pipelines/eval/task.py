@@ -36,9 +36,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from model.errors import RelayError
+from pipelines.yaml_file import read_yaml
 
 TASK_DIR = Path(__file__).with_name("tasks")
 METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood")
@@ -143,11 +142,10 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     if not path.exists():
         shipped = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
         raise RelayError(f"task {name_or_file!r}: neither a task file nor a shipped task ({', '.join(['synthetic', *shipped])})")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise RelayError(f"{path}: invalid YAML ({exc})") from None
+    spec = read_yaml(path, "task file")[0] or {}
     where = str(path)
+    if not isinstance(spec, dict):
+        raise RelayError(f"{where}: a task file is a YAML mapping (name:, source:, metric:, ...)")
     unknown = sorted(set(spec) - {"name", "source", "input_field", "target_field", "metric", "style", "prompt", "shots",
                                   "max_new_tokens", "stop", "target_prefix", "format"})
     if unknown:
@@ -155,8 +153,9 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     metric = spec.get("metric", "exact_match")
     if metric not in METRICS:
         raise RelayError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    source = {"file": data_file} if data_file else spec.get("source", {})
-    rows = _read_rows(source, where, path.parent)
+    # --data names a file as the user typed it: relative to the current folder, not the task's.
+    source = {"file": str(Path(data_file).expanduser().absolute())} if data_file else spec.get("source", {})
+    rows = _read_rows(source, "--data" if data_file else where, path.parent)
     if metric == "loglikelihood":
         return _choice_task(spec, rows, where, path.stem, limit)
     input_field, target_field = spec.get("input_field", "input"), spec.get("target_field", "target")

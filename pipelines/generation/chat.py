@@ -98,6 +98,6 @@ class ChatSession:
             try:
                 self.params = replace(self.params, temperature=float(arg))
             except ValueError:
-                return f"(temperature must be a number >= 0, got {arg!r})"
+                return f"(temperature must be a finite number >= 0, got {arg!r})"
             return f"(temperature {self.params.temperature})"
         return f"(unknown command {name}; commands: {COMMANDS})"

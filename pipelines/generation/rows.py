@@ -42,20 +42,40 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
-def prompt_ids(row: dict, tokenizer: Tokenizer, chat: bool, where: str) -> list[int]:
-    """Token ids of one prompt row; with `chat`, rendered with the template + open assistant turn."""
+def prompt_ids(row: dict, tokenizer: Tokenizer, chat: bool, where: str, context: int | None = None) -> list[int]:
+    """Token ids of one prompt row; with `chat`, rendered with the template + open assistant turn.
+    With `context` (the model's block size), a prompt that leaves no room for one generated
+    token is refused here, naming its row, rather than deep inside generation."""
+    ids = _row_ids(row, tokenizer, chat, where)
+    if not ids:
+        raise RelayError(f"{where}: the prompt is empty; give at least one token of text or ids")
+    if context is not None and len(ids) >= context:
+        raise RelayError(f"{where}: the prompt is {len(ids)} tokens; the model's {context}-token context "
+                         f"takes prompts of at most {context - 1} tokens (one is left to generate)")
+    return ids
+
+
+def _row_ids(row: dict, tokenizer: Tokenizer, chat: bool, where: str) -> list[int]:
     if "prompt_tokens" in row:
         ids = row["prompt_tokens"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < tokenizer.n_vocab for i in ids):
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tokenizer.n_vocab for i in ids):
             raise RelayError(f"{where}: prompt_tokens must be a list of ids in [0, {tokenizer.n_vocab})")
         return ids
+    if "prompt" in row and not isinstance(row["prompt"], str):
+        raise RelayError(f"{where}: 'prompt' must be text, got {json.dumps(row['prompt'])[:40]}")
     if chat:
-        messages = row.get("messages") or [{"role": "user", "content": row.get("prompt", "")}]
+        if "messages" in row:
+            messages = row["messages"]
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise RelayError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects, "
+                                 f"got {json.dumps(messages)[:40]}")
+        else:
+            messages = [{"role": "user", "content": row["prompt"]}]
         try:
             return render_chat(tokenizer, messages, add_generation_prompt=True)[0]
         except RelayError as exc:
             raise RelayError(f"{where}: {exc}") from None
-    if "prompt" not in row or not isinstance(row["prompt"], str):
+    if "prompt" not in row:
         raise RelayError(f"{where}: 'messages' needs --chat; without it give 'prompt' text")
     return tokenizer.encode(row["prompt"])
 
@@ -66,7 +86,8 @@ def complete_rows(model, tokenizer: Tokenizer, rows: list[dict], params: Samplin
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, tokenizer.end_of_turn_id, tokenizer.eot_id)})
     elif not params.stop_token_ids:
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": (tokenizer.eot_id,)})
-    prompts = [prompt_ids(row, tokenizer, chat, f"{where}:{row.get('_line', i + 1)}") for i, row in enumerate(rows)]
+    prompts = [prompt_ids(row, tokenizer, chat, f"{where}:{row.get('_line', i + 1)}", model.config.block_size)
+               for i, row in enumerate(rows)]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     results: list[dict | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
