@@ -208,11 +208,13 @@ def cmd_plan(args) -> int:
 def cmd_data_prepare(args) -> int:
     import time
 
+    from cluster.launch import ray_when_needed
     from pipelines.data.prepare import prepare_data, validation_warning
 
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
-    result = prepare_data(job, run_dir)
+    with ray_when_needed(job.cluster.address, job.data.num_proc) as run_blocks:
+        result = prepare_data(job, run_dir, run_blocks=run_blocks, show=lambda line: print(line, flush=True))
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft"):
         if stage in result:
@@ -250,6 +252,7 @@ def cmd_data_verify(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
+    from cluster.launch import ray_when_needed
     from jobs.plan import resolve_plan
     from pipelines.data.inspect import describe
     from pipelines.data.prepare import prepare_data
@@ -257,7 +260,8 @@ def cmd_data_inspect(args) -> int:
     job, run_dir = _job_and_run_dir(args)
     if getattr(job.data, args.stage) is None:
         raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
-    result = prepare_data(job, run_dir, stages=(args.stage,))
+    with ray_when_needed(job.cluster.address, job.data.num_proc) as run_blocks:
+        result = prepare_data(job, run_dir, stages=(args.stage,), run_blocks=run_blocks)
     training = resolve_plan(job, run_dir).training
     seq_len = training[args.stage].seq_len if args.stage in training else job.model.block_size
     print(describe(run_dir.data(args.stage), result["tokenizer"], args.num_samples, seq_len))

@@ -1,6 +1,6 @@
 """`relaygpt run`: the stages of a job, in order, on Ray — each fingerprinted and resumable.
 
-    data      tokenizer + token shards (a Ray task)
+    data      tokenizer + token shards (Ray Data tasks on every node)
     pretrain  Ray Train workers running pipelines.train.train_stage
     sft       the same, from the pretrain export
     eval      a Ray Data pool of generation workers on the base and assistant exports
@@ -98,10 +98,10 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
     results: dict[str, dict] = {}
     forced = set(stages_of(job)[stages_of(job).index(from_stage):]) if from_stage else set()
     c = job.cluster
-    # An embedded Ray gets as many logical CPUs as the job asks for (training workers and the data
-    # task, or the generation pool), even beyond the machine's cores: oversubscribing is the user's call.
+    # An embedded Ray gets as many logical CPUs as the job asks for (training workers and the driver,
+    # the data workers, or the generation pool), even beyond the machine's cores: oversubscribing is the user's call.
     ev = job.stages.eval
-    wanted = max(c.num_workers * c.cpus_per_worker + 1, ev.workers * ev.cpus_per_worker if ev else 0)
+    wanted = max(c.num_workers * c.cpus_per_worker + 1, job.data.num_proc, ev.workers * ev.cpus_per_worker if ev else 0)
     with ray_session(address or c.address, num_cpus=math.ceil(wanted)):
         check_resources(job)
         for stage in stages_of(job):
@@ -158,8 +158,8 @@ def _run_stage(job, run, stage: str, show, progress: bool) -> dict:
 
     run_dir = run.run_dir
     if stage == "data":
-        show("[data] tokenizer and token shards")
-        result = launch.prepare_on_ray(job, run_dir)
+        show(f"[data] tokenizer and token shards ({job.data.num_proc} worker(s))")
+        result = launch.prepare_on_ray(job, run_dir, show=lambda line: show(f"[data] {line}"))
         show(f"[data] tokenizer {result['tokenizer']['name']} ({result['tokenizer']['n_vocab']} ids); "
              + "; ".join(f"{k}: train {v.get('train')} / val {v.get('val')} tokens{' (cached)' if v['cached'] else ''}"
                          for k, v in result.items() if k != "tokenizer"))
@@ -215,7 +215,7 @@ def stage_usage(job, stage: str, seconds: float):
     if stage == "eval":
         ev = job.stages.eval
         return Usage(stage, seconds, ev.workers, ev.gpus_per_worker, ev.cpus_per_worker)
-    return Usage(stage, seconds, 1, 0.0, 1.0)  # data preparation: one Ray task on one CPU
+    return Usage(stage, seconds, job.data.num_proc, 0.0, 1.0)  # data preparation: num_proc tasks of one CPU
 
 
 def _summary(job, run_dir: RunDir, results: dict, timings: dict, total: float) -> dict:

@@ -1,5 +1,5 @@
-"""Running the stages on Ray: data preparation as a task, training on Ray Train, generation on
-a Ray Data actor pool. The work itself lives in pipelines/; this module only places it.
+"""Running the stages on Ray: data preparation on Ray Data, training on Ray Train, generation
+on a Ray Data actor pool. The work itself lives in pipelines/; this module only places it.
 
 Multi-node runs need the run directory on a filesystem every node sees (checkpoints, data
 shards and exports are read and written by whichever node a worker lands on).
@@ -8,24 +8,114 @@ shards and exports are read and written by whichever node a worker lands on).
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import ExitStack, contextmanager
+
 from model.errors import RelayError
 
+WINDOW_BLOCKS = 4096  # blocks handed to one Ray Data execution
+WINDOW_INLINE_BYTES = 256 << 20  # records carried inline (streamed from the hub) per execution
 
-def prepare_on_ray(job, run_dir) -> dict:
-    """Tokenizer and data preparation of `run_dir` (a RunDir) as one Ray task; returns the manifests' counts."""
+
+def prepare_on_ray(job, run_dir, show=None) -> dict:
+    """Tokenizer and data preparation of `run_dir` (a RunDir): planned on this driver, the
+    pretraining blocks tokenized by Ray Data tasks on every node; returns the manifests' counts."""
+    from pipelines.data.prepare import prepare_data
+
+    out = prepare_data(job, run_dir, run_blocks=run_blocks_on_ray, show=show)
+    tok = out.pop("tokenizer")
+    return {"tokenizer": {**tok.identity, "n_vocab": tok.n_vocab},
+            **{stage: {"cached": m["cached"], **{name: split.get("tokens") for name, split in m["splits"].items()}}
+               for stage, m in out.items()}}
+
+
+@contextmanager
+def ray_when_needed(address: str | None, num_cpus: int):
+    """A `run_blocks` for prepare_data that joins `address` (or starts an embedded Ray with at
+    least `num_cpus` CPUs) the first time there are blocks to run, and leaves it at the end:
+    a command whose data is up to date, or that has only SFT data, starts no Ray."""
+    from cluster.runtime import ray_session
+
+    with ExitStack() as stack:
+        started = []
+
+        def run_blocks(blocks, work, workers):
+            if not started:
+                stack.enter_context(ray_session(address, num_cpus=num_cpus))
+                started.append(True)
+            return run_blocks_on_ray(blocks, work, workers)
+
+        yield run_blocks
+
+
+def run_blocks_on_ray(blocks, work, workers: int):
+    """Preparation blocks on Ray Data: one task of one CPU per block, at most `workers` at a time,
+    on any node; results as blocks finish. A user error in a block stops preparation with its message."""
+    for window in _windows(blocks):
+        yield from _run_window(window, work, workers)
+
+
+def _windows(blocks):
+    """Blocks serialised, in runs small enough for one execution (records from the hub ride inline)."""
+    window, size = [], 0
+    for block in blocks:
+        item = json.dumps(block)
+        window.append({"block": item})
+        size += len(item)
+        if len(window) >= WINDOW_BLOCKS or size >= WINDOW_INLINE_BYTES:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
+
+
+def _run_window(items: list[dict], work, workers: int):
+    import ray.data
+
+    with _quiet_ray_data():
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        results = ds.map_batches(_run_block, fn_kwargs={"work": work}, batch_size=1,
+                                 compute=ray.data.TaskPoolStrategy(size=min(workers, len(items))), num_cpus=1)
+        for row in results.iter_rows():
+            result = json.loads(row["result"])
+            if "error" in result:
+                raise RelayError(result["error"])
+            yield result
+
+
+def _run_block(batch, work):
+    """A Ray Data task: the work of each block of the batch (one), with the node it ran on."""
+    import numpy as np
     import ray
 
-    @ray.remote(num_cpus=1)
-    def prepare(job, run_dir):
-        from pipelines.data.prepare import prepare_data
+    out = []
+    for item in batch["block"]:
+        try:
+            result = work(json.loads(item))
+        except RelayError as exc:  # a user error travels back as data, to be raised on the driver as one line
+            result = {"error": str(exc)}
+        out.append(json.dumps({**result, "node": ray.get_runtime_context().get_node_id()}))
+    return {"result": np.asarray(out, dtype=object)}
 
-        out = prepare_data(job, run_dir)
-        tok = out.pop("tokenizer")
-        return {"tokenizer": {**tok.identity, "n_vocab": tok.n_vocab},
-                **{stage: {"cached": m["cached"], **{name: split.get("tokens") for name, split in m["splits"].items()}}
-                   for stage, m in out.items()}}
 
-    return _get(prepare.remote(job, run_dir))
+@contextmanager
+def _quiet_ray_data():
+    """Ray Data's own lines (execution start and end, progress bars) go to its log file in the
+    Ray session's logs, not to the terminal; the driver prints its own progress."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    levels = [h.level for h in consoles]
+    for handler in consoles:
+        handler.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels):
+            handler.setLevel(level)
 
 
 def _get(ref):

@@ -8,6 +8,7 @@ clear message instead of Ray retrying for a minute.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from contextlib import contextmanager
@@ -81,6 +82,9 @@ def start_embedded(num_cpus: int | None = None) -> None:
     import ray
 
     cpus = max(os.cpu_count() or 1, num_cpus or 1)
+    # Ray turns token authentication on for a new local cluster and says so in a warning; the
+    # terminal is for relaygpt's own lines (a user error must stay one line).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # The dashboard serves Ray's state API, which Ray Train polls; it listens on loopback only.
     # A free port, not 8265: an embedded Ray must not collide with a cluster already on this machine.
     with socket.socket() as s:

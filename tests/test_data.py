@@ -160,7 +160,11 @@ def test_parquet_csv_and_weights(tmp_path):
         {"type": "parquet", "path": "d.parquet", "field": "body", "weight": 2.0},
         {"type": "csv", "path": "d.csv", "field": "content", "weight": 0.5}]}})
     _, out = prepare(path)
-    assert out["pretrain"]["stats"]["documents"] == 3 * 2 + 1
+    # Preparation keeps every document once whatever the weight (mixtures are drawn by weight when training data is loaded).
+    m = out["pretrain"]
+    assert m["stats"]["documents"] == 3 + 2
+    assert [s["documents"] for s in m["splits"]["train"]["sources"]] == [3, 2]
+    assert [s["source"] for s in m["splits"]["train"]["shards"]] == [0, 1]
 
 
 def test_loader_resumes_exactly_and_ranks_are_disjoint(tmp_path, shared_data):

@@ -92,7 +92,10 @@ class SourceSpec(Strict):
 class PretrainDataSpec(Strict):
     sources: list[SourceSpec] = Field(min_length=1)
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="documents held out for validation (by document hash)")
-    shard_tokens: int = Field(1 << 26, ge=1024, description="tokens per shard file")
+    shard_tokens: int = Field(1 << 26, ge=1024, description="at most this many tokens per shard file")
+    block_bytes: int = Field(1 << 26, ge=4096, description="input per preparation block, the unit of work of one worker: files "
+                             "are gathered, and large text / JSONL / CSV files cut at a document boundary, into blocks of about "
+                             "this size, each written as its own shards (so shards do not depend on the number of workers)")
     separate_documents: bool = Field(False, description="attend within each document of a window only, positions restarting "
                                      "at each; off: attention runs across documents (the plain causal kernel)")
 
@@ -116,7 +119,8 @@ class SyntheticSpec(Strict):
 
 
 class DataSpec(Strict):
-    num_proc: int = Field(2, ge=1, description="processes for tokenization (datasets.map)")
+    num_proc: int = Field(2, ge=1, description="workers preparing pretraining data at once (Ray Data tasks of one CPU, on any "
+                          "node; without Ray, tiktoken threads); the shards do not depend on it")
     pretrain: PretrainDataSpec | None = None
     sft: SFTDataSpec | None = None
     synthetic: SyntheticSpec = SyntheticSpec()

@@ -22,7 +22,8 @@ from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
 from pipelines.inputs import FileHashes
 
-PREP_VERSION = 2  # bump when the on-disk format or the processing changes (2: SFT manifests record eot_id)
+PREP_VERSION = 3  # bump when the on-disk format or the processing changes (2: SFT manifests record eot_id;
+# 3: shards per block and per source, weights no longer applied at preparation)
 MAX_VAL_SHARE = 0.25  # a validation split holding more of a stage's tokens than this is reported
 
 
@@ -124,16 +125,8 @@ def prepare_tokenizer(job, out: Path, hashes: FileHashes | None = None) -> Token
     if spec.train is None:
         tok = _load_named_tokenizer(job)
     else:
-        from pipelines.data.pretrain import collect_documents
-        from pipelines.data.sources import SourceStats
-
-        budget, texts = spec.train.max_chars, []
-        for doc in collect_documents(job, SourceStats()):
-            texts.append(doc[:budget])
-            budget -= len(texts[-1])
-            if budget <= 0:
-                break
-        tok = Tokenizer.train(texts, spec.train.vocab_size, name=f"{job.name}-bpe{spec.train.vocab_size}")
+        tok = Tokenizer.train(_training_text(job, spec.train.max_chars), spec.train.vocab_size,
+                              name=f"{job.name}-bpe{spec.train.vocab_size}")
     with atomic_dir(out) as tmp:
         tok.save(tmp)
         (tmp / "source.json").write_text(json.dumps({"fingerprint": fingerprint, "spec": spec.model_dump(mode="json")},
@@ -141,8 +134,24 @@ def prepare_tokenizer(job, out: Path, hashes: FileHashes | None = None) -> Token
     return Tokenizer.from_dir(out)
 
 
-def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft")) -> dict:
-    """Prepare the tokenizer and the requested data stages of `run_dir` (a RunDir); {stage: manifest}."""
+def _training_text(job, max_chars: int):
+    """The pretraining documents, streamed in source order until `max_chars` (BPE training reads them once)."""
+    from pipelines.data.pretrain import iter_documents
+    from pipelines.data.sources import SourceStats
+
+    budget = max_chars
+    for doc in iter_documents(job, SourceStats()):
+        yield doc[:budget]
+        budget -= min(len(doc), budget)
+        if budget <= 0:
+            return
+
+
+def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *, run_blocks=None, show=None) -> dict:
+    """Prepare the tokenizer and the requested data stages of `run_dir` (a RunDir); {stage: manifest}.
+
+    `run_blocks` places the pretraining blocks' work (cluster/launch.py: Ray Data on every node;
+    default: this process); `show` receives progress lines."""
     from pipelines.data.pretrain import prepare_pretrain
     from pipelines.data.sft import prepare_sft
 
@@ -154,8 +163,9 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft")) ->
     out: dict = {"tokenizer": tokenizer}
     if "pretrain" in stages and job.data.pretrain is not None:
         fp = sources_fingerprint(job, job.data.pretrain.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                 val_fraction=job.data.pretrain.val_fraction, shard_tokens=job.data.pretrain.shard_tokens)
-        out["pretrain"] = prepare_pretrain(job, tokenizer, run_dir.data("pretrain"), fp)
+                                 val_fraction=job.data.pretrain.val_fraction, shard_tokens=job.data.pretrain.shard_tokens,
+                                 block_bytes=job.data.pretrain.block_bytes)
+        out["pretrain"] = prepare_pretrain(job, tokenizer, run_dir.data("pretrain"), fp, run_blocks=run_blocks, show=show)
     if "sft" in stages and job.data.sft is not None:
         seq_len = sft_seq_len(job)
         fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
