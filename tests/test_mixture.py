@@ -78,3 +78,28 @@ def test_a_source_too_small_for_a_window_is_named(tmp_path):
     directory = _mixture_dir(tmp_path, [800, 4], [1.0, 2.0])
     with pytest.raises(RelayError, match="data source 1_corpus1.txt: fewer tokens than one window"):
         _loader(directory)
+
+
+def test_prepared_sources_with_weights_train_as_a_mixture(tmp_path, shared_data, shakespeare):
+    """Real preparation of two text sources (tagged shards), weights 1 and 3: the training
+    loader is a mixture whose targets follow weight x windows, named after the files."""
+    import yaml
+
+    from jobs.spec import load_job
+    from pipelines.data.prepare import prepare_data
+
+    (tmp_path / "a.txt").write_text(shakespeare[:60_000])
+    (tmp_path / "b.txt").write_text(shakespeare[100_000:130_000])
+    job = {"name": "mix", "model": {"preset": "tiny", "block_size": 64}, "tokenizer": {"encoding": "gpt2"},
+           "data": {"pretrain": {"val_fraction": 0.0, "sources": [{"type": "text", "path": "a.txt"},
+                                                                 {"type": "text", "path": "b.txt", "weight": 3.0}]}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    loaded = load_job(tmp_path / "job.yaml")
+    prepare_data(loaded, loaded.run_dir())
+    directory = loaded.run_dir() / "data" / "pretrain"
+    windows = open_split(directory, "train", seq_len=64)
+    loader = make_loader(directory, windows, 4, seed=1)
+    assert isinstance(loader, MixtureLoader) and loader.names == ["0_a.txt", "1_b.txt"]
+    sizes = [w.num_windows for w in (s.windows for s in loader.streams)]
+    assert loader.target == pytest.approx([sizes[0] / (sizes[0] + 3 * sizes[1]), 3 * sizes[1] / (sizes[0] + 3 * sizes[1])])
+    assert sum(sizes) <= windows.num_windows + 2  # the same windows, split by source

@@ -54,8 +54,9 @@ SFT_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
 
 
 class SourceSpec(Strict):
-    """One data source. `weight` scales how many of its documents enter the mix: 2.0 repeats
-    every document twice, 0.5 keeps a deterministic half."""
+    """One data source. `weight` scales the source's share of the training windows: they are
+    drawn with probability proportional to weight x the source's windows, after packing
+    (pipelines/data/loader.py, MixtureLoader); preparation keeps every document once."""
 
     type: Literal["text", "json", "parquet", "csv", "hub", "synthetic"]
     path: str | None = Field(None, description="file or glob (text, json, parquet, csv)")
