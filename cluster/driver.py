@@ -35,7 +35,8 @@ def stages_of(job) -> list[str]:
 
 def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
     """{stage: {file: sha256}} of what each stage reads besides its upstream stage's output: the
-    data stage its local source files and tokenizer files, a training stage its `init` directory."""
+    data stage its local source files and tokenizer files, a training stage its `init` directory,
+    the eval stage its task files, their local data and model directories named by path."""
     from pipelines.data.prepare import data_inputs, input_label
     from pipelines.inputs import FileHashes
 
@@ -46,7 +47,28 @@ def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
         if settings is not None and settings.init:
             init = job.path(settings.init)
             out[name] = hashes.directory(init, input_label(job, init))
+    if job.stages.eval is not None:
+        from pipelines.eval.task import task_files
+
+        files: dict[str, str] = {}
+        for task in job.stages.eval.tasks:
+            for path in task_files(str(eval_task_path(job, task))):
+                files[input_label(job, path)] = hashes.sha256(path)
+        for model in job.stages.eval.models:
+            if model not in ("base", "assistant") and job.path(model).is_dir():
+                files.update(hashes.directory(job.path(model), input_label(job, job.path(model))))
+        if files:
+            out["eval"] = files
     return out
+
+
+def eval_task_path(job, task: str) -> str:
+    """A task as load_task takes it: a shipped name as written, a task file relative to the job file."""
+    from pipelines.eval.task import TASK_DIR
+
+    if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists():
+        return task
+    return str(job.path(task))
 
 
 def fingerprints(job, inputs: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
@@ -197,7 +219,7 @@ def _run_eval(job, run_dir: RunDir, show) -> dict:
 
     named = {"base": run_dir.model("pretrain"), "assistant": run_dir.model("sft")}
     models = {m: named.get(m) or job.path(m) for m in spec.models}
-    tasks = [load_task(t, job=job, limit=spec.limit) for t in spec.tasks]
+    tasks = [load_task(eval_task_path(job, t), job=job, limit=spec.limit) for t in spec.tasks]
     metrics = evaluate_models(models, tasks, generate, out=run_dir.eval, temperature=spec.temperature, seed=job.seed,
                               samples_in_report=spec.samples_in_report, system=spec.system_prompt)
     for model, scores in metrics.items():

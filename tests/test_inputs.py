@@ -163,3 +163,29 @@ def test_changed_inputs_re_run_their_stage_and_everything_after(ray_head, tmp_pa
     assert skipped(lines) == [] and json.loads((run / "tokenizer" / "tokenizer.json").read_text())["sha256"] == \
         json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["sha256"]
     assert skipped(relaygpt_run()) == ["data", "pretrain"]
+
+
+def test_the_eval_stage_fingerprint_covers_its_task_files_data_and_models(tmp_path):
+    """A task file of the user's, the local data it names and a model directory named by path
+    are the eval stage's inputs: changing one re-runs eval only; shipped tasks are code."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("alpha")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text("name: mine\nsource: {file: mine.jsonl}\nmetric: exact_match\n")
+    (tmp_path / "tasks" / "mine.jsonl").write_text('{"input": "2+2", "target": "4"}\n')
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.safetensors").write_bytes(b"\x00" * 8)
+    _job(tmp_path)
+    raw = yaml.safe_load((tmp_path / "fp.yaml").read_text())
+    raw["stages"]["eval"] = {"models": ["base", "other"], "tasks": ["synthetic", "gsm8k", "tasks/mine.yaml"]}
+    (tmp_path / "fp.yaml").write_text(yaml.safe_dump(raw))
+    job = load_job(tmp_path / "fp.yaml")
+    assert set(stage_inputs(job)["eval"]) == {"tasks/mine.yaml", "tasks/mine.jsonl", "other/model.safetensors"}
+    before = fingerprints(job)
+    (tmp_path / "tasks" / "mine.jsonl").write_text('{"input": "2+2", "target": "5"}\n')
+    after = fingerprints(job)
+    assert after["eval"] != before["eval"] and {k: after[k] for k in ("data", "pretrain")} == {k: before[k] for k in ("data", "pretrain")}
+    (tmp_path / "other" / "model.safetensors").write_bytes(b"\x01" * 8)
+    assert fingerprints(job)["eval"] != after["eval"]

@@ -132,6 +132,25 @@ def _read_rows(source: dict, where: str, base: Path) -> list[dict]:
     raise RelayError(f"{where}: source needs 'file' or 'hub'")
 
 
+def task_files(name_or_file: str) -> list[Path]:
+    """The files of the user's that a task reads: its YAML file (a shipped one is part of
+    relaygpt) and the local data file its `source` names; none for `synthetic` or hub data."""
+    if name_or_file == "synthetic" or not Path(name_or_file).suffix:
+        return []
+    path = Path(name_or_file)
+    if not path.is_file():
+        return []
+    spec = read_yaml(path, "task file")[0] or {}
+    source = spec.get("source") if isinstance(spec, dict) else None
+    files = [path]
+    if isinstance(source, dict) and isinstance(source.get("file"), str):
+        data = Path(source["file"]).expanduser()
+        data = data if data.is_absolute() else path.parent / data
+        if data.is_file():
+            files.append(data)
+    return files
+
+
 def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_file: str | None = None) -> Task:
     """A shipped task by name, a task YAML file, or `synthetic` (needs the job)."""
     if name_or_file == "synthetic":
