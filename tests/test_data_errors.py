@@ -97,6 +97,14 @@ def test_hub_dataset_offline_says_how_to_use_local_files(tmp_path):
     assert_one_line_error(data_prepare(path), "hub dataset 'roneneldan/TinyStories' could not be loaded", "point a json / parquet / csv source")
 
 
+def test_an_invalid_parquet_file_is_one_line(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "parquet", "path": "bad.parquet", "field": "text"}]}})
+    proc = data_prepare(path)
+    assert_one_line_error(proc, "bad.parquet: cannot read as parquet")
+    assert proc.stdout.strip() == "" and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_glob_matching_nothing(tmp_path):
     path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "text", "path": "nothing/*.txt"}]}})
     assert_one_line_error(data_prepare(path), "nothing/*.txt: no file matches")
