@@ -194,7 +194,8 @@ def _run_stage(job, run, stage: str, show, progress: bool) -> dict:
         plan = run.stage(stage)
         show(f"[{stage}] {plan.world_size} worker(s), data {plan.data_parallel} x pipeline {plan.pipeline_stages}, "
              f"ZeRO-{plan.zero_stage}, {plan.precision}, {plan.total_steps} steps of {plan.tokens_per_step:,} tokens")
-        watcher = ProgressWatcher(run_dir.stage(stage).metrics, show) if progress else None
+        # Only lines of this attempt: a resumed stage's earlier history is already on record.
+        watcher = ProgressWatcher(run_dir.stage(stage).metrics.follow_from_end(), show) if progress else None
         try:
             launch.train_on_ray(run, stage, job.cluster)
         finally:

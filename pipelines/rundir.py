@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.atomic import write_json_atomically
+from model.atomic import write_json_atomically, write_text_atomically
 from model.errors import RelayError
 
 TRAINING_STAGES = ("pretrain", "sft")
@@ -57,10 +57,26 @@ class MetricsLog:
             merged.update(record)
         return merged
 
+    def keep_through(self, step: int) -> None:
+        """Drop the records after `step` (a resumed stage continues from its checkpoint: what a
+        superseded attempt logged beyond it is not history), rewriting the file atomically."""
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        if self.path.exists() and len(kept) != len(self.records()):
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def follow_from_end(self) -> "MetricsLog":
+        """Make `new_records` return only lines written from now on."""
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        return self
+
     def new_records(self) -> list[dict]:
-        """The complete lines written since the previous call (for following a running stage)."""
+        """The complete lines written since the previous call (for following a running stage).
+        A file rewritten shorter (keep_through on a resume) is followed from its new end."""
         if not self.path.exists():
             return []
+        size = self.path.stat().st_size
+        if size < self._offset:
+            self._offset = size
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             chunk = f.read()

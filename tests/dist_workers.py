@@ -236,10 +236,12 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
 
     job = load_job(job_path, overrides)
     run = resolve_plan(job, RunDir(run_dir))
+    import time
+
     log = run.run_dir.stage(stage).metrics
-    before = len(log.records())
+    started = time.time()  # this call's records (a resume rewrites the log: indices would shift)
     result = train_stage(run, stage, until_step=until_step)
-    losses = {m["step"]: m["train/loss"] for m in log.records()[before:] if "train/loss" in m}
+    losses = {m["step"]: m["train/loss"] for m in log.records() if "train/loss" in m and m["time"] >= started}
     return {"losses": losses, "result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
 
 

@@ -96,6 +96,11 @@ def test_damaged_checkpoint_is_skipped_and_the_previous_used(base, capfd, damage
     assert f"warning: skipping checkpoint {newest}: {expected}" in out, out[-3000:]
     assert "resumed from" in out and "step_00000003" in out
     assert sorted(again["losses"]) == [4, 5, 6, 7, 8]
+    # One history: the superseded attempt's steps 4-6 are gone from the step log, not doubled.
+    from pipelines.rundir import MetricsLog
+
+    steps = [r["step"] for r in MetricsLog(run / "pretrain" / "metrics.jsonl").records() if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
 
 
 def test_every_ranks_files_are_verified_before_any_rank_loads(base, capfd):

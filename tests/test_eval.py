@@ -165,3 +165,30 @@ def test_assistants_are_prompted_through_their_chat_template(tmp_path, trained_t
         rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         assert [r["style"] for r in rows] == [style, style]
         assert f"({style})" in (out / "report.md").read_text()
+
+
+def test_an_interrupted_evaluation_leaves_no_metrics_json(tmp_path, trained_tokenizer, shared_data):
+    """metrics.json is written last, and an older one is removed when an evaluation starts: an
+    evaluation that fails part-way (here: its second model is missing) leaves none behind."""
+    from model.errors import RelayError
+    from pipelines.eval.run import evaluate_models
+    from pipelines.generation.worker import GenerationWorker
+    from pipelines.rundir import EvalDir
+
+    torch.manual_seed(0)
+    model_dir = save_model_dir(GPT(tiny_config(trained_tokenizer.n_vocab, block_size=2048)), trained_tokenizer, tmp_path / "m")
+    task = load_task("gsm8k", data_file=str(shared_data / "eval" / "gsm8k_test.jsonl"), limit=1)
+    task.max_new_tokens = 4
+    out = EvalDir(tmp_path / "e")
+    out.root.mkdir()
+    out.metrics.write_text('{"model": {"gsm8k": 1.0}}\n')  # an earlier run's result
+
+    def generate(model_dir, rows, params, chat):
+        return GenerationWorker(model_dir, params, chat, 4).generate_rows(rows)
+
+    with pytest.raises(RelayError, match="no model directory"):
+        evaluate_models({"first": model_dir, "second": tmp_path / "missing"}, [task], generate, out=out)
+    assert not out.metrics.exists()
+    evaluate_models({"first": model_dir}, [task], generate, out=out)
+    assert json.loads(out.metrics.read_text())["first"].keys() == {"gsm8k"}
+    assert out.predictions.exists() and out.report.exists()

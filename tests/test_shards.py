@@ -82,3 +82,19 @@ def test_a_training_ranks_loader_does_not_grow_with_the_corpus(tmp_path):
     assert large["growth"] <= small["growth"] + 8 * 2**20, (small, large)
     assert large["growth"] < 32 * 2**20, large  # the corpus is 128 MiB
     assert np.asarray(load_split(tmp_path / "large", json.loads((tmp_path / "large" / "manifest.json").read_text()), "train")[:5]).dtype == np.uint16
+
+
+def test_a_step_log_keeps_one_history_and_a_follower_sees_only_new_lines(tmp_path):
+    from pipelines.rundir import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 7):
+        log.append({"step": step, "train/loss": 1.0 / step})
+    follower = MetricsLog(log.path).follow_from_end()
+    log.keep_through(3)  # resumed from the checkpoint at step 3
+    assert [r["step"] for r in log.records()] == [1, 2, 3]
+    assert follower.new_records() == []  # the rewrite is not news
+    log.append({"step": 4, "train/loss": 0.2})
+    assert [r["step"] for r in follower.new_records()] == [4]
+    log.keep_through(0)
+    assert log.records() == []

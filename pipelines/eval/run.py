@@ -43,6 +43,8 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
     """
     from model.chat import strip_reply
 
+    if out is not None:  # an older result must not look like this evaluation's, finished or not
+        out.metrics.unlink(missing_ok=True)
     metrics: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
     used: dict[str, dict[str, str]] = {}
@@ -122,11 +124,12 @@ def _check_prompts_fit(model_dir, task: Task, rows: list[dict], chat: bool) -> N
 
 
 def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report: int, styles: dict | None = None) -> None:
-    """predictions.jsonl, metrics.json, report.md and TensorBoard scalars in `out` (an EvalDir)."""
+    """predictions.jsonl, report.md, TensorBoard scalars and, last, metrics.json in `out` (an
+    EvalDir): each file atomic, and the results file only once everything else is written, so
+    an interrupted evaluation never leaves a complete-looking metrics.json."""
     from pipelines.train.metrics import Board
 
     write_jsonl_atomically(out.predictions, predictions)
-    write_json_atomically(out.metrics, metrics)
     write_report(out.report, metrics, predictions, samples_in_report, styles)
     board = Board(out.tensorboard)
     for model, scores in metrics.items():
@@ -134,6 +137,7 @@ def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report
         board.text(f"eval/{model}/samples", "\n\n".join(f"{p['input']} -> {p['prediction']} (ref {p['reference']})"
                                                        for p in predictions if p["model"] == model)[:4000])
     board.close()
+    write_json_atomically(out.metrics, metrics)
 
 
 def bits_per_byte_of_texts(model_dir: str, texts: list[str], threads: int | None = None) -> float:

@@ -176,6 +176,8 @@ class Trainer:
         dist.barrier()
         found = self._newest_verified()
         if found is None:
+            if self.topo.rank == 0:
+                self.dir.metrics.keep_through(0)  # a fresh start: an abandoned attempt's steps are not history
             self.logger.text("config/job", "```\n" + _yaml(self.run.job) + "\n```")
             self.logger.text("config/deepspeed", "```\n" + _yaml(self.plan.deepspeed_config) + "\n```")
             return
@@ -187,6 +189,7 @@ class Trainer:
             self.loader.load_state_dict(self.state.loader)
         _set_rng_state(self.state.rng)
         if self.topo.rank == 0:
+            self.dir.metrics.keep_through(self.state.step)  # one history: the superseded attempt's later steps go
             print(f"[{self.plan.stage}] resumed from {self.dir.checkpoints / tag} at step {self.state.step}", flush=True)
 
     def _newest_verified(self) -> tuple[int, str] | None:
