@@ -1,10 +1,8 @@
 """Writing files and directories so that no reader ever sees half of one.
 
 The one atomic writer of the project: everything is written under a temporary name beside its
-final place, flushed to disk (fsync), then moved there with one rename (atomic on POSIX file
-systems), and the folder holding it flushed too: after a crash or a power cut a reader finds
-the old content or the whole new one, never a renamed file whose data never reached the disk.
-A write that fails leaves the old content (or nothing) and no temporary file behind.
+final place, then moved there with one rename (atomic on POSIX file systems). A write that
+fails leaves the old content (or nothing) and no temporary file behind.
 """
 
 from __future__ import annotations
@@ -32,9 +30,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        sync_tree(tmp)
         tmp.replace(path)
-        sync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -49,7 +45,6 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        sync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -57,39 +52,9 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-        sync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def sync_tree(path: str | Path) -> None:
-    """fsync a file, or every file and folder under a directory (before the rename that
-    commits it: a checkpoint, a stage, an export)."""
-    path = Path(path)
-    if path.is_file():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        return
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-        sync_dir(Path(folder))
-
-
-def sync_dir(folder: Path) -> None:
-    """fsync a folder, so a rename inside it is on disk (where the platform allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems do not sync folders
-    finally:
-        os.close(fd)
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
