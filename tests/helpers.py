@@ -34,3 +34,18 @@ def assert_one_line_error(proc, *needles) -> None:
     assert "Traceback" not in err and err.count("\n") == 0, err
     for needle in needles:
         assert needle in err, err
+
+
+def hub_gpt2_dir(path, shared_data, *, seed: int, n_positions: int = 128, n_layer: int = 2):
+    """A GPT-2 directory as the Hugging Face hub ships one: random weights (seeded), the real
+    GPT-2 tokenizer files. Returns its path."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=64, n_layer=n_layer, n_head=4)).save_pretrained(path)
+    shutil.copy(shared_data / "tiktoken" / "encoder.json", path / "vocab.json")
+    shutil.copy(shared_data / "tiktoken" / "vocab.bpe", path / "merges.txt")
+    return path

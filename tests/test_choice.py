@@ -2,12 +2,11 @@
 writes them, per-choice scores equal to transformers', acc / acc_norm, the worker pool."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from helpers import relaygpt
+from helpers import hub_gpt2_dir, relaygpt
 from model.export import import_hf
 from pipelines.eval.task import choice_row, choice_scores, load_task
 from pipelines.generation.rows import choice_requests, score_rows
@@ -19,14 +18,7 @@ TASKS = {"hellaswag": "hellaswag_val.jsonl", "arc_easy": "arc_easy_test.jsonl", 
 @pytest.fixture(scope="module")
 def hub_gpt2(tmp_path_factory, shared_data):
     """A hub-layout GPT-2 directory (random weights, the real GPT-2 tokenizer files)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("hub") / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=256, n_embd=64, n_layer=2, n_head=4)).save_pretrained(path)
-    shutil.copy(shared_data / "tiktoken" / "encoder.json", path / "vocab.json")
-    shutil.copy(shared_data / "tiktoken" / "vocab.bpe", path / "merges.txt")
-    return path
+    return hub_gpt2_dir(tmp_path_factory.mktemp("hub") / "gpt2", shared_data, seed=5, n_positions=256)
 
 
 def test_the_shipped_tasks_build_the_harness_prompts(shared_data):

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import assert_one_line_error, relaygpt, tiny_config
+from helpers import assert_one_line_error, hub_gpt2_dir, relaygpt, tiny_config
 from model.export import load_model_dir, save_model_dir
 from model.gpt import GPT
 
@@ -20,14 +20,7 @@ def model_dir(tmp_path_factory, trained_tokenizer):
 @pytest.fixture(scope="module")
 def hf_gpt2_dir(tmp_path_factory, shared_data):
     """A GPT-2 directory as the Hugging Face hub ships one (random weights, real tokenizer)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("hub") / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4)).save_pretrained(path)
-    shutil.copy(shared_data / "tiktoken" / "encoder.json", path / "vocab.json")
-    shutil.copy(shared_data / "tiktoken" / "vocab.bpe", path / "merges.txt")
-    return path
+    return hub_gpt2_dir(tmp_path_factory.mktemp("hub") / "gpt2", shared_data, seed=3)
 
 
 def _write_jsonl(path, rows):

@@ -2,12 +2,11 @@
 unpadded vocabulary, tokenizer files AutoTokenizer loads, the chat template."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from helpers import ARCHITECTURES, relaygpt, tiny_config
+from helpers import ARCHITECTURES, hub_gpt2_dir, relaygpt, tiny_config
 from model.chat import render_chat
 from model.export import export_hf, import_hf, load_model_dir, save_model_dir
 from model.generate import SamplingParams, generate
@@ -23,14 +22,10 @@ def _perturbed(model):
 
 
 def test_a_hub_gpt2_directory_through_native_and_back_keeps_its_vocabulary_and_logits(tmp_path, shared_data):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(2)
-    hub = tmp_path / "hub"
-    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4)).eval()
-    theirs.save_pretrained(hub)
-    shutil.copy(shared_data / "tiktoken" / "encoder.json", hub / "vocab.json")
-    shutil.copy(shared_data / "tiktoken" / "vocab.bpe", hub / "merges.txt")
+    hub = hub_gpt2_dir(tmp_path / "hub", shared_data, seed=2)
+    theirs = GPT2LMHeadModel.from_pretrained(hub).eval()
     assert relaygpt("export", hub, "--out", tmp_path / "native", "--format", "native").returncode == 0
     proc = relaygpt("export", tmp_path / "native", "--out", tmp_path / "hf", "--format", "hf")
     assert proc.returncode == 0, proc.stderr
