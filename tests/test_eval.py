@@ -108,7 +108,8 @@ def test_a_pool_the_cluster_cannot_hold_is_one_line(ray_head, tmp_path, trained_
 def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_tokenizer, shakespeare):
     import math
 
-    from pipelines.eval.run import bits_per_byte_of_texts
+    from pipelines.generation.worker import GenerationWorker
+    from pipelines.train.metrics import bits_per_byte
 
     torch.manual_seed(0)
     model = GPT(tiny_config(trained_tokenizer.n_vocab, block_size=64)).eval()
@@ -117,7 +118,8 @@ def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_token
     (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     task = load_task("text_bpb", data_file=str(tmp_path / "held.jsonl"))
     assert task.metric == "bpb" and [e["target"] for e in task.examples] == texts
-    got = bits_per_byte_of_texts(str(model_dir), texts)
+    scored = GenerationWorker(str(model_dir), {}, False).generate_rows([{"score_text": t} for t in texts])  # what the pool runs
+    got = bits_per_byte(sum(r["nats"] for r in scored), sum(r["bytes"] for r in scored))
     # Reference: token by token with the full preceding context of each 64-token window.
     nats, nbytes = 0.0, 0
     for text in texts:

@@ -138,18 +138,3 @@ def write_outputs(out, metrics: dict, predictions: list[dict], samples_in_report
                                                        for p in predictions if p["model"] == model)[:4000])
     board.close()
     write_json_atomically(out.metrics, metrics)
-
-
-def bits_per_byte_of_texts(model_dir: str, texts: list[str], threads: int | None = None) -> float:
-    """Bits per byte of `texts` under a model, in this process (pipelines/generation/rows.text_nats)."""
-    import torch
-
-    from model.export import load_model_dir
-    from pipelines.generation.rows import text_nats
-    from pipelines.train.metrics import bits_per_byte
-
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer, _ = load_model_dir(model_dir)
-    scored = [text_nats(model, tokenizer, text) for text in texts]
-    return bits_per_byte(sum(n for n, _ in scored), sum(b for _, b in scored))
