@@ -65,7 +65,7 @@ def write_model_dir(config: GPTConfig, tokenizer: Tokenizer, out: str | Path, sp
         "chat_template": TEMPLATE_INFO,
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})},
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, durable=True) as tmp:
         with StreamingSafetensors(tmp / "model.safetensors", specs, metadata={"format": "pt"}) as weights:
             for name, tensor in zip(weights.order, tensors):
                 weights.write(name, tensor)
@@ -308,7 +308,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
             weights[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor.contiguous()
     else:
         hf_config, weights = llama_config(config, tokenizer), llama_weights(state, config)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, durable=True) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         for name, text in tokenizer_files(tokenizer, config.block_size).items():

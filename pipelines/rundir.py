@@ -131,10 +131,10 @@ class StageDir:
         return json.loads(self.status_file.read_text()) if self.status_file.exists() else {}
 
     def write_status(self, status: dict) -> None:
-        write_json_atomically(self.status_file, status)
+        write_json_atomically(self.status_file, status, durable=True)  # commits the stage
 
     def write_result(self, result: dict) -> None:
-        write_json_atomically(self.result_file, result)
+        write_json_atomically(self.result_file, result, durable=True)
 
     def result(self) -> dict:
         """A training stage's final result (result.json, written by rank 0 at the end), else its

@@ -272,3 +272,33 @@ def test_the_gpu_cluster_config_passes_rays_validation_and_gives_every_node_the_
             words = shlex.split(command)
             env = dict(w.split("=", 1) for w in words[: words.index("ray")])
             assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token[0]}, (key, command)
+
+
+def test_a_checkpoint_and_a_stage_record_reach_the_disk_before_the_rename_that_commits_them(tmp_path, monkeypatch):
+    """fsync of every file (and folder) of the tag before its rename, and of the folder after;
+    the same for a stage's stage.json. A plain atomic write (a step log, a report) does not pay it."""
+    import os
+
+    from model.atomic import write_text_atomically
+    from pipelines.rundir import RunDir
+    from pipelines.train import checkpoint as ckpt
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(a))), real_replace(a, b))[1])
+    tmp = _tag(tmp_path, 3, RANK_FILES)
+    path = ckpt.commit(tmp_path, 3)
+    renamed = events.index(("rename", str(tmp)))
+    synced_before = {p for kind, p in events[:renamed] if kind == "fsync"}
+    assert {str(tmp / name) for name in [*RANK_FILES, ckpt.MANIFEST]} | {str(tmp)} <= synced_before, synced_before
+    assert ("fsync", str(tmp_path)) in events[renamed:], "the folder holding the rename"
+    assert ckpt.problem_with(path) is None
+
+    events.clear()
+    stage = RunDir(tmp_path / "run").stage("pretrain")
+    stage.write_status({"status": "completed"})
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"] and events[-1][1] == str(stage.root), events
+    events.clear()
+    write_text_atomically(tmp_path / "report.md", "text")
+    assert [kind for kind, _ in events] == ["rename"], events

@@ -127,7 +127,7 @@ def prepare_tokenizer(job, out: Path, hashes: FileHashes | None = None) -> Token
     else:
         tok = Tokenizer.train(_training_text(job, spec.train.max_chars), spec.train.vocab_size,
                               name=f"{job.name}-bpe{spec.train.vocab_size}")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, durable=True) as tmp:
         tok.save(tmp)
         (tmp / "source.json").write_text(json.dumps({"fingerprint": fingerprint, "spec": spec.model_dump(mode="json")},
                                                     indent=2) + "\n")

@@ -200,7 +200,7 @@ def prepare_pretrain(job, tokenizer: Tokenizer, directory: Path, fingerprint: st
     spec, workers = job.data.pretrain, job.data.num_proc
     run_blocks = run_blocks or run_blocks_here
     stats = SourceStats()
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, durable=True) as tmp:
         settings = BlockSettings(str(tmp), tokenizer, job.seed, spec.val_fraction, spec.shard_tokens)
         work = functools.partial(tokenize_block, settings=settings)
         blocks = plan_blocks(job, spec.sources, "pretrain", spec.block_bytes, stats)

@@ -191,7 +191,7 @@ def prepare_sft(job, tokenizer: Tokenizer, directory: Path, fingerprint: str, se
         return {**existing, "cached": True}
     spec = job.data.sft
     row_len = seq_len + 1
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, durable=True) as tmp:
         results = [prepare_source(job, i, tokenizer, Path(tmp), row_len) for i in range(len(spec.sources))]
         if not sum(r["documents"] for r in results):
             raise RelayError("data.sft: no conversation ends with an assistant turn; nothing to train on")

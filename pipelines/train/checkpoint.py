@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from model.atomic import sync_dir, sync_tree
 from model.tokenizer import sha256_file
 
 MANIFEST = "checkpoint.json"
@@ -65,9 +66,11 @@ def commit(root: Path, step: int, files: dict[str, dict] | None = None, extra: d
     files = {**files, **describe(tmp, [name for name in listed if name not in files])}
     record = {"step": step, "time": time.time(), "files": {name: files[name] for name in listed}, **(extra or {})}
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    sync_tree(tmp)  # every file on disk before the rename commits the checkpoint (model/atomic.py)
     if final.exists():  # a re-run of the same step (e.g. after resuming): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
+    sync_dir(root)
     return final
 
 
