@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.errors import RelayError
+from model.errors import RelayError, StageFailed
 
 EXIT_USAGE = 2
 
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except RelayError as exc:
         print(f"relaygpt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StageFailed as exc:
+        print(f"relaygpt: {exc} (full log: {exc.log})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("relaygpt: interrupted", file=sys.stderr)
         return 130
@@ -186,10 +189,19 @@ def _job_and_run_dir(args):
 def cmd_run(args) -> int:
     from cluster.driver import format_summary, run_job
 
+    from cluster.console import terminal
+
+    # Worker lines forwarded to the run's log: every line as printed (no "repeated 3x across
+    # cluster" folding), without colour codes. Read by Ray when it is imported.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     job, run_dir = _job_and_run_dir(args)
     print(f"relaygpt run {job.name} -> {run_dir.root}", flush=True)
+    console = terminal()
+    # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
     summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
-                      show=lambda line: print(line, flush=True))
+                      show=console.line, live=console.progress if console.live else None, log_output=True)
+    console.done()
     print(format_summary(summary))
     return 0
 

@@ -23,7 +23,7 @@ import time
 import yaml
 
 from model.atomic import write_json_atomically, write_text_atomically
-from model.errors import RelayError
+from model.errors import RelayError, StageFailed
 from pipelines.rundir import TRAINING_STAGES, RunDir
 
 
@@ -99,17 +99,37 @@ def _clear_stage(run_dir: RunDir, stage: str) -> None:
 
 
 def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = False, from_stage: str | None = None,
-            show=print, progress: bool = True) -> dict:
-    """Run every stage of `job` into `run_dir`; returns the summary (also written to summary.json)."""
-    from cluster.plan import check_resources, preflight
-    from cluster.runtime import check_reachable, ray_session
-    from pipelines.inputs import FileHashes, describe_change
+            show=print, progress: bool = True, live=None, log_output: bool = False) -> dict:
+    """Run every stage of `job` into `run_dir`; returns the summary (also written to summary.json).
+
+    `show` takes relaygpt's lines; `live`, where given, the progress updates that a terminal
+    redraws in place (training steps, generation rows); without it the training steps are lines.
+    `log_output` sends everything else this process and its children print (Ray, DeepSpeed, the
+    workers' forwarded output) to RUN/logs/run.log once the job has passed preflight. A stage
+    that fails on anything but a user error raises StageFailed: one line, and that log file.
+    """
+    from cluster.plan import preflight
+    from cluster.runtime import check_reachable
 
     if from_stage is not None and from_stage not in stages_of(job):
         raise RelayError(f"--from-stage: {from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
     run = preflight(job, run_dir)
     if address or job.cluster.address:
         check_reachable(address or job.cluster.address)
+    if log_output:
+        from cluster.console import output_to
+
+        show(f"[run] Ray, DeepSpeed and worker output: {run_dir.log_file}")
+        with output_to(run_dir.log_file):
+            return _run_stages(job, run, run_dir, address, resume, from_stage, show, live, progress)
+    return _run_stages(job, run, run_dir, address, resume, from_stage, show, live, progress)
+
+
+def _run_stages(job, run, run_dir: RunDir, address, resume: bool, from_stage, show, live, progress: bool) -> dict:
+    from cluster.plan import check_resources
+    from cluster.runtime import ray_session
+    from pipelines.inputs import FileHashes, describe_change
+
     write_text_atomically(run_dir.job_file, yaml.safe_dump(run.job, sort_keys=False))
     hashes = FileHashes(run_dir.input_hashes)
     inputs = stage_inputs(job, hashes)
@@ -137,7 +157,7 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
                 if change:
                     show(f"[{stage}] input changed: {change}, {RERUN[stage]}")
                 results[stage] = _run_recorded(job, run, stage, prints[stage], status, resume and same and stage not in forced,
-                                               show, progress, timings, inputs.get(stage, {}))
+                                               show, live, progress, timings, inputs.get(stage, {}))
             if stage == "data" and not run.vocab_exact:  # the tokenizer now exists: plan with its real vocabulary
                 from jobs.plan import resolve_plan
 
@@ -147,7 +167,7 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
     return summary
 
 
-def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: bool, show, progress: bool, timings: dict,
+def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: bool, show, live, progress: bool, timings: dict,
                   inputs: dict[str, str]) -> dict:
     """Run one stage, recording it in its stage.json as running, then completed or failed (with the
     inputs it read, so that a re-run can say which one changed)."""
@@ -157,24 +177,42 @@ def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: 
             show(f"[{stage}] resuming from its newest checkpoint")
         else:
             if status.get("status") != "completed" and status.get("fingerprint") == fingerprint:
-                show(f"[{stage}] was interrupted; starting it over (--resume continues from its newest checkpoint)")
+                how = "failed last time" if status.get("status") == "failed" else "was interrupted"
+                show(f"[{stage}] {how}; starting it over (--resume continues from its newest checkpoint)")
             _clear_stage(run_dir, stage)
     record = run_dir.stage(stage)
     t0 = time.time()
     record.write_status({"stage": stage, "status": "running", "fingerprint": fingerprint, "inputs": inputs, "started": t0})
     try:
-        result = _run_stage(job, run, stage, show, progress)
+        result = _run_stage(job, run, stage, show, live, progress)
     except BaseException as exc:
         record.write_status({"stage": stage, "status": "failed", "fingerprint": fingerprint, "inputs": inputs, "started": t0,
                              "error": f"{type(exc).__name__}: {exc}"[:500]})
-        raise
+        if isinstance(exc, (RelayError, StageFailed)) or not isinstance(exc, Exception):
+            raise
+        raise _failure(run_dir, stage, exc) from exc
     timings[stage] = time.time() - t0
     record.write_status({"stage": stage, "status": "completed", "fingerprint": fingerprint, "inputs": inputs, "started": t0,
                          "seconds": timings[stage], "result": result})
     return result
 
 
-def _run_stage(job, run, stage: str, show, progress: bool) -> dict:
+def _failure(run_dir: RunDir, stage: str, exc: Exception) -> StageFailed:
+    """A stage's unexpected error as one line; its traceback goes to the run's log."""
+    import traceback
+
+    log = run_dir.log_file
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"\n[{stage}] failed:\n" + "".join(traceback.format_exception(exc)))
+    from cluster.launch import WorkerFailed
+
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    what = first if isinstance(exc, WorkerFailed) else f"{type(exc).__name__}{': ' + first if first else ''}"
+    return StageFailed(f"{stage} failed: {what}", str(log))
+
+
+def _run_stage(job, run, stage: str, show, live, progress: bool) -> dict:
     from cluster import launch
     from pipelines.data.prepare import validation_warning
 
@@ -195,17 +233,18 @@ def _run_stage(job, run, stage: str, show, progress: bool) -> dict:
         show(f"[{stage}] {plan.world_size} worker(s), data {plan.data_parallel} x pipeline {plan.pipeline_stages}, "
              f"ZeRO-{plan.zero_stage}, {plan.precision}, {plan.total_steps} steps of {plan.tokens_per_step:,} tokens")
         # Only lines of this attempt: a resumed stage's earlier history is already on record.
-        watcher = ProgressWatcher(run_dir.stage(stage).metrics.follow_from_end(), show) if progress else None
+        record = run_dir.stage(stage)
+        watcher = ProgressWatcher(record.metrics.follow_from_end(), record.messages.follow_from_end(), show, live) if progress else None
         try:
             launch.train_on_ray(run, stage, job.cluster)
         finally:
             if watcher:
                 watcher.stop()
         return run_dir.stage(stage).result()
-    return _run_eval(job, run_dir, show)
+    return _run_eval(job, run_dir, show, live if progress else None)
 
 
-def _run_eval(job, run_dir: RunDir, show) -> dict:
+def _run_eval(job, run_dir: RunDir, show, live=None) -> dict:
     from cluster import launch
     from pipelines.eval.run import evaluate_models
     from pipelines.eval.task import load_task
@@ -213,13 +252,24 @@ def _run_eval(job, run_dir: RunDir, show) -> dict:
     spec = job.stages.eval
     show(f"[eval] {len(spec.models)} model(s) x {len(spec.tasks)} task(s) on {spec.workers} generation worker(s)")
 
-    def generate(model_dir, rows, params, chat):
-        return launch.generate_on_ray(model_dir, rows, params, chat=chat, workers=spec.workers,
-                                      cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
-                                      batch_size=spec.batch_size)
-
     named = {"base": run_dir.model("pretrain"), "assistant": run_dir.model("sft")}
     models = {m: named.get(m) or job.path(m) for m in spec.models}
+    names = {str(path): m for m, path in models.items()}
+
+    def generate(model_dir, rows, params, chat):
+        progress = None
+        if live is not None:
+            from cluster.console import RateMeter, bar, eta
+
+            label, meter = f"[eval] {names.get(str(model_dir), model_dir)}", RateMeter(len(rows))
+            progress = lambda done: live(f"{label} {bar(done, len(rows))} {done}/{len(rows)} rows  eta {eta(meter.eta_s(done))}")
+        out = launch.generate_on_ray(model_dir, rows, params, chat=chat, workers=spec.workers,
+                                     cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
+                                     batch_size=spec.batch_size, progress=progress)
+        if live is not None:
+            live(None)  # the finished bar stays as a line
+        return out
+
     tasks = [load_task(eval_task_path(job, t), job=job, limit=spec.limit) for t in spec.tasks]
     metrics = evaluate_models(models, tasks, generate, out=run_dir.eval, temperature=spec.temperature, seed=job.seed,
                               samples_in_report=spec.samples_in_report, system=spec.system_prompt)
@@ -281,21 +331,29 @@ def format_summary(summary: dict) -> str:
 
 
 class ProgressWatcher:
-    """Follows a stage's step log (written by rank 0) and shows each logged step's progress line."""
+    """Follows a stage's step log and messages (both written by rank 0): each message is a line;
+    each logged step updates the progress display (`live`), or is a line where there is none;
+    a step with a validation result is always a line."""
 
-    def __init__(self, log, show, interval: float = 0.5) -> None:
-        self.log, self.show, self.interval = log, show, interval
+    def __init__(self, log, messages, show, live=None, interval: float = 0.5) -> None:
+        self.log, self.messages, self.show, self.live, self.interval = log, messages, show, live, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        from cluster.console import step_bar
         from pipelines.train.metrics import progress_line
 
         while True:
             stopping = self._stop.is_set()
+            for record in self.messages.new_records():
+                self.show(record["message"])
             for record in self.log.new_records():
-                self.show(progress_line(record))
+                if self.live is None or "val/loss" in record:
+                    self.show(progress_line(record))
+                else:
+                    self.live(step_bar(record))
             if stopping:
                 return
             self._stop.wait(self.interval)
@@ -303,3 +361,5 @@ class ProgressWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self.live is not None:
+            self.live(None)  # the last progress line stays on screen

@@ -177,7 +177,29 @@ def train_on_ray(run, stage: str, cluster) -> None:
         relay = _find_cause(exc, RelayError)
         if relay is not None:
             raise RelayError(str(relay)) from None
+        failed = _first_worker_failure(exc)
+        if failed is not None:
+            raise WorkerFailed(failed) from exc
         raise
+
+
+class WorkerFailed(RuntimeError):
+    """A training worker's error, named by rank and its own exception (Ray's wrapper says only
+    that workers failed); the chained cause keeps every worker's traceback for the log."""
+
+
+def _first_worker_failure(exc: BaseException) -> str | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if failures:
+            rank, error = min(failures.items())
+            error = getattr(error, "cause", None) or error
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            return f"rank {rank}: {type(error).__name__}{': ' + first if first else ''}"
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
@@ -195,8 +217,9 @@ ACTOR_START_TIMEOUT_S = 600
 
 
 def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: bool, workers: int,
-                    cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch_size: int = 16) -> list[dict]:
-    """Completions for `rows`, in input order, from a pool of `workers` generation actors."""
+                    cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch_size: int = 16, progress=None) -> list[dict]:
+    """Completions for `rows`, in input order, from a pool of `workers` generation actors;
+    `progress(done)` is called as results arrive."""
     import ray.data
 
     from pipelines.generation.worker import GenerationWorker
@@ -222,8 +245,12 @@ def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: boo
         fn_constructor_kwargs={"model_dir": str(model_dir), "params": params, "chat": chat, "batch_size": batch_size, "threads": threads},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, **gpus,
     )
+    out = []
     try:
-        out = pool.take_all()
+        for batch in pool.iter_batches(batch_size=None, batch_format="numpy"):
+            out.extend({"_index": int(i), "_result": r} for i, r in zip(batch["_index"], batch["_result"]))
+            if progress is not None:
+                progress(len(out))
     except ray.exceptions.GetTimeoutError:
         raise RelayError(f"generation workers: the pool of {workers} did not start within {ACTOR_START_TIMEOUT_S} s; "
                          "the cluster's CPUs/GPUs are held by other work (ray status shows what is running)") from None

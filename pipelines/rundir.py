@@ -4,10 +4,11 @@
       job.yaml            the resolved job (every default filled in)
       tokenizer/          tokenizer files + identity
       data/<stage>/       shards + manifest.json
-      pretrain/ sft/      stage.json, metrics.jsonl, result.json, checkpoints/, tensorboard/,
+      pretrain/ sft/      stage.json, metrics.jsonl, messages.jsonl, result.json, checkpoints/, tensorboard/,
                           model/ (native export), workers/ (where each rank ran), ray/
       eval/               stage.json, predictions.jsonl, metrics.json, report.md, tensorboard/
       summary.json
+      logs/run.log        Ray's, DeepSpeed's and the workers' own lines; failed stages' tracebacks
       input_hashes.json   sha256 of the files the stages read, cached by (path, size, mtime_ns)
 
 Nothing else in the project spells these names. `MetricsLog` is the one writer and the one
@@ -108,6 +109,12 @@ class StageDir:
         return MetricsLog(self.root / "metrics.jsonl")
 
     @property
+    def messages(self) -> MetricsLog:
+        """What rank 0 has to tell the person running the stage (a resume, a warning): records
+        with a `message`, shown by the driver as lines."""
+        return MetricsLog(self.root / "messages.jsonl")
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -187,6 +194,12 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def log_file(self) -> Path:
+        """RUN/logs/run.log: every line of a run that is not relaygpt's own (Ray, DeepSpeed, the
+        workers' output, warnings) and the traceback of a stage that failed."""
+        return self.root / "logs" / "run.log"
 
     @property
     def input_hashes(self) -> Path:

@@ -27,6 +27,42 @@ def relaygpt(*args, env: dict | None = None, stdin: str | None = None, timeout: 
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def relaygpt_on_a_terminal(*args, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
+    """Run `relaygpt` with its stdout and stderr on a pseudo-terminal, as in a person's shell;
+    returns the exit status and everything the terminal received (carriage returns included)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *map(str, args)], stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, env={**os.environ, **(env or {})})
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # every writer has closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        else:
+            proc.kill()
+        return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        os.close(master)
+
+
 def assert_one_line_error(proc, *needles) -> None:
     """Exit status 2 and one line on stderr naming what was wrong, no traceback."""
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import relaygpt
+from helpers import relaygpt, relaygpt_on_a_terminal
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +33,17 @@ def _set(*overrides):
     return [arg for item in overrides for arg in ("--set", item)]
 
 
+# What relaygpt itself prints: its stage lines, the summary (indented) and its own error lines.
+OWN_LINE = re.compile(r"^(relaygpt[: ]|\[(run|data|pretrain|sft|eval)\] |done: |  \S|$)")
+
+
+def assert_only_relaygpt_lines(text: str) -> None:
+    """No line from Ray, DeepSpeed or a worker reaches the terminal: they are in RUN/logs/run.log."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # a terminal's colour reset (colorama's, at exit) is not a line
+    foreign = [line for line in text.replace("\r", "\n").splitlines() if not OWN_LINE.match(line)]
+    assert not foreign, foreign[:10]
+
+
 def test_the_main_job_end_to_end(ray_head, tmp_path):
     """jobs/tiny-assistant.yaml exactly as `make demo` runs it (embedded Ray): every artifact, and it learned."""
     out = tmp_path / "out"
@@ -40,6 +51,9 @@ def test_the_main_job_end_to_end(ray_head, tmp_path):
     proc = relaygpt("run", JOB, "--out", out, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
+    assert_only_relaygpt_lines(proc.stdout + proc.stderr)
+    log = (run / "logs" / "run.log").read_text()  # where the third-party lines went
+    assert "RayTrainWorker" in log and "deepspeed" in log.lower(), log[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     expected = [
         "job.yaml", "summary.json", "tokenizer/tokenizer.json", "tokenizer/ranks.tiktoken",
@@ -86,8 +100,34 @@ def test_the_main_job_end_to_end(ray_head, tmp_path):
     changed = rerun(*_set("stages.sft.steps=20"))
     assert [line.split("]")[0] for line in changed if "up to date" in line] == ["[data", "[pretrain"]
     assert json.loads((run / "sft" / "stage.json").read_text())["result"]["step"] == 20
-    last = rerun(*_set("stages.sft.steps=20"), "--from-stage", "eval")
-    assert sum("up to date" in line for line in last) == 3 and any(line.startswith("[eval] assistant") for line in last)
+    # On a terminal: the same lines, and generation progress redrawn in place.
+    code, screen = relaygpt_on_a_terminal("run", JOB, "--out", out, *_set("stages.sft.steps=20"), "--from-stage", "eval")
+    assert code == 0, screen[-3000:]
+    last = screen.replace("\r\n", "\n").split("\n")
+    assert sum("up to date" in line for line in last) == 3 and any(line.startswith("[eval] assistant: synthetic") for line in last)
+    assert re.search(r"\r\[eval\] assistant \[[#.]+\] \d+/\d+ rows", screen), screen[-3000:]
+    assert_only_relaygpt_lines(screen)
+
+
+def test_a_failing_worker_is_one_line_naming_the_error_and_the_log(ray_head, tmp_path):
+    """A stage that stops on something that is not a user error (here: a damaged token shard
+    whose ids are beyond the vocabulary): one line with the rank's error and the log's path,
+    exit 1, no traceback on the terminal; the log holds the workers' tracebacks."""
+    out = tmp_path / "out"
+    run = out / "tiny-assistant" / "default"
+    settings = _set(*SHORT, "stages.sft=null", "stages.eval=null", "cluster.max_failures=0", f"cluster.address={ray_head.address}")
+    prepared = relaygpt("data", "prepare", JOB, "--out", out, *settings, env=ray_head.env)
+    assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
+    for shard in (run / "data" / "pretrain").glob("train_*.bin"):
+        shard.write_bytes(b"\xff" * shard.stat().st_size)
+    proc = relaygpt("run", JOB, "--out", out, *settings, env=ray_head.env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = run / "logs" / "run.log"
+    assert proc.stderr.strip() == (f"relaygpt: pretrain failed: rank 0: IndexError: index out of range in self (full log: {log})"), proc.stderr
+    assert_only_relaygpt_lines(proc.stdout + proc.stderr)
+    text = log.read_text()
+    assert "Traceback" in text and "IndexError" in text and "[pretrain] failed:" in text
+    assert json.loads((run / "pretrain" / "stage.json").read_text())["status"] == "failed"
 
 
 def test_a_killed_worker_is_replaced_and_the_stage_resumes(ray_head, tmp_path):

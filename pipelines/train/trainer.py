@@ -190,7 +190,7 @@ class Trainer:
         _set_rng_state(self.state.rng)
         if self.topo.rank == 0:
             self.dir.metrics.keep_through(self.state.step)  # one history: the superseded attempt's later steps go
-            print(f"[{self.plan.stage}] resumed from {self.dir.checkpoints / tag} at step {self.state.step}", flush=True)
+            self._say(f"[{self.plan.stage}] resumed from {self.dir.checkpoints / tag} at step {self.state.step}")
 
     def _newest_verified(self) -> tuple[int, str] | None:
         """The newest checkpoint every file of which matches its recorded sha256, chosen by all
@@ -204,8 +204,17 @@ class Trainer:
                                   agree=first_problem, candidates=candidates)
 
     def _warn(self, message: str) -> None:
-        if self.topo.rank == 0:
-            print(f"[{self.plan.stage}] warning: {message}", flush=True)
+        self._say(f"[{self.plan.stage}] warning: {message}")
+
+    def _say(self, line: str) -> None:
+        """A line for the person running the stage, from rank 0: printed under torchrun; under
+        Ray recorded in the stage's messages, which the driver shows (worker output goes to the log)."""
+        if self.topo.rank != 0:
+            return
+        if self.console:
+            print(line, flush=True)
+        else:
+            self.dir.messages.append({"message": line})
 
     # ---- the loop ---------------------------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""What a person sees while a run goes: relaygpt's own lines and one live progress line.
+
+Everything else a run's processes print (Ray's and DeepSpeed's loggers, the training workers'
+output that Ray forwards to the driver, C++ log lines, warnings) goes to the run's log file:
+`output_to(path)` points this process's stdout and stderr (the file descriptors, so output of
+native code and of child processes too) at that file for the duration of the block, while a
+`terminal()` Console keeps writing where stdout pointed before.
+
+On a terminal the progress line is redrawn in place; anywhere else (a pipe, a CI log, a Ray
+Job's log) each update is a line of its own, so nothing is lost to carriage returns.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Console:
+    """Lines that stay (`line`) and one progress line that the next update replaces (`progress`)."""
+
+    def __init__(self, stream, *, live: bool | None = None, width: int | None = None) -> None:
+        self.stream = stream
+        self.live = stream.isatty() if live is None else live
+        self.width = width or _terminal_width(stream)
+        self._shown = ""  # the progress line now on screen (live only)
+        self._lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            if self._shown:
+                self.stream.write("\r" + " " * len(self._shown) + "\r")
+            self.stream.write(text + "\n")
+            if self._shown:
+                self.stream.write(self._shown)
+            self.stream.flush()
+
+    def progress(self, text: str | None) -> None:
+        """Replace the progress line with `text`; None keeps the current one as a line (`done`)."""
+        if text is None:
+            self.done()
+            return
+        if not self.live:
+            self.line(text)
+            return
+        text = text[: self.width - 1]
+        with self._lock:
+            pad = max(0, len(self._shown) - len(text))
+            self.stream.write("\r" + text + " " * pad + ("\b" * pad))
+            self.stream.flush()
+            self._shown = text
+
+    def done(self) -> None:
+        """Keep the progress line on screen as it last was, and start a new line below it."""
+        with self._lock:
+            if self._shown:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._shown = ""
+
+
+def _terminal_width(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 120
+
+
+def bar(done: int, total: int, width: int = 24) -> str:
+    """`[#########...............]` for done of total."""
+    filled = round(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def step_bar(metrics: dict) -> str:
+    """A training stage's logged step (a metrics.jsonl record) as a progress line."""
+    done, total = metrics["step"], metrics["total_steps"]
+    line = f"[{metrics['stage']}] {bar(done, total)} {done}/{total}"
+    if "train/loss" in metrics:
+        line += (f"  loss {metrics['train/loss']:.4f}  {metrics['perf/tokens_per_s'] / 1000:.1f}k tok/s"
+                 f"  eta {eta(metrics.get('eta_s'))}")
+    return line
+
+
+class RateMeter:
+    """Rows per second and the time left, from the start of a piece of work."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.start = total, time.perf_counter()
+
+    def eta_s(self, done: int) -> float | None:
+        elapsed = time.perf_counter() - self.start
+        return elapsed * (self.total - done) / done if done else None
+
+
+@contextmanager
+def output_to(log: Path):
+    """Send this process's stdout and stderr (fds 1 and 2, so native code and child processes
+    too) to `log`, appended, inside the block."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(target, f"\n==== relaygpt {' '.join(sys.argv[1:])} at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
+        for fd in (1, 2):
+            os.dup2(target, fd)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(target)
+
+
+def terminal() -> Console:
+    """A Console on what stdout is now (its own copy of the descriptor, so it stays on the
+    terminal while `output_to` points stdout elsewhere)."""
+    sys.stdout.flush()
+    try:
+        fd = os.dup(sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in-process)
+        return Console(sys.stdout, live=False)
+    return Console(os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace"), live=os.isatty(fd))
