@@ -123,21 +123,102 @@ def _decode_steps(model: GPT, prompts: list[list[int]], params: SamplingParams) 
         next_position = next_position + 1
 
 
-def prepare_for_inference(model: torch.nn.Module) -> torch.nn.Module:
-    """Store every Linear weight column-major, in place: same shape, same values, no copy kept.
+LINEAR_KERNELS = ("row-major", "column-major", "onednn")
 
-    Decoding multiplies a handful of rows by each weight. For such skinny products the BLAS
-    kernel for `x @ W` with W laid out (in, out) moves memory markedly faster than the one for
-    `F.linear`'s default (out, in) layout (1.4-1.9x on the 2-core CPU, docs/PERFORMANCE.md).
-    `F.linear` on a transposed-contiguous weight uses the fast kernel. Tied embeddings keep
-    working (an embedding lookup reads strided rows). Meant for inference copies of a model;
-    training code keeps the default layout.
+
+def prepare_for_inference(model: torch.nn.Module, kernel: str = "auto") -> torch.nn.Module:
+    """Make a CPU model's Linear layers use the fastest matrix kernel of this machine, measured.
+
+    Decoding multiplies a handful of rows by every weight, so a step is bound by how fast the
+    kernel streams the weights, and that depends on the processor, not only on the arithmetic:
+
+    - `row-major`: `F.linear` as trained (PyTorch's BLAS, MKL in the x86 wheels);
+    - `column-major`: the same weights re-stored input-major in place; on an Intel CPU MKL's
+      kernel for such skinny products streams them 1.4-1.9x faster (docs/PERFORMANCE.md);
+    - `onednn`: the weights packed once for oneDNN, which compiles its kernel for the CPU's
+      instruction set whoever made it; on an AMD EPYC MKL's fp32 kernel reached 7 GB/s and
+      oneDNN's 15-20 GB/s (2.3-2.9x) on the same products.
+
+    `auto` times the three on the model's largest Linear (8 rows) and applies the fastest to
+    every Linear; the choice is kept in `model.linear_kernel`. All compute in fp32 what the
+    trained layers compute (summation order aside). `onednn` keeps the packed copy instead of
+    the dense weight, except where the weight is shared (a tied embedding). Meant for inference
+    copies of a model; training code keeps the default layout.
     """
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if kernel == "auto":
+        kernel = fastest_linear_kernel(max((m for _, m in linears), key=lambda m: m.weight.numel())) if linears else "row-major"
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"kernel {kernel!r}: expected auto or one of {', '.join(LINEAR_KERNELS)}")
+    shared = _shared_weights(model)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+        for name, module in linears:
+            if kernel == "column-major" and module.weight.is_contiguous():
                 module.weight.data = module.weight.data.t().contiguous().t()
+            elif kernel == "onednn":
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr,
+                        PackedLinear(module, keep_weight=id(module.weight) in shared))
+    model.linear_kernel = kernel
     return model.eval()
+
+
+def _shared_weights(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds (tied embeddings)."""
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(torch.nn.Module):
+    """A Linear whose weight is packed for oneDNN's fp32 kernel (inference only)."""
+
+    def __init__(self, linear: torch.nn.Linear, *, keep_weight: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 8)  # hint: a decode batch
+        self.bias = linear.bias
+        if keep_weight:
+            self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def fastest_linear_kernel(linear: torch.nn.Linear, rows: int = 8, repeats: int = 3) -> str:
+    """The kernel (of LINEAR_KERNELS) that multiplies `rows` rows by this layer fastest here."""
+    import time
+
+    weight = linear.weight.detach()
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return "row-major"
+    x = torch.randn(rows, linear.in_features)
+    candidates = {"row-major": lambda: torch.nn.functional.linear(x, weight)}
+    column = weight.t().contiguous().t()
+    candidates["column-major"] = lambda: torch.nn.functional.linear(x, column)
+    if _onednn_available():
+        try:
+            packed = PackedLinear(linear, keep_weight=False)
+            packed(x)
+            candidates["onednn"] = lambda: packed(x)
+        except RuntimeError:  # a build whose oneDNN cannot take this weight: not a candidate
+            pass
+    best: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, run in candidates.items():
+            run()  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+    return min(best, key=best.get)
 
 
 class _EvalMode:

@@ -99,20 +99,39 @@ def test_bad_sampling_values_are_config_errors():
             SamplingParams(**bad)
 
 
+@pytest.mark.parametrize("kernel", ["row-major", "column-major", "onednn"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_inference_layout_keeps_values_and_tokens(arch):
+def test_every_inference_kernel_keeps_logits_and_tokens(arch, kernel):
     from model.generate import prepare_for_inference
 
     model = _model(arch)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.arange(24).view(2, 12) * 11 % 300
+    with torch.no_grad():
+        logits_before, _ = model(ids)
     expected = generate(model, PROMPTS, SamplingParams(max_new_tokens=30))
-    prepare_for_inference(model)
-    assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()  # column-major now
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
+    prepare_for_inference(model, kernel=kernel)
+    assert model.linear_kernel == kernel
+    with torch.no_grad():
+        logits_after, _ = model(ids)
+    torch.testing.assert_close(logits_after, logits_before, rtol=1e-5, atol=1e-5)
     assert [c.tokens for c in generate(model, PROMPTS, SamplingParams(max_new_tokens=30))] == [c.tokens for c in expected]
-    if model.config.tie_embeddings:
+    if kernel == "column-major":
+        assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    if kernel == "onednn":
+        assert type(model.transformer.h[0].attn.c_attn).__name__ == "PackedLinear"
+    if model.config.tie_embeddings:  # the embedding and the head still share one weight
         assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_auto_measures_and_picks_one_of_the_kernels():
+    from model.generate import LINEAR_KERNELS, fastest_linear_kernel, prepare_for_inference
+
+    model = _model(next(iter(ARCHITECTURES)))
+    assert fastest_linear_kernel(model.lm_head) in LINEAR_KERNELS
+    prepare_for_inference(model)
+    assert model.linear_kernel in LINEAR_KERNELS and not model.training
+    with pytest.raises(ValueError, match="kernel 'fast'"):
+        prepare_for_inference(_model(next(iter(ARCHITECTURES))), kernel="fast")
 
 
 def test_the_generation_device_is_the_gpu_when_there_is_one():
