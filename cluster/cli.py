@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from model.errors import RelayError, StageFailed
@@ -40,6 +41,26 @@ def _tools_beside_the_interpreter() -> None:
     parts = os.environ.get("PATH", "").split(os.pathsep)
     if parts[:1] != [bin_dir]:
         os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in parts if p and p != bin_dir])
+
+
+def _quiet_ray() -> None:
+    """Ray's forwarded worker lines as printed, whole (no "repeated 3x across cluster" folding)
+    and without colour codes: they go to a log file. Read by Ray when it is imported."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+@contextmanager
+def _third_party_to(log: Path):
+    """Inside the block, everything this process and its children print goes to `log` (Ray,
+    DeepSpeed, worker output); the yielded Console writes relaygpt's own lines to the terminal."""
+    from cluster.console import output_to, terminal
+
+    _quiet_ray()
+    console = terminal()
+    with output_to(Path(log)):
+        yield console
+    console.done()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,10 +212,7 @@ def cmd_run(args) -> int:
 
     from cluster.console import terminal
 
-    # Worker lines forwarded to the run's log: every line as printed (no "repeated 3x across
-    # cluster" folding), without colour codes. Read by Ray when it is imported.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    _quiet_ray()
     job, run_dir = _job_and_run_dir(args)
     print(f"relaygpt run {job.name} -> {run_dir.root}", flush=True)
     console = terminal()
@@ -225,8 +243,8 @@ def cmd_data_prepare(args) -> int:
 
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
-    with ray_when_needed(job.cluster.address, job.data.num_proc) as run_blocks:
-        result = prepare_data(job, run_dir, run_blocks=run_blocks, show=lambda line: print(line, flush=True))
+    with _third_party_to(run_dir.log_file) as console, ray_when_needed(job.cluster.address, job.data.num_proc) as run_blocks:
+        result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft"):
         if stage in result:
@@ -314,7 +332,9 @@ def cmd_generate(args) -> int:
         prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}", model.config.block_size)
     del model
     results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address,
-                             device=args.device)
+                             device=args.device, log=Path(f"{args.out}.log"))
+    if args.workers > 1:
+        print(f"Ray and generation worker output: {args.out}.log")
     write_jsonl_atomically(args.out, results)
     print(f"wrote {len(results)} completions to {args.out}")
     return 0
@@ -332,8 +352,10 @@ def _check_output_file(path: str, flag: str) -> None:
             break
 
 
-def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None, device: str = "auto"):
-    """In this process for one worker (on `device`); a Ray Data actor pool for more."""
+def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None, device: str = "auto",
+                   log: Path | None = None):
+    """In this process for one worker (on `device`); a Ray Data actor pool for more, whose
+    lines (Ray's, the workers') go to `log`."""
     if workers == 1:
         from pipelines.generation.worker import GenerationWorker
 
@@ -341,7 +363,7 @@ def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batc
     from cluster.launch import generate_on_ray
     from cluster.runtime import ray_session
 
-    with ray_session(address, num_cpus=workers):
+    with _third_party_to(log), ray_session(address, num_cpus=workers):
         return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size)
 
 
@@ -360,10 +382,17 @@ def cmd_eval(args) -> int:
     tasks = [load_task(t, job=job, limit=args.limit, data_file=args.data) for t in args.task]
     load_model_dir(args.model_dir)
 
-    def generate(model_dir, rows, params, chat):
-        return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device)
+    import tempfile
 
     out = EvalDir(Path(args.out)) if args.out else None
+    log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
+
+    def generate(model_dir, rows, params, chat):
+        return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device, log=log)
+
+    if args.workers > 1:
+        print(f"[eval] Ray and generation worker output: {log}", flush=True)
+
     styles = {"model": args.style} if args.style != "auto" else None
     evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True),
                     styles=styles, system=args.system)
@@ -380,7 +409,10 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.sweep, args.overrides)
     out_dir = sweep.sweep_dir(args.out).resolve()
     print(f"relaygpt sweep {sweep.name} -> {out_dir}", flush=True)
-    summary = run_sweep(sweep, out_dir, address=args.address, show=lambda line: print(line, flush=True))
+    log = out_dir / "logs" / "run.log"
+    print(f"[sweep] Ray, DeepSpeed and worker output: {log}", flush=True)
+    with _third_party_to(log) as console:
+        summary = run_sweep(sweep, out_dir, address=args.address, show=console.line)
     print(f"\ndone: sweep {sweep.name} in {summary['seconds']:.0f}s, {describe_usage(summary['cost'])}")
     for key in ("results", "report"):
         print(f"  {key:<10} {summary['paths'][key]}")

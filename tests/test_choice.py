@@ -84,6 +84,8 @@ def test_the_pool_gives_the_same_scores_with_one_and_two_workers(ray_head, hub_g
     two = relaygpt(*common, "--out", tmp_path / "two", "--workers", 2, "--address", ray_head.address, env=ray_head.env)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     assert "arc_easy acc " in one.stdout and "acc_norm" in one.stdout
+    assert two.stderr == "" and all(line.startswith(("[eval] ", "wrote ")) for line in two.stdout.splitlines()), two.stdout
+    assert (tmp_path / "two" / "logs" / "run.log").exists()  # where Ray's lines went
     metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two")]
     assert metrics[0] == metrics[1] and set(metrics[0]["model"]) == {"arc_easy", "arc_easy_norm"}
     predictions = [[json.loads(line) for line in (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in ("one", "two")]

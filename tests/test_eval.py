@@ -90,6 +90,10 @@ def test_generate_with_two_workers_equals_one(ray_head, tmp_path, trained_tokeni
     one = relaygpt(*common, "--out", tmp_path / "one.jsonl")
     two = relaygpt(*common, "--out", tmp_path / "two.jsonl", "--workers", 2, "--address", ray_head.address, env=ray_head.env)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    # Ray's and the pool's lines are in the log beside the output, not on the terminal.
+    assert two.stderr == "" and two.stdout.splitlines() == [f"Ray and generation worker output: {tmp_path / 'two.jsonl'}.log",
+                                                             f"wrote {len(texts)} completions to {tmp_path / 'two.jsonl'}"], two.stdout + two.stderr
+    assert "GenerationWorker" in (tmp_path / "two.jsonl.log").read_text()
     one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
     assert one == two
     assert [json.loads(line)["id"] for line in two.splitlines()] == list(range(len(texts)))

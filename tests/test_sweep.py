@@ -171,6 +171,8 @@ def test_the_cpu_demo_sweep_runs_and_writes_every_output(ray_head, tmp_path):
     proc = relaygpt("sweep", REPO / "jobs" / "sweep-cpu-demo.yaml", "--out", out, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = out / "sweep-cpu-demo"
+    # relaygpt's lines only; Ray's, DeepSpeed's and the workers' are in the sweep's log
+    assert proc.stderr == "" and "RayTrainWorker" not in proc.stdout and "RayTrainWorker" in (root / "logs" / "run.log").read_text()
     with open(root / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
