@@ -58,9 +58,11 @@ def _third_party_to(log: Path):
 
     _quiet_ray()
     console = terminal()
-    with output_to(Path(log)):
-        yield console
-    console.done()
+    try:
+        with output_to(Path(log)):
+            yield console
+    finally:
+        console.done()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +219,11 @@ def cmd_run(args) -> int:
     print(f"relaygpt run {job.name} -> {run_dir.root}", flush=True)
     console = terminal()
     # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
-    summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
-                      show=console.line, live=console.progress if console.live else None, log_output=True)
-    console.done()
+    try:
+        summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
+                          show=console.line, live=console.progress if console.live else None, log_output=True)
+    finally:
+        console.done()  # an error line starts below the last progress line, not on it
     print(format_summary(summary))
     return 0
 
@@ -331,10 +335,10 @@ def cmd_generate(args) -> int:
     for i, row in enumerate(rows):
         prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}", model.config.block_size)
     del model
+    if args.workers > 1:
+        print(f"Ray and generation worker output: {args.out}.log", flush=True)
     results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address,
                              device=args.device, log=Path(f"{args.out}.log"))
-    if args.workers > 1:
-        print(f"Ray and generation worker output: {args.out}.log")
     write_jsonl_atomically(args.out, results)
     print(f"wrote {len(results)} completions to {args.out}")
     return 0
@@ -352,8 +356,7 @@ def _check_output_file(path: str, flag: str) -> None:
             break
 
 
-def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address=None, device: str = "auto",
-                   log: Path | None = None):
+def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address, device: str, log: Path):
     """In this process for one worker (on `device`); a Ray Data actor pool for more, whose
     lines (Ray's, the workers') go to `log`."""
     if workers == 1:

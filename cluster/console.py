@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -108,30 +108,42 @@ class RateMeter:
 @contextmanager
 def output_to(log: Path):
     """Send this process's stdout and stderr (fds 1 and 2, so native code and child processes
-    too) to `log`, appended, inside the block."""
+    too) to `log`, appended, inside the block. They are restored whatever happens inside
+    (an error, Ctrl-C) or while flushing at the end (a full disk)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
     target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    _flush()
+    saved: dict[int, int] = {}
     try:
+        for fd in (1, 2):
+            saved[fd] = os.dup(fd)
         os.write(target, f"\n==== relaygpt {' '.join(sys.argv[1:])} at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
         for fd in (1, 2):
             os.dup2(target, fd)
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(target)
+        try:
+            _flush()
+        finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            os.close(target)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with suppress(OSError, ValueError):
+                stream.flush()
 
 
 def terminal() -> Console:
     """A Console on what stdout is now (its own copy of the descriptor, so it stays on the
     terminal while `output_to` points stdout elsewhere)."""
-    sys.stdout.flush()
+    if sys.stdout is None:  # started with stdout closed: nothing to show, nowhere to fail
+        return Console(open(os.devnull, "w"), live=False)
+    _flush()
     try:
         fd = os.dup(sys.stdout.fileno())
     except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in-process)

@@ -186,8 +186,8 @@ def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: 
     try:
         result = _run_stage(job, run, stage, show, live, progress)
     except BaseException as exc:
-        record.write_status({"stage": stage, "status": "failed", "fingerprint": fingerprint, "inputs": inputs, "started": t0,
-                             "error": f"{type(exc).__name__}: {exc}"[:500]})
+        record.write_status({"stage": stage, "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                             "fingerprint": fingerprint, "inputs": inputs, "started": t0, "error": f"{type(exc).__name__}: {exc}"[:500]})
         if isinstance(exc, (RelayError, StageFailed)) or not isinstance(exc, Exception):
             raise
         raise _failure(run_dir, stage, exc) from exc
@@ -207,7 +207,9 @@ def _failure(run_dir: RunDir, stage: str, exc: Exception) -> StageFailed:
         f.write(f"\n[{stage}] failed:\n" + "".join(traceback.format_exception(exc)))
     from cluster.launch import WorkerFailed
 
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    # The first line that says something (Ray's wrappers open with a header ending in ':').
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = next((line for line in lines if not line.endswith(":")), lines[0] if lines else "")[:300]
     what = first if isinstance(exc, WorkerFailed) else f"{type(exc).__name__}{': ' + first if first else ''}"
     return StageFailed(f"{stage} failed: {what}", str(log))
 
@@ -263,12 +265,13 @@ def _run_eval(job, run_dir: RunDir, show, live=None) -> dict:
 
             label, meter = f"[eval] {names.get(str(model_dir), model_dir)}", RateMeter(len(rows))
             progress = lambda done: live(f"{label} {bar(done, len(rows))} {done}/{len(rows)} rows  eta {eta(meter.eta_s(done))}")
-        out = launch.generate_on_ray(model_dir, rows, params, chat=chat, workers=spec.workers,
-                                     cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
-                                     batch_size=spec.batch_size, progress=progress)
-        if live is not None:
-            live(None)  # the finished bar stays as a line
-        return out
+        try:
+            return launch.generate_on_ray(model_dir, rows, params, chat=chat, workers=spec.workers,
+                                          cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
+                                          batch_size=spec.batch_size, progress=progress)
+        finally:
+            if live is not None:
+                live(None)  # the last bar stays as a line (also when generation fails)
 
     tasks = [load_task(eval_task_path(job, t), job=job, limit=spec.limit) for t in spec.tasks]
     metrics = evaluate_models(models, tasks, generate, out=run_dir.eval, temperature=spec.temperature, seed=job.seed,

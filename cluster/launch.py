@@ -188,16 +188,28 @@ class WorkerFailed(RuntimeError):
     that workers failed); the chained cause keeps every worker's traceback for the log."""
 
 
+# A rank that fails because another one died reports the lost connection, not the cause.
+_KNOCK_ON = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "distbackenderror", "timed out")
+
+
 def _first_worker_failure(exc: BaseException) -> str | None:
+    """`rank N: Error: message` of the failure that most likely caused the others: the lowest
+    rank whose error is not a lost connection to its peers (else the lowest rank)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         failures = getattr(exc, "worker_failures", None)
         if failures:
-            rank, error = min(failures.items())
-            error = getattr(error, "cause", None) or error
-            first = (str(error).strip().splitlines() or [""])[0][:300]
-            return f"rank {rank}: {type(error).__name__}{': ' + first if first else ''}"
+            described = {}
+            for rank, error in failures.items():
+                error = getattr(error, "cause", None) or error
+                first = (str(error).strip().splitlines() or [""])[0][:300]
+                described[rank] = (type(error).__name__, first)
+            knock_on = lambda rank: any(word in " ".join(described[rank]).lower() for word in _KNOCK_ON)
+            rank = min(described, key=lambda r: (knock_on(r), r))
+            name, first = described[rank]
+            others = f" (and {len(described) - 1} other rank(s); all in the log)" if len(described) > 1 else ""
+            return f"rank {rank}: {name}{': ' + first if first else ''}{others}"
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
 

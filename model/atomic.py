@@ -13,6 +13,7 @@ logs, reports, caches) is only atomic: fsync costs a disk flush each time.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -85,7 +86,16 @@ def sync_tree(path: str | Path) -> None:
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        try:
+            os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno not in CANNOT_SYNC:
+                raise  # an I/O error: the data may not be on disk, so do not commit it
+
+
+# What a file system that does not implement fsync answers (some FUSE and network mounts):
+# there the write stays atomic but cannot be made durable, as before.
+CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def sync_dir(folder: Path) -> None:

@@ -82,3 +82,45 @@ def test_output_to_takes_python_native_and_child_output_to_the_log(tmp_path):
     text = log.read_text()
     for line in ("python print", "a library's warning", "native stderr", "a child process"):
         assert line in text, text
+
+
+def test_output_to_restores_the_terminal_after_an_error_inside(tmp_path):
+    log = tmp_path / "run.log"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from cluster.console import output_to
+
+        try:
+            with output_to(Path({str(log)!r})):
+                print("inside")
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        print("after the error")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "after the error\n", proc.stdout + proc.stderr
+    assert "inside" in log.read_text()
+
+
+def test_a_failed_stage_is_named_by_its_cause_not_by_a_lost_connection_or_a_header(tmp_path):
+    from cluster.driver import _failure
+    from cluster.launch import WorkerFailed, _first_worker_failure
+    from pipelines.rundir import RunDir
+
+    class WorkerGroupError(Exception):  # the shape of Ray Train's: one exception per failed rank
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors:")
+            self.worker_failures = failures
+
+    knock_on = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    cause = IndexError("index out of range in self")
+    assert _first_worker_failure(WorkerGroupError({0: knock_on, 1: cause})) == (
+        "rank 1: IndexError: index out of range in self (and 1 other rank(s); all in the log)")
+    assert _first_worker_failure(WorkerGroupError({3: cause})) == "rank 3: IndexError: index out of range in self"
+    assert _first_worker_failure(RuntimeError("no ranks")) is None
+    run_dir = RunDir(tmp_path / "run")
+    failed = _failure(run_dir, "pretrain", RuntimeError("Training failed due to a controller error:\nthe placement group was removed"))
+    assert str(failed) == "pretrain failed: RuntimeError: the placement group was removed" and failed.log == str(run_dir.log_file)
+    assert "Traceback" in run_dir.log_file.read_text() or "RuntimeError" in run_dir.log_file.read_text()
+    assert str(_failure(run_dir, "sft", WorkerFailed("rank 0: IndexError: x"))) == "sft failed: rank 0: IndexError: x"

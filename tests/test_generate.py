@@ -123,6 +123,21 @@ def test_every_inference_kernel_keeps_logits_and_tokens(arch, kernel):
         assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_a_kernel_is_chosen_only_when_clearly_faster_and_packed_layers_refuse_training():
+    from model.generate import PackedLinear, clearly_fastest
+
+    assert clearly_fastest({"row-major": 1.0, "column-major": 0.9, "onednn": 0.85}) == "row-major"  # near ties: keep
+    assert clearly_fastest({"row-major": 1.0, "column-major": 0.7, "onednn": 0.65}) == "column-major"
+    assert clearly_fastest({"row-major": 1.0, "column-major": 0.7, "onednn": 0.3}) == "onednn"
+    assert clearly_fastest({"row-major": 1.0, "column-major": 1.2}) == "row-major"  # no oneDNN in this build
+    layer = PackedLinear(torch.nn.Linear(16, 8), keep_weight=False)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        layer(x)
+    with pytest.raises(RuntimeError, match="for inference"):
+        layer(x)  # a packed layer has no backward: refuse instead of giving wrong gradients
+
+
 def test_auto_measures_and_picks_one_of_the_kernels():
     from model.generate import LINEAR_KERNELS, fastest_linear_kernel, prepare_for_inference
 

@@ -302,3 +302,23 @@ def test_a_checkpoint_and_a_stage_record_reach_the_disk_before_the_rename_that_c
     events.clear()
     write_text_atomically(tmp_path / "report.md", "text")
     assert [kind for kind, _ in events] == ["rename"], events
+
+
+def test_a_file_system_without_fsync_still_commits_and_an_io_error_does_not(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from model.atomic import write_text_atomically
+
+    def refuse(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", refuse(errno.EINVAL))  # a mount that cannot sync: atomic, as before
+    write_text_atomically(tmp_path / "stage.json", "{}", durable=True)
+    assert (tmp_path / "stage.json").read_text() == "{}"
+    monkeypatch.setattr(os, "fsync", refuse(errno.EIO))  # the disk failed: nothing is committed
+    with pytest.raises(OSError):
+        write_text_atomically(tmp_path / "stage.json", "new", durable=True)
+    assert (tmp_path / "stage.json").read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["stage.json"]
