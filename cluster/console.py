@@ -66,9 +66,10 @@ class Console:
 
 def _terminal_width(stream) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
-    except (OSError, ValueError, AttributeError):
-        return 120
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        columns = 0
+    return columns if columns > 0 else 120  # a terminal that does not say its size (a fresh pty) reports 0
 
 
 def bar(done: int, total: int, width: int = 24) -> str:

@@ -105,7 +105,7 @@ def test_the_main_job_end_to_end(ray_head, tmp_path):
     assert code == 0, screen[-3000:]
     last = screen.replace("\r\n", "\n").split("\n")
     assert sum("up to date" in line for line in last) == 3 and any(line.startswith("[eval] assistant: synthetic") for line in last)
-    assert re.search(r"\r\[eval\] assistant \[[#.]+\] \d+/\d+ rows", screen), screen[-3000:]
+    assert re.search(r"\r\[eval\] assistant \[[#.]+\] \d+/\d+ rows  eta \d+s", screen), screen[-3000:]
     assert_only_relaygpt_lines(screen)
 
 

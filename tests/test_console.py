@@ -33,6 +33,20 @@ def test_a_terminal_redraws_the_progress_line_and_keeps_lines_above_it():
     assert text.endswith("[pretrain] [####....] 2/4\n[sft] next\n")
 
 
+def test_a_terminal_that_reports_no_size_does_not_cut_the_line():
+    import os
+    import pty
+
+    master, slave = pty.openpty()  # a fresh pseudo-terminal says it is 0 columns wide
+    try:
+        with os.fdopen(os.dup(slave), "w") as stream:
+            console = Console(stream)
+            assert console.live and console.width == 120
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_anywhere_else_every_update_is_a_line():
     out = io.StringIO()
     console = Console(out)
