@@ -210,9 +210,8 @@ def _job_and_run_dir(args):
 
 
 def cmd_run(args) -> int:
-    from cluster.driver import format_summary, run_job
-
     from cluster.console import terminal
+    from cluster.driver import format_summary, run_job
 
     _quiet_ray()
     job, run_dir = _job_and_run_dir(args)

@@ -201,15 +201,13 @@ def _failure(run_dir: RunDir, stage: str, exc: Exception) -> StageFailed:
     """A stage's unexpected error as one line; its traceback goes to the run's log."""
     import traceback
 
+    from cluster.launch import WorkerFailed, first_line
+
     log = run_dir.log_file
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n[{stage}] failed:\n" + "".join(traceback.format_exception(exc)))
-    from cluster.launch import WorkerFailed
-
-    # The first line that says something (Ray's wrappers open with a header ending in ':').
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    first = next((line for line in lines if not line.endswith(":")), lines[0] if lines else "")[:300]
+    first = first_line(exc)
     what = first if isinstance(exc, WorkerFailed) else f"{type(exc).__name__}{': ' + first if first else ''}"
     return StageFailed(f"{stage} failed: {what}", str(log))
 

@@ -195,34 +195,36 @@ _KNOCK_ON = ("gloo", "nccl", "connection closed", "connection reset", "broken pi
 def _first_worker_failure(exc: BaseException) -> str | None:
     """`rank N: Error: message` of the failure that most likely caused the others: the lowest
     rank whose error is not a lost connection to its peers (else the lowest rank)."""
+    failures = next((e.worker_failures for e in _causes(exc) if getattr(e, "worker_failures", None)), None)
+    if not failures:
+        return None
+    described = {}
+    for rank, error in failures.items():
+        error = getattr(error, "cause", None) or error
+        described[rank] = f"{type(error).__name__}{': ' + first_line(error) if first_line(error) else ''}"
+    rank = min(described, key=lambda r: (any(word in described[r].lower() for word in _KNOCK_ON), r))
+    others = f" (and {len(described) - 1} other rank(s); all in the log)" if len(described) > 1 else ""
+    return f"rank {rank}: {described[rank]}{others}"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message that says something (Ray's wrappers open with a
+    header ending in ':'), at most 300 characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if not line.endswith(":")), lines[0] if lines else "")[:300]
+
+
+def _causes(exc: BaseException | None):
+    """`exc` and the errors it wraps (Ray's `cause`, then Python's chaining), each once."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        failures = getattr(exc, "worker_failures", None)
-        if failures:
-            described = {}
-            for rank, error in failures.items():
-                error = getattr(error, "cause", None) or error
-                first = (str(error).strip().splitlines() or [""])[0][:300]
-                described[rank] = (type(error).__name__, first)
-            knock_on = lambda rank: any(word in " ".join(described[rank]).lower() for word in _KNOCK_ON)
-            rank = min(described, key=lambda r: (knock_on(r), r))
-            name, first = described[rank]
-            others = f" (and {len(described) - 1} other rank(s); all in the log)" if len(described) > 1 else ""
-            return f"rank {rank}: {name}{': ' + first if first else ''}{others}"
+        yield exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
 
 
 def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, kind):
-            return exc
-        inner = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-        exc = inner
-    return None
+    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
 
 
 ACTOR_START_TIMEOUT_S = 600

@@ -140,9 +140,9 @@ def prepare_for_inference(model: torch.nn.Module, kernel: str = "auto") -> torch
       oneDNN's 15-20 GB/s (2.3-2.9x) on the same products.
 
     `auto` times the three on the model's largest Linear (8 rows) and applies the fastest to
-    every Linear, leaving row-major only for one at least 1.25x faster (so that near ties do
-    not flip between processes); the choice is kept in `model.linear_kernel`. All compute in fp32 what the
-    trained layers compute (summation order aside). `onednn` keeps the packed copy instead of
+    every Linear, a kernel displacing row-major only when clearly faster (`clearly_fastest`);
+    the choice is kept in `model.linear_kernel`. All compute in fp32 what the trained layers
+    compute (summation order aside). `onednn` keeps the packed copy instead of
     the dense weight, except where the weight is shared (a tied embedding keeps its dense
     weight for the lookup, and the head a packed copy beside it). Meant for inference
     copies of a model; training code keeps the default layout.
