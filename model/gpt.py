@@ -181,11 +181,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, *, initialize: bool = True) -> None:
+    def __init__(self, config: GPTConfig, *, initialize: bool = True, loss_fn=lm_loss) -> None:
         """`initialize=False` skips the GPT-2 initialisation, for a caller that writes every
-        weight itself right after (a sharded build: initialising would gather each weight)."""
+        weight itself right after (a sharded build: initialising would gather each weight).
+        `loss_fn(logits, labels)` is the mean loss: `lm_loss` by default; a trainer may pass a
+        kernel that computes the same number without fp32 logits in memory."""
         super().__init__()
         self.config = config
+        self.loss_fn = loss_fn
         modules = dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
@@ -247,7 +250,7 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, V)
-        loss = lm_loss(logits, labels) if labels is not None else None
+        loss = self.loss_fn(logits, labels) if labels is not None else None
         return logits, loss
 
     @staticmethod

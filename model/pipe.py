@@ -141,13 +141,14 @@ def build_pipeline(
     activation_checkpoint_interval: int = 0,
     topology=None,
     seed: int = 1234,
+    loss_fn=lm_loss,
 ):
     """A DeepSpeed PipelineModule of `config` over `num_stages` (needs torch.distributed up).
 
     The stages are cut at `parts` (a run plan's stage_layers), else where model/partition.py
     says for `partition_method` (by default balancing training FLOPs at `seq_len`), so the
     planner's per-stage figures describe the very partition that runs. Each stage builds only
-    its own layers.
+    its own layers. `loss_fn(logits, labels)` runs on the last stage (model/gpt.py: lm_loss).
     """
     from model.partition import stage_boundaries
 
@@ -158,7 +159,7 @@ def build_pipeline(
         layers=layer_specs(config),
         num_stages=None if topology is not None else num_stages,
         topology=topology,
-        loss_fn=lm_loss,
+        loss_fn=loss_fn,
         activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=["BlockPipe"],
         seed_layers=True,  # layer i is initialised under seed + i, whatever stage holds it

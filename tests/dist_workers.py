@@ -270,7 +270,7 @@ def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmu
     resident = _restart_peak()  # what the timed steps add
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        loss = engine.train_step(it)["loss"]
+        loss = engine.read(engine.train_step(it))["loss"]
     busy = time.process_time() - cpu_start  # CPU time of this rank: its compute, not its waiting
     torch.distributed.barrier()
     return {"step_s": (time.perf_counter() - start) / steps, "busy_s": busy / steps, "loss": loss,
@@ -333,7 +333,76 @@ def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int,
         plan = _plan(config, {"steps": steps, "micro_batch": 2, "grad_accum": 2, "deepspeed": deepspeed})
         engine = Engine(plan, init_state=None)
         batches = BatchLoader(windows, plan.micro_batch, seed=1)  # data-parallel rank 0 on every rank
-        losses = [engine.train_step(batches)["loss"] for _ in range(steps)]
+        losses = [engine.read(engine.train_step(batches))["loss"] for _ in range(steps)]
         inputs, y = next(eval_batches(windows, plan.micro_batch))
         out.append({"train": losses, "eval": engine.micro_batch_loss(inputs, y)})
     return out
+
+
+DEVICE_READS = ("item", "cpu", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+def reads_while_training(job_path: str, overrides: list, run_dir: str, warmup: int, steps: int) -> dict:
+    """Train `warmup` then `steps` steps of the job's pretrain stage through the real Trainer loop,
+    counting in the last `steps` every read of a tensor's value on the host (`DEVICE_READS`: what
+    would wait for a GPU) by where it happened; evaluation, checkpoints and the export are left
+    out (they are not steps), and so are the first steps, where ZeRO-3 records its fetch order."""
+    import collections
+    import traceback
+
+    import torch
+
+    from jobs.plan import resolve_plan
+    from jobs.spec import load_job
+    from pipelines.rundir import RunDir
+    from pipelines.train.trainer import Trainer
+
+    run = resolve_plan(load_job(job_path, overrides), RunDir(run_dir))
+    trainer = Trainer(run, "pretrain", console=False)
+    trainer.build()
+    trainer.resume()
+    trainer.maybe_evaluate = lambda: {}
+    trainer.maybe_checkpoint = lambda stop_at: None
+    trainer.finish = lambda: {}
+    counts, originals = collections.Counter(), {}
+
+    def counting(name):
+        original = originals[name] = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if trainer.state.step >= warmup:
+                frame = traceback.extract_stack(limit=2)[0]
+                counts[f"{name} {Path(frame.filename).name}:{frame.lineno}"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in DEVICE_READS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        trainer.fit(until_step=warmup + steps)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return {"reads": dict(counts), "notes": trainer.plan.engine_notes}
+
+
+def clipped_losses(config_kwargs: dict, stage_kwargs: dict, steps: int, clip_by: str) -> dict:
+    """Losses of `steps` steps on random batches, with the gradients clipped by the engine (as
+    planned), by DeepSpeed, or not at all (`clip_by`: planned | deepspeed | none)."""
+    from dataclasses import replace
+
+    from model.config import GPTConfig
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+
+    init_distributed()
+    plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps})
+    if clip_by != "planned":
+        clip = plan.settings.optimizer.grad_clip if clip_by == "deepspeed" else 0.0
+        plan = replace(plan, clip_in_optimizer=False, deepspeed_config={**plan.deepspeed_config, "gradient_clipping": clip})
+    engine = Engine(plan, init_state=None)
+    it = _random_batches(plan)
+    outs = [engine.train_step(it) for _ in range(steps)]
+    values = [engine.read(out) for out in outs]
+    return {"losses": [v["loss"] for v in values], "grad_norms": [v["grad_norm"] for v in values],
+            "clip_in_optimizer": plan.clip_in_optimizer}

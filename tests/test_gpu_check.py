@@ -19,9 +19,13 @@ def test_the_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     numbers = json.loads(out.read_text())
     training = numbers["training"]
-    assert [r["precision"] for r in training] == ["bf16", "bf16", "bf16", "fp32"]
-    assert all(r["tokens_per_s"] > 0 and r["planned_gib"] > 0 for r in training)
+    assert [r["precision"] for r in training] == ["bf16", "bf16 autocast", "bf16", "bf16 autocast", "bf16", "fp32"]
+    assert all(r["tokens_per_s"] > 0 for r in training)
+    ours = [r for r in training if "plain" not in r["case"]]
+    assert all(r["planned_gib"] > 0 and r["notes"] for r in ours)
+    assert all(r["vs_plain"] > 0 for r in ours[:2])  # each model against its plain PyTorch loop, same run
     assert all(r["loss_last"] < r["loss_first"] for r in training)  # the bigram chain is learnable
+    assert numbers["profile"]["wall_ms_per_step"] > 0 and numbers["profile"]["top_kernels"]
     assert numbers["bf16_vs_fp32"]["max_relative"] < 0.03
     assert [g["tokens"] for g in numbers["generation"]] == [8, 32]
     assert "| case | params | precision |" in proc.stdout and numbers["table"] in proc.stdout

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from model.errors import RelayError
-from model.gpt import GPT
+from model.gpt import GPT, IGNORE_INDEX, lm_loss
 from pipelines.train.settings import OptimizerSpec
 
 
@@ -41,6 +41,37 @@ class Topology:
     def needs_data(self) -> bool:
         """Pipeline engines read batches on the first stage (inputs) and last stage (labels)."""
         return self.is_first_stage or self.is_last_stage
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step leaves, on the device: nothing is read back to the host until
+    a logged step asks for it (`Engine.read`), so the host never waits for the GPU mid-run.
+
+    loss: this rank's mean loss over its micro-batches (a pipeline: the data-parallel mean);
+    grad_norm: the global gradient norm before clipping, or None where DeepSpeed keeps it.
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | float | None
+    lr: float
+
+
+def chunked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`model.gpt.lm_loss` through DeepSpeed's chunked cross entropy: the same fp32 arithmetic,
+    but the fp32 softmax of (tokens x vocabulary) is never materialised (a Triton kernel reads
+    the 16-bit logits once on CUDA; elsewhere blocks of rows at a time) and the gradient is
+    written in the logits' own precision."""
+    from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy
+
+    flat = labels.reshape(-1)
+    total = chunked_cross_entropy(logits.reshape(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def loss_function(kernel: str):
+    """The loss a plan's `loss_kernel` names (pipelines/train/plan.py: loss_kernel)."""
+    return chunked_lm_loss if kernel == "chunked" else lm_loss
 
 
 def param_groups(named_parameters, weight_decay: float) -> list[dict]:
@@ -71,7 +102,7 @@ def build_sharded(plan, init_state: dict | None):
     # `dtype` is worse than useless: DeepSpeed 0.19 reads it as `(dtype or fp16) if the
     # accelerator has fp16 else bf16`, so on a CPU it gave bf16 weights for an fp32 run.
     with deepspeed.zero.Init(config_dict_or_path=dict(plan.deepspeed_config)):
-        module = GPT(plan.model, initialize=False)  # every weight is written below
+        module = GPT(plan.model, initialize=False, loss_fn=loss_function(plan.loss_kernel))  # every weight is written below
     params = dict(module.named_parameters())  # a tied head is the embedding: one entry
     source = init_state.items() if init_state is not None else pipeline_initial_weights(plan.model, plan.seed)
     with torch.no_grad():
@@ -96,8 +127,7 @@ def build_optimizer(groups: list[dict], opt: OptimizerSpec, *, offload: bool, de
     """(AdamW for these parameter groups, its name for the record).
 
     With the optimizer offloaded, DeepSpeed's CPU Adam (vectorised C++) steps the host copy;
-    where it cannot be built (no compiler), a torch AdamW does, and the name says so. On GPUs
-    the AdamW is fused (one kernel for every parameter)."""
+    where it cannot be built (no compiler), a torch AdamW does, and the name says so."""
     if offload:
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -107,8 +137,9 @@ def build_optimizer(groups: list[dict], opt: OptimizerSpec, *, offload: bool, de
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
             return (torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps),
                     f"torch AdamW on the host (DeepSpeed's CPU Adam did not build: {reason})")
-    fused = device_type == "cuda"
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=fused), "AdamW (fused)" if fused else "AdamW"
+    # Fused on every device: one kernel for every parameter, and its step counts stay where the
+    # parameters are (the unfused AdamW reads each parameter's step count back to the host).
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True), "AdamW (fused)"
 
 
 def lr_multiplier(opt: OptimizerSpec, total_steps: int):
@@ -134,22 +165,49 @@ class Engine:
         """`plan`: the stage's TrainPlan (layout, batch, precision, DeepSpeed config), resolved on the driver."""
         import deepspeed
 
-        from model.pipe import build_pipeline, init_like_pipeline, load_gpt_state
-
-        self.plan, config = plan, plan.model
-        world, rank, pp, dp = plan.world_size, dist.get_rank(), plan.pipeline_stages, plan.data_parallel
+        self.plan = plan
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
         if plan.device != self.device_type:
             raise RelayError(f"the run was planned for {plan.device} workers but this worker has {self.device_type}: "
                              "set cluster.gpus_per_worker to match the machines")
         if plan.precision == "bf16" and self.device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise RelayError(f"stages.{plan.stage}.deepspeed.precision: this GPU has no bf16; set precision to fp16 or fp32")
-        if pp > 1:
+        module = self._build_module(init_state)
+        self.compiled_blocks = self._compile(module)
+        opt = plan.settings.optimizer
+        if self.device_type == "cuda" and plan.deepspeed_zero_stage < 3:
+            module.to(torch.device("cuda", torch.cuda.current_device()))  # a fused AdamW wants its parameters on the GPU
+        optimizer, self.optimizer_name = build_optimizer(param_groups(module.named_parameters(), opt.weight_decay), opt,
+                                                         offload=plan.settings.deepspeed.offload_optimizer, device_type=self.device_type)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(opt, plan.total_steps))
+        self.last_grad_norm: torch.Tensor | None = None
+        if plan.clip_in_optimizer:
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._clip(opt))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=dict(plan.deepspeed_config))
+        world, rank = plan.world_size, dist.get_rank()
+        if plan.pipeline_stages > 1:
+            grid = self.engine.grid
+            self.topology = Topology(world, rank, plan.pipeline_stages, plan.data_parallel, grid.get_data_parallel_id(), grid.get_stage_id())
+        else:
+            self.topology = Topology(world, rank, 1, world, rank, 0)
+
+    def _build_module(self, init_state: dict | None) -> torch.nn.Module:
+        """This rank's part of the model: a pipeline stage's layers, ZeRO-3 shards, or the whole GPT
+        (with activation checkpointing applied from outside where the plan asks for it)."""
+        from model.pipe import build_pipeline, init_like_pipeline, load_gpt_state
+
+        plan, config = self.plan, self.plan.model
+        interval = plan.settings.deepspeed.activation_checkpoint_interval
+        loss_fn = loss_function(plan.loss_kernel)
+        if plan.pipeline_stages > 1:
             from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-            module = build_pipeline(config, pp, topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp),
-                                    parts=plan.stage_layers,
-                                    activation_checkpoint_interval=plan.settings.deepspeed.activation_checkpoint_interval, seed=plan.seed)
+            if plan.compile == "model":
+                loss_fn = torch.compile(loss_fn)  # the stage's layers are compiled one by one (_compile)
+            module = build_pipeline(config, plan.pipeline_stages, parts=plan.stage_layers, loss_fn=loss_fn,
+                                    topology=PipeDataParallelTopology(num_pp=plan.pipeline_stages, num_dp=plan.data_parallel),
+                                    activation_checkpoint_interval=interval, seed=plan.seed)
             if init_state is not None:
                 load_gpt_state(module, config, init_state)
             # DeepSpeed sums gradient norms over the model-parallel group but counts only the
@@ -159,57 +217,61 @@ class Engine:
             for param in module.parameters():
                 if not getattr(param, "ds_pipe_replicated", False):
                     param.model_parallel = True
-        elif plan.zero_stage == 3:
+            return module
+        if plan.deepspeed_zero_stage == 3:
             module = build_sharded(plan, init_state)
         else:
-            module = GPT(config)
+            module = GPT(config, loss_fn=loss_fn)
             if init_state is not None:
                 module.load_state_dict(init_state, strict=True)
             else:
                 init_like_pipeline(module, plan.seed)
-            if plan.settings.deepspeed.activation_checkpoint_interval:
-                from pipelines.train.recompute import checkpoint_blocks
+        if interval:
+            from pipelines.train.recompute import checkpoint_blocks
 
-                checkpoint_blocks(module, plan.settings.deepspeed.activation_checkpoint_interval)
-        self.compiled_blocks = 0
-        if plan.settings.compile:
-            from pipelines.train.recompute import compile_blocks
+            checkpoint_blocks(module, interval)
+        return module
 
-            self.compiled_blocks = compile_blocks(module)
-        opt = plan.settings.optimizer
-        if self.device_type == "cuda" and plan.zero_stage < 3:
-            module.to(torch.device("cuda", torch.cuda.current_device()))  # a fused AdamW wants its parameters on the GPU
-        optimizer, self.optimizer_name = build_optimizer(param_groups(module.named_parameters(), opt.weight_decay), opt,
-                                                         offload=plan.settings.deepspeed.offload_optimizer, device_type=self.device_type)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(opt, plan.total_steps))
-        self.last_grad_norm = float("nan")
-        if plan.clip_in_optimizer:
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._clip(opt))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=dict(plan.deepspeed_config))
-        if pp > 1:
-            grid = self.engine.grid
-            self.topology = Topology(world, rank, pp, dp, grid.get_data_parallel_id(), grid.get_stage_id())
-        else:
-            self.topology = Topology(world, rank, 1, world, rank, 0)
+    def _compile(self, module: torch.nn.Module) -> int:
+        """torch.compile what the plan says (`compile`: model | blocks | off); returns the
+        number of transformer blocks that run compiled."""
+        from pipelines.train.recompute import compile_blocks, compile_stage
+
+        if self.plan.compile == "blocks":
+            return compile_blocks(module)
+        if self.plan.compile != "model":
+            return 0
+        if self.plan.pipeline_stages > 1:
+            return compile_stage(module)
+        module.compile()  # one graph: embeddings, blocks, head and loss
+        return self.plan.model.n_layer
 
     @torch.no_grad()
     def _clip(self, optimizer) -> None:
-        """Clip to the global norm: this rank's parameters, summed over pipeline stages."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-                 if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
-        squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        if self.pipelined:
-            squares = squares.to(self.reduce_device)
-            dist.all_reduce(squares, group=self.engine.grid.get_pipe_parallel_group())
-        norm = float(squares.sqrt())
+        """Clip to the global gradient norm on the device: the coefficient min(1, clip / norm) is a
+        tensor, so nothing is read back to the host. Called before the optimizer updates.
+
+        Without ZeRO (fp32) the norm is this rank's parameters (the same on every data-parallel
+        rank), summed over pipeline stages. Under ZeRO-1/2 DeepSpeed steps each parameter group on
+        its own, with only that group's gradient partition in place, after computing the global
+        norm of every group (`_global_grad_norm`, which DeepSpeed's own engine reads too): each
+        group is scaled by that norm when its turn comes."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self.plan.deepspeed_zero_stage == 0:
+            # A tied embedding's copy on the last pipeline stage counts once (on the first), and is scaled like it.
+            own = [g for p, g in zip(params, grads) if not getattr(p, "ds_pipe_replicated", False)]
+            squares = torch.stack([g.detach().float().pow(2).sum() for g in own]).sum() if own else torch.zeros(())
+            if self.pipelined:
+                squares = squares.to(self.reduce_device)
+                dist.all_reduce(squares, group=self.engine.grid.get_pipe_parallel_group())
+            norm = squares.sqrt()
+        else:
+            norm = self.engine.optimizer._global_grad_norm
         self.last_grad_norm = norm
-        coef = self.plan.settings.optimizer.grad_clip / (norm + 1e-6)
-        if coef < 1:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+        coef = (self.plan.settings.optimizer.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
 
     @property
     def pipelined(self) -> bool:
@@ -218,25 +280,37 @@ class Engine:
     def current_lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def train_step(self, batches: Iterator | None) -> dict:
-        """One optimizer step over grad_accum micro-batches; returns loss, lr and grad norm."""
+    def train_step(self, batches: Iterator | None) -> StepOutput:
+        """One optimizer step over grad_accum micro-batches. Its loss and gradient norm stay on the
+        device (`read` brings them to the host, at the steps that are logged)."""
         lr = self.current_lr()
         if self.pipelined:
-            loss = float(self.engine.train_batch(data_iter=batches if self.topology.needs_data else None))
+            loss = self.engine.train_batch(data_iter=batches if self.topology.needs_data else None)
         else:
             self.engine.train()
-            total = torch.zeros((), dtype=torch.float64)
+            loss = None
             for _ in range(self.plan.grad_accum):
                 inputs, y = next(batches)
                 _, micro_loss = self._forward(inputs, y)
                 self.engine.backward(micro_loss)
                 self.engine.step()
-                total += micro_loss.detach().double().cpu()
-            loss_t = (total / self.plan.grad_accum).to(self.reduce_device)
-            dist.all_reduce(loss_t)
-            loss = float(loss_t) / self.topology.world_size
+                loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
+            loss = loss / self.plan.grad_accum
         norm = self.last_grad_norm if self.plan.clip_in_optimizer else self.engine.get_global_grad_norm()
-        return {"loss": loss, "lr": lr, "grad_norm": float(norm) if norm is not None else float("nan")}
+        return StepOutput(loss=loss, grad_norm=norm, lr=lr)
+
+    def read(self, out: StepOutput) -> dict:
+        """A step's loss (the mean over data-parallel ranks), gradient norm and learning rate as
+        numbers: the one read from the device a logged step makes. A collective: every rank calls
+        it at the same steps."""
+        loss = out.loss.detach().float().reshape(()).to(self.reduce_device)
+        if not self.pipelined:  # each rank holds its own micro-batches' loss; a pipeline's is already the mean
+            dist.all_reduce(loss)
+            loss = loss / self.topology.world_size
+        norm = out.grad_norm
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(loss.device).reshape(())
+        loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()
+        return {"loss": loss_value, "lr": out.lr, "grad_norm": norm_value}
 
     @property
     def reduce_device(self) -> torch.device:
@@ -288,7 +362,7 @@ class Engine:
         rank = self.topology.rank
         if self.pipelined:
             yield from self._stream_from_stages(order)
-        elif self.plan.zero_stage == 3:
+        elif self.plan.deepspeed_zero_stage == 3:
             import deepspeed
 
             params = dict(self.engine.module.named_parameters())

@@ -16,7 +16,8 @@ What one device of a stage holds at its peak, in the terms of `torch.cuda.max_me
   activation checkpointing every k layers, only the layer inputs at checkpoints plus one
   segment; packed rows that keep documents apart add their boolean attention mask; in the
   1F1B schedule stage i keeps up to (pp - i) micro-batches in flight;
-  the fp32 logits and their gradient on the last stage.
+  the logits and their gradient on the last stage (in the loss kernel's precision, `_logits_memory`).
+ZeRO counts as the stage DeepSpeed runs (`TrainPlan.deepspeed_zero_stage`).
 The buffers used during the backward pass add to the activations; the all-reduce copy and the
 pipeline's bucket (allocated after the backward pass) replace them at the peak. Measured against
 the profiler's allocation peak on CPU: within 21 % for ZeRO 0-3 and pp 2 (docs/PERFORMANCE.md).
@@ -74,22 +75,23 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     c, v = config.n_embd, config.padded_vocab_size
     half = plan.precision in ("bf16", "fp16")
     w_bytes = g_bytes = 2 if half else 4
-    master = 4 if (half or plan.zero_stage >= 1) else 0
+    zero_stage = plan.deepspeed_zero_stage
+    master = 4 if (half or zero_stage >= 1) else 0
     act_bytes = 34 * seq * micro * c * (1 if half else 2)
     blocks = sum(1 for layer in range(start, stop) if 2 <= layer < config.n_layer + 2)
     first_block = max(start, 2) - 2
     params = sum(layer_params(config, pp)[start:stop])
     weights, grads, opt = params * w_bytes, params * g_bytes, params * (master + 8)
-    if plan.zero_stage >= 1:
+    if zero_stage >= 1:
         opt /= dp
         grads /= dp
-    if plan.zero_stage >= 3:
+    if zero_stage >= 3:
         weights /= dp
     if ds.offload_optimizer:
         opt = 0.0
-    if plan.zero_stage >= 1:
+    if zero_stage >= 1:
         buffers = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params) * g_bytes
-        if plan.zero_stage >= 3:
+        if zero_stage >= 3:
             buffers += min(zero.get("stage3_max_live_parameters", DEFAULT_MAX_LIVE), params) * w_bytes
     else:
         buffers = min(DEFAULT_BUCKET, params) * g_bytes if dp > 1 else 0.0
@@ -98,8 +100,24 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     if plan.separate_documents and blocks:  # the (micro, 1, seq, seq) boolean document mask: one per
         per_micro += micro * seq * seq * (blocks if pp > 1 else 1)  # forward, or per block in a stage
     in_flight = min(plan.grad_accum, pp - stage) if pp > 1 else 1
-    logits = (micro * seq * v * 4 * 2) if stop == config.n_layer + 4 else 0.0
+    logits = _logits_memory(plan, micro * seq, v) if stop == config.n_layer + 4 else 0.0
     layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
     flops = sum(layer_flops(config, seq)[start:stop])
     return StageMemory(stage, layers, params, weights, grads, opt, buffers, per_micro * in_flight, logits,
-                       flops * plan.tokens_per_step / dp, buffers_with_activations=plan.zero_stage >= 1 and pp == 1)
+                       flops * plan.tokens_per_step / dp, buffers_with_activations=zero_stage >= 1 and pp == 1)
+
+
+CHUNK_ELEMENTS = 1 << 26  # DeepSpeed's chunked cross entropy works on blocks of about this many fp32 values
+
+
+def _logits_memory(plan, rows: int, vocab: int) -> float:
+    """The LM head's output and its gradient on the last stage. In fp32 the cross entropy keeps
+    the logits and its log-softmax; in 16-bit the loss (compiled with the model, or DeepSpeed's
+    chunked kernel) keeps only the 16-bit logits and writes a 16-bit gradient, the chunked
+    kernel with one block of fp32 temporaries on CPUs (none with Triton on GPUs)."""
+    if plan.loss_kernel == "fp32":
+        return rows * vocab * 4 * 2
+    held = rows * vocab * 2 * 2
+    if plan.loss_kernel == "chunked" and plan.device != "cuda":
+        held += min(rows * vocab, CHUNK_ELEMENTS) * 4 * 2
+    return held

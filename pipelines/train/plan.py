@@ -37,10 +37,50 @@ def resolve_precision(requested: str, device: str) -> str:
     return "bf16" if device == "cuda" else "fp32"
 
 
-def clips_in_optimizer(settings: TrainStageSpec, precision: str) -> bool:
-    """Without ZeRO in fp32, DeepSpeed clips but does not report the norm: the engine clips
-    instead (in the optimizer's pre-step hook), so the norm is measured once and reported."""
-    return settings.deepspeed.zero_stage == 0 and precision == "fp32" and settings.optimizer.grad_clip > 0
+def resolve_compile(requested: str, device: str) -> str:
+    """`auto` compiles the whole model on GPUs (the head and the loss fuse with it, and the GPU
+    waits less for the host) and nothing on CPUs, where compiling costs more start-up than it
+    gains (docs/PERFORMANCE.md)."""
+    if requested != "auto":
+        return requested
+    return "model" if device == "cuda" else "off"
+
+
+def runs_zero_stage(zero_stage: int, precision: str, data_parallel: int, pipeline_stages: int) -> int:
+    """The ZeRO stage DeepSpeed is configured with. As written, except ZeRO-0 in bf16 on one
+    data-parallel rank without a pipeline, which runs DeepSpeed's ZeRO-1 optimizer: with one rank
+    it partitions nothing, so it holds what ZeRO-0 holds, while DeepSpeed's ZeRO-0 bf16 optimizer
+    copies every gradient on its own and checks each one for overflow on the host (measured on an
+    H200: 121 ms per step against ZeRO-1's 102)."""
+    if zero_stage == 0 and precision == "bf16" and data_parallel == 1 and pipeline_stages == 1:
+        return 1
+    return zero_stage
+
+
+def loss_kernel(precision: str, compile_scope: str) -> str:
+    """How the cross entropy runs: `compiled` (the fp32 reference expression, fused by the
+    compiler with the LM head, so fp32 logits never exist in memory), `chunked` (DeepSpeed's
+    chunked cross entropy on 16-bit logits: Triton on CUDA, blocks of rows elsewhere; the fp32
+    softmax is never materialised) or `fp32` (logits already in fp32: the plain cross entropy)."""
+    if compile_scope == "model":
+        return "compiled"
+    return "chunked" if precision in ("bf16", "fp16") else "fp32"
+
+
+def clips_in_optimizer(settings: TrainStageSpec, precision: str, zero_stage: int) -> bool:
+    """Whether the engine clips the gradients itself, on the device (pipelines/train/engine.py),
+    instead of DeepSpeed. `zero_stage` is the stage DeepSpeed runs (runs_zero_stage).
+
+    Without ZeRO in fp32 DeepSpeed clips but does not report the norm. Under ZeRO-1/2 in bf16 at
+    pipeline 1 DeepSpeed's clipping reads the norm on the host every step to check it is finite
+    (a stall of the GPU), while its optimizer already holds the global norm, on the device, before
+    its per-group steps: the engine scales each group by it there, and nothing is read back."""
+    if settings.optimizer.grad_clip <= 0:
+        return False
+    if zero_stage == 0 and precision == "fp32":
+        return True
+    ds = settings.deepspeed
+    return zero_stage in (1, 2) and precision == "bf16" and ds.pipeline_stages == 1 and not ds.offload_optimizer
 
 
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce / all-gather bucket, in elements
@@ -48,7 +88,7 @@ DEEPSPEED_PREFETCH = 50_000_000  # and its default ZeRO-3 prefetch bucket
 
 
 def deepspeed_config(settings: TrainStageSpec, data_parallel: int, precision: str, device: str,
-                     stage_params: int | None = None) -> dict:
+                     stage_params: int | None = None, zero_stage: int | None = None) -> dict:
     """The DeepSpeed config dict of a stage (users never write DeepSpeed JSON by hand).
 
     `stage_params`: the most parameters one pipeline stage holds. ZeRO allocates its gradient
@@ -57,27 +97,33 @@ def deepspeed_config(settings: TrainStageSpec, data_parallel: int, precision: st
     every gradient it could hold, so it is capped there (measured on a 90M model in fp32: the
     peak of allocated tensors under ZeRO-1 fell from 3.05 to 1.51 GiB; `deepspeed.extra` still wins)."""
     ds = settings.deepspeed
+    zero_stage = ds.zero_stage if zero_stage is None else zero_stage
     config: dict = {
         "train_micro_batch_size_per_gpu": settings.micro_batch,
         "gradient_accumulation_steps": settings.grad_accum,
         "train_batch_size": settings.micro_batch * settings.grad_accum * data_parallel,
-        "gradient_clipping": 0.0 if clips_in_optimizer(settings, precision) else settings.optimizer.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "gradient_clipping": 0.0 if clips_in_optimizer(settings, precision, zero_stage) else settings.optimizer.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device at the start
+        # and end of every micro-step; the trainer measures its own step time.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "zero_allow_untested_optimizer": True,
     }
-    if ds.zero_stage and stage_params:
+    if zero_stage and stage_params:
         bucket = min(DEEPSPEED_BUCKET, stage_params)
         config["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-        if ds.zero_stage == 3:
+        if zero_stage == 3:
             config["zero_optimization"]["stage3_prefetch_bucket_size"] = min(DEEPSPEED_PREFETCH, stage_params)
     if ds.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
         # DeepSpeed's CPU Adam steps the host copy; a torch AdamW may stand in where it cannot build.
         config["zero_force_ds_cpu_optimizer"] = False
     if precision == "bf16":
-        config["bf16"] = {"enabled": True}
+        # No loss scale in bf16, so nothing to skip a step for: the overflow check would read
+        # every step's gradients back to the host (DeepSpeed turned it on by default only in 0.16).
+        config["bf16"] = {"enabled": True, "check_grad_overflow": False}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
     if ds.pipeline_stages > 1 and ds.activation_checkpoint_interval:
@@ -117,14 +163,28 @@ class TrainPlan:
     total_steps: int
     device: str                 # cpu | cuda
     precision: str              # fp32 | bf16 | fp16
-    clip_in_optimizer: bool     # see clips_in_optimizer
+    clip_in_optimizer: bool     # the engine clips on the device, not DeepSpeed (clips_in_optimizer)
     stage_layers: tuple[int, ...]  # first pipeline layer of each stage, then the end (model/partition.py)
     deepspeed_config: dict[str, Any]
     data_dir: Path              # the prepared shards of this stage
     init_model: Path | None     # the model directory the stage starts from (None: fresh weights)
     seed: int
+    deepspeed_zero_stage: int   # the ZeRO stage DeepSpeed runs (runs_zero_stage)
+    compile: str                # model | blocks | off (resolve_compile)
+    loss_kernel: str            # compiled | chunked | fp32 (loss_kernel)
     partition_note: str = ""    # why the pipeline cut is not the plain compute balance, when it is not
     separate_documents: bool = False  # packed rows keep their documents apart (data.<stage>.separate_documents)
+
+    @property
+    def engine_notes(self) -> list[str]:
+        """Which code paths run, in words (printed by `relaygpt plan` and at the start of a stage)."""
+        notes = [f"compile {self.compile}; loss {self.loss_kernel}; gradients clipped by "
+                 + ("the engine on the device" if self.clip_in_optimizer else "DeepSpeed" if self.settings.optimizer.grad_clip else "nothing (grad_clip 0)")]
+        if self.deepspeed_zero_stage != self.zero_stage:
+            notes.append(f"ZeRO-{self.zero_stage} in {self.precision} on one data-parallel rank runs DeepSpeed's "
+                         f"ZeRO-{self.deepspeed_zero_stage} optimizer: one rank partitions nothing, and it skips the per-gradient "
+                         "copies and host checks of DeepSpeed's ZeRO-0 bf16 optimizer")
+        return notes
 
     @property
     def total_tokens(self) -> int:
@@ -145,22 +205,25 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     global_batch = settings.micro_batch * settings.grad_accum * dp
     tokens_per_step = global_batch * seq_len
     precision = resolve_precision(settings.deepspeed.precision, device)
+    zero_stage = runs_zero_stage(settings.deepspeed.zero_stage, precision, dp, pp)
+    compile_scope = resolve_compile(settings.compile, device)
     method = settings.deepspeed.partition_method
     parts = stage_boundaries(model, pp, method, seq_len) if pp > 1 else (0, model.n_layer + 4)
 
     def render(cut) -> dict:
         sizes = layer_params(model, pp)
-        return deepspeed_config(settings, dp, precision, device, max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:])))
+        return deepspeed_config(settings, dp, precision, device, max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:])), zero_stage)
 
     plan = TrainPlan(
         stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,
         zero_stage=settings.deepspeed.zero_stage, micro_batch=settings.micro_batch, grad_accum=settings.grad_accum,
         global_batch=global_batch, seq_len=seq_len, tokens_per_step=tokens_per_step,
         total_steps=total_steps(settings, tokens_per_step), device=device, precision=precision,
-        clip_in_optimizer=clips_in_optimizer(settings, precision), stage_layers=tuple(parts),
+        clip_in_optimizer=clips_in_optimizer(settings, precision, zero_stage), stage_layers=tuple(parts),
         deepspeed_config=render(parts),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
-        separate_documents=separate_documents,
+        separate_documents=separate_documents, deepspeed_zero_stage=zero_stage, compile=compile_scope,
+        loss_kernel=loss_kernel(precision, compile_scope),
     )
     if memory_budget and pp > 1 and method == "compute":
         from pipelines.train.memory import segment_memory, stage_memory

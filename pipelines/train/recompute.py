@@ -1,5 +1,5 @@
 """Activation checkpointing of a plain GPT (pipeline 1), applied from outside the model, and
-compiled blocks on every layout.
+compiled blocks or pipeline stages.
 
 `activation_checkpoint_interval: k` means the same on every layout: the blocks run in chunks
 of k consecutive blocks, and each chunk keeps only its input for the backward pass, which
@@ -60,3 +60,16 @@ def compile_blocks(model) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def compile_stage(stage) -> int:
+    """torch.compile every layer a pipeline stage (a DeepSpeed PipelineModule) runs, in place:
+    its embeddings, blocks, final norm and untied head (the pipeline calls its layers one by
+    one, so each is a graph; the loss is compiled where the engine builds it). A tied head
+    runs as a function of the embedding module and stays eager. Returns the blocks compiled."""
+    from model.gpt import Block
+
+    layers = [layer for layer in stage.forward_funcs if isinstance(layer, torch.nn.Module)]
+    for layer in layers:
+        layer.compile()
+    return sum(isinstance(layer, Block) for layer in layers)

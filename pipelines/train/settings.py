@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.settings import Strict
 
@@ -54,10 +54,18 @@ class TrainStageSpec(Strict):
     save_checkpoints: bool = Field(True, description="false: no checkpoints at all (sweep points, throwaway runs); no resume")
     export_model: bool = Field(True, description="false: no model directory at the end (sweep points)")
     log_every: int = Field(10, ge=1)
-    compile: bool = Field(False, description="torch.compile each transformer block (the first steps pay the compile; "
-                                             "docs/PERFORMANCE.md has the speed-up measured)")
+    compile: Literal["auto", "model", "blocks", "off"] = Field(
+        "auto", description="torch.compile: model (embeddings, blocks, LM head and loss in one graph; per layer and loss on a "
+                            "pipeline stage), blocks (each transformer block), off; auto is model on GPUs and off on CPUs "
+                            "(the first steps pay the compile; docs/PERFORMANCE.md has what it gains). true means model, false off")
     peak_tflops: float | None = Field(None, gt=0, description="peak FLOP/s (in TFLOP/s) per device for MFU when the GPU is not in the built-in table")
     init: str | None = Field(None, description="start from a model directory; for sft the default is the pretrain stage's export")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value):
+        """`compile: true / false` (the switch this field was before it named a scope)."""
+        return {True: "model", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_budget(self):

@@ -75,7 +75,7 @@ class CountingIterator:
     def __next__(self):
         x, y = next(self.inner)
         self.targets += y.numel()
-        self.supervised += int((y != IGNORE_INDEX).sum())
+        self.supervised += int(np.count_nonzero(y.numpy() != IGNORE_INDEX))  # host batches: nothing waits on a device
         return x, y
 
     def take_fraction(self) -> float:
@@ -228,8 +228,10 @@ class Trainer:
             out = self.engine.train_step(self.batches)
             state.step += 1
             state.tokens_seen += plan.tokens_per_step
-            timer.step_done()
-            metrics = self.train_metrics(out, timer) if self._due(plan.settings.log_every) else {}
+            logged = self._due(plan.settings.log_every)
+            values = self.engine.read(out) if logged else None  # the step's one read from the device
+            timer.step_done()  # after the read: the GPU's queued work counts towards the steps it belongs to
+            metrics = self.train_metrics(values, timer) if logged else {}
             metrics.update(self.maybe_evaluate())
             if metrics:
                 self.log(metrics)
@@ -242,6 +244,7 @@ class Trainer:
         return self.state.step % every == 0 or self.state.step == self.plan.total_steps
 
     def train_metrics(self, out: dict, timer: StepTimer) -> dict:
+        """The logged step's scalars; `out` is what `Engine.read` returned for it."""
         plan = self.plan
         step_time = timer.take_mean()
         achieved = self.flops_per_token * plan.tokens_per_step / step_time / plan.world_size

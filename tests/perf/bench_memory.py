@@ -1,4 +1,5 @@
-"""Memory benchmarks (CPU, peak resident memory read from /proc): each prints a ratio.
+"""Memory benchmarks (CPU, peak resident memory read from /proc): each prints a ratio and
+asserts its target, so a regression fails `make bench`.
 
 1. ZeRO-3 build: GPT-2 350M built sharded on 2 ranks under zero.Init vs built whole in one
    process (what every unsharded layout does). Target: <= 0.6x per rank.
@@ -23,6 +24,7 @@ def test_zero_3_build_memory(record):
     record("zero3_build", params=whole["total"], whole_mib=whole["increase"] / MIB,
            sharded_mib="/".join(f"{r['increase'] / MIB:.0f}" for r in sharded),
            ratio=max(r["increase"] for r in sharded) / whole["increase"])
+    assert max(r["increase"] for r in sharded) <= 0.6 * whole["increase"]
 
 
 def test_export_memory(record, tmp_path, trained_tokenizer):
@@ -39,6 +41,8 @@ def test_export_memory(record, tmp_path, trained_tokenizer):
         ranks = run_distributed(export_layout, world, str(source), pp, zero, str(tmp_path / name))
         numbers["largest_tensor_mib"] = ranks[0]["largest"] / MIB
         numbers[f"{name}_increase_mib"] = "/".join(f"{r['increase'] / MIB:.1f}" for r in ranks)
+        # A rank holds at most the tensor in flight beyond what it trained with (+ 32 MiB of slack).
+        assert all(r["increase"] <= r["largest"] + 32 * MIB for r in ranks), (name, ranks)
     record("export_memory", **numbers)
 
 
@@ -53,6 +57,7 @@ def test_activation_checkpointing_memory_and_time(record):
     numbers["ac1_memory_ratio"] = numbers["ac1_step_peak_mib"] / numbers["ac0_step_peak_mib"]
     numbers["ac1_time_ratio"] = numbers["ac1_step_s"] / numbers["ac0_step_s"]
     record("activation_checkpointing", **numbers)
+    assert numbers["ac1_memory_ratio"] < 0.75
 
 
 def test_planner_against_measured_training_memory(record):
@@ -75,3 +80,4 @@ def test_planner_against_measured_training_memory(record):
         worst = max(abs(r["allocated"] / r["planned"] - 1) for r in ranks)
         numbers[f"{name}_within_25pct"] = worst <= 0.25
     record("planner_vs_measured", **numbers)
+    assert all(numbers[f"{name}_within_25pct"] for name in layouts), numbers

@@ -3,15 +3,22 @@
 On the relaygpt Engine (DeepSpeed, the code a training worker runs), with the tokens of a
 fixed random bigram chain (learnable: losses fall, so precisions can be compared), it measures
 
-  1. pretraining tokens/s and MFU of gpt2-124m and gpt2-350m in bf16 with compiled blocks,
-     over --steps optimizer steps after a warm-up (the compile), loss first -> last;
-  2. bf16 against fp32 (same initial weights, same batches): the loss difference per step over
-     the first --agree steps of gpt2-124m;
-  3. fp16 with DeepSpeed's dynamic loss scaling: loss first -> last and the final scale;
-  4. peak GPU memory (max_memory_allocated) of every training case against the planner's
-     estimate for the same stage (pipelines/train/memory.py);
-  5. generation tokens/s with the KV cache in bf16, one sequence and a batch of 32.
+  1. pretraining tokens/s and MFU of gpt2-124m, gpt2-350m and gpt2-1.3b in bf16 as planned on a
+     GPU (the whole model compiled, ZeRO-1), against the same GPT trained by a plain PyTorch loop
+     (bf16 autocast, fused AdamW, whole-model compile) on the same shapes in the same run: the
+     ratio is the headline (target >= 1.0x), over --steps optimizer steps after a warm-up;
+  2. the alternatives the plan chose against: blocks compiled with DeepSpeed's chunked (Triton)
+     cross entropy, and ZeRO-0 (run as ZeRO-1 on one GPU);
+  3. bf16 against fp32 (same initial weights, same batches): the loss difference per step over
+     the first --agree steps of the first model, and fp16 with DeepSpeed's dynamic loss scaling;
+  4. peak GPU memory (max_memory_allocated) of every case against the planner's estimate for
+     the same stage (pipelines/train/memory.py; target within 10 %);
+  5. a torch.profiler look at a few steps: device-busy time per step against wall time, and the
+     ten kernels that take the most device time;
+  6. generation tokens/s with the KV cache in bf16, one sequence and a batch of 32.
 
+Each case runs on its own: one that fails is a row saying so, the others still run, and --json
+is rewritten after each part, so a run cut off by a time limit keeps what it measured.
 It prints one markdown table (the one in docs/PERFORMANCE.md) and writes the numbers as JSON
 to --json. `--smoke` runs the same code on the CPU with a tiny model in seconds (a CI test
 keeps this script working on machines without a GPU); its numbers mean nothing.
@@ -62,19 +69,21 @@ def batches(pool, micro_batch: int, seed: int):
 
 
 def train_case(name: str, config, *, precision: str, steps: int, warmup: int, micro_batch: int, grad_accum: int,
-               compile_blocks: bool, device: str, pool, keep_model: bool = False) -> dict:
-    """Train `steps + warmup` optimizer steps; time the last `steps`; memory against the plan."""
+               compile_scope: str, device: str, pool, keep_model: bool = False, zero_stage: int = 1,
+               activation_checkpointing: int = 0, log_every: int = 10) -> dict:
+    """Train `steps + warmup` optimizer steps on the relaygpt Engine; time the last `steps`, reading
+    the loss back every `log_every` steps as the trainer does; peak memory against the plan."""
     import torch
 
     from pipelines.train.engine import Engine
     from pipelines.train.memory import stage_memory
-    from pipelines.train.metrics import device_peak_flops
     from pipelines.train.plan import plan_training
     from pipelines.train.settings import TrainStageSpec
 
-    settings = TrainStageSpec(steps=steps + warmup, micro_batch=micro_batch, grad_accum=grad_accum, compile=compile_blocks,
+    settings = TrainStageSpec(steps=steps + warmup, micro_batch=micro_batch, grad_accum=grad_accum, compile=compile_scope,
                               optimizer={"lr": 6e-4, "warmup_steps": min(20, warmup + steps // 10), "min_lr_ratio": 0.1},
-                              deepspeed={"zero_stage": 1, "precision": precision})
+                              deepspeed={"zero_stage": zero_stage, "precision": precision,
+                                         "activation_checkpoint_interval": activation_checkpointing})
     plan = plan_training("pretrain", settings, config, world_size=1, seq_len=config.block_size, device=device,
                          data_dir=Path("."), init_model=None, seed=0)
     cuda = device == "cuda"
@@ -87,20 +96,17 @@ def train_case(name: str, config, *, precision: str, steps: int, warmup: int, mi
     losses, start = [], None
     for step in range(steps + warmup):
         if step == warmup:
-            if cuda:
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
-        losses.append(engine.train_step(data)["loss"])
-    if cuda:
-        torch.cuda.synchronize()
+        out = engine.train_step(data)
+        if step < warmup or (step + 1 - warmup) % log_every == 0 or step == steps + warmup - 1:
+            losses.append(engine.read(out)["loss"])
+    _sync(device)
     seconds = (time.perf_counter() - start) / steps
-    tokens_per_s = plan.tokens_per_step / seconds
-    peak = device_peak_flops(None)
-    planned = stage_memory(plan)[0].total
-    out = {"case": name, "params": config.num_params(), "precision": precision, "compiled": compile_blocks,
-           "optimizer": engine.optimizer_name, "tokens_per_step": plan.tokens_per_step, "step_s": seconds,
-           "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * config.flops_per_token(plan.seq_len) / peak if peak else None,
-           "losses": losses, "planned_gib": planned / GIB}
+    out = _throughput(name, config, plan.tokens_per_step, plan.seq_len, seconds, losses, device)
+    out |= {"precision": precision, "compiled": plan.compile, "loss_kernel": plan.loss_kernel, "zero_stage": zero_stage,
+            "zero_stage_run": plan.deepspeed_zero_stage, "optimizer": engine.optimizer_name,
+            "planned_gib": stage_memory(plan)[0].total / GIB, "notes": plan.engine_notes}
     if cuda:
         out["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
     if precision == "fp16":
@@ -108,10 +114,122 @@ def train_case(name: str, config, *, precision: str, steps: int, warmup: int, mi
     if keep_model:
         out["state"] = {k: v.detach().float().cpu() for k, v in engine.engine.module.state_dict().items()}
     del engine
-    gc.collect()
+    _release(device)
+    return out
+
+
+def plain_loop_case(name: str, config, *, steps: int, warmup: int, micro_batch: int, grad_accum: int, device: str, pool,
+                    compile_model: bool, log_every: int = 10) -> dict:
+    """The peer: the same GPT trained by a plain PyTorch loop, as a careful person writes one
+    for one GPU: fp32 weights, bf16 autocast, fused AdamW with the same groups and schedule
+    shape, the whole model compiled, gradients clipped to 1, the loss read every `log_every` steps."""
+    import torch
+
+    from model.gpt import GPT
+    from pipelines.train.engine import param_groups
+
+    cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    torch.manual_seed(0)
+    model = GPT(config).to(device).train()
+    opt = torch.optim.AdamW(param_groups(model.named_parameters(), 0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    run = torch.compile(model) if compile_model else model
+    data = batches(pool, micro_batch, seed=1)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+    losses, start = [], None
+    for step in range(steps + warmup):
+        if step == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        total = None
+        for _ in range(grad_accum):
+            x, y = next(data)
+            with autocast:
+                _, loss = run(x, labels=y)
+            (loss / grad_accum).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step < warmup or (step + 1 - warmup) % log_every == 0 or step == steps + warmup - 1:
+            losses.append(float(total) / grad_accum)
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    out = _throughput(f"{name} plain PyTorch loop", config, micro_batch * grad_accum * config.block_size, config.block_size,
+                      seconds, losses, device)
+    out |= {"precision": "bf16 autocast", "compiled": "model" if compile_model else "off", "loss_kernel": "compiled" if compile_model else "fp32",
+            "optimizer": "AdamW (fused)"}
+    if cuda:
+        out["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / GIB
+    del model, run, opt
+    _release(device)
     return out
+
+
+def _throughput(case: str, config, tokens_per_step: int, seq_len: int, seconds: float, losses: list[float], device: str) -> dict:
+    from pipelines.train.metrics import device_peak_flops
+
+    tokens_per_s = tokens_per_step / seconds
+    peak = device_peak_flops(None) if device == "cuda" else None
+    return {"case": case, "params": config.num_params(), "tokens_per_step": tokens_per_step, "step_s": seconds,
+            "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * config.flops_per_token(seq_len) / peak if peak else None,
+            "losses": losses}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _release(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()  # the next case compiles its own graphs
+
+
+def profile_steps(config, *, micro_batch: int, grad_accum: int, device: str, pool, steps: int = 5) -> dict:
+    """torch.profiler over `steps` optimizer steps of the relaygpt Engine (bf16, as planned) after
+    a warm-up: device-busy time per step against wall time per step, and the ten kernels that
+    take the most device time: where the time goes, before anyone changes anything."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipelines.train.engine import Engine
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
+
+    settings = TrainStageSpec(steps=steps + 10, micro_batch=micro_batch, grad_accum=grad_accum, deepspeed={"precision": "bf16"})
+    plan = plan_training("pretrain", settings, config, world_size=1, seq_len=config.block_size, device=device,
+                         data_dir=Path("."), init_model=None, seed=0)
+    engine, data = Engine(plan, init_state=None), batches(pool, micro_batch, seed=1)
+    for _ in range(8):
+        engine.train_step(data)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            out = engine.train_step(data)
+        engine.read(out)
+        _sync(device)
+    wall = (time.perf_counter() - start) / steps
+    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if device == "cuda" else "CPU")]
+    busy_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    kernels = sorted(events, key=lambda e: getattr(e, busy_key), reverse=True)
+    busy = sum(getattr(e, busy_key) for e in events) / 1e6 / steps if device == "cuda" else None
+    del engine
+    _release(device)
+    return {"wall_ms_per_step": wall * 1e3, "device_busy_ms_per_step": busy * 1e3 if busy is not None else None,
+            "top_kernels": [{"name": e.key[:90], "ms_per_step": getattr(e, busy_key) / 1e3 / steps, "calls_per_step": e.count / steps}
+                            for e in kernels[:10]]}
 
 
 def generation_case(config, state: dict, device: str, batch: int, new_tokens: int) -> dict:
@@ -151,14 +269,18 @@ def table(rows: list[dict], agree: dict | None, generation: list[dict], device_n
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
     lines = [f"GPU check on {device_name}", "",
-             "| case | params | precision | tokens/step | s/step | tokens/s | MFU | peak GiB | planned GiB | peak ÷ plan | loss first → last |",
+             "| case | params | precision | compile, loss | tokens/s | MFU | ÷ plain loop | peak GiB | planned GiB | peak ÷ plan | loss first → last |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = r["peak_gib"] / r["planned_gib"] if r.get("peak_gib") else None
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error'][:120]} |||||||||")
+            continue
+        ratio = r["peak_gib"] / r["planned_gib"] if r.get("peak_gib") and r.get("planned_gib") else None
         extra = f" (loss scale {r['loss_scale']:g})" if "loss_scale" in r else ""
-        lines.append(f"| {r['case']} | {r['params'] / 1e6:.0f}M | {r['precision']}{' compiled' if r['compiled'] else ''} | "
-                     f"{r['tokens_per_step']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {num(r['mfu'], '.1%')} | "
-                     f"{num(r.get('peak_gib'), '.2f')} | {r['planned_gib']:.2f} | {num(ratio, '.2f')} | "
+        zero = f" ZeRO-{r['zero_stage']}" + (f" (runs {r['zero_stage_run']})" if r.get("zero_stage_run", r.get("zero_stage")) != r.get("zero_stage") else "") if "zero_stage" in r else ""
+        lines.append(f"| {r['case']} | {r['params'] / 1e6:.0f}M | {r['precision']}{zero} | {r['compiled']}, {r['loss_kernel']} | "
+                     f"{r['tokens_per_s']:,.0f} | {num(r['mfu'], '.1%')} | {num(r.get('vs_plain'), '.2f')} | "
+                     f"{num(r.get('peak_gib'), '.2f')} | {num(r.get('planned_gib'), '.2f')} | {num(ratio, '.2f')} | "
                      f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f}{extra} |")
     if agree:
         lines += ["", f"bf16 vs fp32, {agree['steps']} steps after the first {agree['skipped']}: max relative loss difference "
@@ -168,12 +290,30 @@ def table(rows: list[dict], agree: dict | None, generation: list[dict], device_n
     return "\n".join(lines)
 
 
+def attempt(rows: list[dict], case: str, run) -> dict | None:
+    """Run one case; a failure becomes a row that says so, and the other cases still run."""
+    import traceback
+
+    try:
+        row = run()
+    except Exception as exc:  # one case's failure must not cost the other measurements
+        traceback.print_exc()
+        row = {"case": case, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    rows.append(row)
+    if "error" not in row:
+        print(f"[gpu-check] {row['case']}: {row['tokens_per_s']:,.0f} tokens/s"
+              + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else "") + (f", {row['vs_plain']:.2f}x the plain loop" if row.get("vs_plain") else ""),
+              flush=True)
+    return row if "error" not in row else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="timed optimizer steps per throughput case")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (the compile happens here)")
+    parser.add_argument("--steps", type=int, default=100, help="timed optimizer steps per throughput case (a quarter of them from 1B parameters)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (the compile happens here)")
     parser.add_argument("--agree", type=int, default=60, help="steps of the bf16 vs fp32 comparison")
-    parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--models", default="gpt2-124m,gpt2-350m,gpt2-1.3b", help="presets to measure against the plain loop")
+    parser.add_argument("--json", default=None, help="write every number here (rewritten after each part, so a cut-off run keeps what it measured)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
     args = parser.parse_args(argv)
 
@@ -193,43 +333,66 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     vocab = 50257
     if args.smoke:
-        models = {"tiny-a": GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
-                  "tiny-b": GPTConfig(vocab_size=512, block_size=64, n_layer=3, n_head=2, n_embd=64)}
-        micro, accum, steps, warmup, agree_steps, compile_blocks = 2, 2, 3, 1, 12, False
+        models = {f"tiny-{i}": GPTConfig(vocab_size=512, block_size=64, n_layer=layers, n_head=2, n_embd=64) for i, layers in enumerate((2, 3))}
+        micro, accum, steps, warmup, agree_steps, scope = 2, 2, 3, 1, 12, "off"
         new_tokens = 8
     else:
-        models = {"gpt2-124m": preset("gpt2-124m", vocab), "gpt2-350m": preset("gpt2-350m", vocab)}
-        micro, accum, steps, warmup, agree_steps, compile_blocks = 16, 2, args.steps, args.warmup, args.agree, True
+        models = {name: preset(name, vocab) for name in args.models.split(",")}
+        micro, accum, steps, warmup, agree_steps, scope = 16, 2, args.steps, args.warmup, args.agree, "model"
         new_tokens = 256
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the agreement case
-    first = next(iter(models.values()))
+    name0, first = next(iter(models.items()))
     pool = bigram_pool(first.vocab_size, 2048 if not args.smoke else 64, first.block_size + 1, device)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run: the numbers mean nothing)"
-    rows = []
+    numbers = {"device": device_name, "when": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__}
+    rows: list[dict] = []
+    save = lambda **parts: _save(args.json, numbers | parts, rows)  # noqa: E731
+    state = None
     for name, config in models.items():
-        rows.append(train_case(name, config, precision="bf16", steps=steps, warmup=warmup, micro_batch=micro, grad_accum=accum,
-                               compile_blocks=compile_blocks, device=device, pool=pool, keep_model=(config is first)))
-        print(f"[gpu-check] {name} bf16: {rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
-    state = rows[0].pop("state")
-    # The agreement runs: the same model, batches and initial weights, eager, bf16 then fp32.
-    same = dict(steps=agree_steps, warmup=0, micro_batch=micro, grad_accum=accum, compile_blocks=False, device=device, pool=pool)
-    bf16 = train_case(f"{next(iter(models))} (agreement)", first, precision="bf16", **same)
-    fp32 = train_case(f"{next(iter(models))} (agreement)", first, precision="fp32", **same)
-    rows += [bf16, fp32]
-    agree = agreement(bf16["losses"], fp32["losses"], skip=min(10, agree_steps // 2))
+        n = steps if config.num_params() < 1e9 else max(10, steps // 4)
+        shape = dict(steps=n, warmup=warmup, micro_batch=micro, grad_accum=accum, device=device, pool=pool)
+        ours = attempt(rows, name, lambda: train_case(name, config, precision="bf16", compile_scope=scope, keep_model=(config is first), **shape))
+        if ours is not None and config is first:
+            state = ours.pop("state")
+        plain = attempt(rows, f"{name} plain PyTorch loop", lambda: plain_loop_case(name, config, compile_model=scope == "model", **shape))
+        if ours is not None and plain is not None:
+            ours["vs_plain"] = ours["tokens_per_s"] / plain["tokens_per_s"]
+        save()
+    # The choices the plan makes on one GPU, measured against the alternatives on the first model:
+    # the loss fused by compiling the whole model against DeepSpeed's chunked kernel (blocks compiled),
+    # and ZeRO-0 (run as ZeRO-1 on one rank) against ZeRO-1.
+    shape = dict(steps=steps, warmup=warmup, micro_batch=micro, grad_accum=accum, device=device, pool=pool)
+    if not args.smoke:
+        attempt(rows, f"{name0} blocks", lambda: train_case(f"{name0} blocks compiled", first, precision="bf16", compile_scope="blocks", **shape))
+        attempt(rows, f"{name0} ZeRO-0", lambda: train_case(f"{name0} ZeRO-0", first, precision="bf16", compile_scope=scope, zero_stage=0, **shape))
+    # The agreement runs: the same model, batches and initial weights, eager, bf16 then fp32, every loss read.
+    same = dict(steps=agree_steps, warmup=0, micro_batch=micro, grad_accum=accum, compile_scope="off", device=device, pool=pool, log_every=1)
+    bf16 = attempt(rows, f"{name0} (agreement) bf16", lambda: train_case(f"{name0} (agreement)", first, precision="bf16", **same))
+    fp32 = attempt(rows, f"{name0} (agreement) fp32", lambda: train_case(f"{name0} (agreement)", first, precision="fp32", **same))
+    agree = agreement(bf16["losses"], fp32["losses"], skip=min(10, agree_steps // 2)) if bf16 and fp32 else None
     if device == "cuda":
-        rows.append(train_case(f"{next(iter(models))} fp16", first, precision="fp16", **same))
-    print(f"[gpu-check] bf16 vs fp32: max relative difference {agree['max_relative']:.2%}", flush=True)
-    generation = [generation_case(first, state, device, batch, new_tokens) for batch in (1, 32 if not args.smoke else 4)]
+        attempt(rows, f"{name0} fp16", lambda: train_case(f"{name0} fp16", first, precision="fp16", **same))
+    if agree:
+        print(f"[gpu-check] bf16 vs fp32: max relative difference {agree['max_relative']:.2%}", flush=True)
+    save(bf16_vs_fp32=agree)
+    try:
+        numbers["profile"] = profile_steps(first, micro_batch=micro, grad_accum=accum, device=device, pool=pool)
+        print(f"[gpu-check] profile of {name0}: {json.dumps(numbers['profile'], indent=1)}", flush=True)
+    except Exception as exc:  # the profile is a diagnosis, not a measurement
+        numbers["profile"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    generation = [generation_case(first, state, device, batch, new_tokens) for batch in (1, 32 if not args.smoke else 4)] if state else []
     report = table(rows, agree, generation, device_name)
     print("\n" + report)
-    if args.json:
-        numbers = {"device": device_name, "when": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-                   "training": [{k: v for k, v in r.items() if k != "losses"} | {"loss_first": r["losses"][0], "loss_last": r["losses"][-1]}
-                                for r in rows],
-                   "bf16_vs_fp32": agree, "generation": generation, "table": report}
-        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
-    return 0
+    save(bf16_vs_fp32=agree, generation=generation, table=report)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _save(path: str | None, numbers: dict, rows: list[dict]) -> None:
+    if not path:
+        return
+    training = [{k: v for k, v in r.items() if k != "losses"} | ({"loss_first": r["losses"][0], "loss_last": r["losses"][-1]} if "losses" in r else {})
+                for r in rows]
+    Path(path).write_text(json.dumps(numbers | {"training": training}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
