@@ -337,3 +337,55 @@ def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int,
         inputs, y = next(eval_batches(windows, plan.micro_batch))
         out.append({"train": losses, "eval": engine.micro_batch_loss(inputs, y)})
     return out
+
+
+def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
+    """A one-stage PipelineModule on packed rows whose documents are kept apart: how many masks
+    a forward builds, its logits through FlexAttention (chosen here as on CUDA; forward only,
+    CPU has no FlexAttention backward) against the GPT's dense path, and its gradients through
+    DeepSpeed's recomputed chunks (dense mask) against the GPT's."""
+    import deepspeed
+    import torch
+
+    import model.gpt as gpt
+    import model.pipe as pipe_module
+    from model.config import GPTConfig
+    from model.gpt import GPT, lm_loss
+    from model.pipe import build_pipeline, gpt_key, load_gpt_state
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    config = GPTConfig(**config_kwargs)
+    torch.manual_seed(0)
+    reference = GPT(config)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, config.vocab_size, (2, 48), generator=g)
+    y = torch.randint(0, config.vocab_size, (2, 48), generator=g)
+    document_ids = (torch.rand(2, 48, generator=g) < 0.1).long().cumsum(dim=1)
+    loss = reference(x, labels=y, document_ids=document_ids)[1]  # the dense path (CPU)
+    loss.backward()
+    expected_logits = reference.eval()(x, document_ids=document_ids)[0].detach()
+
+    built = []
+    mask_of = pipe_module.documents_apart_mask
+    pipe_module.documents_apart_mask = lambda ids, dropout: built.append(ids.shape) or mask_of(ids, dropout)
+    out = {}
+    dense_choice = gpt.uses_flex_attention
+    gpt.uses_flex_attention = lambda device, attention_dropout: attention_dropout == 0.0
+    pipe = build_pipeline(config, 1)
+    load_gpt_state(pipe, config, reference.state_dict())
+    with torch.no_grad():
+        logits = pipe.eval()((x, document_ids))
+    out["flex_masks_built"] = len(built)
+    out["flex_logits_error"] = float((logits - expected_logits).abs().max())
+
+    gpt.uses_flex_attention = dense_choice
+    built.clear()
+    pipe = build_pipeline(config, 1, activation_checkpoint_interval=1)
+    pipe._precompute_checkpointable_values()  # what DeepSpeed's engine does before the first forward
+    load_gpt_state(pipe, config, reference.state_dict())
+    lm_loss(pipe.train()((x, document_ids)), y).backward()
+    out["dense_masks_built"] = len(built)
+    grads = {name: p.grad for name, p in reference.named_parameters()}
+    out["dense_grad_error"] = max(float((p.grad - grads[gpt_key(config, name)]).abs().max())
+                                  for name, p in pipe.named_parameters())
+    return out
