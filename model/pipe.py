@@ -106,9 +106,11 @@ class BlockPipe(Block):
         rope = rope_tables(self.config, positions_of(x, document_ids)) if self.config.position == "rope" else None
         if document_ids is None:
             return super().forward(x, rope)  # plain causal attention
-        if len(documents) == 1:  # a block called outside a pipeline stage, which builds the mask once for all
-            documents = (document_ids, documents_apart_mask(document_ids, attention_dropout(self)))
-        return (super().forward(x, rope, documents[1]), *documents)
+        if len(documents) == 2:
+            attn_mask = documents[1]  # built once by the pipeline stage for all its blocks
+        else:  # a block called on its own
+            attn_mask = documents_apart_mask(document_ids, attention_dropout(self))
+        return (super().forward(x, rope, attn_mask), *documents)
 
 
 def attention_dropout(module: nn.Module) -> float:

@@ -340,12 +340,18 @@ def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int,
 
 
 def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
-    """A one-stage PipelineModule on packed rows whose documents are kept apart: how many masks
-    a forward builds, its logits through FlexAttention (chosen here as on CUDA; forward only,
-    CPU has no FlexAttention backward) against the GPT's dense path, and its gradients through
-    DeepSpeed's recomputed chunks (dense mask) against the GPT's."""
+    """A one-stage PipelineModule on packed rows whose documents are kept apart, against the
+    GPT's dense path: how many masks a forward builds, and
+    - flex: its logits through FlexAttention (chosen here as on CUDA; forward only, CPU has no
+      FlexAttention backward),
+    - flex_recomputed: its gradients through DeepSpeed's recomputed chunks with the BlockMask
+      riding along (the attention itself SDPA under the BlockMask's own dense form, for the
+      backward CPU lacks),
+    - dense_recomputed: the same with the dense mask, as CPU trains."""
     import deepspeed
     import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_mask
 
     import model.gpt as gpt
     import model.pipe as pipe_module
@@ -361,31 +367,44 @@ def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
     x = torch.randint(0, config.vocab_size, (2, 48), generator=g)
     y = torch.randint(0, config.vocab_size, (2, 48), generator=g)
     document_ids = (torch.rand(2, 48, generator=g) < 0.1).long().cumsum(dim=1)
-    loss = reference(x, labels=y, document_ids=document_ids)[1]  # the dense path (CPU)
-    loss.backward()
+    reference(x, labels=y, document_ids=document_ids)[1].backward()  # the dense path (CPU)
+    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
     expected_logits = reference.eval()(x, document_ids=document_ids)[0].detach()
 
     built = []
     mask_of = pipe_module.documents_apart_mask
     pipe_module.documents_apart_mask = lambda ids, dropout: built.append(ids.shape) or mask_of(ids, dropout)
-    out = {}
-    dense_choice = gpt.uses_flex_attention
-    gpt.uses_flex_attention = lambda device, attention_dropout: attention_dropout == 0.0
-    pipe = build_pipeline(config, 1)
-    load_gpt_state(pipe, config, reference.state_dict())
-    with torch.no_grad():
-        logits = pipe.eval()((x, document_ids))
-    out["flex_masks_built"] = len(built)
-    out["flex_logits_error"] = float((logits - expected_logits).abs().max())
+    dense_choice, flex_attend = gpt.uses_flex_attention, gpt.flex_attend
 
-    gpt.uses_flex_attention = dense_choice
+    def attend_by_the_dense_form(q, k, v, block_mask, enable_gqa):
+        B, _, T, _ = q.shape
+        mask = create_mask(block_mask.mask_mod, B, 1, T, T, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+    def stage(interval: int):
+        pipe = build_pipeline(config, 1, activation_checkpoint_interval=interval)
+        pipe._precompute_checkpointable_values()  # what DeepSpeed's engine does before the first forward
+        load_gpt_state(pipe, config, reference.state_dict())
+        return pipe
+
+    def grad_error(pipe) -> float:
+        return max(float((p.grad - expected_grads[gpt_key(config, name)]).abs().max()) for name, p in pipe.named_parameters())
+
+    out = {}
+    gpt.uses_flex_attention = lambda device, attention_dropout: attention_dropout == 0.0
+    with torch.no_grad():
+        logits = stage(0).eval()((x, document_ids))
+    out["flex"] = {"masks_built": len(built), "logits_error": float((logits - expected_logits).abs().max())}
+
     built.clear()
-    pipe = build_pipeline(config, 1, activation_checkpoint_interval=1)
-    pipe._precompute_checkpointable_values()  # what DeepSpeed's engine does before the first forward
-    load_gpt_state(pipe, config, reference.state_dict())
+    gpt.flex_attend = attend_by_the_dense_form
+    pipe = stage(1)
     lm_loss(pipe.train()((x, document_ids)), y).backward()
-    out["dense_masks_built"] = len(built)
-    grads = {name: p.grad for name, p in reference.named_parameters()}
-    out["dense_grad_error"] = max(float((p.grad - grads[gpt_key(config, name)]).abs().max())
-                                  for name, p in pipe.named_parameters())
+    out["flex_recomputed"] = {"masks_built": len(built), "grad_error": grad_error(pipe)}
+
+    built.clear()
+    gpt.uses_flex_attention, gpt.flex_attend = dense_choice, flex_attend
+    pipe = stage(1)
+    lm_loss(pipe.train()((x, document_ids)), y).backward()
+    out["dense_recomputed"] = {"masks_built": len(built), "grad_error": grad_error(pipe)}
     return out
