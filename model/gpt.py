@@ -7,11 +7,13 @@ layers). Inference state (the KV cache) is passed in by the caller, see `model/g
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
 
@@ -63,13 +65,67 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """Boolean (B, 1, T, T) mask: a query sees earlier keys of its own document only.
 
     Block-diagonal causal attention keeps packed documents apart (every query sees at least
-    itself, so no row is empty). FlexAttention would skip the masked blocks, but in torch
-    2.13 it has no backward on CPU; SDPA takes this mask on every device.
+    itself, so no row is empty). SDPA takes this mask on every device, but a dense mask takes
+    it off its flash kernels: on CUDA `document_block_mask` replaces it (see `uses_flex_attention`).
     """
     T = document_ids.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()  # (T, T)
     same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
     return (same & causal)[:, None]
+
+
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+    """The same rule as `document_mask` (causal AND same document) as a FlexAttention BlockMask.
+
+    create_block_mask evaluates the rule once per forward to sort the 128 x 128 tiles of
+    (query, key) into empty (skipped), full (no mask read) and partial (the rule applied per
+    element); every layer then reuses the result, so build it once, not per layer.
+    """
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    B, T = document_ids.shape
+    # H=None: one mask broadcast over the heads, since documents do not depend on the head.
+    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+
+
+def uses_flex_attention(device: torch.device, attention_dropout: float) -> bool:
+    """Whether kept-apart documents attend through FlexAttention (else SDPA with the dense mask).
+
+    The one place that decides, from the device the document ids live on. On CUDA a dense
+    (B, 1, T, T) mask sends SDPA to its slower kernels and costs B*T*T bytes, while
+    FlexAttention keeps a fused kernel and skips the empty tiles. Elsewhere the dense mask
+    stays: in torch 2.13 FlexAttention has no backward on CPU. flex_attention has no dropout
+    either, so attention dropout in training keeps the dense path: slower, but what the
+    config asks for.
+    """
+    return device.type == "cuda" and attention_dropout == 0.0
+
+
+def documents_apart_mask(document_ids: torch.Tensor, attention_dropout: float) -> torch.Tensor | BlockMask:
+    """The attention mask that keeps the documents of packed rows apart, in the form the
+    attention on their device runs fastest with; CausalSelfAttention follows its type."""
+    if uses_flex_attention(document_ids.device, attention_dropout):
+        return document_block_mask(document_ids)
+    return document_mask(document_ids)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention through torch.compile, made once and shared by every layer (a new shape
+    recompiles, a new BlockMask does not). Called eagerly it materialises the (B, nh, T, T)
+    scores; compiled it is one fused kernel that skips the empty tiles."""
+    return torch.compile(flex_attention)
+
+
+def flex_attend(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """flex_attention of q (B, nh, T, hs) and k, v (B, nkv, T, hs) under `block_mask`."""
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        # Inside a compiled block flex_attention becomes part of the block's graph. Off CUDA
+        # (only tests come here: uses_flex_attention picks CUDA) the eager reference runs,
+        # forward only on CPU, and no C++ compile is needed.
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class KVCache:
@@ -120,16 +176,22 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hs)
-        # Without a cache or a mask the plain causal kernel applies; a cache or padding
-        # brings its own mask (built once per forward in GPT.attention_mask).
-        is_causal = attn_mask is None and kv_cache is None and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, nh, T, hs)
+        if isinstance(attn_mask, BlockMask):
+            # Kept-apart documents on CUDA (see uses_flex_attention, which never picks
+            # FlexAttention while attention dropout is active: it has none).
+            assert not (self.training and self.dropout > 0), "flex_attention has no dropout"
+            y = flex_attend(q, k, v, attn_mask, enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        else:
+            # Without a cache or a mask the plain causal kernel applies; a cache or padding
+            # brings its own mask (built once per forward in GPT.attention_mask).
+            is_causal = attn_mask is None and kv_cache is None and T > 1
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -241,7 +303,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(position_ids)
         x = self.transformer.drop(x)
         rope = rope_tables(self.config, position_ids) if self.config.position == "rope" else None
-        attn_mask = self.attention_mask(T, attention_mask, kv_cache, input_ids.device, document_ids)
+        attention_dropout = self.config.dropout if self.training else 0.0
+        attn_mask = self.attention_mask(T, attention_mask, kv_cache, input_ids.device, document_ids, attention_dropout)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, attn_mask, kv_cache, i)
         if kv_cache is not None:
@@ -254,13 +317,15 @@ class GPT(nn.Module):
         return logits, loss
 
     @staticmethod
-    def attention_mask(T, padding_mask, kv_cache, device, document_ids=None) -> torch.Tensor | None:
-        """Boolean (B, 1, T, Tk) mask of allowed keys, or None when plain causal suffices."""
+    def attention_mask(T, padding_mask, kv_cache, device, document_ids=None,
+                       attention_dropout: float = 0.0) -> torch.Tensor | BlockMask | None:
+        """Boolean (B, 1, T, Tk) mask of allowed keys, or None when plain causal suffices; kept-apart
+        documents on CUDA get a BlockMask instead (see `documents_apart_mask`)."""
         if document_ids is not None:
             if kv_cache is not None or padding_mask is not None:
                 raise ValueError("document_ids keep the documents of packed training rows apart; "
                                  "they take no KV cache and no padding mask")
-            return document_mask(document_ids)
+            return documents_apart_mask(document_ids, attention_dropout)
         offset = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and padding_mask is not None:
             if kv_cache.key_mask is None:

@@ -10,9 +10,12 @@ Layer order (indices are what DeepSpeed partitions and names parameters by):
 
 Between stages a layer passes the hidden states (B, T, C), or, when the documents of packed
 rows are kept apart, the tuple (hidden states, document ids (B, T)): the first stage reads
-(token ids, document ids) from the batch, every block rebuilds positions and its mask from
-the ids (a (B, T) integer tensor travels instead of a (B, 1, T, T) mask, and needs no
-gradient), and the final norm drops them.
+(token ids, document ids) from the batch, and the final norm drops the ids. A (B, T) integer
+tensor crosses stages instead of a (B, 1, T, T) mask, and needs no gradient. Each stage builds
+the attention mask of its documents once, on entry (`documents_apart_mask`: a FlexAttention
+BlockMask on CUDA, the dense mask elsewhere), and passes it to its layers as a third element,
+(hidden states, document ids, mask), which it drops again before its output leaves; every
+block rebuilds its positions from the ids.
 
 With tied embeddings the first and last stages each hold a copy of the token embedding and
 DeepSpeed all-reduces its gradient between them, so they stay one matrix. `gpt_key` maps a
@@ -29,14 +32,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import GPTConfig
-from model.gpt import Block, document_mask, document_positions, init_weights, lm_loss, make_norm, rope_tables
+from model.gpt import Block, document_positions, documents_apart_mask, init_weights, lm_loss, make_norm, rope_tables
 
 EMBED_KEY = "embed"
 
 
 def split_documents(inputs):
-    """(tensor, document ids) from what a layer receives: a tensor alone, or the pair."""
-    return inputs if isinstance(inputs, tuple) else (inputs, None)
+    """(tensor, documents) from what a layer receives: a tensor alone, whose documents are (), or
+    the tensor followed by its documents: (document ids,) between stages, (document ids, their
+    attention mask) within one."""
+    return (inputs[0], inputs[1:]) if isinstance(inputs, tuple) else (inputs, ())
+
+
+def with_documents(x: torch.Tensor, documents: tuple):
+    """What a layer passes on: x alone, or x followed by the documents it received."""
+    return (x, *documents) if documents else x
 
 
 def positions_of(x: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
@@ -53,9 +63,9 @@ class TokenEmbeddingPipe(nn.Module):
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
 
     def forward(self, inputs):
-        input_ids, document_ids = split_documents(inputs)
+        input_ids, documents = split_documents(inputs)
         x = self.wte(input_ids)  # (B, T, C)
-        return x if document_ids is None else (x, document_ids)
+        return with_documents(x, documents)
 
 
 def tied_head(module: TokenEmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
@@ -73,17 +83,17 @@ class PositionPipe(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, inputs):
-        x, document_ids = split_documents(inputs)
+        x, documents = split_documents(inputs)
         if self.learned:
-            positions = torch.arange(x.size(1), device=x.device) if document_ids is None else document_positions(document_ids)
+            positions = document_positions(documents[0]) if documents else torch.arange(x.size(1), device=x.device)
             x = x + self.wpe(positions)
         x = self.drop(x)
-        return x if document_ids is None else (x, document_ids)
+        return with_documents(x, documents)
 
 
 class BlockPipe(Block):
-    """A transformer block that takes hidden states, or hidden states and document ids
-    (pipeline stages pass tensors only: rope tables and masks are rebuilt here)."""
+    """A transformer block that takes hidden states, or hidden states, document ids and their
+    attention mask (pipeline stages pass tensors only: rope tables are rebuilt here)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
@@ -91,11 +101,21 @@ class BlockPipe(Block):
         self.apply(lambda m: init_weights(m, config))
 
     def forward(self, inputs):
-        x, document_ids = split_documents(inputs)
+        x, documents = split_documents(inputs)
+        document_ids = documents[0] if documents else None
         rope = rope_tables(self.config, positions_of(x, document_ids)) if self.config.position == "rope" else None
         if document_ids is None:
             return super().forward(x, rope)  # plain causal attention
-        return super().forward(x, rope, document_mask(document_ids)), document_ids
+        if len(documents) == 2:
+            attn_mask = documents[1]  # built once by the pipeline stage for all its blocks
+        else:  # a block called on its own
+            attn_mask = documents_apart_mask(document_ids, attention_dropout(self))
+        return (super().forward(x, rope, attn_mask), *documents)
+
+
+def attention_dropout(module: nn.Module) -> float:
+    """The attention dropout `module` applies now: its config's in training, none in evaluation."""
+    return module.config.dropout if module.training else 0.0
 
 
 class FinalNormPipe(nn.Module):
@@ -104,7 +124,7 @@ class FinalNormPipe(nn.Module):
         self.ln_f = make_norm(config)
 
     def forward(self, inputs) -> torch.Tensor:
-        x, _ = split_documents(inputs)  # the head and the loss need no document ids
+        x, _ = split_documents(inputs)  # the head and the loss need no documents
         return self.ln_f(x)
 
 
@@ -156,6 +176,7 @@ def build_pipeline(
         parts = stage_boundaries(config, num_stages, partition_method, seq_len)
     return _partitioned_module_class()(
         parts,
+        config,
         layers=layer_specs(config),
         num_stages=None if topology is not None else num_stages,
         topology=topology,
@@ -172,16 +193,30 @@ def _partitioned_module_class():
     from deepspeed.pipe import PipelineModule
 
     class PartitionedPipeline(PipelineModule):
-        """A PipelineModule cut at given layer boundaries instead of by DeepSpeed's own methods."""
+        """A PipelineModule cut at given layer boundaries instead of by DeepSpeed's own methods,
+        whose stage builds the attention mask of kept-apart documents once for all its blocks."""
 
-        def __init__(self, parts: list[int], **kwargs) -> None:
+        def __init__(self, parts: list[int], config: GPTConfig, **kwargs) -> None:
             self._given_parts = list(parts)
+            self.config = config
             super().__init__(**kwargs)
+            self.has_blocks = any(isinstance(layer, BlockPipe) for layer in self.forward_funcs)
 
         def _partition_layers(self, method: str = "uniform") -> None:
             self.parts = list(self._given_parts)
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+        def forward(self, forward_input):
+            x, documents = split_documents(forward_input)
+            if len(documents) != 1 or not self.has_blocks:
+                return super().forward(forward_input)
+            # The mask rides along with the ids through the stage's layers (DeepSpeed's
+            # activation checkpointing keeps a non-tensor argument such as a BlockMask for the
+            # recomputation); only tensors leave a stage, so it is dropped at the end.
+            document_ids = documents[0]
+            output = super().forward((x, document_ids, documents_apart_mask(document_ids, attention_dropout(self))))
+            return output[:2] if isinstance(output, tuple) else output
 
     return PartitionedPipeline
 

@@ -406,3 +406,73 @@ def clipped_losses(config_kwargs: dict, stage_kwargs: dict, steps: int, clip_by:
     values = [engine.read(out) for out in outs]
     return {"losses": [v["loss"] for v in values], "grad_norms": [v["grad_norm"] for v in values],
             "clip_in_optimizer": plan.clip_in_optimizer}
+
+def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
+    """A one-stage PipelineModule on packed rows whose documents are kept apart, against the
+    GPT's dense path: how many masks a forward builds, and
+    - flex: its logits through FlexAttention (chosen here as on CUDA; forward only, CPU has no
+      FlexAttention backward),
+    - flex_recomputed: its gradients through DeepSpeed's recomputed chunks with the BlockMask
+      riding along (the attention itself SDPA under the BlockMask's own dense form, for the
+      backward CPU lacks),
+    - dense_recomputed: the same with the dense mask, as CPU trains."""
+    import deepspeed
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_mask
+
+    import model.gpt as gpt
+    import model.pipe as pipe_module
+    from model.config import GPTConfig
+    from model.gpt import GPT, lm_loss
+    from model.pipe import build_pipeline, gpt_key, load_gpt_state
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    config = GPTConfig(**config_kwargs)
+    torch.manual_seed(0)
+    reference = GPT(config)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, config.vocab_size, (2, 48), generator=g)
+    y = torch.randint(0, config.vocab_size, (2, 48), generator=g)
+    document_ids = (torch.rand(2, 48, generator=g) < 0.1).long().cumsum(dim=1)
+    reference(x, labels=y, document_ids=document_ids)[1].backward()  # the dense path (CPU)
+    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
+    expected_logits = reference.eval()(x, document_ids=document_ids)[0].detach()
+
+    built = []
+    mask_of = pipe_module.documents_apart_mask
+    pipe_module.documents_apart_mask = lambda ids, dropout: built.append(ids.shape) or mask_of(ids, dropout)
+    dense_choice, flex_attend = gpt.uses_flex_attention, gpt.flex_attend
+
+    def attend_by_the_dense_form(q, k, v, block_mask, enable_gqa):
+        B, _, T, _ = q.shape
+        mask = create_mask(block_mask.mask_mod, B, 1, T, T, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+    def stage(interval: int):
+        pipe = build_pipeline(config, 1, activation_checkpoint_interval=interval)
+        pipe._precompute_checkpointable_values()  # what DeepSpeed's engine does before the first forward
+        load_gpt_state(pipe, config, reference.state_dict())
+        return pipe
+
+    def grad_error(pipe) -> float:
+        return max(float((p.grad - expected_grads[gpt_key(config, name)]).abs().max()) for name, p in pipe.named_parameters())
+
+    out = {}
+    gpt.uses_flex_attention = lambda device, attention_dropout: attention_dropout == 0.0
+    with torch.no_grad():
+        logits = stage(0).eval()((x, document_ids))
+    out["flex"] = {"masks_built": len(built), "logits_error": float((logits - expected_logits).abs().max())}
+
+    built.clear()
+    gpt.flex_attend = attend_by_the_dense_form
+    pipe = stage(1)
+    lm_loss(pipe.train()((x, document_ids)), y).backward()
+    out["flex_recomputed"] = {"masks_built": len(built), "grad_error": grad_error(pipe)}
+
+    built.clear()
+    gpt.uses_flex_attention, gpt.flex_attend = dense_choice, flex_attend
+    pipe = stage(1)
+    lm_loss(pipe.train()((x, document_ids)), y).backward()
+    out["dense_recomputed"] = {"masks_built": len(built), "grad_error": grad_error(pipe)}
+    return out
