@@ -140,13 +140,15 @@ def test_zero_3_builds_a_350m_model_sharded():
         assert sharded["increase"] <= 0.6 * whole["increase"], (rank, sharded["increase"] / whole["increase"])
 
 
-def test_compiled_blocks_keep_the_losses(engine_job, plain):
-    """torch.compile of every block (stages.X.compile): the same losses as eager (1e-5), the
-    blocks counted in result.json, and an export with the eager model's names and weights."""
+@pytest.mark.parametrize("scope, layout", [("model", []), ("blocks", []), ("model", ["stages.pretrain.deepspeed.zero_stage=3"])])
+def test_compiled_training_keeps_the_losses(engine_job, plain, scope, layout):
+    """torch.compile (stages.X.compile) of the whole model, head and loss included, or of each
+    block, also under ZeRO-3: the same losses as eager (1e-5), the blocks counted in result.json,
+    and an export with the eager model's names and weights."""
     from jobs.spec import load_job
 
-    run = fresh(engine_job, "compiled")
-    compiled = train(1, engine_job[0], run, ["stages.pretrain.compile=true"])
+    run = fresh(engine_job, f"compiled-{scope}-{len(layout)}")
+    compiled = train(1, engine_job[0], run, [f"stages.pretrain.compile={scope}", *layout])
     assert_losses_close(plain[1]["losses"], compiled["losses"], 1e-5)
     assert compiled["result"]["compiled_blocks"] == load_job(engine_job[0]).model.n_layer
     assert "compiled_blocks" not in plain[1]["result"] or plain[1]["result"]["compiled_blocks"] == 0
@@ -154,6 +156,15 @@ def test_compiled_blocks_keep_the_losses(engine_job, plain):
     assert ours.keys() == reference.keys()
     for name in reference:
         assert torch.allclose(ours[name], reference[name], atol=1e-5), name
+
+
+def test_a_compiled_pipeline_stage_keeps_the_losses(engine_job):
+    """compile: model on a pipeline: each stage's layers and the loss compiled, the same losses as eager."""
+    two = ["cluster.num_workers=2", "stages.pretrain.deepspeed.pipeline_stages=2", "stages.pretrain.grad_accum=2"]
+    eager = train(2, engine_job[0], fresh(engine_job, "pp2-eager"), two)
+    compiled = train(2, engine_job[0], fresh(engine_job, "pp2-compiled"), two + ["stages.pretrain.compile=model"])
+    assert_losses_close(eager["losses"], compiled["losses"], 1e-5)
+    assert compiled["result"]["compiled_blocks"] > 0
 
 
 def test_zero_3_starts_from_a_model_directory_without_loading_it_whole(tmp_path, trained_tokenizer):
