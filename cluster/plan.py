@@ -162,6 +162,7 @@ def _format_stage(p) -> list[str]:
              + (f", from {p.init_model}" if p.init_model else ""),
              f"  global batch {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x data-parallel {p.data_parallel}"
              f"; {p.tokens_per_step:,} tokens/step ({p.seq_len} per sequence) x {p.total_steps} steps = {p.total_tokens:,} tokens"]
+    lines += [f"  engine: {note}" for note in p.engine_notes]
     if p.partition_note:
         lines.append(f"  pipeline cut: {p.partition_note}")
     if p.pipeline_stages > 1:
