@@ -155,3 +155,23 @@ def test_the_cuda_graph_gives_the_eager_tokens(arch):
     assert _tokens(generate(model, PROMPTS, params)) == eager  # replayed, not captured again
     assert idle_decoders(model).decoders[(len(PROMPTS), 64, True)].graph is graph
     assert list(stream(model, PROMPTS[2], params)) == eager[2]
+
+
+def test_rows_and_chat_decode_through_the_one_choice(monkeypatch, gpt2_tokenizer):
+    """The generation workers (rows.complete_rows) and chat (ChatSession, via stream) pick no
+    engine of their own: whatever open_decoder's choice gives, they get."""
+    from model import decode
+    from pipelines.generation.chat import ChatSession
+    from pipelines.generation.rows import complete_rows
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(gpt2_tokenizer.n_vocab, block_size=64)).eval()
+    rows = [{"prompt": "To be, or not"}, {"prompt": "Now is the winter of our discontent"}]
+    params = SamplingParams(max_new_tokens=6)
+    expected = complete_rows(model, gpt2_tokenizer, rows, params, chat=False, batch_size=2)
+    expected_reply = "".join(ChatSession(model, gpt2_tokenizer, params=params).reply("hello"))
+    assert not idle_decoders(model).decoders  # the CPU's choice: the dynamic engine, nothing kept
+    monkeypatch.setattr(decode, "decoder_kind", lambda model, requested="auto": "static")  # a GPU's, less the graph
+    assert complete_rows(model, gpt2_tokenizer, rows, params, chat=False, batch_size=2) == expected
+    assert "".join(ChatSession(model, gpt2_tokenizer, params=params).reply("hello")) == expected_reply
+    assert {key[0] for key in idle_decoders(model).decoders} == {1, 2}  # the batch of rows and the chat
