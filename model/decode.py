@@ -105,6 +105,8 @@ class StaticDecoder(DynamicDecoder):
         will write next and moves the position on; undoing the move leaves the cache as the
         prefill left it. The graph keeps its own memory pool (the default): decoders of
         several shapes replay in any order, and sharing one pool is safe only in capture order.
+        Only this thread is held to capture's rules ("thread_local"): a generation worker's
+        process has threads of its own (Ray's, a process group's watchdog) that may touch CUDA.
         """
         device = self.token.device
         with torch.cuda.device(device):
@@ -116,7 +118,7 @@ class StaticDecoder(DynamicDecoder):
                     self.cache.advance(-1)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self._step_on_buffers(model)
         return graph
 
