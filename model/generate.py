@@ -89,7 +89,7 @@ def _mask_vocab(logits: torch.Tensor, vocab_size: int, suppress: tuple[int, ...]
     return logits
 
 
-def _left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids, padding mask (True on real tokens) and position ids, each (B, longest):
     the prompts left-padded, positions counted from each prompt's first real token."""
     longest = max(len(p) for p in prompts)
@@ -114,7 +114,7 @@ def _decode_steps(model: GPT, prompts: list[list[int]], params: SamplingParams, 
     if longest >= config.block_size:
         raise ValueError(f"a prompt of {longest} tokens leaves no room in the {config.block_size}-token context")
     num_new = min(config.block_size - longest, params.max_new_tokens)  # prompt + completion fit the window
-    input_ids, padding, position_ids = _left_padded(prompts, device)
+    input_ids, padding, position_ids = left_padded(prompts, device)
     padded = not bool(padding.all())
     generator = _generator(params, device)
     with open_decoder(model, len(prompts), longest + num_new, decoder) as engine:

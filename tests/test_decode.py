@@ -6,7 +6,7 @@ import torch
 
 from helpers import ARCHITECTURES, tiny_config
 from model.decode import MAX_IDLE_DECODERS, DynamicDecoder, StaticDecoder, decoder_kind, idle_decoders, static_length
-from model.generate import SamplingParams, _left_padded, generate, generate_naive, prepare_for_inference, stream
+from model.generate import SamplingParams, generate, generate_naive, left_padded, prepare_for_inference, stream
 from model.gpt import GPT
 
 # Left-padded inside one batch: 3, 13, 1 and 20 tokens.
@@ -37,7 +37,7 @@ def test_static_step_logits_equal_the_dynamic_ones(arch):
     """Prefill and every step, fp32: attending over the whole preallocated length through the
     mask gives the logits of attending over the filled prefix."""
     model = _model(arch, seed=3)
-    input_ids, padding, positions = _left_padded(PROMPTS, "cpu")
+    input_ids, padding, positions = left_padded(PROMPTS, "cpu")
     dynamic, static = DynamicDecoder(model, len(PROMPTS), 40), StaticDecoder(model, len(PROMPTS), 64, graph=False)
     with torch.inference_mode():
         expected, got = (d.prefill(model, input_ids, positions, padding) for d in (dynamic, static))
@@ -58,7 +58,7 @@ def test_the_static_step_traces_as_one_graph_without_host_reads(arch):
     run of the traced step advances the cache position like the eager one."""
     model = _model(arch, seed=5)
     decoder = StaticDecoder(model, len(PROMPTS), 64, graph=False)
-    input_ids, padding, positions = _left_padded(PROMPTS, "cpu")
+    input_ids, padding, positions = left_padded(PROMPTS, "cpu")
     with torch.inference_mode():
         logits = decoder.prefill(model, input_ids, positions, padding)
         decoder.token.copy_(logits.argmax(dim=-1, keepdim=True))
