@@ -263,6 +263,40 @@ def hf_incompatibilities(config: GPTConfig) -> list[str]:
     return out
 
 
+def gpt2_hf_config(config: GPTConfig) -> dict:
+    """The architecture fields of a transformers GPT2Config for a GPT-2-shaped `config`."""
+    return {
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.mlp_hidden,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+    }
+
+
+def gpt2_hf_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our weights (GPT-2 names already) as GPT2LMHeadModel holds them: Conv1D layouts, the
+    vocabulary unpadded, the tied head stored once (as the embedding)."""
+    weights = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue  # tied: the embedding
+        if name == "transformer.wte.weight":
+            tensor = tensor[: config.vocab_size]
+        weights[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor.contiguous()
+    return weights
+
+
 def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
     """A directory `transformers` loads: GPT2LMHeadModel for GPT-2-shaped models, LlamaForCausalLM
     for RoPE / RMSNorm / SwiGLU ones (grouped-query attention and an untied head included).
@@ -280,32 +314,12 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
         hf_config = {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": config.vocab_size,
-            "n_positions": config.block_size,
-            "n_ctx": config.block_size,
-            "n_embd": config.n_embd,
-            "n_layer": config.n_layer,
-            "n_head": config.n_head,
-            "n_inner": config.mlp_hidden,
-            "activation_function": "gelu_new",
-            "resid_pdrop": config.dropout,
-            "embd_pdrop": config.dropout,
-            "attn_pdrop": config.dropout,
-            "layer_norm_epsilon": config.norm_eps,
-            "initializer_range": 0.02,
-            "scale_attn_weights": True,
-            "tie_word_embeddings": True,
+            **gpt2_hf_config(config),
             "bos_token_id": tokenizer.eot_id,
             "eos_token_id": tokenizer.eot_id,
             "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
         }
-        weights = {}
-        for name, tensor in state.items():
-            if name == "lm_head.weight":
-                continue  # tied: the embedding
-            if name == "transformer.wte.weight":
-                tensor = tensor[: config.vocab_size]
-            weights[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor.contiguous()
+        weights = gpt2_hf_weights(state, config)
     else:
         hf_config, weights = llama_config(config, tokenizer), llama_weights(state, config)
     with atomic_dir(out, durable=True) as tmp:

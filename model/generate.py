@@ -2,20 +2,24 @@
 
 Prompts of different lengths are left-padded into one batch; padding is masked out of
 attention and positions count from each prompt's first real token, so a prompt produces the
-same tokens alone as inside a batch. `generate_naive` recomputes the whole sequence at every
-step, one prompt at a time: the deliberately simple reference the fast path is checked against.
+same tokens alone as inside a batch. The KV cache and the decode step are model/decode.py's
+engines (on a GPU a CUDA graph); this file samples, stops and collects. `generate_naive`
+recomputes the whole sequence at every step, one prompt at a time: the deliberately simple
+reference the fast paths are checked against.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import torch
 
+from model.decode import open_decoder
 from model.errors import ConfigError
-from model.gpt import GPT, KVCache
+from model.gpt import GPT
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,22 @@ def _mask_vocab(logits: torch.Tensor, vocab_size: int, suppress: tuple[int, ...]
     return logits
 
 
-def _decode_steps(model: GPT, prompts: list[list[int]], params: SamplingParams) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, step by step, until the budget or the window ends."""
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, padding mask (True on real tokens) and position ids, each (B, longest):
+    the prompts left-padded, positions counted from each prompt's first real token."""
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    padding = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        padding[row, longest - len(prompt):] = True
+    position_ids = (padding.long().cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids.to(device), padding.to(device), position_ids.to(device)
+
+
+def _decode_steps(model: GPT, prompts: list[list[int]], params: SamplingParams, decoder: str) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step by step, until the budget or the window ends.
+    `decoder` picks the engine (model/decode.py; `auto`: by the model's device)."""
     config = model.config
     device = next(model.parameters()).device
     lengths = [len(p) for p in prompts]
@@ -95,32 +113,23 @@ def _decode_steps(model: GPT, prompts: list[list[int]], params: SamplingParams) 
     longest = max(lengths)
     if longest >= config.block_size:
         raise ValueError(f"a prompt of {longest} tokens leaves no room in the {config.block_size}-token context")
-    max_len = min(config.block_size, longest + params.max_new_tokens)
-    B = len(prompts)
-    input_ids = torch.zeros(B, longest, dtype=torch.long)
-    padding = torch.zeros(B, longest, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        padding[row, longest - len(prompt):] = True
-    input_ids, padding = input_ids.to(device), padding.to(device)
+    num_new = min(config.block_size - longest, params.max_new_tokens)  # prompt + completion fit the window
+    input_ids, padding, position_ids = left_padded(prompts, device)
     padded = not bool(padding.all())
-    position_ids = (padding.long().cumsum(dim=1) - 1).clamp(min=0)
-    cache = KVCache(config, B, max_len, device=device, dtype=next(model.parameters()).dtype)
     generator = _generator(params, device)
-    with torch.inference_mode():
-        logits, _ = model(input_ids, position_ids=position_ids, attention_mask=padding if padded else None,
-                          kv_cache=cache, last_only=True)
-    next_position = position_ids[:, -1:] + 1  # (B, 1)
-    num_new = max_len - longest  # prompt + completion never exceed the context window
-    for step in range(num_new):
+    with open_decoder(model, len(prompts), longest + num_new, decoder) as engine:
         with torch.inference_mode():
-            token = sample_next(_mask_vocab(logits[:, -1], config.vocab_size, params.suppress_token_ids), params, generator)
-        yield token
-        if step == num_new - 1:
-            return
-        with torch.inference_mode():
-            logits, _ = model(token[:, None], position_ids=next_position, kv_cache=cache, last_only=True)
-        next_position = next_position + 1
+            logits = engine.prefill(model, input_ids, position_ids, padding if padded else None)
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
+        for step in range(num_new):
+            with torch.inference_mode():
+                token = sample_next(_mask_vocab(logits, config.vocab_size, params.suppress_token_ids), params, generator)
+            yield token
+            if step == num_new - 1:
+                return
+            with torch.inference_mode():
+                logits = engine.step(model, token[:, None], next_position)
+            next_position = next_position + 1
 
 
 LINEAR_KERNELS = ("row-major", "column-major", "onednn")
@@ -254,13 +263,15 @@ class _EvalMode:
 
 
 @torch.inference_mode()
-def generate(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-    """Complete every prompt (lists of token ids); results in input order."""
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams, *, decoder: str = "auto") -> list[Completion]:
+    """Complete every prompt (lists of token ids); results in input order. `decoder` is one
+    of model/decode.py's DECODERS: `auto` (the default) is a CUDA graph on a GPU, the
+    growing cache elsewhere."""
     completions = [Completion() for _ in prompts]
     stops = set(params.stop_token_ids)
     active = [True] * len(prompts)
-    with _EvalMode(model):
-        for tokens in _decode_steps(model, prompts, params):
+    with _EvalMode(model), closing(_decode_steps(model, prompts, params, decoder)) as steps:
+        for tokens in steps:
             for row, token in enumerate(tokens.tolist()):
                 if not active[row]:
                     continue
@@ -273,11 +284,11 @@ def generate(model: GPT, prompts: list[list[int]], params: SamplingParams) -> li
     return completions
 
 
-def stream(model: GPT, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+def stream(model: GPT, prompt: list[int], params: SamplingParams, *, decoder: str = "auto") -> Iterator[int]:
     """Yield one prompt's new tokens as they are produced, ending before a stop token."""
     stops = set(params.stop_token_ids)
-    with _EvalMode(model):
-        for tokens in _decode_steps(model, [prompt], params):
+    with _EvalMode(model), closing(_decode_steps(model, [prompt], params, decoder)) as steps:
+        for tokens in steps:
             token = int(tokens[0])
             if token in stops:
                 return

@@ -2,13 +2,15 @@
 
 No distributed code lives here: data, tensor and pipeline parallelism are applied from the
 outside (DeepSpeed wraps this module; `model/pipe.py` re-cuts the same blocks into pipeline
-layers). Inference state (the KV cache) is passed in by the caller, see `model/generate.py`.
+layers). Inference state (the KV cache, `model/kv_cache.py`) is passed in by the caller and
+keeps its own books; decoding lives in `model/decode.py` and `model/generate.py`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
+
+if TYPE_CHECKING:
+    from model.kv_cache import KVCache, StaticKVCache
 
 IGNORE_INDEX = -100  # a label with this value contributes nothing to the loss
 
@@ -128,30 +133,20 @@ def flex_attend(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tenso
     return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, written in place as tokens arrive.
+def allowed_keys(query_slots: torch.Tensor, num_keys: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean (B, 1, T, Tk) mask — (1, 1, T, Tk) without key_mask — of the keys each query sees.
 
-    k, v: (n_layer, B, n_kv_head, max_len, head_dim). `length` is how many positions are
-    filled (the same for every row: prompts of different lengths are left-padded).
-    `key_mask` (B, max_len) marks the positions that hold real tokens; None means all do.
+    Query t sits at key slot query_slots[t] (T,) and sees the keys up to its own slot (causal)
+    that key_mask (B, Tk) marks as real tokens (None: all are).
     """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device, dtype) -> None:
-        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
-        self.key_mask: torch.Tensor | None = None
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hs) after the cached positions; return all keys and values."""
-        end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    keys = torch.arange(num_keys, device=query_slots.device)
+    allowed = keys[None, :] <= query_slots[:, None]  # (T, Tk)
+    if key_mask is None:
+        return allowed[None, None]
+    # A padding query would see no key at all and produce NaN, which then leaks through
+    # zero attention weights; letting it see itself keeps every row finite.
+    itself = keys[None, :] == query_slots[:, None]  # (T, Tk)
+    return ((allowed[None] & key_mask[:, None, :]) | itself[None])[:, None]  # (B, 1, T, Tk)
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,7 +159,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope=None, attn_mask=None, kv_cache: KVCache | StaticKVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
@@ -183,7 +178,7 @@ class CausalSelfAttention(nn.Module):
             y = flex_attend(q, k, v, attn_mask, enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         else:
             # Without a cache or a mask the plain causal kernel applies; a cache or padding
-            # brings its own mask (built once per forward in GPT.attention_mask).
+            # brings its own mask (built once per forward, by the cache or GPT.attention_mask).
             is_causal = attn_mask is None and kv_cache is None and T > 1
             y = F.scaled_dot_product_attention(
                 q, k, v,
@@ -278,7 +273,7 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StaticKVCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) — (B, 1, V) with `last_only` — and the loss when labels are given.
@@ -286,29 +281,39 @@ class GPT(nn.Module):
         labels (B, T) are already aligned with the inputs (labels[t] is the token after
         input t); IGNORE_INDEX marks positions outside the loss.
         attention_mask (B, T) marks real tokens (0 on left padding); with a KV cache it
-        covers the new tokens only and is remembered for later steps.
+        covers the new tokens only and the cache remembers it for later steps.
         document_ids (B, T) keep the documents of a packed training row apart: attention
         stays within a document and positions restart at each one (see `document_mask`).
+        kv_cache (model/kv_cache.py) holds the earlier tokens' keys and values and keeps its
+        own books: where the new tokens go, which keys they may see.
         """
         B, T = input_ids.shape
-        offset = kv_cache.length if kv_cache is not None else 0
+        if document_ids is not None and (kv_cache is not None or attention_mask is not None):
+            raise ValueError("document_ids keep the documents of packed training rows apart; "
+                             "they take no KV cache and no padding mask")
         if position_ids is None and document_ids is not None:
             position_ids = document_positions(document_ids)  # (B, T), restarting per document
+        elif position_ids is None and kv_cache is not None:
+            position_ids = kv_cache.positions(B, T)  # (B, T), after the cached tokens
         elif position_ids is None:
-            position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        if offset + T > self.config.block_size and self.config.position == "learned":
-            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        # A cache holds at most block_size positions (checked when it is made).
+        if kv_cache is None and T > self.config.block_size and self.config.position == "learned":
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(input_ids)  # (B, T, C)
         if self.config.position == "learned":
             x = x + self.transformer.wpe(position_ids)
         x = self.transformer.drop(x)
         rope = rope_tables(self.config, position_ids) if self.config.position == "rope" else None
-        attention_dropout = self.config.dropout if self.training else 0.0
-        attn_mask = self.attention_mask(T, attention_mask, kv_cache, input_ids.device, document_ids, attention_dropout)
+        if kv_cache is not None:
+            attn_mask = kv_cache.attention_mask(T, attention_mask)
+        else:
+            attention_dropout = self.config.dropout if self.training else 0.0
+            attn_mask = self.attention_mask(T, attention_mask, input_ids.device, document_ids, attention_dropout)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, attn_mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
@@ -317,33 +322,16 @@ class GPT(nn.Module):
         return logits, loss
 
     @staticmethod
-    def attention_mask(T, padding_mask, kv_cache, device, document_ids=None,
+    def attention_mask(T, padding_mask, device, document_ids=None,
                        attention_dropout: float = 0.0) -> torch.Tensor | BlockMask | None:
-        """Boolean (B, 1, T, Tk) mask of allowed keys, or None when plain causal suffices; kept-apart
-        documents on CUDA get a BlockMask instead (see `documents_apart_mask`)."""
-        if document_ids is not None:
-            if kv_cache is not None or padding_mask is not None:
-                raise ValueError("document_ids keep the documents of packed training rows apart; "
-                                 "they take no KV cache and no padding mask")
+        """Boolean (B, 1, T, T) mask of allowed keys without a KV cache, or None when plain
+        causal attention suffices; kept-apart documents on CUDA get a BlockMask instead (see
+        `documents_apart_mask`)."""
+        if document_ids is not None:  # (forward refuses them with padding or a cache)
             return documents_apart_mask(document_ids, attention_dropout)
-        offset = kv_cache.length if kv_cache is not None else 0
-        if kv_cache is not None and padding_mask is not None:
-            if kv_cache.key_mask is None:
-                kv_cache.key_mask = torch.ones(padding_mask.size(0), kv_cache.max_len, dtype=torch.bool, device=device)
-            kv_cache.key_mask[:, offset : offset + T] = padding_mask.bool()
-        key_mask = kv_cache.key_mask if kv_cache is not None else padding_mask
-        if key_mask is None and (kv_cache is None or T == 1):
-            return None  # causal kernel, or one new token that may see the whole cache
-        Tk = offset + T
-        rows = torch.arange(offset, Tk, device=device)[:, None]
-        causal = torch.arange(Tk, device=device)[None, :] <= rows  # (T, Tk)
-        if key_mask is None:
-            return causal[None, None]
-        allowed = causal[None] & key_mask[:, None, :Tk].bool()  # (B, T, Tk)
-        # A padding query would see no key at all and produce NaN, which then leaks through
-        # zero attention weights; letting it see itself keeps every row finite.
-        allowed |= (rows == torch.arange(Tk, device=device)[None, :])[None]
-        return allowed[:, None]
+        if padding_mask is None:
+            return None
+        return allowed_keys(torch.arange(T, device=device), T, padding_mask.bool())
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

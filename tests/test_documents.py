@@ -149,7 +149,7 @@ def test_on_by_default_for_sft_off_for_pretraining_and_only_a_boolean(tmp_path):
 
 
 def test_document_ids_refuse_a_kv_cache_and_padding():
-    from model.gpt import KVCache
+    from model.kv_cache import KVCache
 
     model = _model(300, "gpt2")
     x = torch.randint(0, 300, (1, 8))

@@ -15,7 +15,9 @@ fixed random bigram chain (learnable: losses fall, so precisions can be compared
      the same stage (pipelines/train/memory.py; target within 10 %);
   5. a torch.profiler look at a few steps: device-busy time per step against wall time, and the
      ten kernels that take the most device time;
-  6. generation tokens/s with the KV cache in bf16, one sequence and a batch of 32.
+  6. greedy generation tokens/s in bf16, one sequence and a batch of 32: relaygpt's CUDA-graph
+     decoding, its eager path, and transformers' GPT2LMHeadModel.generate on the same weights
+     (the ratio against the targets of issue 19, and how many greedy tokens agree).
 
 Each case runs on its own: one that fails is a row saying so, the others still run, and --json
 is rewritten after each part, so a run cut off by a time limit keeps what it measured.
@@ -233,27 +235,94 @@ def profile_steps(config, *, micro_batch: int, grad_accum: int, device: str, poo
 
 
 def generation_case(config, state: dict, device: str, batch: int, new_tokens: int) -> dict:
-    """Greedy decoding with the KV cache in bf16 (fp32 on CPU): generated tokens per second."""
+    """Greedy decoding of `batch` prompts of 32 tokens, `new_tokens` new ones each, in bf16
+    (fp32 on the CPU), all from the same weights:
+
+    - relaygpt's generate on its GPU path, the CUDA graph (on the CPU the same static step
+      run eagerly, so the smoke run exercises that code);
+    - relaygpt's eager dynamic path (what a GPU ran before graphs, what a CPU runs);
+    - transformers' GPT2LMHeadModel.generate (use_cache, no sampling, never stopping early).
+
+    Tokens/s of each, relaygpt ÷ transformers against the target, and how many greedy tokens
+    agree position by position (bf16 near-ties may part two paths late in a row)."""
     import torch
 
-    from model.generate import SamplingParams, generate
     from model.gpt import GPT
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = GPT(config, initialize=False)
     model.load_state_dict(state)
-    model = model.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     prompts = [[(7 * row + 3 * i) % config.vocab_size for i in range(32)] for row in range(batch)]
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    generate(model, prompts, SamplingParams(max_new_tokens=8))  # warm-up
+    decoder = "graph" if device == "cuda" else "static"
+    ours, seconds, first_call_s = _relaygpt_greedy(model, prompts, new_tokens, decoder, device)
+    eager, eager_s, _ = _relaygpt_greedy(model, prompts, new_tokens, "dynamic", device)
+    theirs, theirs_s, attention = _transformers_greedy(config, state, prompts, new_tokens, device, dtype)
+    produced = sum(len(row) for row in ours)
+    tokens_per_s, theirs_tps = produced / seconds, sum(len(row) for row in theirs) / theirs_s
+    return {"case": f"generate batch {batch}", "decoder": decoder, "tokens": produced, "seconds": seconds,
+            "tokens_per_s": tokens_per_s, "first_call_s": first_call_s,
+            "eager_tokens_per_s": sum(len(row) for row in eager) / eager_s,
+            "transformers_tokens_per_s": theirs_tps, "transformers_attention": attention,
+            "ratio_vs_transformers": tokens_per_s / theirs_tps, "target_ratio": 10.0 if batch == 1 else 3.0,  # issue 19
+            "tokens_agreeing_transformers": _agreeing(ours, theirs), "tokens_agreeing_eager": _agreeing(ours, eager)}
+
+
+def _timed(device: str, run):
+    import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    done = generate(model, prompts, params)
+    out = run()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    produced = sum(len(c.tokens) for c in done)
-    return {"case": f"generate batch {batch}", "tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+    return out, time.perf_counter() - start
+
+
+def _relaygpt_greedy(model, prompts, new_tokens: int, decoder: str, device: str):
+    """(token rows, seconds, seconds of the first call). A static or graph decoder warms up on
+    a whole call of the same shape (its first call captures the graph); the eager path on 8
+    tokens."""
+    from model.generate import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=new_tokens)
+    _, first_call_s = _timed(device, lambda: generate(model, prompts, params if decoder != "dynamic" else
+                                                      SamplingParams(max_new_tokens=8), decoder=decoder))
+    done, seconds = _timed(device, lambda: generate(model, prompts, params, decoder=decoder))
+    return [c.tokens for c in done], seconds, first_call_s
+
+
+def _transformers_greedy(config, state: dict, prompts, new_tokens: int, device: str, dtype):
+    """(token rows, seconds, attention implementation) of GPT2LMHeadModel.generate on our weights
+    (model/export.py's GPT-2 layout, built in memory: no tokenizer needed)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from model.export import gpt2_hf_config, gpt2_hf_weights
+
+    # No end-of-text id: nothing may end a row early, and no logits processor touches the scores.
+    hf_config = GPT2Config(**gpt2_hf_config(config), bos_token_id=None, eos_token_id=None, attn_implementation="sdpa")
+    theirs = GPT2LMHeadModel(hf_config)
+    missing, unexpected = theirs.load_state_dict(gpt2_hf_weights(state, config), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embedding
+        raise RuntimeError(f"GPT-2 weights do not fit transformers: missing {missing}, unexpected {unexpected}")
+    theirs = theirs.to(device=device, dtype=dtype).eval()
+    ids = torch.tensor(prompts, device=device)
+
+    def run(count: int):
+        with torch.inference_mode():
+            return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
+                                   do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+
+    run(8)  # warm-up
+    out, seconds = _timed(device, lambda: run(new_tokens))
+    return out[:, ids.size(1):].tolist(), seconds, theirs.config._attn_implementation
+
+
+def _agreeing(a: list[list[int]], b: list[list[int]]) -> int:
+    """Tokens equal at the same position of the same row."""
+    return sum(x == y for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
 
 def agreement(a: list[float], b: list[float], skip: int) -> dict:
@@ -286,7 +355,11 @@ def table(rows: list[dict], agree: dict | None, generation: list[dict], device_n
         lines += ["", f"bf16 vs fp32, {agree['steps']} steps after the first {agree['skipped']}: max relative loss difference "
                       f"{agree['max_relative']:.2%}, mean {agree['mean_abs_nats']:.4f} nats"]
     for g in generation:
-        lines.append(f"{g['case']}: {g['tokens']} tokens in {g['seconds']:.2f} s = {g['tokens_per_s']:,.0f} tokens/s")
+        lines.append(f"{g['case']} ({g['decoder']}): {g['tokens']} tokens in {g['seconds']:.2f} s = {g['tokens_per_s']:,.0f} tokens/s "
+                     f"(first call {g['first_call_s']:.2f} s); eager {g['eager_tokens_per_s']:,.0f} tokens/s; transformers "
+                     f"{g['transformers_tokens_per_s']:,.0f} tokens/s ({g['transformers_attention']}): relaygpt ÷ transformers "
+                     f"{g['ratio_vs_transformers']:.1f}x (target >= {g['target_ratio']:g}x); greedy tokens agreeing: "
+                     f"transformers {g['tokens_agreeing_transformers']}/{g['tokens']}, eager {g['tokens_agreeing_eager']}/{g['tokens']}")
     return "\n".join(lines)
 
 
