@@ -215,15 +215,15 @@ def cmd_run(args) -> int:
 
     _quiet_ray()
     job, run_dir = _job_and_run_dir(args)
-    print(f"relaygpt run {job.name} -> {run_dir.root}", flush=True)
-    console = terminal()
+    console = terminal()  # every line of ours goes through it: a reader that goes away (| head) silences it, no more
+    console.line(f"relaygpt run {job.name} -> {run_dir.root}")
     # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
     try:
         summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
                           show=console.line, live=console.progress if console.live else None, log_output=True)
     finally:
         console.done()  # an error line starts below the last progress line, not on it
-    print(format_summary(summary))
+    console.line(format_summary(summary))
     return 0
 
 
