@@ -58,7 +58,12 @@ class StartupClock:
 
     @contextmanager
     def phase(self, name: str):
-        """Time the block as `name`, less any phase timed inside it."""
+        """Time the block as `name`, less any phase timed inside it. Once the measured stage
+        has been launched, the start-up is over: a later phase (the eval stage starting Ray)
+        is not counted."""
+        if self.launched_at is not None:
+            yield
+            return
         start = time.time()
         self._open.append(0.0)
         try:

@@ -110,6 +110,9 @@ def test_start_up_phases_are_exclusive_and_add_up_to_the_total():
     assert clock.stage_record() == {"launcher": "local", "to_first_step": 3.0,
                                     "seconds": {"worker_start": 1.0, "engine_init": 1.5, "resume": 0.25, "first_step": 0.25}}
     assert clock.line().endswith("= 13.0s to the first pretrain step (local launcher)")
+    with clock.phase("ray_start"):  # the eval stage's Ray, after the first step: not start-up
+        time.sleep(0.01)
+    assert clock.phases() == phases
 
 
 # ---- end to end: relaygpt run without --address ---------------------------------------------
