@@ -503,7 +503,7 @@ def cmd_chat(args) -> int:
 # ---- registration: one line per command -----------------------------------------------------
 
 COMMANDS = [
-    ("run", "run a job's stages on Ray (embedded, or --address)", _run_args, cmd_run),
+    ("run", "run a job's stages (an embedded Ray when a stage needs one, or --address)", _run_args, cmd_run),
     ("plan", "pre-flight: topology, batch arithmetic, memory per pipeline stage, problems", _job_args, cmd_plan),
     ("submit", "submit a job to a Ray cluster (Ray Jobs)", _submit_args, cmd_submit),
     ("jobs list", "submitted jobs", _jobs_args("list"), cmd_jobs),
