@@ -212,18 +212,20 @@ def _job_and_run_dir(args):
 def cmd_run(args) -> int:
     from cluster.console import terminal
     from cluster.driver import format_summary, run_job
+    from cluster.startup import StartupClock, process_started_at
 
+    clock = StartupClock(started_at=process_started_at())  # the start-up counts from the command's own start
     _quiet_ray()
     job, run_dir = _job_and_run_dir(args)
-    print(f"relaygpt run {job.name} -> {run_dir.root}", flush=True)
-    console = terminal()
+    console = terminal()  # every line of ours goes through it: a reader that goes away (| head) silences it, no more
+    console.line(f"relaygpt run {job.name} -> {run_dir.root}")
     # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
     try:
         summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
-                          show=console.line, live=console.progress if console.live else None, log_output=True)
+                          show=console.line, live=console.progress if console.live else None, log_output=True, clock=clock)
     finally:
         console.done()  # an error line starts below the last progress line, not on it
-    print(format_summary(summary))
+    console.line(format_summary(summary))
     return 0
 
 
@@ -241,12 +243,12 @@ def cmd_plan(args) -> int:
 def cmd_data_prepare(args) -> int:
     import time
 
-    from cluster.launch import ray_when_needed
+    from cluster.launch import blocks_runner
     from pipelines.data.prepare import prepare_data, validation_warning
 
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
-    with _third_party_to(run_dir.log_file) as console, ray_when_needed(job.cluster.address, job.data.num_proc) as run_blocks:
+    with _third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft"):
@@ -285,7 +287,7 @@ def cmd_data_verify(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
-    from cluster.launch import ray_when_needed
+    from cluster.launch import blocks_runner
     from jobs.plan import resolve_plan
     from pipelines.data.inspect import describe
     from pipelines.data.prepare import prepare_data
@@ -293,7 +295,7 @@ def cmd_data_inspect(args) -> int:
     job, run_dir = _job_and_run_dir(args)
     if getattr(job.data, args.stage) is None:
         raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
-    with ray_when_needed(job.cluster.address, job.data.num_proc) as run_blocks:
+    with blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, stages=(args.stage,), run_blocks=run_blocks)
     training = resolve_plan(job, run_dir).training
     seq_len = training[args.stage].seq_len if args.stage in training else job.model.block_size
@@ -501,7 +503,7 @@ def cmd_chat(args) -> int:
 # ---- registration: one line per command -----------------------------------------------------
 
 COMMANDS = [
-    ("run", "run a job's stages on Ray (embedded, or --address)", _run_args, cmd_run),
+    ("run", "run a job's stages (an embedded Ray when a stage needs one, or --address)", _run_args, cmd_run),
     ("plan", "pre-flight: topology, batch arithmetic, memory per pipeline stage, problems", _job_args, cmd_plan),
     ("submit", "submit a job to a Ray cluster (Ray Jobs)", _submit_args, cmd_submit),
     ("jobs list", "submitted jobs", _jobs_args("list"), cmd_jobs),

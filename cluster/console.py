@@ -22,23 +22,27 @@ from pathlib import Path
 
 
 class Console:
-    """Lines that stay (`line`) and one progress line that the next update replaces (`progress`)."""
+    """Lines that stay (`line`) and one progress line that the next update replaces (`progress`).
+
+    A reader that goes away (`relaygpt run ... | head`) ends the output quietly: the first write
+    that finds the pipe closed turns every later one into nothing, and the run goes on (its
+    results are on disk; a training run is not thrown away because a viewer closed)."""
 
     def __init__(self, stream, *, live: bool | None = None, width: int | None = None) -> None:
         self.stream = stream
         self.live = stream.isatty() if live is None else live
         self.width = width or _terminal_width(stream)
+        self.closed = False  # the reader went away
         self._shown = ""  # the progress line now on screen (live only)
         self._lock = threading.Lock()
 
     def line(self, text: str) -> None:
         with self._lock:
             if self._shown:
-                self.stream.write("\r" + " " * len(self._shown) + "\r")
-            self.stream.write(text + "\n")
+                self._write("\r" + " " * len(self._shown) + "\r")
+            self._write(text + "\n")
             if self._shown:
-                self.stream.write(self._shown)
-            self.stream.flush()
+                self._write(self._shown)
 
     def progress(self, text: str | None) -> None:
         """Replace the progress line with `text`; None keeps the current one as a line (`done`)."""
@@ -51,17 +55,35 @@ class Console:
         text = text[: self.width - 1]
         with self._lock:
             pad = max(0, len(self._shown) - len(text))
-            self.stream.write("\r" + text + " " * pad + ("\b" * pad))
-            self.stream.flush()
+            self._write("\r" + text + " " * pad + ("\b" * pad))
             self._shown = text
 
     def done(self) -> None:
         """Keep the progress line on screen as it last was, and start a new line below it."""
         with self._lock:
             if self._shown:
-                self.stream.write("\n")
-                self.stream.flush()
+                self._write("\n")
                 self._shown = ""
+
+    def _write(self, text: str) -> None:
+        """Write and flush (called with the lock held); a closed reader silences the console."""
+        if self.closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self._close()
+
+    def _close(self) -> None:
+        """Stop writing to a stream whose reader is gone. What its buffer still holds must not
+        be flushed again (at exit that prints a BrokenPipeError): its descriptor now points at
+        /dev/null, so the stream can close, or the interpreter flush it, harmlessly."""
+        self.closed = True
+        with suppress(OSError, ValueError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
 
 
 def _terminal_width(stream) -> int:

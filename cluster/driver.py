@@ -1,9 +1,15 @@
-"""`relaygpt run`: the stages of a job, in order, on Ray — each fingerprinted and resumable.
+"""`relaygpt run`: the stages of a job, in order — each fingerprinted and resumable.
 
-    data      tokenizer + token shards (Ray Data tasks on every node)
-    pretrain  Ray Train workers running pipelines.train.train_stage
+    data      tokenizer + token shards (Ray Data tasks on every node; in this process for an
+              embedded run with one data worker)
+    pretrain  workers running pipelines.train.train_stage: Ray Train, or local child processes
+              (cluster.launcher; auto: local for one worker on an embedded run)
     sft       the same, from the pretrain export
     eval      a Ray Data pool of generation workers on the base and assistant exports
+
+Ray starts when a stage first needs it (a joined cluster at once), so a one-worker embedded
+run trains without starting Ray at all. The start-up before the first training step is
+measured by phase (cluster/startup.py): one line when the step is done, and in summary.json.
 
 Every stage writes RUN/<stage>/stage.json (status, fingerprint, timings, metrics). A re-run
 skips a completed stage whose fingerprint (its settings, the contents of the files it read,
@@ -19,9 +25,14 @@ import json
 import math
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
+from cluster.runtime import RayOnDemand
+from cluster.startup import StartupClock
 from model.atomic import write_json_atomically, write_text_atomically
 from model.errors import RelayError, StageFailed
 from pipelines.rundir import TRAINING_STAGES, RunDir
@@ -98,38 +109,67 @@ def _clear_stage(run_dir: RunDir, stage: str) -> None:
     run_dir.remove(run_dir.stage(stage).root)  # refuses anything outside the run directory
 
 
+@dataclass
+class Driving:
+    """What the stages of one `relaygpt run` share: the job, where relaygpt's lines go, the
+    start-up clock, the training launcher, and Ray (started when a stage first needs it)."""
+
+    job: Any
+    show: Callable[[str], None]
+    live: Callable[[str | None], None] | None  # a terminal's progress line, or None: steps as lines
+    progress: bool  # follow the training stages' steps
+    clock: StartupClock
+    address: str | None  # --address or cluster.address
+    embedded: bool  # no Ray cluster is joined: everything runs on this machine
+    launcher: str  # of the training stages: "local" or "ray" (cluster/launch.py choose_launcher)
+    ray: RayOnDemand | None = None
+
+
 def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = False, from_stage: str | None = None,
-            show=print, progress: bool = True, live=None, log_output: bool = False) -> dict:
+            show=print, progress: bool = True, live=None, log_output: bool = False, clock: StartupClock | None = None) -> dict:
     """Run every stage of `job` into `run_dir`; returns the summary (also written to summary.json).
 
     `show` takes relaygpt's lines; `live`, where given, the progress updates that a terminal
     redraws in place (training steps, generation rows); without it the training steps are lines.
     `log_output` sends everything else this process and its children print (Ray, DeepSpeed, the
-    workers' forwarded output) to RUN/logs/run.log once the job has passed preflight. A stage
-    that fails on anything but a user error raises StageFailed: one line, and that log file.
+    workers' output) to RUN/logs/run.log once the job has passed preflight. A stage that fails
+    on anything but a user error raises StageFailed: one line, and that log file. `clock` times
+    the start-up (from this call unless given): its phases are a line once the first training
+    step is done, and `startup` in summary.json.
+
+    Ray starts when a stage first needs it: a cluster that is joined, at once; an embedded Ray
+    for data preparation on Ray Data (more than one data worker, or cluster.launcher: ray),
+    training on Ray Train, or the eval stage's generation pool.
     """
-    from cluster.plan import preflight
-    from cluster.runtime import check_reachable
+    from cluster.launch import choose_launcher
+    from cluster.plan import check_local_resources, preflight
+    from cluster.runtime import check_reachable, joins_a_cluster
 
     if from_stage is not None and from_stage not in stages_of(job):
         raise RelayError(f"--from-stage: {from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
     run = preflight(job, run_dir)
-    if address or job.cluster.address:
-        check_reachable(address or job.cluster.address)
+    address = address or job.cluster.address
+    if address:
+        check_reachable(address)
+    embedded = not joins_a_cluster(address)
+    launcher = choose_launcher(job.cluster, joins_a_cluster=not embedded)
+    if embedded:
+        check_local_resources(job, launcher)
+    ctx = Driving(job, show, live, progress, clock or StartupClock(), address, embedded, launcher)
     if log_output:
         from cluster.console import output_to
 
         show(f"[run] Ray, DeepSpeed and worker output: {run_dir.log_file}")
         with output_to(run_dir.log_file):
-            return _run_stages(job, run, run_dir, address, resume, from_stage, show, live, progress)
-    return _run_stages(job, run, run_dir, address, resume, from_stage, show, live, progress)
+            return _run_stages(ctx, run, resume, from_stage)
+    return _run_stages(ctx, run, resume, from_stage)
 
 
-def _run_stages(job, run, run_dir: RunDir, address, resume: bool, from_stage, show, live, progress: bool) -> dict:
+def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
     from cluster.plan import check_resources
-    from cluster.runtime import ray_session
     from pipelines.inputs import FileHashes, describe_change
 
+    job, run_dir = ctx.job, run.run_dir
     write_text_atomically(run_dir.job_file, yaml.safe_dump(run.job, sort_keys=False))
     hashes = FileHashes(run_dir.input_hashes)
     inputs = stage_inputs(job, hashes)
@@ -144,47 +184,55 @@ def _run_stages(job, run, run_dir: RunDir, address, resume: bool, from_stage, sh
     # the data workers, or the generation pool), even beyond the machine's cores: oversubscribing is the user's call.
     ev = job.stages.eval
     wanted = max(c.num_workers * c.cpus_per_worker + 1, job.data.num_proc, ev.workers * ev.cpus_per_worker if ev else 0)
-    with ray_session(address or c.address, num_cpus=math.ceil(wanted)):
-        check_resources(job)
+    with RayOnDemand(ctx.address, num_cpus=math.ceil(wanted), clock=ctx.clock, on_start=lambda: check_resources(job)) as ctx.ray:
+        if not ctx.embedded:
+            ctx.ray.ensure()  # a cluster is joined at once: what it lacks is said before any stage starts
         for stage in stages_of(job):
             status = run_dir.stage(stage).read_status()
             same = status.get("fingerprint") == prints[stage]
             if status.get("status") == "completed" and same and stage not in forced:
-                show(f"[{stage}] up to date (fingerprint {prints[stage]}), skipped")
+                ctx.show(f"[{stage}] up to date (fingerprint {prints[stage]}), skipped")
                 results[stage] = status.get("result", {})
             else:
                 change = describe_change(status.get("inputs"), inputs.get(stage, {})) if status.get("status") == "completed" else None
                 if change:
-                    show(f"[{stage}] input changed: {change}, {RERUN[stage]}")
-                results[stage] = _run_recorded(job, run, stage, prints[stage], status, resume and same and stage not in forced,
-                                               show, live, progress, timings, inputs.get(stage, {}))
+                    ctx.show(f"[{stage}] input changed: {change}, {RERUN[stage]}")
+                results[stage] = _run_recorded(ctx, run, stage, prints[stage], status, resume and same and stage not in forced,
+                                               timings, inputs.get(stage, {}))
             if stage == "data" and not run.vocab_exact:  # the tokenizer now exists: plan with its real vocabulary
                 from jobs.plan import resolve_plan
 
                 run = resolve_plan(job, run_dir)
     summary = _summary(job, run_dir, results, timings, time.time() - started)
+    if ctx.clock.seconds or ctx.clock.first_step_seen:
+        summary["startup"] = ctx.clock.record()
     write_json_atomically(run_dir.summary_file, summary)
     return summary
 
 
-def _run_recorded(job, run, stage: str, fingerprint: str, status: dict, resume: bool, show, live, progress: bool, timings: dict,
+def _run_recorded(ctx: Driving, run, stage: str, fingerprint: str, status: dict, resume: bool, timings: dict,
                   inputs: dict[str, str]) -> dict:
     """Run one stage, recording it in its stage.json as running, then completed or failed (with the
     inputs it read, so that a re-run can say which one changed)."""
     run_dir = run.run_dir
     if status:
         if resume:
-            show(f"[{stage}] resuming from its newest checkpoint")
+            ctx.show(f"[{stage}] resuming from its newest checkpoint")
         else:
             if status.get("status") != "completed" and status.get("fingerprint") == fingerprint:
                 how = "failed last time" if status.get("status") == "failed" else "was interrupted"
-                show(f"[{stage}] {how}; starting it over (--resume continues from its newest checkpoint)")
+                ctx.show(f"[{stage}] {how}; starting it over (--resume continues from its newest checkpoint)")
             _clear_stage(run_dir, stage)
     record = run_dir.stage(stage)
     t0 = time.time()
     record.write_status({"stage": stage, "status": "running", "fingerprint": fingerprint, "inputs": inputs, "started": t0})
     try:
-        result = _run_stage(job, run, stage, show, live, progress)
+        if stage == "data":
+            result = _run_data(ctx, run_dir)
+        elif stage in TRAINING_STAGES:
+            result = _run_training(ctx, run, stage)
+        else:
+            result = _run_eval(ctx, run_dir)
     except BaseException as exc:
         record.write_status({"stage": stage, "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                              "fingerprint": fingerprint, "inputs": inputs, "started": t0, "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -212,45 +260,76 @@ def _failure(run_dir: RunDir, stage: str, exc: Exception) -> StageFailed:
     return StageFailed(f"{stage} failed: {what}", str(log))
 
 
-def _run_stage(job, run, stage: str, show, live, progress: bool) -> dict:
+def _run_data(ctx: Driving, run_dir: RunDir) -> dict:
+    """The tokenizer and the token shards: the blocks in this process (cluster/launch.py
+    prepares_here: an embedded run with one data worker), else as Ray Data tasks on every node."""
     from cluster import launch
     from pipelines.data.prepare import validation_warning
+    from pipelines.data.pretrain import run_blocks_here
 
-    run_dir = run.run_dir
-    if stage == "data":
-        show(f"[data] tokenizer and token shards ({job.data.num_proc} worker(s))")
-        result = launch.prepare_on_ray(job, run_dir, show=lambda line: show(f"[data] {line}"))
-        show(f"[data] tokenizer {result['tokenizer']['name']} ({result['tokenizer']['n_vocab']} ids); "
-             + "; ".join(f"{k}: train {v.get('train')} / val {v.get('val')} tokens{' (cached)' if v['cached'] else ''}"
-                         for k, v in result.items() if k != "tokenizer"))
-        for name, counts in result.items():
-            warning = validation_warning(name, counts["train"], counts["val"]) if name != "tokenizer" else None
-            if warning:
-                show(f"[data] warning: {warning}")
-        return result
-    if stage in TRAINING_STAGES:
-        plan = run.stage(stage)
-        show(f"[{stage}] {plan.world_size} worker(s), data {plan.data_parallel} x pipeline {plan.pipeline_stages}, "
+    job, show = ctx.job, ctx.show
+    here = launch.prepares_here(job, joins_a_cluster=not ctx.embedded)
+    show(f"[data] tokenizer and token shards ({job.data.num_proc} worker(s){', in this process' if here else ''})")
+    result = launch.prepare_run_data(job, run_dir, show=lambda line: show(f"[data] {line}"), timed=ctx.clock.phase,
+                                     run_blocks=run_blocks_here if here else launch.blocks_on_ray(ctx.ray))
+    show(f"[data] tokenizer {result['tokenizer']['name']} ({result['tokenizer']['n_vocab']} ids); "
+         + "; ".join(f"{k}: train {v.get('train')} / val {v.get('val')} tokens{' (cached)' if v['cached'] else ''}"
+                     for k, v in result.items() if k != "tokenizer"))
+    for name, counts in result.items():
+        warning = validation_warning(name, counts["train"], counts["val"]) if name != "tokenizer" else None
+        if warning:
+            show(f"[data] warning: {warning}")
+    return result
+
+
+def _run_training(ctx: Driving, run, stage: str) -> dict:
+    """A training stage on the run's launcher, followed by the progress display. The first one
+    this run starts is the one whose start-up is measured (its result gains `startup`)."""
+    from cluster import launch
+    from cluster.local import train_locally
+
+    plan, record = run.stage(stage), run.run_dir.stage(stage)
+    ctx.show(f"[{stage}] {plan.world_size} worker(s), data {plan.data_parallel} x pipeline {plan.pipeline_stages}, "
              f"ZeRO-{plan.zero_stage}, {plan.precision}, {plan.total_steps} steps of {plan.tokens_per_step:,} tokens")
-        # Only lines of this attempt: a resumed stage's earlier history is already on record.
-        record = run_dir.stage(stage)
-        watcher = ProgressWatcher(record.metrics.follow_from_end(), record.messages.follow_from_end(), show, live) if progress else None
-        try:
-            launch.train_on_ray(run, stage, job.cluster)
-        finally:
-            if watcher:
-                watcher.stop()
-        return run_dir.stage(stage).result()
-    return _run_eval(job, run_dir, show, live if progress else None)
+    record.startup.unlink(missing_ok=True)  # an earlier run's; rank 0 writes this one's at its first step
+    if ctx.launcher == "ray":
+        ctx.ray.ensure()
+    measured = ctx.clock.launching(stage, ctx.launcher)
+    first_step = (lambda marks: _first_step(ctx, marks)) if measured else None
+    # Only lines of this attempt: a resumed stage's earlier history is already on record.
+    watcher = ProgressWatcher(record.metrics.follow_from_end(), record.messages.follow_from_end(), ctx.show, ctx.live,
+                              startup=record.startup if measured else None, on_startup=first_step) if ctx.progress else None
+    try:
+        if ctx.launcher == "local":
+            train_locally(run, stage, ctx.job.cluster)
+        else:
+            launch.train_on_ray(run, stage, ctx.job.cluster)
+    finally:
+        if watcher:
+            watcher.stop()
+    result = record.result()
+    if measured and not ctx.clock.first_step_seen and record.startup.exists():  # no watcher followed the stage
+        _first_step(ctx, json.loads(record.startup.read_text()))
+    if measured and ctx.clock.first_step_seen:
+        result["startup"] = ctx.clock.stage_record()
+    return result
 
 
-def _run_eval(job, run_dir: RunDir, show, live=None) -> dict:
+def _first_step(ctx: Driving, marks: dict) -> None:
+    """Rank 0 has done its first step: the start-up is complete, and said in one line."""
+    ctx.clock.worker_marks(marks)
+    ctx.show(ctx.clock.line())
+
+
+def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
     from cluster import launch
     from pipelines.eval.run import evaluate_models
     from pipelines.eval.task import load_task
 
+    job, show, live = ctx.job, ctx.show, ctx.live if ctx.progress else None
     spec = job.stages.eval
     show(f"[eval] {len(spec.models)} model(s) x {len(spec.tasks)} task(s) on {spec.workers} generation worker(s)")
+    ctx.ray.ensure()
 
     named = {"base": run_dir.model("pretrain"), "assistant": run_dir.model("sft")}
     models = {m: named.get(m) or job.path(m) for m in spec.models}
@@ -334,10 +413,13 @@ def format_summary(summary: dict) -> str:
 class ProgressWatcher:
     """Follows a stage's step log and messages (both written by rank 0): each message is a line;
     each logged step updates the progress display (`live`), or is a line where there is none;
-    a step with a validation result is always a line."""
+    a step with a validation result is always a line. Rank 0's start-up marks (`startup`, a
+    file written at its first step) go to `on_startup` as soon as they appear."""
 
-    def __init__(self, log, messages, show, live=None, interval: float = 0.5) -> None:
+    def __init__(self, log, messages, show, live=None, interval: float = 0.5, *, startup: Path | None = None,
+                 on_startup: Callable[[dict], None] | None = None) -> None:
         self.log, self.messages, self.show, self.live, self.interval = log, messages, show, live, interval
+        self.startup, self.on_startup = startup, on_startup  # rank 0's start-up marks, handed over once they are written
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -348,6 +430,9 @@ class ProgressWatcher:
 
         while True:
             stopping = self._stop.is_set()
+            if self.startup is not None and self.startup.exists():  # written whole (atomically), at the first step
+                marks, self.startup = json.loads(self.startup.read_text()), None
+                self.on_startup(marks)
             for record in self.messages.new_records():
                 self.show(record["message"])
             for record in self.log.new_records():

@@ -1,5 +1,6 @@
-"""Running the stages on Ray: data preparation on Ray Data, training on Ray Train, generation
-on a Ray Data actor pool. The work itself lives in pipelines/; this module only places it.
+"""Placing the stages' work: data preparation on Ray Data (or in this process), training on Ray
+Train (or on local processes, cluster/local.py), generation on a Ray Data actor pool. The work
+itself lives in pipelines/; this module only places it.
 
 Multi-node runs need the run directory on a filesystem every node sees (checkpoints, data
 shards and exports are read and written by whichever node a worker lands on).
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 from model.errors import RelayError
 
@@ -17,35 +18,49 @@ WINDOW_BLOCKS = 4096  # blocks handed to one Ray Data execution
 WINDOW_INLINE_BYTES = 256 << 20  # records carried inline (streamed from the hub) per execution
 
 
-def prepare_on_ray(job, run_dir, show=None) -> dict:
+def prepare_run_data(job, run_dir, show=None, *, run_blocks=None, timed=None) -> dict:
     """Tokenizer and data preparation of `run_dir` (a RunDir): planned on this driver, the
-    pretraining blocks tokenized by Ray Data tasks on every node; returns the manifests' counts."""
+    pretraining blocks tokenized by `run_blocks` (default: Ray Data tasks on every node);
+    returns the manifests' counts. `timed(phase)` times the tokenizer and the data apart."""
     from pipelines.data.prepare import prepare_data
 
-    out = prepare_data(job, run_dir, run_blocks=run_blocks_on_ray, show=show)
+    out = prepare_data(job, run_dir, run_blocks=run_blocks or run_blocks_on_ray, show=show, timed=timed)
     tok = out.pop("tokenizer")
     return {"tokenizer": {**tok.identity, "n_vocab": tok.n_vocab},
             **{stage: {"cached": m["cached"], **{name: split.get("tokens") for name, split in m["splits"].items()}}
                for stage, m in out.items()}}
 
 
+def prepares_here(job, *, joins_a_cluster: bool) -> bool:
+    """Whether the pretraining blocks run in this process: on an embedded run with one data
+    worker, where Ray Data would run the same function as one task after starting Ray (the
+    shards are the same bytes), unless the job asks for Ray (cluster.launcher: ray)."""
+    return not joins_a_cluster and job.data.num_proc == 1 and job.cluster.launcher != "ray"
+
+
 @contextmanager
-def ray_when_needed(address: str | None, num_cpus: int):
-    """A `run_blocks` for prepare_data that joins `address` (or starts an embedded Ray with at
-    least `num_cpus` CPUs) the first time there are blocks to run, and leaves it at the end:
-    a command whose data is up to date, or that has only SFT data, starts no Ray."""
-    from cluster.runtime import ray_session
+def blocks_runner(job):
+    """A `run_blocks` for prepare_data outside `relaygpt run` (data prepare, data inspect): this
+    process where `prepares_here`, else Ray Data on `cluster.address` (or RAY_ADDRESS, or an
+    embedded Ray of `data.num_proc` CPUs) started the first time there are blocks to run and
+    left at the end: a command whose data is up to date, or that has only SFT data, starts no Ray."""
+    from cluster.runtime import RayOnDemand, joins_a_cluster
+    from pipelines.data.pretrain import run_blocks_here
 
-    with ExitStack() as stack:
-        started = []
+    if prepares_here(job, joins_a_cluster=joins_a_cluster(job.cluster.address)):
+        yield run_blocks_here
+        return
+    with RayOnDemand(job.cluster.address, num_cpus=job.data.num_proc) as ray:
+        yield blocks_on_ray(ray)
 
-        def run_blocks(blocks, work, workers):
-            if not started:
-                stack.enter_context(ray_session(address, num_cpus=num_cpus))
-                started.append(True)
-            return run_blocks_on_ray(blocks, work, workers)
 
-        yield run_blocks
+def blocks_on_ray(ray):
+    """A `run_blocks` that starts `ray` (a RayOnDemand) when it is first given blocks."""
+    def run_blocks(blocks, work, workers):
+        ray.ensure()
+        return run_blocks_on_ray(blocks, work, workers)
+
+    return run_blocks
 
 
 def run_blocks_on_ray(blocks, work, workers: int):
@@ -118,6 +133,18 @@ def _quiet_ray_data():
             handler.setLevel(level)
 
 
+def choose_launcher(cluster, *, joins_a_cluster: bool) -> str:
+    """What starts a run's training workers, "local" or "ray", from `cluster.launcher` (the job's
+    cluster settings): auto is local for one worker on an embedded run, where Ray Train would
+    only add Ray's start and its worker start to the same single process."""
+    if cluster.launcher == "local" and joins_a_cluster:
+        raise RelayError("cluster.launcher: local starts the training workers on this machine without Ray, but this run "
+                         "joins a Ray cluster (--address, cluster.address or RAY_ADDRESS); use auto or ray")
+    if cluster.launcher == "auto":
+        return "local" if cluster.num_workers == 1 and not joins_a_cluster else "ray"
+    return cluster.launcher
+
+
 def _get(ref):
     """ray.get that turns a user error raised remotely back into a RelayError."""
     import ray
@@ -133,22 +160,25 @@ def _get(ref):
 
 def _train_loop(config: dict) -> None:
     """What every Ray Train worker runs: the same function torchrun runs, on the driver's plan."""
-    import os
-    import socket
-
     import ray
     import ray.train
 
     from pipelines.train.trainer import train_stage
 
     run, stage = config["run"], config["stage"]
-    # Where each rank runs (node, host, pid): for placement checks and debugging.
-    rank = ray.train.get_context().get_world_rank()
-    where = run.run_dir.stage(stage).workers
-    where.mkdir(parents=True, exist_ok=True)
-    (where / f"rank_{rank}.json").write_text(json.dumps({
-        "rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}))
+    record_where(run.run_dir.stage(stage), ray.train.get_context().get_world_rank(), ray.get_runtime_context().get_node_id())
     train_stage(run, stage, console=False)
+
+
+def record_where(stage_dir, rank: int, node_id: str) -> None:
+    """Where a training rank runs (node, host, pid), in RUN/<stage>/workers/rank_N.json: for
+    placement checks and debugging."""
+    import os
+    import socket
+
+    stage_dir.workers.mkdir(parents=True, exist_ok=True)
+    (stage_dir.workers / f"rank_{rank}.json").write_text(json.dumps({
+        "rank": rank, "node_id": node_id, "host": socket.gethostname(), "pid": os.getpid()}))
 
 
 def train_on_ray(run, stage: str, cluster) -> None:
@@ -168,8 +198,7 @@ def train_on_ray(run, stage: str, cluster) -> None:
                                      placement_strategy=cluster.placement),
         run_config=RunConfig(name=f"{run.job_name}-{stage}", storage_path=str(run.run_dir.stage(stage).ray_storage),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
-                                                              "PYTHONWARNINGS": "ignore::FutureWarning"}}),
+                             worker_runtime_env={"env_vars": worker_env(use_gpu)}),
     )
     try:
         trainer.fit()
@@ -181,6 +210,11 @@ def train_on_ray(run, stage: str, cluster) -> None:
         if failed is not None:
             raise WorkerFailed(failed) from exc
         raise
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment variables every training worker gets, under either launcher."""
+    return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "PYTHONWARNINGS": "ignore::FutureWarning"}
 
 
 class WorkerFailed(RuntimeError):
@@ -198,10 +232,17 @@ def _first_worker_failure(exc: BaseException) -> str | None:
     failures = next((e.worker_failures for e in _causes(exc) if getattr(e, "worker_failures", None)), None)
     if not failures:
         return None
-    described = {}
-    for rank, error in failures.items():
-        error = getattr(error, "cause", None) or error
-        described[rank] = f"{type(error).__name__}{': ' + first_line(error) if first_line(error) else ''}"
+    return name_the_cause({rank: describe_error(getattr(error, "cause", None) or error) for rank, error in failures.items()})
+
+
+def describe_error(error: BaseException) -> str:
+    """`Error: the first line of its message`."""
+    return f"{type(error).__name__}{': ' + first_line(error) if first_line(error) else ''}"
+
+
+def name_the_cause(described: dict[int, str]) -> str:
+    """`rank N: what failed` of the failure that most likely caused the others (see
+    `_first_worker_failure`), from each failed rank's description."""
     rank = min(described, key=lambda r: (any(word in described[r].lower() for word in _KNOCK_ON), r))
     others = f" (and {len(described) - 1} other rank(s); all in the log)" if len(described) > 1 else ""
     return f"rank {rank}: {described[rank]}{others}"

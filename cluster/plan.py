@@ -126,6 +126,32 @@ def check_resources(job) -> None:
                                  f"but the Ray cluster has {have.get(kind, 0):g}")
 
 
+def check_local_resources(job, launcher: str) -> None:
+    """An embedded run: this machine has the GPUs the job reserves (its CPUs are the job's to
+    oversubscribe: an embedded Ray gets as many logical CPUs as asked). Local ranks each take
+    the GPU of their local rank, so they need one each."""
+    c, ev = job.cluster, job.stages.eval
+    training = c.num_workers * c.gpus_per_worker
+    if launcher == "local" and c.gpus_per_worker:
+        training = max(training, c.num_workers)
+    pool = ev.workers * ev.gpus_per_worker if ev is not None else 0
+    if not training and not pool:
+        return
+    have = local_gpu_count()
+    if training > have:
+        raise RelayError(f"cluster.gpus_per_worker: the job needs {training:g} GPUs ({c.num_workers} workers x {c.gpus_per_worker:g}"
+                         f"{', one each for local workers' if launcher == 'local' else ''}) but this machine has {have}")
+    if pool > have:
+        raise RelayError(f"stages.eval.workers: {ev.workers} generation workers x {ev.gpus_per_worker:g} GPU need {pool:g} GPUs "
+                         f"but this machine has {have}")
+
+
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def device_memory(job) -> float | None:
     """Bytes one worker may use: cluster.device_memory_gb on GPUs; on an embedded CPU run, the host's share."""
     cluster = job.cluster
@@ -142,7 +168,7 @@ def format_plan(job, run, problems: list[str]) -> str:
     """What `relaygpt plan` prints: the cluster, each training stage's resolved numbers and memory, the problems."""
     c = job.cluster
     lines = [f"job {job.name}: {c.num_workers} worker(s) x {c.cpus_per_worker:g} CPU" + (f" + {c.gpus_per_worker:g} GPU" if c.gpus_per_worker else "")
-             + f", placement {c.placement}, {'Ray at ' + c.address if c.address else 'embedded Ray'}"]
+             + f", placement {c.placement}, {'Ray at ' + c.address if c.address else 'embedded'}, {_launcher_note(job)}"]
     if run is not None:
         vocab = f"{run.vocab_size}" + ("" if run.vocab_exact else " (the trained tokenizer's target; a small corpus may give fewer)")
         lines.append(f"run directory {run.run_dir.root}; vocabulary {vocab}; {run.device} workers")
@@ -153,6 +179,18 @@ def format_plan(job, run, problems: list[str]) -> str:
                  "\ndevice memory: unknown (set cluster.device_memory_gb to check GPU fit)")
     lines.append("problems:\n  " + "\n  ".join(problems) if problems else "no problems found")
     return "\n".join(lines)
+
+
+def _launcher_note(job) -> str:
+    """What starts the training workers when the job runs as written (no --address)."""
+    from cluster.launch import choose_launcher
+
+    try:
+        launcher = choose_launcher(job.cluster, joins_a_cluster=bool(job.cluster.address))
+    except RelayError:
+        return f"launcher {job.cluster.launcher}"  # refused, and said so among the problems
+    how = "local processes, no Ray" if launcher == "local" else "Ray Train"
+    return f"training on {how} (launcher {job.cluster.launcher})"
 
 
 def _format_stage(p) -> list[str]:

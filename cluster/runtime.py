@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from contextlib import contextmanager
+import sys
+from contextlib import ExitStack, contextmanager, nullcontext
 from urllib.parse import urlparse
 
 from model.errors import RelayError
@@ -74,6 +75,43 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
         yield
     finally:
         ray.shutdown()
+
+
+def joins_a_cluster(address: str | None) -> bool:
+    """Whether this driver's Ray work goes to a cluster that is already there: an address
+    (--address, cluster.address, or RAY_ADDRESS as a Ray Job's driver has) or a Ray this process
+    is connected to. Otherwise the run is embedded: everything on this machine."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # not imported: not connected (and importing it costs a second)
+    return bool(ray is not None and ray.is_initialized())
+
+
+class RayOnDemand:
+    """Ray for the stages that need it: started or joined (`ray_session`) the first time
+    `ensure()` is called, left when the `with` block ends; a run whose stages all work without
+    Ray never starts one. `clock` (cluster/startup.py) times the start as `ray_start`;
+    `on_start` runs once Ray is up (the resource check)."""
+
+    def __init__(self, address: str | None, *, num_cpus: int | None = None, clock=None, on_start=None) -> None:
+        self.address, self.num_cpus, self.clock, self.on_start = address, num_cpus, clock, on_start
+        self.started = False
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "RayOnDemand":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._stack.__exit__(*exc)
+
+    def ensure(self) -> None:
+        if self.started:
+            return
+        with self.clock.phase("ray_start") if self.clock is not None else nullcontext():
+            self._stack.enter_context(ray_session(self.address, num_cpus=self.num_cpus))
+        self.started = True
+        if self.on_start is not None:
+            self.on_start()
 
 
 def start_embedded(num_cpus: int | None = None) -> None:

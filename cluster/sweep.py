@@ -100,7 +100,7 @@ def _run_point(sweep, point, out_dir: Path, show) -> dict:
 
     job, stage = point.job, sweep.stage
     data = RunDir(out_dir / "data" / fingerprints(job)["data"])
-    launch.prepare_on_ray(job, data)
+    launch.prepare_run_data(job, data)
     run_dir = _point_dir(out_dir, point)
     run_dir.remove(run_dir.stage(stage).root)
     run_dir.root.mkdir(parents=True, exist_ok=True)

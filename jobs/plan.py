@@ -71,10 +71,10 @@ def _model(name: str, settings, init: Path | None, model_spec, vocab_size: int):
     `model_spec` is the job's `model:` section, None when the job has none. A stage with an
     `init` takes the directory's architecture; a `model:` section that the job writes must then
     describe that same model, or the job is refused: it would otherwise be ignored in silence."""
-    from model.export import read_model_config
-
     if init is None:
         return (model_spec or ModelSpec()).config(vocab_size)
+    from model.export import read_model_config  # imports torch: only for a stage that starts from a model directory
+
     if not (init / "config.json").is_file():
         hint = "" if settings.init else " (the job has no pretrain stage; set stages.sft.init to a model directory)"
         raise RelayError(f"stages.{name}.init: no model directory at {init}{hint}")

@@ -160,6 +160,9 @@ class JobSpec(Strict):
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
             if not workers % pp:
                 problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp))
+        if self.cluster.launcher == "local" and self.cluster.address:
+            problems.append(f"cluster.launcher: local starts the training workers on this machine without Ray, but "
+                            f"cluster.address names a Ray cluster ({self.cluster.address}); use auto or ray there")
         if self.cluster.device_memory_gb is not None and self.cluster.gpus_per_worker == 0:
             problems.append("cluster.device_memory_gb: the workers have no GPU (cluster.gpus_per_worker is 0), so there is no "
                             "device memory to check; remove it or reserve GPUs")

@@ -5,7 +5,8 @@
       tokenizer/          tokenizer files + identity
       data/<stage>/       shards + manifest.json
       pretrain/ sft/      stage.json, metrics.jsonl, messages.jsonl, result.json, checkpoints/, tensorboard/,
-                          model/ (native export), workers/ (where each rank ran), ray/
+                          model/ (native export), workers/ (where each rank ran), startup.json (rank 0's
+                          start-up times), ray/
       eval/               stage.json, predictions.jsonl, metrics.json, report.md, tensorboard/
       summary.json
       logs/run.log        Ray's, DeepSpeed's and the workers' own lines; failed stages' tracebacks
@@ -113,6 +114,11 @@ class StageDir:
         """What rank 0 has to tell the person running the stage (a resume, a warning): records
         with a `message`, shown by the driver as lines."""
         return MetricsLog(self.root / "messages.jsonl")
+
+    @property
+    def startup(self) -> Path:
+        """Rank 0's start-up times of the stage (pipelines/train/startup.py), for the driver's start-up phases."""
+        return self.root / "startup.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -53,7 +53,8 @@ def test_the_main_job_end_to_end(ray_head, tmp_path):
     lines = proc.stdout.splitlines()
     assert_only_relaygpt_lines(proc.stdout + proc.stderr)
     log = (run / "logs" / "run.log").read_text()  # where the third-party lines went
-    assert "RayTrainWorker" in log and "deepspeed" in log.lower(), log[-2000:]
+    # (DeepSpeed itself says nothing at its log level since CPU workers no longer build its shm comm op.)
+    assert "RayTrainWorker" in log and "Started training worker group" in log, log[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     expected = [
         "job.yaml", "summary.json", "tokenizer/tokenizer.json", "tokenizer/ranks.tiktoken",

@@ -138,3 +138,26 @@ def test_a_failed_stage_is_named_by_its_cause_not_by_a_lost_connection_or_a_head
     assert str(failed) == "pretrain failed: RuntimeError: the placement group was removed" and failed.log == str(run_dir.log_file)
     assert "Traceback" in run_dir.log_file.read_text() or "RuntimeError" in run_dir.log_file.read_text()
     assert str(_failure(run_dir, "sft", WorkerFailed("rank 0: IndexError: x"))) == "sft failed: rank 0: IndexError: x"
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """`relaygpt run ... | head -8`: once the pipe is closed, relaygpt's lines (the progress
+    thread's too) go nowhere, without an error, and the process exits as it would have."""
+    script = textwrap.dedent("""
+        import threading
+        from cluster.console import terminal
+        console = terminal()
+        lines = lambda: [console.line("x" * 200) for _ in range(20000)]
+        thread = threading.Thread(target=lines)
+        thread.start()
+        thread.join()
+        console.progress("a progress update")
+        console.done()
+        console.line("the summary")
+        print("closed" if console.closed else "open", file=__import__("sys").stderr)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout.readline().startswith(b"xxx")
+    proc.stdout.close()  # as head does after its lines
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err.decode().strip() == "closed", err.decode()

@@ -147,30 +147,37 @@ def _training_text(job, max_chars: int):
             return
 
 
-def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *, run_blocks=None, show=None) -> dict:
+def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *, run_blocks=None, show=None,
+                 timed=None) -> dict:
     """Prepare the tokenizer and the requested data stages of `run_dir` (a RunDir); {stage: manifest}.
 
     `run_blocks` places the pretraining blocks' work (cluster/launch.py: Ray Data on every node;
-    default: this process); `show` receives progress lines."""
+    default: this process); `show` receives progress lines; `timed(name)`, a context manager,
+    times the "tokenizer" and the "data" (the driver's start-up phases)."""
+    from contextlib import nullcontext
+
     from pipelines.data.pretrain import prepare_pretrain
     from pipelines.data.sft import prepare_sft
 
     from pipelines.rundir import RunDir
 
+    timed = timed or (lambda name: nullcontext())
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     hashes = FileHashes(run_dir.input_hashes)
-    tokenizer = prepare_tokenizer(job, run_dir.tokenizer, hashes)
+    with timed("tokenizer"):
+        tokenizer = prepare_tokenizer(job, run_dir.tokenizer, hashes)
     out: dict = {"tokenizer": tokenizer}
-    if "pretrain" in stages and job.data.pretrain is not None:
-        fp = sources_fingerprint(job, job.data.pretrain.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                 val_fraction=job.data.pretrain.val_fraction, shard_tokens=job.data.pretrain.shard_tokens,
-                                 block_bytes=job.data.pretrain.block_bytes)
-        out["pretrain"] = prepare_pretrain(job, tokenizer, run_dir.data("pretrain"), fp, run_blocks=run_blocks, show=show)
-    if "sft" in stages and job.data.sft is not None:
-        seq_len = sft_seq_len(job)
-        fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                 val_fraction=job.data.sft.val_fraction, seq_len=seq_len)
-        out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
+    with timed("data"):
+        if "pretrain" in stages and job.data.pretrain is not None:
+            fp = sources_fingerprint(job, job.data.pretrain.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
+                                     val_fraction=job.data.pretrain.val_fraction, shard_tokens=job.data.pretrain.shard_tokens,
+                                     block_bytes=job.data.pretrain.block_bytes)
+            out["pretrain"] = prepare_pretrain(job, tokenizer, run_dir.data("pretrain"), fp, run_blocks=run_blocks, show=show)
+        if "sft" in stages and job.data.sft is not None:
+            seq_len = sft_seq_len(job)
+            fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
+                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len)
+            out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
     hashes.save()
     return out
 

@@ -11,7 +11,7 @@ import os
 import socket
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -25,16 +25,32 @@ def init_distributed() -> None:
     import deepspeed
     import torch.distributed as dist
 
+    if not torch.cuda.is_available():
+        skip_shm_comm_op(deepspeed)
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # Also when the launcher (Ray Train) has already made the process group: DeepSpeed's own
     # communication backend wraps it, and a PipelineModule asks it for ranks before
     # deepspeed.initialize would set it up.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_shm_comm_op(deepspeed) -> None:
+    """Keep DeepSpeed's communication backend from building and loading its CPU shared-memory
+    op. The op serves only `inference_all_reduce` (AutoTP inference layers), which relaygpt
+    never calls; training collectives go through torch.distributed (gloo) either way. Building
+    it is a JIT compile (about 30 s on 2 cores) that runs again whenever the build cache in
+    ~/.cache/torch_extensions was last built by another ninja, and loading it costs every rank
+    a moment at start. DeepSpeed (comm/torch.py, build_shm_op) skips an op marked incompatible;
+    the table is probed once per process and edits to it persist."""
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def from_rank_0(value):

@@ -1,4 +1,8 @@
-"""Throughput, MFU, memory and bits per byte; the TensorBoard writer of rank 0."""
+"""Throughput, MFU, memory and bits per byte; the TensorBoard writer of rank 0.
+
+torch is imported where it is used: the driver's progress display formats steps with
+`progress_line` and must not pay torch's import (a second of a core the workers are starting on).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 # Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {
@@ -29,6 +32,8 @@ def device_peak_flops(configured_tflops: float | None) -> float | None:
     """Peak FLOP/s of this process's device: the configured number, the table, or None (CPU)."""
     if configured_tflops is not None:
         return configured_tflops * 1e12
+    import torch
+
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
@@ -40,6 +45,8 @@ def device_peak_flops(configured_tflops: float | None) -> float | None:
 
 def peak_memory_bytes() -> int:
     """Peak memory of this process: GPU allocations on CUDA, resident set size on CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -145,8 +145,11 @@ class Trainer:
         from pipelines.data.loader import make_loader, open_split
         from pipelines.train.distributed import init_distributed
         from pipelines.train.engine import Engine
+        from pipelines.train.startup import WorkerStartup
 
         init_distributed()
+        self.startup = WorkerStartup(self.dir.startup, rank=dist.get_rank())
+        self.startup.mark("distributed")
         plan = self.plan
         if dist.get_world_size() != plan.world_size:
             raise RelayError(f"cluster.num_workers: the plan is for {plan.world_size} workers but {dist.get_world_size()} started")
@@ -165,6 +168,7 @@ class Trainer:
         self.byte_lengths = token_byte_lengths(self.tokenizer)
         self.peak_flops = device_peak_flops(plan.settings.peak_tflops)
         self.flops_per_token = plan.model.flops_per_token(plan.seq_len)
+        self.startup.mark("built")
 
     # ---- resume -----------------------------------------------------------------------------
 
@@ -348,6 +352,8 @@ def train_stage(run, stage: str, *, console: bool = True, until_step: int | None
     trainer = Trainer(run, stage, console=console)
     trainer.build()
     trainer.resume()
+    trainer.startup.mark("resumed")
+    trainer.startup.mark_first_step(trainer.engine)
     return trainer.fit(until_step)
 
 
