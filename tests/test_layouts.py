@@ -99,13 +99,21 @@ def test_bf16_on_cpu_trains_and_follows_fp32(engine_job):
 
 
 def test_offload_steps_with_deepspeeds_cpu_adam(engine_job):
-    """ZeRO-1 with the optimizer offloaded trains as ZeRO-1 without it, and says which optimizer ran."""
+    """ZeRO-1 with the optimizer offloaded trains as ZeRO-1 without it, and says which optimizer ran.
+    A `lock` file left in the op's build folder by a killed build (torch waits on it forever) is
+    cleared rather than hanging the run."""
+    from pipelines.train.ops import _build_dir
+
     zero1 = ["stages.pretrain.deepspeed.zero_stage=1"]
     kept = train(1, engine_job[0], fresh(engine_job, "zero1"), zero1)
+    build = _build_dir("cpu_adam")
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "lock").touch()
     offloaded = train(1, engine_job[0], fresh(engine_job, "offload"), zero1 + ["stages.pretrain.deepspeed.offload_optimizer=true"])
     assert kept["result"]["optimizer"] == "AdamW (fused)"
     assert offloaded["result"]["optimizer"] == "DeepSpeedCPUAdam"
     assert_losses_close(kept["losses"], offloaded["losses"], 1e-4)
+    assert not (build / "lock").exists()
 
 
 def test_exports_stream_from_every_layout_byte_for_byte(tmp_path, trained_tokenizer):

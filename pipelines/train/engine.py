@@ -130,9 +130,10 @@ def build_optimizer(groups: list[dict], opt: OptimizerSpec, *, offload: bool, de
     where it cannot be built (no compiler), a torch AdamW does, and the name says so."""
     if offload:
         try:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            from pipelines.train.ops import cpu_adam
 
-            return DeepSpeedCPUAdam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, adamw_mode=True), "DeepSpeedCPUAdam"
+            say = (lambda line: print(f"relaygpt: {line}", flush=True)) if not dist.is_initialized() or dist.get_rank() == 0 else (lambda line: None)
+            return cpu_adam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, say=say), "DeepSpeedCPUAdam"
         except Exception as exc:  # the op is JIT-compiled: a missing compiler surfaces here
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
             return (torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps),
