@@ -33,6 +33,12 @@ class GPTConfig:
     pad_vocab_multiple: the embedding and LM head have `padded_vocab_size` rows, the
         vocabulary rounded up to this multiple (64 keeps matmuls aligned); rows past
         vocab_size are never produced by generation.
+    qkv_bias: biases on the query/key/value projection alone (Qwen2's layout) where `bias`
+        is false; None follows `bias`.
+    rope_scaling: the rotary frequencies rescaled for a longer context, as published
+        checkpoints record it: {"rope_type": "linear", "factor": f} or {"rope_type":
+        "llama3", "factor", "low_freq_factor", "high_freq_factor",
+        "original_max_position_embeddings"} (Llama 3.1-3.3); None for plain RoPE.
     """
 
     vocab_size: int
@@ -51,6 +57,8 @@ class GPTConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     pad_vocab_multiple: int = 64
+    qkv_bias: bool | None = None
+    rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -75,6 +83,10 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def attn_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
     def padded_vocab_size(self) -> int:
         return _round_up(self.vocab_size, self.pad_vocab_multiple)
 
@@ -91,7 +103,7 @@ class GPTConfig:
         c, v = self.n_embd, self.padded_vocab_size
         qkv_out = (self.n_head + 2 * self.kv_heads) * self.head_dim
         norm = c * (2 if self.norm == "layernorm" and self.bias else 1)
-        attn = c * qkv_out + c * c + ((qkv_out + c) if self.bias else 0)
+        attn = c * qkv_out + c * c + (qkv_out if self.attn_qkv_bias else 0) + (c if self.bias else 0)
         mlp_in = self.mlp_hidden * (2 if self.mlp == "swiglu" else 1)
         mlp = c * mlp_in + self.mlp_hidden * c + ((mlp_in + c) if self.bias else 0)
         blocks = self.n_layer * (2 * norm + attn + mlp) + norm  # + final norm
@@ -168,6 +180,39 @@ def architecture_problems(fields: dict[str, Any]) -> list[str]:
         out.append(f"model.norm_eps must be positive, got {f['norm_eps']!r}")
     if f["rope_theta"] <= 0:
         out.append(f"model.rope_theta must be positive, got {f['rope_theta']!r}")
+    if f["qkv_bias"] is not None and not isinstance(f["qkv_bias"], bool):
+        out.append(f"model.qkv_bias must be true, false or null, got {f['qkv_bias']!r}")
+    out.extend(rope_scaling_problems(f["rope_scaling"], f["position"]))
+    return out
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_scaling_problems(scaling: Any, position: str) -> list[str]:
+    """What is wrong with a `rope_scaling` setting (empty when it is None or valid)."""
+    if scaling is None:
+        return []
+    where = "model.rope_scaling"
+    if position != "rope":
+        return [f"{where} needs model.position 'rope', got {position!r}"]
+    if not isinstance(scaling, dict):
+        return [f"{where} must be a mapping such as {{rope_type: llama3, factor: 8.0, ...}}, got {scaling!r:.60}"]
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        return [f"{where}.rope_type must be one of {', '.join(ROPE_SCALING_KEYS)}, got {kind!r}"]
+    needed = ROPE_SCALING_KEYS[kind]
+    extra = sorted(set(scaling) - {"rope_type", *needed})
+    if extra:
+        return [f"{where}: unknown key(s) {', '.join(extra)} for rope_type {kind}; valid: {', '.join(needed)}"]
+    out = []
+    for key in needed:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            out.append(f"{where}.{key} must be a positive number, got {value!r}")
+    if kind == "llama3" and not out and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        out.append(f"{where}.high_freq_factor ({scaling['high_freq_factor']}) must exceed low_freq_factor ({scaling['low_freq_factor']})")
     return out
 
 

@@ -29,9 +29,10 @@ from model.config import GPTConfig
 from model.errors import ConfigError, RelayError
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
-from model.weights_file import SafetensorsReader, StreamingSafetensors, file_order
+from model.weights_file import CheckpointFiles, SafetensorsReader, StreamingSafetensors, file_order
 
 NATIVE_FORMAT = "relaygpt-native"
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2")  # model/hf.py reads them
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -130,7 +131,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     meta = _read_json(path / "config.json")
     if meta.get("model_type") == "gpt2":
         model, tokenizer, meta = import_hf(path)
-    elif meta.get("model_type") == "llama":
+    elif meta.get("model_type") in LLAMA_FAMILIES:
         model, tokenizer, meta = import_llama(path)
     elif meta.get("format") == NATIVE_FORMAT:
         _native_meta(path, meta)
@@ -200,6 +201,9 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
     if not path.is_dir():
         raise RelayError(f"{path}: model directory does not exist")
     meta = _read_json(path / "config.json")
+    if meta.get("model_type") in LLAMA_FAMILIES:
+        config, tokenizer = _llama_config_and_tokenizer(path, meta)
+        return config, tokenizer, LlamaWeights(path, config)
     if meta.get("format") != NATIVE_FORMAT:
         model, tokenizer, _ = load_model_dir(path)
         return model.config, tokenizer, model.state_dict()
@@ -218,7 +222,7 @@ def read_model_config(path: str | Path) -> GPTConfig:
     meta = _read_json(path / "config.json")
     if meta.get("model_type") == "gpt2":
         return _hf_config(meta, path / "config.json")
-    if meta.get("model_type") == "llama":
+    if meta.get("model_type") in LLAMA_FAMILIES:
         from model.hf import config_from_llama
 
         return config_from_llama(meta, path / "config.json")
@@ -330,23 +334,85 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
     return Path(out)
 
 
-def import_llama(path: Path) -> tuple[GPT, Tokenizer, dict]:
-    """A Llama-family directory (config.json, model.safetensors, a byte-level BPE tokenizer)."""
-    from model.hf import config_from_llama, state_from_llama, tokenizer_of_hf_dir
+def _llama_config_and_tokenizer(path: Path, hf: dict) -> tuple[GPTConfig, Tokenizer]:
+    from model.hf import config_from_llama, tokenizer_of_hf_dir
 
-    hf = _read_json(path / "config.json")
     config = config_from_llama(hf, path / "config.json")
     recorded = hf.get("relaygpt", {}).get("tokenizer", {})
     tokenizer = tokenizer_of_hf_dir(path, recorded)
     if recorded and recorded.get("sha256") != tokenizer.sha256:
         raise RelayError(f"{path}: the tokenizer files do not match the tokenizer recorded in config.json")
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise RelayError(f"{path}: no model.safetensors (only safetensors weights are loaded; pickled .bin files are refused)")
+    return config, tokenizer
+
+
+def _checkpoint_files(path: Path) -> CheckpointFiles:
+    try:
+        return CheckpointFiles(path)
+    except FileNotFoundError:
+        raise RelayError(f"{path}: no model.safetensors or {CheckpointFiles.INDEX} "
+                         "(only safetensors weights are loaded; pickled .bin files are refused)") from None
+    except ValueError as exc:
+        raise RelayError(f"cannot read weights: {exc}") from None
+
+
+class LlamaWeights(Mapping):
+    """A Llama-family directory's weights (one safetensors file or shards through their index)
+    under our GPT names, each assembled from its Llama tensors only when asked for: a ZeRO-3 rank
+    or a pipeline stage holds one tensor at a time, never the whole model. Every shape is
+    checked against the config from the headers before any tensor is read."""
+
+    def __init__(self, path: Path, config: GPTConfig) -> None:
+        from model.hf import llama_recipe
+
+        self._path, self._config = path, config
+        self._files = _checkpoint_files(path)
+        self._recipe = llama_recipe(config)
+        with torch.device("meta"):
+            expected = GPT(config).state_dict()
+        for name, (sources, vocabulary) in self._recipe.items():
+            absent = [s for s in sources if s not in self._files]
+            if absent:
+                raise RelayError(f"{path}: no tensor {absent[0]!r}; not a checkpoint of this config")
+            shapes = [self._files.spec(s)[1] for s in sources]
+            rows = sum(shape[0] for shape in shapes)
+            if vocabulary:
+                rows = max(rows, config.padded_vocab_size)
+            shape = (rows, *shapes[0][1:])
+            if any(tuple(s[1:]) != tuple(shapes[0][1:]) for s in shapes) or shape != tuple(expected[name].shape):
+                raise RelayError(f"{path}: {' + '.join(sources)} has shape {[list(s) for s in shapes]}, "
+                                 f"the config needs {list(expected[name].shape)} for {name}")
+        self._keys = list(expected)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from model.hf import llama_tensor
+
+        stored = "transformer.wte.weight" if (self._config.tie_embeddings and name == "lm_head.weight") else name
+        if stored not in self._recipe:
+            raise KeyError(name)
+        return llama_tensor(self._files, *self._recipe[stored], self._config, self._path)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def import_llama(path: Path) -> tuple[GPT, Tokenizer, dict]:
+    """A Llama, Mistral or Qwen2 directory (config.json; model.safetensors or shards with their
+    index; a byte-level BPE tokenizer)."""
+    hf = _read_json(path / "config.json")
+    config, tokenizer = _llama_config_and_tokenizer(path, hf)
+    weights = LlamaWeights(path, config)
     with torch.device("meta"):
         model = GPT(config)
-    _assign(model, state_from_llama(_load_safetensors(weights), config, weights), weights)
-    meta = {"format": "hf-llama", "model": config.to_dict(), "tokenizer": tokenizer.identity, "provenance": {"imported_from": str(path.resolve())}}
+    tied = config.tie_embeddings
+    state = {name: weights[name] for name in weights if not (tied and name == "lm_head.weight")}
+    if tied:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    _assign(model, state, path)
+    meta = {"format": f"hf-{hf.get('model_type', 'llama')}", "model": config.to_dict(), "tokenizer": tokenizer.identity,
+            "provenance": {"imported_from": str(path.resolve())}}
     return model, tokenizer, meta
 
 

@@ -37,12 +37,32 @@ def rope_tables(config: GPTConfig, position_ids: torch.Tensor) -> tuple[torch.Te
     Computed per forward in fp32: the cost is T * head_dim/2 multiplications, nothing next
     to the matmuls, and it keeps pipeline stages free of shared buffers.
     """
-    half = config.head_dim // 2
-    inv_freq = config.rope_theta ** (
-        -torch.arange(0, half, device=position_ids.device, dtype=torch.float32) / half
-    )
+    inv_freq = rope_frequencies(config, position_ids.device)
     angles = position_ids.float()[:, None, :, None] * inv_freq  # (B, 1, T, hs/2)
     return angles.cos(), angles.sin()
+
+
+def rope_frequencies(config: GPTConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """The rotary inverse frequencies theta^(-2i/d), i < d/2, rescaled as `rope_scaling` says.
+
+    linear: every frequency divided by the factor. llama3: wavelengths shorter than the original
+    context / high_freq_factor are kept, those longer than original context / low_freq_factor are
+    divided by the factor, and in between the two are blended linearly in original context /
+    wavelength (Llama 3.1's long-context recipe)."""
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-torch.arange(0, half, device=device, dtype=torch.float32) / half)
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    context = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    scaled = (1 - blend) * inv_freq / factor + blend * inv_freq
+    return torch.where(wavelength > context / low, inv_freq / factor, torch.where(wavelength < context / high, inv_freq, scaled))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,7 +174,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         qkv_out = (config.n_head + 2 * config.kv_heads) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.attn_qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)

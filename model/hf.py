@@ -134,54 +134,123 @@ def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
+# model_type of the config.json families that are Llama-shaped: RoPE, RMSNorm, SwiGLU.
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def _rope_scaling(hf: dict, where: Path) -> dict | None:
+    """config.json's rope scaling in our form (None for plain RoPE), or a refusal naming it.
+    Published configs hold it in `rope_scaling`, its kind as `type` or (since transformers 4.45)
+    `rope_type`; transformers 5 writes `rope_parameters`, the base `rope_theta` inside."""
+    from model.config import ROPE_SCALING_KEYS
+
+    raw = hf.get("rope_scaling")
+    if raw is None and isinstance(hf.get("rope_parameters"), dict):
+        raw = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RelayError(f"{where}: rope_scaling must be an object, got {raw!r:.60}")
+    kind = raw.get("rope_type", raw.get("type"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise RelayError(f"{where}: rope_scaling.rope_type {kind!r} is not supported (supported: {', '.join(ROPE_SCALING_KEYS)})")
+    if kind == "llama3" and "original_max_position_embeddings" not in raw:
+        raise RelayError(f"{where}: rope_scaling of type llama3 needs original_max_position_embeddings")
+    missing = [key for key in ROPE_SCALING_KEYS[kind] if key not in raw]
+    if missing:
+        raise RelayError(f"{where}: rope_scaling of type {kind} lacks {', '.join(missing)}")
+    return {"rope_type": kind, **{key: raw[key] for key in ROPE_SCALING_KEYS[kind]}}
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(hf.get("rope_theta", 10000.0))
+
+
 def config_from_llama(hf: dict, where: Path) -> GPTConfig:
-    """Our config of a Llama-family config.json (refusing what we do not implement)."""
+    """Our config of a Llama, Mistral or Qwen2 config.json, refusing what we do not implement
+    with the key that says so."""
+    family = hf.get("model_type", "llama")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise RelayError(f"{where}: hidden_act {act!r} is not supported (silu only)")
-    if hf.get("rope_scaling"):
-        raise RelayError(f"{where}: rope_scaling {hf['rope_scaling']!r} is not supported (plain RoPE only)")
-    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-        raise RelayError(f"{where}: attention_bias and mlp_bias differ; relaygpt models have biases everywhere or nowhere")
+    if family == "qwen2":
+        # Qwen2 has biases on q, k and v and nowhere else.
+        qkv_bias, bias = True, False
+    else:
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise RelayError(f"{where}: attention_bias and mlp_bias differ; relaygpt models have biases everywhere or nowhere")
+        qkv_bias, bias = None, bool(hf.get("attention_bias", False))
     try:
         heads, width = int(hf["num_attention_heads"]), int(hf["hidden_size"])
         head_dim = int(hf.get("head_dim") or width // heads)
         if head_dim * heads != width:
             raise RelayError(f"{where}: head_dim {head_dim} x {heads} heads is not hidden_size {width}; relaygpt needs them equal")
-        return GPTConfig(
-            vocab_size=int(hf.get("relaygpt", {}).get("vocab_size", hf["vocab_size"])), block_size=int(hf.get("max_position_embeddings", 2048)),
+        context = int(hf.get("max_position_embeddings", 2048))
+        window = hf.get("sliding_window") if (family == "mistral" or hf.get("use_sliding_window")) else None
+        if window is not None:
+            # Within the window sliding-window attention is causal attention: a context no longer
+            # than the window gives the published model's outputs exactly.
+            context = min(context, int(window))
+        config = GPTConfig(
+            vocab_size=int(hf.get("relaygpt", {}).get("vocab_size", hf["vocab_size"])), block_size=context,
             n_layer=int(hf["num_hidden_layers"]), n_head=heads, n_embd=width,
             n_kv_head=int(hf.get("num_key_value_heads") or heads), n_inner=int(hf["intermediate_size"]),
-            position="rope", rope_theta=float(hf.get("rope_theta", 10000.0)), norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            mlp="swiglu", bias=bool(hf.get("attention_bias", False)), dropout=0.0, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            position="rope", rope_theta=_rope_theta(hf), norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            mlp="swiglu", bias=bias, qkv_bias=qkv_bias, dropout=0.0, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_scaling=_rope_scaling(hf, where),
         )
     except KeyError as exc:
-        raise RelayError(f"{where}: config.json lacks {exc.args[0]!r}, which a Llama config needs") from None
+        raise RelayError(f"{where}: config.json lacks {exc.args[0]!r}, which a {family} config needs") from None
+    except (TypeError, ValueError) as exc:
+        raise RelayError(f"{where}: {exc}") from None
+    return config
 
 
-def state_from_llama(weights: dict[str, torch.Tensor], config: GPTConfig, where: Path) -> dict[str, torch.Tensor]:
-    """Llama weights under our GPT names, the vocabulary padded with zero rows."""
-    def take(name: str) -> torch.Tensor:
-        if name not in weights:
-            raise RelayError(f"{where}: no tensor {name!r}; not a Llama checkpoint of this config")
-        return weights[name].float()
-
-    def pad(rows: torch.Tensor) -> torch.Tensor:
-        missing = config.padded_vocab_size - rows.size(0)
-        return torch.cat([rows, rows.new_zeros(missing, rows.size(1))]) if missing > 0 else rows
-
-    state = {"transformer.wte.weight": pad(take("model.embed_tokens.weight")), "transformer.ln_f.weight": take("model.norm.weight")}
-    state["lm_head.weight"] = state["transformer.wte.weight"] if config.tie_embeddings else pad(take("lm_head.weight"))
+def llama_recipe(config: GPTConfig) -> dict[str, tuple[list[str], bool]]:
+    """{our name: (the Llama-family tensors concatenated into it, in order; whether its rows are
+    the vocabulary, padded with zeros to the padded vocabulary)}. A tied head is left out."""
+    recipe: dict[str, tuple[list[str], bool]] = {
+        "transformer.wte.weight": (["model.embed_tokens.weight"], True), "transformer.ln_f.weight": (["model.norm.weight"], False)}
+    if not config.tie_embeddings:
+        recipe["lm_head.weight"] = (["lm_head.weight"], True)
     for i in range(config.n_layer):
         ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        state[ours + "ln_1.weight"] = take(theirs + "input_layernorm.weight")
-        state[ours + "ln_2.weight"] = take(theirs + "post_attention_layernorm.weight")
+        recipe[ours + "ln_1.weight"] = ([theirs + "input_layernorm.weight"], False)
+        recipe[ours + "ln_2.weight"] = ([theirs + "post_attention_layernorm.weight"], False)
+        for kind in ("weight", "bias") if config.attn_qkv_bias else ("weight",):
+            recipe[ours + f"attn.c_attn.{kind}"] = ([theirs + f"self_attn.{p}_proj.{kind}" for p in "qkv"], False)
         for kind in ("weight", "bias") if config.bias else ("weight",):
-            state[ours + f"attn.c_attn.{kind}"] = torch.cat([take(theirs + f"self_attn.{p}_proj.{kind}") for p in "qkv"])
-            state[ours + f"attn.c_proj.{kind}"] = take(theirs + f"self_attn.o_proj.{kind}")
-            state[ours + f"mlp.c_fc.{kind}"] = torch.cat([take(theirs + f"mlp.{p}_proj.{kind}") for p in ("gate", "up")])
-            state[ours + f"mlp.c_proj.{kind}"] = take(theirs + f"mlp.down_proj.{kind}")
+            recipe[ours + f"attn.c_proj.{kind}"] = ([theirs + f"self_attn.o_proj.{kind}"], False)
+            recipe[ours + f"mlp.c_fc.{kind}"] = ([theirs + f"mlp.{p}_proj.{kind}" for p in ("gate", "up")], False)
+            recipe[ours + f"mlp.c_proj.{kind}"] = ([theirs + f"mlp.down_proj.{kind}"], False)
+    return recipe
+
+
+def state_from_llama(weights, config: GPTConfig, where: Path) -> dict[str, torch.Tensor]:
+    """Llama-family weights (a mapping of their names) under our GPT names, the vocabulary
+    padded with zero rows."""
+    state = {name: llama_tensor(weights, sources, vocabulary, config, where)
+             for name, (sources, vocabulary) in llama_recipe(config).items()}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
+
+
+def llama_tensor(weights, sources: list[str], vocabulary: bool, config: GPTConfig, where: Path) -> torch.Tensor:
+    """One of our tensors from the Llama-family tensors its recipe names (`sources`)."""
+    parts = []
+    for source in sources:
+        if source not in weights:
+            raise RelayError(f"{where}: no tensor {source!r}; not a checkpoint of this config")
+        parts.append(weights[source].float())
+    tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+    missing = config.padded_vocab_size - tensor.size(0) if vocabulary else 0
+    return torch.cat([tensor, tensor.new_zeros(missing, tensor.size(1))]) if missing > 0 else tensor
 
 
 def tokenizer_of_hf_dir(path: Path, recorded: dict) -> Tokenizer:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -134,3 +135,62 @@ class SafetensorsReader:
 
 
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype, _ in _DTYPES}
+
+
+class CheckpointFiles(Mapping):
+    """The safetensors weights of a Hugging Face directory, one file or many, as a read-only
+    mapping {tensor name: tensor} that reads a tensor only when it is asked for.
+
+    Sharded checkpoints (every published model over a few GB) list their files in
+    `model.safetensors.index.json` ({"weight_map": {tensor name: file name}}); each file named
+    there must be a plain file name inside the directory. Errors are ValueErrors saying why."""
+
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index = self.directory / self.INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+                raise ValueError(f"{index}: not a readable index ({type(exc).__name__}: {exc})") from None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index}: weight_map must be an object of tensor name to file name")
+            files = sorted({str(f) for f in weight_map.values()})
+        elif (self.directory / "model.safetensors").exists():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{self.directory}: no model.safetensors or {self.INDEX}")
+        self._readers: dict[str, SafetensorsReader] = {}
+        for name in files:
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"{index}: {name!r} is not a file name inside the directory")
+            try:
+                self._readers[name] = SafetensorsReader(self.directory / name)
+            except FileNotFoundError:
+                raise ValueError(f"{index}: lists {name}, which is missing") from None
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{self.directory / name}: {exc}") from None
+        self._where: dict[str, SafetensorsReader] = {}
+        for name, reader in self._readers.items():
+            for tensor in reader.specs:
+                if weight_map is not None and weight_map.get(tensor) != name:
+                    continue  # a tensor the index places elsewhere (or nowhere) is not read
+                self._where[tensor] = reader
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self._where))
+            if absent:
+                raise ValueError(f"{index}: {absent[0]!r} is not in {weight_map[absent[0]]}")
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._where[name].specs[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].read(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

@@ -1,0 +1,144 @@
+"""Published Llama-family checkpoints come in: Llama 3.x with its rope_scaling, Mistral,
+Qwen2 with its q/k/v biases, saved by transformers itself as sharded safetensors with an
+index, and read tensor by tensor (never the whole model on a rank)."""
+
+import json
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from dist_workers import init_build_memory
+from model.export import load_model_dir, open_model_weights
+from model.hf import tokenizer_files
+
+FAMILIES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {
+        "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16}}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64, "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True, "rope_theta": 1000000.0}),
+}
+
+
+def hub_dir(out, family: str, tokenizer, *, layers=2, width=64, heads=4, kv_heads=2, inner=160, shard="60KB", seed=0):
+    """A random model of `family` saved by transformers (sharded at `shard`), with tokenizer files."""
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=tokenizer.n_vocab, hidden_size=width, intermediate_size=inner, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so the comparison covers them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, max_shard_size=shard)
+    for name, text in tokenizer_files(tokenizer, 128).items():
+        (out / name).write_text(text, encoding="utf-8")
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_published_family_comes_in_with_transformers_logits(family, tmp_path, trained_tokenizer):
+    theirs = hub_dir(tmp_path / family, family, trained_tokenizer)
+    assert (tmp_path / family / "model.safetensors.index.json").exists()  # really sharded
+    assert len(list((tmp_path / family).glob("model-*-of-*.safetensors"))) > 2
+    ours, tokenizer, meta = load_model_dir(tmp_path / family)
+    assert meta["format"] == f"hf-{theirs.config.model_type}" and tokenizer.sha256 == trained_tokenizer.sha256
+    if family == "llama3":
+        assert ours.config.rope_scaling["rope_type"] == "llama3"
+    if family == "qwen2":
+        assert ours.config.attn_qkv_bias and not ours.config.bias
+    # Past llama3's original 16-token context, so the rescaled frequencies matter; within
+    # Mistral's 64-token window, the context it imports with.
+    ids = torch.randint(0, trained_tokenizer.n_vocab, (2, min(100, ours.config.block_size)))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids)[0][..., : trained_tokenizer.n_vocab]
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def as_published(config: dict) -> dict:
+    """A transformers-5 config.json in the form the hub's Llama 3.1 files have: `rope_theta` and
+    `rope_scaling` at the top level (transformers 5 nests both in `rope_parameters`)."""
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = {**params, "type": params["rope_type"]}
+    return config
+
+
+def test_the_published_config_form_reads_as_the_new_one(tmp_path, trained_tokenizer):
+    from model.export import read_model_config
+
+    hub_dir(tmp_path / "l", "llama3", trained_tokenizer)
+    new = read_model_config(tmp_path / "l")
+    path = tmp_path / "l" / "config.json"
+    path.write_text(json.dumps(as_published(json.loads(path.read_text()))))
+    assert read_model_config(tmp_path / "l") == new and new.rope_theta == 500000.0
+
+
+def test_mistral_context_is_its_window(tmp_path, trained_tokenizer):
+    """Within its sliding window Mistral's attention is causal attention: the imported context
+    stops at the window, where the outputs are the published model's."""
+    hub_dir(tmp_path / "m", "mistral", trained_tokenizer)
+    config, _, _ = open_model_weights(tmp_path / "m")
+    assert config.block_size == 64
+
+
+def test_weights_read_lazily_match_the_eager_import(tmp_path, trained_tokenizer):
+    hub_dir(tmp_path / "q", "qwen2", trained_tokenizer)
+    model, _, _ = load_model_dir(tmp_path / "q")
+    _, _, weights = open_model_weights(tmp_path / "q")
+    state = model.state_dict()
+    assert set(weights) == set(state)
+    for name in state:
+        assert torch.equal(weights[name], state[name]), name
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type 'yarn' is not supported"),
+    (lambda c: c["rope_scaling"].pop("original_max_position_embeddings"), "needs original_max_position_embeddings"),
+    (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+])
+def test_a_setting_we_do_not_implement_is_named(tmp_path, trained_tokenizer, change, says):
+    hub_dir(tmp_path / "l", "llama3", trained_tokenizer)
+    path = tmp_path / "l" / "config.json"
+    config = as_published(json.loads(path.read_text()))
+    change(config)
+    path.write_text(json.dumps(config))
+    from model.errors import RelayError
+
+    with pytest.raises(RelayError, match=says):
+        load_model_dir(tmp_path / "l")
+
+
+def test_an_index_naming_a_file_outside_the_directory_or_a_missing_shard_is_refused(tmp_path, trained_tokenizer):
+    from model.errors import RelayError
+
+    hub_dir(tmp_path / "l", "llama3", trained_tokenizer)
+    index = tmp_path / "l" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    for bad, says in [("../elsewhere.safetensors", "not a file name inside the directory"),
+                      ("model-00099-of-00099.safetensors", "which is missing")]:
+        changed = {**data, "weight_map": {**data["weight_map"], name: bad}}
+        index.write_text(json.dumps(changed))
+        with pytest.raises(RelayError, match=says):
+            load_model_dir(tmp_path / "l")
+
+
+@pytest.mark.slow
+def test_zero_3_builds_a_sharded_hub_checkpoint_holding_only_its_shard(tmp_path, trained_tokenizer):
+    """A 30M-parameter Qwen2-shaped checkpoint in 4 MB shards, built under ZeRO-3 on 2 ranks as
+    SFT starts from it: the weights are the file's bit for bit, and each rank grows by at most
+    its shard + the largest tensor + 32 MiB, well under an unsharded build."""
+    hub_dir(tmp_path / "q", "qwen2", trained_tokenizer, layers=8, width=512, heads=8, kv_heads=4, inner=1536, shard="4MB")
+    whole = run_distributed(init_build_memory, 1, str(tmp_path / "q"), 1, timeout=600)[0]
+    for rank, sharded in enumerate(run_distributed(init_build_memory, 2, str(tmp_path / "q"), 3, timeout=600)):
+        assert sharded["same"], rank
+        assert sharded["increase"] <= 0.7 * whole["increase"], (rank, sharded, whole)
+        assert sharded["increase"] <= sharded["shard"] + sharded["largest"] + 32 * 2**20, (rank, sharded)
