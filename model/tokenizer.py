@@ -265,6 +265,10 @@ def _restore(source: tuple[str, str], sha256: str, name: str, pat_str: str) -> T
         tok = Tokenizer.from_file(ref, sha256, pat_str=pat_str, name=name)
     elif kind == "hf":
         tok = Tokenizer.from_gpt2_files(ref, name, pat_str)
+    elif kind == "hf-json":
+        from model.hf import tokenizer_of_hf_dir
+
+        tok = tokenizer_of_hf_dir(Path(ref), {"name": name, "pat_str": pat_str})
     else:
         tok = Tokenizer.from_dir(ref)
     if tok.sha256 != sha256:

@@ -142,3 +142,87 @@ def test_zero_3_builds_a_sharded_hub_checkpoint_holding_only_its_shard(tmp_path,
         assert sharded["same"], rank
         assert sharded["increase"] <= 0.7 * whole["increase"], (rank, sharded, whole)
         assert sharded["increase"] <= sharded["shard"] + sharded["largest"] + 32 * 2**20, (rank, sharded)
+
+
+# Llama 3's split pattern (also cl100k's): case-insensitive contractions, letters with one
+# leading non-letter, digits in threes, punctuation runs, newlines apart.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEXTS = [
+    "Hello, world! It's 2026; we'll train 1234567 tokens.",
+    "Ça va? Größe, naïve façade — déjà vu. Привет, как дела? 你好，世界。 こんにちは",
+    "def f(x):\n\treturn {'a': [x ** 2, x // 3]}  # comment\n\n\nclass A:  pass\r\n",
+    "emoji 🚀🔥👩‍💻 and flags 🇫🇷, math ∑∫√ ≤ ≥, tabs\t\tand   spaces   ",
+    "   leading spaces, trailing newline\n",
+]
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer(tmp_path_factory, shared_data):
+    """A tokenizer.json as Llama 3 ships one, trained here with `tokenizers`: a Split by its
+    regex, then ByteLevel without a regex, and added special tokens, saved beside the
+    tokenizer_config.json AutoTokenizer reads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = tmp_path_factory.mktemp("llama3-tokenizer")
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"], show_progress=False)
+    corpus = (shared_data / "pretrain" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
+    tok.train_from_iterator([corpus, *TEXTS], trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    return out
+
+
+def test_a_llama3_style_tokenizer_gives_autotokenizers_ids(llama3_style_tokenizer):
+    from transformers import AutoTokenizer
+
+    from model.hf import tokenizer_of_hf_dir
+
+    theirs = AutoTokenizer.from_pretrained(llama3_style_tokenizer)
+    ours = tokenizer_of_hf_dir(llama3_style_tokenizer, {})
+    assert ours.pat_str == LLAMA3_PATTERN
+    for text in TEXTS:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == text
+    for token in ("<|begin_of_text|>", "<|eot_id|>"):  # the published special tokens keep their ids
+        assert ours.special_tokens[token] == theirs.convert_tokens_to_ids(token)
+
+
+def test_a_hub_tokenizer_survives_the_trip_to_a_worker(llama3_style_tokenizer):
+    """Workers receive the tokenizer pickled: it re-loads from the directory it came from."""
+    import pickle
+
+    from model.hf import tokenizer_of_hf_dir
+
+    ours = tokenizer_of_hf_dir(llama3_style_tokenizer, {})
+    again = pickle.loads(pickle.dumps(ours))
+    assert again.sha256 == ours.sha256 and again.encode(TEXTS[1]) == ours.encode(TEXTS[1])
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda d: d.update(normalizer={"type": "NFC"}), "normalizer 'NFC' is not supported"),
+    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer must end in ByteLevel"),
+    (lambda d: d["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"), "behavior Isolated"),
+])
+def test_a_tokenizer_json_we_cannot_reproduce_is_refused(llama3_style_tokenizer, tmp_path, edit, says):
+    import shutil
+
+    from model.errors import RelayError
+    from model.hf import tokenizer_of_hf_dir
+
+    copy = tmp_path / "tok"
+    shutil.copytree(llama3_style_tokenizer, copy)
+    data = json.loads((copy / "tokenizer.json").read_text())
+    edit(data)
+    (copy / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(RelayError, match=says):
+        tokenizer_of_hf_dir(copy, {})
