@@ -151,10 +151,21 @@ def _eval_args(p):
     p.add_argument("--address", default=None)
 
 
+def _size(text: str) -> int:
+    from model.weights_file import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _export_args(p):
     p.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR", help="a native or Hugging Face GPT-2 model directory")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--format", choices=("native", "hf"), default="native")
+    p.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
+                   help="--format hf: weights above this go into shards with an index, as the hub lays them out (default 5GB)")
 
 
 def _generate_args(p):
@@ -308,7 +319,7 @@ def cmd_export(args) -> int:
 
     model, tokenizer, meta = load_model_dir(args.source)
     if args.format == "hf":
-        export_hf(model, tokenizer, args.out)
+        export_hf(model, tokenizer, args.out, max_shard_bytes=args.max_shard_size)
     else:
         save_model_dir(model, tokenizer, args.out, provenance={"exported_from": str(Path(args.source).resolve())})
     print(f"wrote {args.format} model directory {args.out}")

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from model.atomic import atomic_dir
 from model.chat import TEMPLATE_INFO
@@ -29,7 +29,7 @@ from model.config import GPTConfig
 from model.errors import ConfigError, RelayError
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
-from model.weights_file import CheckpointFiles, SafetensorsReader, StreamingSafetensors, file_order
+from model.weights_file import CheckpointFiles, SafetensorsReader, ShardedSafetensors, StreamingSafetensors, file_order
 
 NATIVE_FORMAT = "relaygpt-native"
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2")  # model/hf.py reads them
@@ -301,11 +301,16 @@ def gpt2_hf_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
     return weights
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
+HUB_SHARD_BYTES = 5 * 10**9  # what save_pretrained has written by default
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, max_shard_bytes: int = HUB_SHARD_BYTES) -> Path:
     """A directory `transformers` loads: GPT2LMHeadModel for GPT-2-shaped models, LlamaForCausalLM
-    for RoPE / RMSNorm / SwiGLU ones (grouped-query attention and an untied head included).
-    The vocabulary is unpadded (config vocab_size = the tokenizer's ids), and the tokenizer
-    files load with AutoTokenizer, chat template included (model/hf.py)."""
+    for RoPE / RMSNorm / SwiGLU ones (grouped-query attention and an untied head included;
+    Qwen2ForCausalLM where only q/k/v have biases). The vocabulary is unpadded (config
+    vocab_size = the tokenizer's ids), the weights are sharded as the hub does above
+    `max_shard_bytes` (with model.safetensors.index.json), and the tokenizer files load with
+    AutoTokenizer, chat template included (model/hf.py)."""
     from model.hf import llama_config, llama_incompatibilities, llama_weights, tokenizer_files
 
     config = model.config
@@ -327,7 +332,10 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path) -> Path:
     else:
         hf_config, weights = llama_config(config, tokenizer), llama_weights(state, config)
     with atomic_dir(out, durable=True) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        specs = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()}
+        with ShardedSafetensors(tmp, specs, max_shard_bytes, metadata={"format": "pt"}) as files:
+            for name in files.order:
+                files.write(name, weights[name])
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         for name, text in tokenizer_files(tokenizer, config.block_size).items():
             (tmp / name).write_text(text, encoding="utf-8")

@@ -81,13 +81,18 @@ def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
 def llama_incompatibilities(config: GPTConfig) -> list[str]:
     """Why `config` is not a Llama-family model (empty when it is)."""
     needs = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
-    return [f"model.{k} is {getattr(config, k)!r} (Llama needs {v!r})" for k, v in needs.items() if getattr(config, k) != v]
+    out = [f"model.{k} is {getattr(config, k)!r} (Llama needs {v!r})" for k, v in needs.items() if getattr(config, k) != v]
+    if config.bias and not config.attn_qkv_bias:
+        out.append("model.qkv_bias is false where model.bias is true (Llama has biases everywhere or nowhere, Qwen2 on q/k/v only)")
+    return out
 
 
 def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+    """config.json of a Llama-family export: Qwen2 where only q/k/v have biases, Llama otherwise."""
+    qwen2 = config.attn_qkv_bias and not config.bias
+    out = {
+        "model_type": "qwen2" if qwen2 else "llama",
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.mlp_hidden,
@@ -99,8 +104,6 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "attention_bias": config.bias,
-        "mlp_bias": config.bias,
         "attention_dropout": 0.0,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": 0.02,
@@ -109,28 +112,25 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "torch_dtype": "float32",
         "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
     }
+    if qwen2:
+        out["use_sliding_window"] = False
+    else:
+        out["attention_bias"] = out["mlp_bias"] = config.bias
+    if config.rope_scaling:
+        out["rope_scaling"] = dict(config.rope_scaling)
+    return out
 
 
 def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Our GPT weights (GPT names) under Llama's names, the vocabulary unpadded."""
-    v, q, kv, hidden = config.vocab_size, config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.mlp_hidden
-    out = {"model.embed_tokens.weight": state["transformer.wte.weight"][:v], "model.norm.weight": state["transformer.ln_f.weight"]}
-    if not config.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"][:v]
-    for i in range(config.n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        out[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
-        out[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
-        for kind in ("weight", "bias") if config.bias else ("weight",):
-            qkv = state[ours + f"attn.c_attn.{kind}"]
-            out[theirs + f"self_attn.q_proj.{kind}"] = qkv[:q]
-            out[theirs + f"self_attn.k_proj.{kind}"] = qkv[q:q + kv]
-            out[theirs + f"self_attn.v_proj.{kind}"] = qkv[q + kv:]
-            out[theirs + f"self_attn.o_proj.{kind}"] = state[ours + f"attn.c_proj.{kind}"]
-            gate_up = state[ours + f"mlp.c_fc.{kind}"]
-            out[theirs + f"mlp.gate_proj.{kind}"] = gate_up[:hidden]
-            out[theirs + f"mlp.up_proj.{kind}"] = gate_up[hidden:]
-            out[theirs + f"mlp.down_proj.{kind}"] = state[ours + f"mlp.c_proj.{kind}"]
+    """Our GPT weights under the Llama family's names (the recipe read backwards: fused q/k/v
+    and gate/up cut apart), the vocabulary unpadded."""
+    q, kv, hidden = config.n_head * config.head_dim, config.kv_heads * config.head_dim, config.mlp_hidden
+    cuts = {3: [q, kv, kv], 2: [hidden, hidden]}
+    out = {}
+    for name, (sources, vocabulary) in llama_recipe(config).items():
+        tensor = state[name][: config.vocab_size] if vocabulary else state[name]
+        parts = tensor.split(cuts[len(sources)]) if len(sources) > 1 else [tensor]
+        out.update(zip(sources, parts))
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 

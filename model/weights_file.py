@@ -194,3 +194,75 @@ class CheckpointFiles(Mapping):
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+class ShardedSafetensors:
+    """StreamingSafetensors over several files, as the hub lays out a large checkpoint:
+    `model-0000K-of-0000N.safetensors` of at most `max_shard_bytes` each (a tensor larger than
+    that gets a file of its own) and `model.safetensors.index.json` naming each tensor's file;
+    one `model.safetensors` and no index when everything fits one file. Tensors arrive in
+    `order`, one at a time, and each goes to disk before the next is asked for."""
+
+    def __init__(self, directory: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.directory, self.order = Path(directory), file_order(specs)
+        sizes = {name: torch.Size(specs[name][1]).numel() * _ITEMSIZE[specs[name][0]] for name in self.order}
+        groups: list[list[str]] = [[]]
+        filled = 0
+        for name in self.order:
+            if groups[-1] and filled + sizes[name] > max_shard_bytes:
+                groups.append([])
+                filled = 0
+            groups[-1].append(name)
+            filled += sizes[name]
+        count = len(groups)
+        names = ["model.safetensors"] if count == 1 else [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+        self.files = [(file, StreamingSafetensors(self.directory / file, {n: specs[n] for n in group}, metadata))
+                      for file, group in zip(names, groups)]
+        self.weight_map = {name: file for file, group in zip(names, groups) for name in group}
+        self.total_size = sum(sizes.values())
+        self._open: int | None = None
+
+    def __enter__(self) -> "ShardedSafetensors":
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file = self.weight_map.get(name)
+        index = next(i for i, (f, _) in enumerate(self.files) if f == file) if file else None
+        if index is None:
+            raise ValueError(f"unexpected tensor {name!r}")
+        if self._open != index:
+            if self._open is not None:
+                self.files[self._open][1].__exit__(None, None, None)
+            self.files[index][1].__enter__()
+            self._open = index
+        self.files[index][1].write(name, tensor)
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self._open is not None:
+            self.files[self._open][1].__exit__(kind, value, traceback)
+        if kind is None:
+            if self._open != len(self.files) - 1:
+                raise ValueError("not every shard was written")
+            if len(self.files) > 1:
+                index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+                (self.directory / CheckpointFiles.INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 5GB, 500MB, 64KiB or 1000000 (decimal units as the hub writes
+    them, binary with an i). A ValueError says what would be valid."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"{text!r} is not a size (e.g. 5GB, 500MB, 64KiB or a number of bytes)") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{text!r} must be a positive size")
+    return int(value)

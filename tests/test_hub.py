@@ -226,3 +226,51 @@ def test_a_tokenizer_json_we_cannot_reproduce_is_refused(llama3_style_tokenizer,
     (copy / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(RelayError, match=says):
         tokenizer_of_hf_dir(copy, {})
+
+
+@pytest.mark.parametrize("shape", [
+    {"qkv_bias": True, "bias": False},  # Qwen2's layout
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}},
+])
+def test_a_sharded_export_loads_in_transformers_with_our_logits_and_comes_back(shape, tmp_path, trained_tokenizer):
+    """`relaygpt export --format hf --max-shard-size 100KB`: shards and an index as the hub lays
+    them out; from_pretrained loads it with our logits and greedy tokens, and it imports back."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import ARCHITECTURES, relaygpt, tiny_config
+    from model.export import save_model_dir
+    from model.generate import SamplingParams, generate
+    from model.gpt import GPT
+
+    torch.manual_seed(3)
+    ours = GPT(tiny_config(trained_tokenizer.n_vocab, block_size=128, **{**ARCHITECTURES["modern"], **shape})).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_model_dir(ours, trained_tokenizer, tmp_path / "native")
+    proc = relaygpt("export", tmp_path / "native", "--out", tmp_path / "hf", "--format", "hf", "--max-shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert theirs.config.model_type == ("qwen2" if "qkv_bias" in shape else "llama")
+    ids = torch.randint(0, trained_tokenizer.n_vocab, (2, 100))
+    v = trained_tokenizer.n_vocab
+    with torch.no_grad():
+        assert (ours(ids)[0][..., :v] - theirs(ids).logits).abs().max().item() < 1e-4
+        prompt = ids[0, :8].tolist()
+        greedy = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    mine = generate(ours, [prompt], SamplingParams(max_new_tokens=12))[0].tokens
+    assert greedy[0, len(prompt):].tolist()[: len(mine)] == mine
+    back, _, _ = load_model_dir(tmp_path / "hf")
+    with torch.no_grad():
+        assert (back(ids)[0][..., :v] - ours(ids)[0][..., :v]).abs().max().item() < 1e-5
+
+
+def test_a_bad_shard_size_is_one_line(tmp_path):
+    from helpers import relaygpt
+
+    proc = relaygpt("export", tmp_path / "x", "--out", tmp_path / "y", "--format", "hf", "--max-shard-size", "lots")
+    assert proc.returncode == 2 and "--max-shard-size" in proc.stderr and "Traceback" not in proc.stderr
