@@ -45,8 +45,9 @@ def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
     from model.bpe import gpt2_files_from_ranks
 
     vocab, merges = gpt2_files_from_ranks(tokenizer.mergeable_ranks, tokenizer.special_tokens)
-    base = {token: rank for token, rank in vocab.items() if token not in tokenizer.special_tokens}
-    fast = FastTokenizer(models.BPE(vocab=base, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
+    # The special tokens sit in the model's vocabulary at their ids (below the merged tokens in
+    # an imported Llama 3 tokenizer, above them in ours) and are then registered as special.
+    fast = FastTokenizer(models.BPE(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
     fast.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(tokenizer.pat_str), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),

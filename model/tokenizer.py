@@ -123,8 +123,14 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
+        """A relaygpt tokenizer directory (tokenizer.json naming ranks.tiktoken), or a Hugging
+        Face one (a model directory from the hub: its tokenizer.json, or vocab.json + merges.txt)."""
         path = Path(path)
         meta_path = path / META_FILE
+        if not (path / RANK_FILE).exists() and (meta_path.exists() or (path / "vocab.json").exists()):
+            from model.hf import tokenizer_of_hf_dir
+
+            return tokenizer_of_hf_dir(path, {})
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -274,3 +274,52 @@ def test_a_bad_shard_size_is_one_line(tmp_path):
 
     proc = relaygpt("export", tmp_path / "x", "--out", tmp_path / "y", "--format", "hf", "--max-shard-size", "lots")
     assert proc.returncode == 2 and "--max-shard-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sft_of_a_hub_model_under_zero_3_exports_what_transformers_loads(tmp_path, llama3_style_tokenizer):
+    """A Llama 3.x-shaped hub directory (sharded, rope_scaling, its own tokenizer.json) named as
+    the job's tokenizer and as stages.sft.init: `relaygpt run` fine-tunes it under ZeRO-3 (the
+    local launcher, one worker), the tokenizer keeps AutoTokenizer's ids, and the export loads
+    with from_pretrained: the same logits and greedy tokens as relaygpt's own load of it."""
+    import shutil
+
+    import transformers
+    import yaml
+
+    from helpers import relaygpt
+    from model.generate import SamplingParams, generate
+
+    hub = tmp_path / "hub"
+    vocab = json.loads((llama3_style_tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **{
+            k: v for k, v in FAMILIES["llama3"][2].items() if k != "tie_word_embeddings"})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(hub, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama3_style_tokenizer / name, hub / name)
+    job = {"name": "hubsft", "seed": 1, "output_dir": "runs", "tokenizer": {"dir": "hub"},
+           "data": {"num_proc": 1, "sft": {"val_fraction": 0.1, "sources": [{"type": "synthetic"}]},
+                    "synthetic": {"num_people": 8, "mentions_per_fact": 1, "num_arithmetic": 20}},
+           "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+           "stages": {"sft": {"init": "hub", "steps": 4, "micro_batch": 2, "log_every": 1, "eval_every": 4,
+                              "checkpoint_every": 4, "optimizer": {"lr": 1e-3, "warmup_steps": 1},
+                              "deepspeed": {"zero_stage": 3}}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    proc = relaygpt("run", tmp_path / "job.yaml", env={"RAY_ADDRESS": ""}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    tuned = tmp_path / "runs" / "hubsft" / "default" / "sft" / "model"
+    proc = relaygpt("export", tuned, "--out", tmp_path / "out", "--format", "hf", "--max-shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    ours, tokenizer, _ = load_model_dir(tuned)
+    assert tokenizer.encode(TEXTS[1]) == transformers.AutoTokenizer.from_pretrained(hub).encode(TEXTS[1], add_special_tokens=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert theirs.config.rope_scaling["rope_type"] == "llama3" or theirs.config.rope_parameters["rope_type"] == "llama3"
+    ids = torch.tensor([tokenizer.encode(TEXTS[0] + TEXTS[2])[:100]])
+    with torch.no_grad():
+        assert (ours(ids)[0][..., : tokenizer.n_vocab] - theirs(ids).logits).abs().max().item() < 1e-4
+        greedy = theirs.generate(ids[:, :10], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    mine = generate(ours, [ids[0, :10].tolist()], SamplingParams(max_new_tokens=12))[0].tokens
+    assert greedy[0, 10:].tolist()[: len(mine)] == mine
