@@ -220,6 +220,17 @@ def _job_and_run_dir(args):
     return job, RunDir(job.run_dir(args.run_id, args.out))
 
 
+def _check_ray_address(address: str | None) -> None:
+    """--address of a Ray cluster (host:port, ray://host:port): checked before anything starts."""
+    from cluster.settings import parse_address
+
+    if address is not None and address != "auto":
+        try:
+            parse_address(address, "--address")
+        except ValueError as exc:
+            raise RelayError(str(exc)) from None
+
+
 def cmd_run(args) -> int:
     from cluster.console import terminal
     from cluster.driver import format_summary, run_job
@@ -227,6 +238,7 @@ def cmd_run(args) -> int:
 
     clock = StartupClock(started_at=process_started_at())  # the start-up counts from the command's own start
     _quiet_ray()
+    _check_ray_address(args.address)
     job, run_dir = _job_and_run_dir(args)
     console = terminal()  # every line of ours goes through it: a reader that goes away (| head) silences it, no more
     console.line(f"relaygpt run {job.name} -> {run_dir.root}")
@@ -341,6 +353,7 @@ def cmd_generate(args) -> int:
     from pipelines.generation.rows import prompt_ids, read_prompts
 
     params = _sampling(args)
+    _check_ray_address(args.address)
     _check_output_file(args.out, "--out")
     rows = read_prompts(args.prompts)
     model, tokenizer, _ = load_model_dir(args.model_dir)  # checks the directory and every row before any worker starts
@@ -437,8 +450,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from cluster.submit import submit
+    from cluster.submit import check_dashboard_address, submit
 
+    check_dashboard_address(args.address)
     job, run_dir = _job_and_run_dir(args)
     job_id = submit(job, args.address, run_dir=run_dir, run_id=args.run_id, out=args.out, resume=args.resume)
     print(f"submitted {job.name} as {job_id}")
@@ -451,6 +465,7 @@ def cmd_submit(args) -> int:
 def cmd_jobs(args) -> int:
     from cluster import submit as jobs
 
+    jobs.check_dashboard_address(args.address)
     if args.jobs_command == "list":
         rows = jobs.list_jobs(args.address)
         print(f"{'ID':<28} {'STATUS':<10} {'JOB':<20} ENTRYPOINT")

@@ -15,28 +15,32 @@ import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from urllib.parse import urlparse
 
+from cluster.settings import parse_address
 from model.errors import RelayError
 
 
-def check_reachable(address: str, timeout: float = 3.0) -> None:
+def check_reachable(address: str, timeout: float = 3.0, field: str = "cluster.address") -> None:
     if address == "auto":
         return
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    host, port = parsed.hostname, parsed.port
-    if not host or not port:
-        raise RelayError(f"cluster.address: {address!r} is not host:port or ray://host:port")
+    try:
+        host, port = parse_address(address, field, ("ray", "tcp"))
+    except ValueError as exc:
+        raise RelayError(str(exc)) from None
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise RelayError(f"cluster.address: cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
+        raise RelayError(f"{field}: cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
                          "is it running (ray start --head)?") from None
 
 
 def is_loopback(address: str) -> bool:
     """A cluster on this machine's loopback: the driver must register on 127.0.0.1 too, or Ray
     looks for a raylet on the machine's network address and waits for it."""
-    host = urlparse(address if "://" in address else f"tcp://{address}").hostname or ""
+    try:
+        host = urlparse(address if "://" in address else f"tcp://{address}").hostname or ""
+    except ValueError:
+        return False
     return host in ("localhost", "::1") or host.startswith("127.")
 
 

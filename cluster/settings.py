@@ -4,10 +4,29 @@ training launcher, prices)."""
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipelines.settings import Strict
+
+
+def parse_address(address: str, field: str, schemes: tuple[str, ...] = ("ray", "tcp")) -> tuple[str, int]:
+    """(host, port) of `address` (`host:port` or `scheme://host:port`), or a ValueError that
+    names `field` and what would be valid: a port past 65535 or an unclosed `[::1` included."""
+    example = "http://HOST:8265" if "http" in schemes else "HOST:6379 or ray://HOST:10001"
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError(f"{field}: an address is host:port ({example}), got {address!r}")
+    try:
+        parsed = urlparse(address if "://" in address else f"{schemes[-1]}://{address}")
+        host, port = parsed.hostname, parsed.port
+    except ValueError as exc:  # urllib: "Port out of range 0-65535", "Invalid IPv6 URL"
+        raise ValueError(f"{field}: {address!r} is not a valid address ({exc}); expected {example}") from None
+    if parsed.scheme not in schemes:
+        raise ValueError(f"{field}: {address!r} uses the scheme {parsed.scheme!r}; expected {example}")
+    if not host or not port:
+        raise ValueError(f"{field}: {address!r} needs a host and a port (1-65535); expected {example}")
+    return host, port
 
 
 class ClusterSpec(Strict):
@@ -26,3 +45,10 @@ class ClusterSpec(Strict):
                             "embedded run, else ray)")
     price_per_gpu_hour: float | None = Field(None, ge=0, description="for the cost in summary.json and sweep reports (GPU stages)")
     price_per_core_hour: float | None = Field(None, ge=0, description="the same for CPU-only stages, per core-hour")
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, value):
+        if value is not None and value != "auto":
+            parse_address(value, "cluster.address")
+        return value

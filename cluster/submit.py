@@ -22,12 +22,23 @@ PROJECT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cluster", "model", "pipelines", "jobs")
 
 
+def check_dashboard_address(address: str) -> None:
+    """A dashboard address is http(s)://host:port; anything else is one line naming --address."""
+    from cluster.settings import parse_address
+
+    try:
+        parse_address(address, "--address", ("https", "http"))
+    except ValueError as exc:
+        raise RelayError(str(exc)) from None
+
+
 def client(address: str):
+    check_dashboard_address(address)
     from ray.job_submission import JobSubmissionClient
 
     from cluster.runtime import check_reachable
 
-    check_reachable(address.replace("http://", "tcp://").replace("https://", "tcp://"))
+    check_reachable(address.replace("https://", "tcp://").replace("http://", "tcp://"), field="--address")
     try:
         return JobSubmissionClient(address)
     except Exception as exc:

@@ -14,13 +14,23 @@ import sys
 from model.errors import RelayError
 
 
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number (1 or more), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a step number (1 or more), got {value}: step 0 is before the first step")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.torchrun")
     parser.add_argument("job", metavar="JOB.yaml")
     parser.add_argument("--stage", choices=("pretrain", "sft"), required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--run-dir", default=None, help="default: OUT/<name>/default from the job file")
-    parser.add_argument("--until-step", type=int, default=None, help="stop (checkpointed) at this step")
+    parser.add_argument("--until-step", type=_step, default=None, help="stop (checkpointed) at this step (1 or more)")
     args = parser.parse_args(argv)
     try:
         import torch

@@ -26,7 +26,7 @@ from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
 from pipelines.train.plan import data_parallel_size
 from pipelines.train.settings import TrainStageSpec
-from pipelines.yaml_file import read_yaml
+from pipelines.yaml_file import parse_bounded, read_yaml
 
 
 class JobError(RelayError):
@@ -99,28 +99,39 @@ class StagesSpec(Strict):
 
 # ---- the job -----------------------------------------------------------------------------
 
+SEED_MAX = 2**32 - 1
+
 # A job's name and a run id each name one directory: letters, digits, '.', '_', '-', never a
 # leading '.' or '-', so neither can be empty, '..', an absolute path or contain a '/'.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+NAME_RULE = "at most 100 letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 def check_run_id(run_id: str) -> str:
     """A run id names one directory under OUT/<name>/; anything else is refused (never joined)."""
     if not isinstance(run_id, str) or not re.fullmatch(NAME_PATTERN, run_id):
-        raise RelayError(f"--run-id: {run_id!r} is not a valid run id ({NAME_RULE}; it names the directory OUT/<name>/<run-id>/)")
+        shown = run_id if not isinstance(run_id, str) or len(run_id) <= 40 else run_id[:40] + f"... ({len(run_id)} characters)"
+        raise RelayError(f"--run-id: {shown!r} is not a valid run id ({NAME_RULE}; it names the directory OUT/<name>/<run-id>/)")
     return run_id
 
 
 class JobSpec(Strict):
-    name: str = Field(pattern=NAME_PATTERN, description="names the run directory OUT/<name>/")
-    seed: int = 1234
+    name: str = Field(description="names the run directory OUT/<name>/: " + NAME_RULE)
+    seed: int = Field(1234, ge=0, le=SEED_MAX, description="0 to 2**32 - 1 (numpy's seed range; torch's is wider)")
     output_dir: str = Field("runs", description="OUT: where run directories go (relative to the job file)")
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerSpec
     data: DataSpec
     stages: StagesSpec = StagesSpec()
     cluster: ClusterSpec = ClusterSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _directory_name(cls, value):
+        if not re.fullmatch(NAME_PATTERN, value):
+            shown = value if len(value) <= 40 else value[:40] + f"... ({len(value)} characters)"
+            raise ValueError(f"{shown!r} cannot name a directory; use {NAME_RULE}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -304,7 +315,8 @@ def _origin(loc: tuple, where: str, lines: dict[tuple, int], overridden: dict[tu
     else the file and the line of the nearest key written there."""
     for i in range(len(loc), 0, -1):
         if loc[:i] in overridden:
-            return f"--set {overridden[loc[:i]]}"
+            shown = overridden[loc[:i]]
+            return f"--set {shown if len(shown) <= 80 else shown[:80] + '...'}"
     line = next((lines[loc[:i]] for i in range(len(loc), shortest - 1, -1) if loc[:i] in lines), None)
     return f"{where}:{line}" if line else where
 
@@ -355,8 +367,10 @@ def apply_override(data: dict, assignment: str) -> None:
     parts = list(override_path(assignment))
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+        value, _ = parse_bounded(raw, f"--set {key}")
+    except RelayError as exc:
+        if "invalid YAML" not in str(exc):
+            raise JobError([str(exc)]) from None
         value = raw
     node = data
     for i, part in enumerate(parts[:-1]):

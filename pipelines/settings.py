@@ -1,4 +1,5 @@
-"""The base of every config section: unknown keys are errors, values are frozen once loaded."""
+"""The base of every config section: unknown keys are errors, values are frozen once loaded,
+numbers are finite (`.inf` and `.nan` are refused wherever a number is asked for)."""
 
 import types
 import typing
@@ -7,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ JOB = REPO / "jobs" / "tiny-assistant.yaml"
 SHORT = [
     "data.synthetic.mentions_per_fact=6", "data.num_proc=1",
     "stages.pretrain.steps=20", "stages.pretrain.log_every=5", "stages.pretrain.eval_every=10", "stages.pretrain.checkpoint_every=10",
+    "stages.pretrain.optimizer.warmup_steps=5", "stages.sft.optimizer.warmup_steps=2",
     "stages.sft.steps=6", "stages.sft.log_every=2", "stages.sft.eval_every=3", "stages.sft.checkpoint_every=3",
     "stages.eval.limit=6", "stages.eval.workers=2", "stages.eval.batch_size=4",
 ]

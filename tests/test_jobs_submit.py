@@ -17,7 +17,8 @@ def _job_file(tmp_path, steps, out=None):
     text = (REPO / "jobs" / "tiny-assistant.yaml").read_text()
     path = tmp_path / "job.yaml"
     path.write_text(text)
-    return path, ["--set", f"stages.pretrain.steps={steps}", "--set", "stages.pretrain.log_every=1", "--set", "stages.sft=null",
+    return path, ["--set", f"stages.pretrain.steps={steps}", "--set", "stages.pretrain.optimizer.warmup_steps=0",
+                  "--set", "stages.pretrain.log_every=1", "--set", "stages.sft=null",
                   "--set", "stages.eval=null", "--set", "data.synthetic.mentions_per_fact=6", "--set", "data.num_proc=1",
                   "--out", str(out or tmp_path / "out")]
 

@@ -112,7 +112,7 @@ class SFTDataSpec(Strict):
 class SyntheticSpec(Strict):
     """The offline demo world (pipelines/data/synthetic.py)."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="0 to 2**32 - 1")
     num_people: int = Field(48, ge=4)
     held_out_fraction: float = Field(0.25, gt=0, lt=1)
     mentions_per_fact: int = Field(48, ge=1, description="biographies per person in pretraining (each states all three facts, in random order and phrasing)")

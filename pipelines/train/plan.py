@@ -210,6 +210,13 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     method = settings.deepspeed.partition_method
     parts = stage_boundaries(model, pp, method, seq_len) if pp > 1 else (0, model.n_layer + 4)
 
+    steps = total_steps(settings, tokens_per_step)
+    if settings.optimizer.warmup_steps > steps:  # a budget in tokens: steps are known only now
+        from model.errors import ConfigError
+
+        raise ConfigError(f"stages.{stage}.optimizer.warmup_steps: {settings.optimizer.warmup_steps} is more than the stage's "
+                          f"{steps} steps ({settings.tokens} tokens at {tokens_per_step} per step); at most {steps}")
+
     def render(cut) -> dict:
         sizes = layer_params(model, pp)
         return deepspeed_config(settings, dp, precision, device, max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:])), zero_stage)
@@ -218,7 +225,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
         stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,
         zero_stage=settings.deepspeed.zero_stage, micro_batch=settings.micro_batch, grad_accum=settings.grad_accum,
         global_batch=global_batch, seq_len=seq_len, tokens_per_step=tokens_per_step,
-        total_steps=total_steps(settings, tokens_per_step), device=device, precision=precision,
+        total_steps=steps, device=device, precision=precision,
         clip_in_optimizer=clips_in_optimizer(settings, precision, zero_stage), stage_layers=tuple(parts),
         deepspeed_config=render(parts),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,7 +17,8 @@ class OptimizerSpec(Strict):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="Adam's moment decays, each in [0, 1)")
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
 
@@ -71,4 +72,7 @@ class TrainStageSpec(Strict):
     def _one_budget(self):
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of steps, tokens")
+        if self.steps is not None and self.optimizer.warmup_steps > self.steps:
+            raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) is more than steps ({self.steps}): the "
+                             "learning rate would never reach lr; give at most steps")
         return self
