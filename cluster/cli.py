@@ -216,8 +216,12 @@ def _job_and_run_dir(args):
     from jobs.spec import load_job
     from pipelines.rundir import RunDir
 
+    from pipelines.run_state import check_output_path
+
     job = load_job(args.job, args.overrides)
-    return job, RunDir(job.run_dir(args.run_id, args.out))
+    root = job.run_dir(args.run_id, args.out)
+    check_output_path(root, "--out" if args.out else "output_dir")
+    return job, RunDir(root)
 
 
 def _check_ray_address(address: str | None) -> None:
@@ -412,6 +416,10 @@ def cmd_eval(args) -> int:
 
     import tempfile
 
+    if args.out:
+        from pipelines.run_state import check_output_path
+
+        check_output_path(args.out, "--out")
     out = EvalDir(Path(args.out)) if args.out else None
     log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
 
@@ -434,7 +442,10 @@ def cmd_sweep(args) -> int:
     from jobs.sweep import load_sweep
     from pipelines.accounting import describe_usage
 
+    from pipelines.run_state import check_output_path
+
     sweep = load_sweep(args.sweep, args.overrides)
+    check_output_path(sweep.sweep_dir(args.out), "--out" if args.out else "output_dir")
     out_dir = sweep.sweep_dir(args.out).resolve()
     print(f"relaygpt sweep {sweep.name} -> {out_dir}", flush=True)
     log = out_dir / "logs" / "run.log"

@@ -147,7 +147,7 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
 
     if from_stage is not None and from_stage not in stages_of(job):
         raise RelayError(f"--from-stage: {from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
-    run = preflight(job, run_dir)
+    run = preflight(job, run_dir, from_stage)
     address = address or job.cluster.address
     if address:
         check_reachable(address)

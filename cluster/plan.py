@@ -14,11 +14,15 @@ from model.errors import RelayError
 from pipelines.train.memory import GIB, stage_memory
 
 
-def check(job, run_dir) -> tuple[object | None, list[str]]:
-    """(the RunPlan, or None when it cannot be made; every problem found)."""
+def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, list[str]]:
+    """(the RunPlan, or None when it cannot be made; every problem found). `from_stage`: the
+    stages from it on are made again, so their old state in the run directory is not read."""
     from jobs.plan import resolve_plan
+    from pipelines.run_state import run_dir_problems
 
-    problems = missing_inputs(job, run_dir)
+    order = ["data"] + [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
+    rerun = set(order[order.index(from_stage):]) if from_stage in order else set()
+    problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir)
     run = None
     if not problems:
         try:
@@ -38,9 +42,9 @@ def check(job, run_dir) -> tuple[object | None, list[str]]:
     return run, problems
 
 
-def preflight(job, run_dir):
+def preflight(job, run_dir, from_stage: str | None = None):
     """The resolved plan, or a RelayError listing every problem (before Ray starts)."""
-    run, problems = check(job, run_dir)
+    run, problems = check(job, run_dir, from_stage)
     if problems:
         raise RelayError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems))
     return run
@@ -49,6 +53,13 @@ def preflight(job, run_dir):
 def missing_inputs(job, run_dir) -> list[str]:
     """Files the plan needs that are not there (data sources, tokenizer, init models)."""
     problems = []
+    for field in ("file", "dir"):
+        value = getattr(job.tokenizer, field)
+        path = job.path(value) if value else None
+        if path is not None and path.exists() and path.is_dir() != (field == "dir"):
+            problems.append(f"tokenizer.{field}: {path} is a {'directory' if path.is_dir() else 'file'}; tokenizer.{field} names a "
+                            + ("directory holding tokenizer.json (relaygpt tokenizer train --out DIR)" if field == "dir" else
+                               ".tiktoken rank file"))
     for name in ("pretrain", "sft"):
         section = getattr(job.data, name)
         for i, source in enumerate(section.sources if section else []):

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.train.trainer import train_stage
 
         job = load_job(args.job, args.overrides)
+        from pipelines.run_state import check_output_path
+
+        check_output_path(args.run_dir or job.run_dir(), "--run-dir" if args.run_dir else "output_dir")
         run_dir = RunDir(args.run_dir or job.run_dir())
         init_distributed()
         if dist.get_world_size() != job.cluster.num_workers:

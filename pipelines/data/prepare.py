@@ -87,7 +87,11 @@ def _tokenizer_fingerprint(job, hashes: FileHashes | None = None) -> str:
 def _prepared_tokenizer(out: Path, fingerprint: str) -> Tokenizer | None:
     """RUN/tokenizer when it was prepared from the job's current tokenizer settings and inputs."""
     marker = out / "source.json"
-    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+    except (ValueError, RecursionError):  # damaged: preflight names it unless the data stage is re-run, as now
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("fingerprint") == fingerprint:
         return Tokenizer.from_dir(out)
     return None
 

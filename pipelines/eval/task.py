@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     metric = spec.get("metric", "exact_match")
     if metric not in METRICS:
         raise RelayError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    _check_settings(spec, where)
     # --data names a file as the user typed it: relative to the current folder, not the task's.
     source = {"file": str(Path(data_file).expanduser().absolute())} if data_file else spec.get("source", {})
     rows = _read_rows(source, "--data" if data_file else where, path.parent)
@@ -194,6 +196,30 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     if not task.examples:
         raise RelayError(f"{where}: no examples to evaluate")
     return task
+
+
+def _check_settings(spec: dict, where: str) -> None:
+    """The task's own settings, checked before any row is read: each problem names its key."""
+    for key, least in (("shots", 0), ("max_new_tokens", 1)):
+        value = spec.get(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise RelayError(f"{where}: {key}: expected a whole number >= {least}, got {value!r}")
+    stop = spec.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RelayError(f"{where}: stop: expected a list of non-empty strings (e.g. [\"\\n\\n\"]), got {stop!r}")
+    if spec.get("style", "completion") not in ("completion", "chat"):
+        raise RelayError(f"{where}: style: expected completion or chat, got {spec.get('style')!r}")
+    prompt = spec.get("prompt", "{input}")
+    if not isinstance(prompt, str):
+        raise RelayError(f"{where}: prompt: expected text holding {{input}}, got {prompt!r}")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as exc:  # "Single '}' encountered", "expected '}' before end of string"
+        raise RelayError(f"{where}: prompt: {exc}; write a literal brace as {{{{ or }}}}") from None
+    unknown = sorted({n for n in names if n != "input"})
+    if unknown:
+        raise RelayError(f"{where}: prompt: unknown placeholder {{{unknown[0]}}}; the only placeholder is {{input}} "
+                         "(write a literal brace as {{ or }})")
 
 
 def _hellaswag_text(text: str) -> str:
