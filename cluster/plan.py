@@ -29,6 +29,12 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
             run = resolve_plan(job, run_dir)
         except RelayError as exc:
             problems.append(str(exc))
+    from pipelines.train.deepspeed_keys import extra_problems
+
+    for name in ("pretrain", "sft"):
+        stage = getattr(job.stages, name)
+        if stage is not None:
+            problems += extra_problems(f"stages.{name}.deepspeed.extra", stage.deepspeed.extra)
     if job.stages.eval is not None:  # the eval stage's tasks and their data (the plan does not need them)
         problems += _eval_inputs(job, run_dir)
     if run is not None:
