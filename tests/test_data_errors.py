@@ -60,11 +60,17 @@ def test_zero_supervised_tokens_is_an_error(tmp_path):
     assert_one_line_error(data_prepare(sft_job(tmp_path, rows)), "no conversation ends with an assistant turn")
 
 
-def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+def test_non_utf8_bytes_are_refused_or_read_with_the_sources_encoding(tmp_path):
+    """Latin-1 text read as UTF-8 is refused at the first bad byte (it was once replaced and
+    counted in the manifest, said nowhere); `encoding: latin-1` reads it as written."""
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait\n\n\xff\xfe good text after")
-    path = write_job(tmp_path, {"pretrain": {"val_fraction": 0.0, "sources": [{"type": "text", "path": "bad.txt", "split_by": "blank_line"}]}})
+    source = {"type": "text", "path": "bad.txt", "split_by": "blank_line"}
+    path = write_job(tmp_path, {"pretrain": {"val_fraction": 0.0, "sources": [source]}})
+    with pytest.raises(RelayError, match=r"bad.txt: not UTF-8 text \(byte 0xe9 at offset 3\); set encoding:"):
+        prepare(path)
+    path = write_job(tmp_path, {"pretrain": {"val_fraction": 0.0, "sources": [{**source, "encoding": "latin-1"}]}})
     _, out = prepare(path)
-    assert out["pretrain"]["stats"]["replaced_bytes"] == 3
+    assert out["pretrain"]["stats"]["replaced_bytes"] == 0
     assert out["pretrain"]["stats"]["documents"] == 2
 
 

@@ -69,6 +69,23 @@ class SourceSpec(Strict):
     fields: dict[str, str] | None = Field(None, description="instruction sources: the format's field -> the data's column, "
                                           "e.g. {instruction: instruction, input: context, output: response}")
     weight: float = Field(1.0, gt=0)
+    encoding: str | None = Field(None, description="text, json and csv files: their text encoding (e.g. latin-1, cp1252); "
+                                 "default UTF-8. A file with bytes invalid in it is refused, naming the first one's offset")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value):
+        import codecs
+
+        if value is None:
+            return value
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}; e.g. utf-8, latin-1, cp1252") from None
+        if "\n".encode(value, errors="replace") != b"\n":
+            raise ValueError(f"{value!r} does not write a newline as the byte \\n (UTF-16 / UTF-32); convert the file to UTF-8")
+        return value
 
     @field_validator("fields")
     @classmethod

@@ -22,8 +22,9 @@ from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
 from pipelines.inputs import FileHashes
 
-PREP_VERSION = 3  # bump when the on-disk format or the processing changes (2: SFT manifests record eot_id;
-# 3: shards per block and per source, weights no longer applied at preparation)
+PREP_VERSION = 4  # bump when the on-disk format or the processing changes (2: SFT manifests record eot_id;
+# 3: shards per block and per source, weights no longer applied at preparation; 4: text that is not valid in its
+# encoding refused instead of replaced, a source's `encoding:`, a file reached by several links read once)
 MAX_VAL_SHARE = 0.25  # a validation split holding more of a stage's tokens than this is reported
 
 

@@ -86,7 +86,7 @@ def block_documents(block: dict, stats: SourceStats, counts: dict) -> Iterator[s
             yield value
 
 
-def lines(path: str, start: int, end: int, stats: SourceStats) -> Iterator[str]:
+def lines(path: str, start: int, end: int, stats: SourceStats, encoding: str = "utf-8") -> Iterator[str]:
     """The lines of bytes [start, end) of a file, as `text.split("\\n")` gives them, decoded a
     chunk at a time (each chunk cut after a newline)."""
     with open(path, "rb") as f:
@@ -98,20 +98,20 @@ def lines(path: str, start: int, end: int, stats: SourceStats) -> Iterator[str]:
             if not cut:
                 pending.append(chunk)  # a line longer than a chunk: joined once it ends
                 continue
-            pieces = decode_counting(b"".join(pending) + chunk[:cut], stats).split("\n")
+            pieces = decode_counting(b"".join(pending) + chunk[:cut], stats, encoding).split("\n")
             pending = [chunk[cut:]]
             if left > 0:
                 pieces.pop()  # the empty string after the chunk's last newline
             yield from pieces
         rest = b"".join(pending)
         if rest:  # the file was shorter than planned
-            yield from decode_counting(rest, stats).split("\n")
+            yield from decode_counting(rest, stats, encoding).split("\n")
 
 
 def _text(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[str, str]]:
     path = part["path"]
     if "start" not in part:  # split_by: file
-        text = read_text(Path(path), stats)
+        text = read_text(Path(path), stats, block.get("encoding", "utf-8"))
         if text.strip():
             yield text, path
         return
@@ -119,7 +119,7 @@ def _text(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[str, st
     # stripped: exactly the pieces re.split(r"\n[ \t\r\f\v]*\n", text) gives once stripped,
     # and blocks are cut after a blank line, so no document straddles two.
     run: list[str] = []
-    for line in lines(path, part["start"], part["end"], stats):
+    for line in lines(path, part["start"], part["end"], stats, block.get("encoding", "utf-8")):
         if line.strip(" \t\r\f\v"):
             run.append(line)
         elif run:
@@ -135,7 +135,7 @@ def _text(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[str, st
 def _json(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[object, object]]:
     path = part["path"]
     if part.get("array"):
-        text = read_text(Path(path), stats)
+        text = read_text(Path(path), stats, block.get("encoding", "utf-8"))
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -145,7 +145,7 @@ def _json(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[object,
         for i, record in enumerate(data):
             yield record, Row(f"{path} record", i)
         return
-    for n, line in enumerate(lines(path, part["start"], part["end"], stats), start=1):
+    for n, line in enumerate(lines(path, part["start"], part["end"], stats, block.get("encoding", "utf-8")), start=1):
         if not line.strip():
             continue
         try:
@@ -197,9 +197,10 @@ def _csv(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[object, 
         f.seek(part["start"])
         data = f.read(part["end"] - part["start"])
     # The header's replaced bytes count once, with the file's first block.
-    header_text = decode_counting(header, stats if part["start"] == part["header_end"] else SourceStats())
+    encoding = block.get("encoding", "utf-8")
+    header_text = decode_counting(header, stats if part["start"] == part["header_end"] else SourceStats(), encoding)
     names = _read_csv(header_text, None, block["label"]).column_names
-    table = _read_csv(header_text + decode_counting(data, stats), block["columns"], block["label"], names)
+    table = _read_csv(header_text + decode_counting(data, stats, encoding), block["columns"], block["label"], names)
     row = part["first_row"]
     for batch in table.to_batches(max_chunksize=PARQUET_BATCH):
         for record in batch.to_pylist():

@@ -45,20 +45,55 @@ class SourceStats:
 
 
 def _files(job, source) -> list[Path]:
+    """The files `source.path` matches, each once: a file reached through several links (a
+    link loop makes `**` reach one file dozens of times) is read at its first match only."""
     pattern = str(job.path(source.path))
-    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    matches, seen = [], set()
+    for p in sorted(Path(p) for p in glob.glob(pattern, recursive=True)):
+        real = p.resolve()
+        if p.is_file() and real not in seen:
+            seen.add(real)
+            matches.append(p)
     if not matches:
         raise RelayError(f"{source.path}: no file matches (looked for {pattern})")
     return matches
 
 
-def decode_counting(data: bytes, stats: SourceStats) -> str:
-    """UTF-8 text with invalid bytes replaced by U+FFFD and counted in `stats`.
+def check_text_file(path: Path, encoding: str | None) -> None:
+    """Refuse a file that is not text: a NUL byte (binary data), or bytes that are not valid in
+    its encoding (UTF-8 unless the source names another), naming the file and the first bad
+    byte's offset. Streams the file, decoding up to the last newline of each chunk (a newline
+    byte never lies inside a character of an encoding the source accepts); nothing is replaced."""
+    name = encoding or "UTF-8"
+    hint = f"the file is not {encoding} either" if encoding else \
+        "set encoding: on the source (e.g. encoding: latin-1) if the file uses another encoding"
+    pending, base = b"", 0  # bytes not yet decoded, and the file offset where they begin
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(SCAN_CHUNK)
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                at = base + len(pending) + nul
+                raise RelayError(f"{path}: a binary file, not text (a NUL byte at offset {at}); point the source at text files")
+            data = pending + chunk
+            cut = (data.rfind(b"\n") + 1 or max(0, len(data) - 8)) if chunk else len(data)
+            try:
+                data[:cut].decode(encoding or "utf-8")
+            except UnicodeDecodeError as exc:
+                raise RelayError(f"{path}: not {name} text (byte 0x{data[exc.start]:02x} at offset {base + exc.start}); {hint}") from None
+            base, pending = base + cut, data[cut:]
+            if not chunk:
+                return
+
+
+def decode_counting(data: bytes, stats: SourceStats, encoding: str = "utf-8") -> str:
+    """Text of `data` in `encoding`, any invalid bytes replaced by U+FFFD and counted in `stats`
+    (planning has refused files with invalid bytes, so this counts none for a file left alone).
 
     Cut at a newline, a file decodes piece by piece exactly as it does whole: an ASCII byte
     always ends an invalid sequence, so every piece sees the same replacements."""
     try:
-        return data.decode("utf-8")
+        return data.decode(encoding)
     except UnicodeDecodeError:
         pass
     count = 0
@@ -70,14 +105,14 @@ def decode_counting(data: bytes, stats: SourceStats) -> str:
 
     name = f"relaygpt-count-{id(handler)}"
     codecs.register_error(name, handler)
-    text = data.decode("utf-8", errors=name)
+    text = data.decode(encoding, errors=name)
     stats.replaced_bytes += count
     return text
 
 
-def read_text(path: Path, stats: SourceStats) -> str:
-    """A whole file as UTF-8 text, invalid bytes replaced and counted."""
-    return decode_counting(Path(path).read_bytes(), stats)
+def read_text(path: Path, stats: SourceStats, encoding: str = "utf-8") -> str:
+    """A whole file as text, invalid bytes replaced and counted."""
+    return decode_counting(Path(path).read_bytes(), stats, encoding)
 
 
 def source_label(source) -> str:
@@ -99,8 +134,10 @@ def plan_source(job, index: int, source, role: str, block_bytes: int, stats: Sou
     text_field = source.field or "text"
     columns = [text_field] if role == "pretrain" and source.type in ("parquet", "csv") else None
     base = {"source": index, "type": source.type, "label": source_label(source), "split_by": source.split_by,
-            "field": text_field if role == "pretrain" else None, "columns": columns}
+            "field": text_field if role == "pretrain" else None, "columns": columns, "encoding": source.encoding or "utf-8"}
     files = _files(job, source) if source.type in LOCAL_TYPES else []
+    for path in files if source.type in ("text", "json", "csv") else []:
+        check_text_file(path, source.encoding)
     stats.files += [str(p) for p in files]
     if source.type == "text":
         parts = _text_parts(files, source.split_by, block_bytes)
