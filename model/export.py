@@ -82,6 +82,10 @@ def _read_json(path: Path) -> dict:
         raise RelayError(f"{path.parent}: not a model directory (no config.json)") from None
     except json.JSONDecodeError as exc:
         raise RelayError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise RelayError(f"{path}: nested too deeply to be a model's settings (thousands of levels); is it the right file?") from None
+    except UnicodeDecodeError as exc:
+        raise RelayError(f"{path}: not UTF-8 text (byte at offset {exc.start}); a config.json is JSON in UTF-8") from None
     if not isinstance(meta, dict):
         raise RelayError(f"{path}: expected a JSON object of model settings, got a JSON {type(meta).__name__}")
     return meta

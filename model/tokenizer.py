@@ -137,6 +137,12 @@ class Tokenizer:
             raise RelayError(f"{path}: not a tokenizer directory (no {META_FILE})") from None
         except json.JSONDecodeError as exc:
             raise RelayError(f"{meta_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        except (RecursionError, UnicodeDecodeError, NotADirectoryError) as exc:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else "not UTF-8 JSON" \
+                if isinstance(exc, UnicodeDecodeError) else "not a directory"
+            raise RelayError(f"{meta_path}: {what}; a tokenizer directory holds {META_FILE} and {RANK_FILE}") from None
+        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), str) for k in ("name", "pat_str")):
+            raise RelayError(f"{meta_path}: expected a JSON object with the tokenizer's name and pat_str")
         ranks, digest = load_rank_file(path / RANK_FILE, meta.get("sha256"))
         return cls(meta["name"], ranks, meta["pat_str"], meta.get("special_tokens", {}), digest, ("dir", str(path.resolve())))
 

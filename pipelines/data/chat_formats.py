@@ -73,7 +73,17 @@ def _text(value, where: str, what: str) -> str:
 
 
 def to_messages(row, fmt: str, where: str) -> list[dict]:
-    """The conversation of one row as messages (fmt already resolved, not 'auto')."""
+    """The conversation of one row as messages (fmt already resolved, not 'auto'); a user or
+    assistant turn with no text is refused, naming the row and the turn."""
+    messages = _messages(row, fmt, where)
+    for i, m in enumerate(messages):
+        if m["role"] in ("user", "assistant") and not m["content"].strip():
+            raise RelayError(f"{where}: the {m['role']} turn (turn {i}) is empty; an empty turn teaches nothing: fill it in or "
+                             "drop the row")
+    return messages
+
+
+def _messages(row, fmt: str, where: str) -> list[dict]:
     if not isinstance(row, dict):
         raise RelayError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in FORMAT_KEYS[fmt] if k not in row]

@@ -171,6 +171,12 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *,
     hashes = FileHashes(run_dir.input_hashes)
     with timed("tokenizer"):
         tokenizer = prepare_tokenizer(job, run_dir.tokenizer, hashes)
+    if job.tokenizer.train is not None and show is not None:
+        from model.tokenizer import vocabulary_shortfall
+
+        shortfall = vocabulary_shortfall(tokenizer, job.tokenizer.train.vocab_size)
+        if shortfall:
+            show(f"[data] warning: tokenizer.train.vocab_size: {shortfall}")
     out: dict = {"tokenizer": tokenizer}
     with timed("data"):
         if "pretrain" in stages and job.data.pretrain is not None:
