@@ -406,6 +406,11 @@ def cmd_eval(args) -> int:
     from pipelines.eval.task import load_task
     from pipelines.rundir import EvalDir
 
+    from pipelines.run_state import check_output_path
+
+    _check_ray_address(args.address)
+    if args.out:
+        check_output_path(args.out, "--out")
     job = None
     if args.job:
         from jobs.spec import load_job
@@ -416,10 +421,6 @@ def cmd_eval(args) -> int:
 
     import tempfile
 
-    if args.out:
-        from pipelines.run_state import check_output_path
-
-        check_output_path(args.out, "--out")
     out = EvalDir(Path(args.out)) if args.out else None
     log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
 

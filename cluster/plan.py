@@ -22,19 +22,13 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
 
     order = ["data"] + [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
     rerun = set(order[order.index(from_stage):]) if from_stage in order else set()
-    problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir)
+    problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir) + _deepspeed_extra(job)
     run = None
     if not problems:
         try:
             run = resolve_plan(job, run_dir)
         except RelayError as exc:
             problems.append(str(exc))
-    from pipelines.train.deepspeed_keys import extra_problems
-
-    for name in ("pretrain", "sft"):
-        stage = getattr(job.stages, name)
-        if stage is not None:
-            problems += extra_problems(f"stages.{name}.deepspeed.extra", stage.deepspeed.extra)
     if job.stages.eval is not None:  # the eval stage's tasks and their data (the plan does not need them)
         problems += _eval_inputs(job, run_dir)
     if run is not None:
@@ -46,6 +40,18 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
                                     f"than the {budget / GIB:.0f} GiB available; raise pipeline_stages or zero_stage, enable activation "
                                     "checkpointing or offload, or lower micro_batch")
     return run, problems
+
+
+def _deepspeed_extra(job) -> list[str]:
+    """Keys of `deepspeed.extra` DeepSpeed does not know or refuses (before the plan renders them)."""
+    from pipelines.train.deepspeed_keys import extra_problems
+
+    problems = []
+    for name in ("pretrain", "sft"):
+        stage = getattr(job.stages, name)
+        if stage is not None:
+            problems += extra_problems(f"stages.{name}.deepspeed.extra", stage.deepspeed.extra)
+    return problems
 
 
 def preflight(job, run_dir, from_stage: str | None = None):
