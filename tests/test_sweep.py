@@ -131,7 +131,8 @@ SWEEP_ERRORS = [
 @pytest.mark.parametrize("name, body, needles", SWEEP_ERRORS, ids=[e[0] for e in SWEEP_ERRORS])
 def test_bad_sweep_files_are_one_line_exit_2(name, body, needles, tmp_path):
     path = tmp_path / "sweep.yaml"
-    path.write_text(f"name: s\nbase: {REPO / 'jobs' / 'tiny-assistant.yaml'}\n" + body)
+    # The points train a few steps: the job's 30-step warm-up is shortened, or the base job is refused for it.
+    path.write_text(f"name: s\nbase: {REPO / 'jobs' / 'tiny-assistant.yaml'}\nset: [stages.pretrain.optimizer.warmup_steps=2]\n" + body)
     proc = relaygpt("sweep", path, "--out", tmp_path / "out")
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "out").exists()
