@@ -337,6 +337,10 @@ def data_cases() -> list[Case]:
         Case("csv not UTF-8", prepare, ["rows.csv: not UTF-8 text (byte 0xe9"],
              files={"job.yaml": _data_job([{"type": "csv", "path": "rows.csv"}]), "rows.csv": b"text\ncaf\xe9\n"}),
     ]
+    short = yaml.safe_load(_data_job(text("tiny.txt")))
+    short["stages"] = {"pretrain": {"steps": 1, "micro_batch": 1}}
+    cases.append(Case("a corpus shorter than one window", prepare, ["data.pretrain: the training split holds", "fewer than one window of 64"],
+                      files={"job.yaml": yaml.safe_dump(short), "tiny.txt": "just a few words\n"}))
     sft = lambda: [{"type": "json", "path": "chat.jsonl"}]  # noqa: E731
     for name, rows, needles in [
         ("empty assistant message", ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'],

@@ -184,6 +184,7 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *,
                                      val_fraction=job.data.pretrain.val_fraction, shard_tokens=job.data.pretrain.shard_tokens,
                                      block_bytes=job.data.pretrain.block_bytes)
             out["pretrain"] = prepare_pretrain(job, tokenizer, run_dir.data("pretrain"), fp, run_blocks=run_blocks, show=show)
+            _check_one_window(job, out["pretrain"]["splits"]["train"]["tokens"])
         if "sft" in stages and job.data.sft is not None:
             seq_len = sft_seq_len(job)
             fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
@@ -191,6 +192,18 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *,
             out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
     hashes.save()
     return out
+
+
+def _check_one_window(job, train_tokens: int) -> None:
+    """A training split shorter than one window would fail on rank 0 after the workers started:
+    said here, at preparation, with the numbers."""
+    stage = job.stages.pretrain
+    if stage is None:
+        return
+    seq_len = stage.seq_len or job.model.block_size
+    if train_tokens < seq_len + 1:  # a window is seq_len inputs and the next token of each as its target
+        raise RelayError(f"data.pretrain: the training split holds {train_tokens} tokens, fewer than one window of {seq_len} + 1 "
+                         f"(stages.pretrain.seq_len, default the model's block_size); add text or shorten the window")
 
 
 def validation_warning(stage: str, train_tokens: int, val_tokens: int) -> str | None:
