@@ -29,6 +29,8 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
             run = resolve_plan(job, run_dir)
         except RelayError as exc:
             problems.append(str(exc))
+    if run is not None:
+        problems += _init_tokenizers(job, run_dir)
     if job.stages.eval is not None:  # the eval stage's tasks and their data (the plan does not need them)
         problems += _eval_inputs(job, run_dir)
     if run is not None:
@@ -40,6 +42,34 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
                                     f"than the {budget / GIB:.0f} GiB available; raise pipeline_stages or zero_stage, enable activation "
                                     "checkpointing or offload, or lower micro_batch")
     return run, problems
+
+
+def _init_tokenizers(job, run_dir) -> list[str]:
+    """A stage's `init` model must use the job's tokenizer (its embedding rows are that
+    tokenizer's ids). Checked where the job's tokenizer is known before preparing anything: named
+    by the job, or already prepared; a tokenizer still to be trained is compared on rank 0."""
+    from model.export import read_model_tokenizer
+    from pipelines.data.prepare import known_tokenizer
+
+    stages = [(name, getattr(job.stages, name)) for name in ("pretrain", "sft")]
+    stages = [(name, stage) for name, stage in stages if stage is not None and stage.init]
+    if not stages:
+        return []
+    try:
+        ours = known_tokenizer(job, run_dir.tokenizer)
+    except RelayError as exc:
+        return [str(exc)]
+    problems = []
+    for name, stage in stages if ours is not None else ():
+        try:
+            theirs = read_model_tokenizer(job.path(stage.init))
+        except RelayError as exc:
+            problems.append(f"stages.{name}.init: {exc}")
+            continue
+        if theirs.sha256 != ours.sha256:
+            problems.append(f"stages.{name}.init: {job.path(stage.init)} uses tokenizer {theirs.name} ({theirs.sha256[:12]}), the job's "
+                            f"is {ours.name} ({ours.sha256[:12]}); name the model's tokenizer in tokenizer: (e.g. dir: {stage.init})")
+    return problems
 
 
 def _deepspeed_extra(job) -> list[str]:

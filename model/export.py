@@ -219,6 +219,18 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
     return config, tokenizer, LazyWeights(path / "model.safetensors", config)
 
 
+def read_model_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a native or Hugging Face model directory, without its weights."""
+    from model.hf import tokenizer_of_hf_dir
+
+    path = Path(path)
+    meta = _read_json(path / "config.json")
+    if meta.get("format") == NATIVE_FORMAT:
+        _native_meta(path, meta)
+        return Tokenizer.from_dir(tokenizer_dir(path, meta))
+    return tokenizer_of_hf_dir(path, meta.get("relaygpt", {}).get("tokenizer", {}) if isinstance(meta.get("relaygpt"), dict) else {})
+
+
 def read_model_config(path: str | Path) -> GPTConfig:
     """The architecture of a native or Hugging Face GPT-2 model directory, from its config.json
     alone (no weights are read): what a run plan needs of a model it will start from."""

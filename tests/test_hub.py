@@ -323,3 +323,23 @@ def test_sft_of_a_hub_model_under_zero_3_exports_what_transformers_loads(tmp_pat
         greedy = theirs.generate(ids[:, :10], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     mine = generate(ours, [ids[0, :10].tolist()], SamplingParams(max_new_tokens=12))[0].tokens
     assert greedy[0, 10:].tolist()[: len(mine)] == mine
+
+
+def test_an_init_model_with_another_tokenizer_is_refused_before_launch(tmp_path, trained_tokenizer, gpt2_tokenizer):
+    """Its embedding rows are another tokenizer's ids: `relaygpt run` stops at preflight with one
+    line naming stages.sft.init and both tokenizers (before, rank 0 refused it after launch)."""
+    import yaml
+
+    from helpers import assert_one_line_error, relaygpt, tiny_config
+    from model.export import save_model_dir
+    from model.gpt import GPT
+
+    save_model_dir(GPT(tiny_config(trained_tokenizer.n_vocab, block_size=64)), trained_tokenizer, tmp_path / "base")
+    job = {"name": "mismatch", "output_dir": "runs", "tokenizer": {"encoding": "gpt2"},
+           "data": {"num_proc": 1, "sft": {"sources": [{"type": "synthetic"}]}},
+           "stages": {"sft": {"init": "base", "steps": 2, "optimizer": {"warmup_steps": 1}}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    proc = relaygpt("run", tmp_path / "job.yaml", env={"RAY_ADDRESS": ""})
+    assert_one_line_error(proc, "stages.sft.init")
+    assert trained_tokenizer.sha256[:12] in proc.stderr and gpt2_tokenizer.sha256[:12] in proc.stderr
+    assert not (tmp_path / "runs" / "mismatch" / "default" / "sft").exists()

@@ -110,6 +110,15 @@ def tokenizer_vocabulary(job, tokenizer_dir: Path) -> tuple[int, bool]:
     return _load_named_tokenizer(job).n_vocab, True
 
 
+def known_tokenizer(job, tokenizer_dir: Path) -> Tokenizer | None:
+    """The run's tokenizer where it is known without preparing anything (prepared and current,
+    or named by the job); None for one still to be trained."""
+    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(job))
+    if prepared is not None:
+        return prepared
+    return None if job.tokenizer.train is not None else _load_named_tokenizer(job)
+
+
 def _load_named_tokenizer(job) -> Tokenizer:
     spec = job.tokenizer
     if spec.encoding:
