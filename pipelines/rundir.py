@@ -31,6 +31,14 @@ from model.errors import RelayError
 TRAINING_STAGES = ("pretrain", "sft")
 
 
+def _record(line: str):
+    """A line of a step log, or None where it is damaged (a display following a run skips it)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
 class MetricsLog:
     """A stage's step log: one JSON object per logged step, appended by rank 0."""
 
@@ -49,8 +57,24 @@ class MetricsLog:
         """Every complete line written so far."""
         if not self.path.exists():
             return []
-        text = self.path.read_text(encoding="utf-8")
-        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RelayError(f"{self.path}: not UTF-8 at byte {exc.start}; {self._advice}") from None
+        records = []
+        for n, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise RelayError(f"{self.path}:{n}: damaged ({exc.__class__.__name__}); {self._advice}") from None
+            if not isinstance(record, dict):
+                raise RelayError(f"{self.path}:{n}: not a JSON object; {self._advice}")
+            records.append(record)
+        return records
+
+    @property
+    def _advice(self) -> str:
+        return f"delete the line, or run the stage again with --from-stage {self.path.parent.name}"
 
     def last(self) -> dict:
         """The newest value of every key, over all records."""
@@ -84,7 +108,7 @@ class MetricsLog:
             chunk = f.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self._offset += len(complete)
-        return [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+        return [record for line in complete.decode("utf-8", "replace").splitlines() if isinstance(record := _record(line), dict)]
 
 
 @dataclass(frozen=True)

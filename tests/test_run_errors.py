@@ -214,3 +214,20 @@ def test_an_init_model_that_contradicts_the_model_section_is_refused(tmp_path, c
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     assert cli.main(["plan", str(path), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr()
     assert "2 layers" in capsys.readouterr().out
+
+
+def test_a_step_log_damaged_after_preflight_is_named_where_it_is_read(tmp_path):
+    """A worker resuming reads metrics.jsonl (MetricsLog.records): a damaged line is a RelayError
+    naming file:line and what to do, not a JSONDecodeError; a display following the log skips it."""
+    from model.errors import RelayError
+    from pipelines.rundir import MetricsLog
+
+    path = tmp_path / "pretrain" / "metrics.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b'{"step": 1}\n{oops\n' + b"[" * 5000 + b"\n")
+    with pytest.raises(RelayError, match=r"metrics.jsonl:2: damaged .*--from-stage pretrain"):
+        MetricsLog(path).records()
+    assert MetricsLog(path).new_records() == [{"step": 1}]
+    path.write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(RelayError, match="not UTF-8 at byte 12"):
+        MetricsLog(path).records()
