@@ -272,6 +272,10 @@ def task_cases() -> list[Case]:
                       files={"task.yaml": "name: t\nsource: {file: none.jsonl}\n"}))
     cases.append(Case("task data malformed", _set("stages.eval.tasks=[task.yaml]"), ["rows.jsonl:2: malformed JSON line"],
                       files={"task.yaml": "name: t\nsource: {file: rows.jsonl}\n", "rows.jsonl": '{"input": "a", "target": "b"}\n{oops\n'}))
+    cases.append(Case("task data not UTF-8", _set("stages.eval.tasks=[task.yaml]"), ["rows.jsonl: not UTF-8 at byte 14"],
+                      files={"task.yaml": "name: t\nsource: {file: rows.jsonl}\n", "rows.jsonl": b'{"input": "caf\xe9"}\n'}))
+    cases.append(Case("task data nested too deep", _set("stages.eval.tasks=[task.yaml]"), ["rows.json: JSON nested too deep"],
+                      files={"task.yaml": "name: t\nsource: {file: rows.json}\n", "rows.json": "[" * 100000}))
     return cases
 
 

@@ -107,7 +107,12 @@ def _read_rows(source: dict, where: str, base: Path) -> list[dict]:
         path = path if path.is_absolute() else base / path
         if not path.exists():
             raise RelayError(f"{where}: data file {path} does not exist")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RelayError(f"{path}: not UTF-8 at byte {exc.start} (task data must be UTF-8 JSON or JSON lines)") from None
+        except IsADirectoryError:
+            raise RelayError(f"{where}: data file {path} is a directory") from None
         if path.suffix == ".jsonl":
             rows = []
             for n, line in enumerate(text.splitlines(), start=1):
@@ -116,11 +121,15 @@ def _read_rows(source: dict, where: str, base: Path) -> list[dict]:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise RelayError(f"{path}:{n}: malformed JSON line ({exc.msg})") from None
+                    except RecursionError:
+                        raise RelayError(f"{path}:{n}: JSON nested too deep") from None
             return rows
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RelayError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        except RecursionError:
+            raise RelayError(f"{path}: JSON nested too deep") from None
         return data["examples"] if isinstance(data, dict) and "examples" in data else data
     if "hub" in source:
         import datasets
