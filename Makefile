@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests --ignore=tests/perf --durations=25
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q -s tests/perf
+	$(BIN)/python -m pytest -q -s tests/perf -o python_files="bench_*.py test_*.py"
 
 # The GPU check, on a machine with one CUDA GPU and no Ray: the system python3 that holds a CUDA
 # torch, launched by torchrun; the wheels `make gpu-wheels` put in .whl (DeepSpeed and what that
