@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", metavar="JOB.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a job field (repeatable)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the job's output_dir)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory, relative to this folder (default: the job's output_dir, relative to the job file)")
     p.add_argument("--run-id", default="default", help="run directory name under OUT/<job-name>/ (default: default)")
 
 
@@ -219,7 +219,7 @@ def _job_and_run_dir(args):
     from pipelines.run_state import check_output_path
 
     job = load_job(args.job, args.overrides)
-    root = job.run_dir(args.run_id, args.out)
+    root = job.run_dir(args.run_id, _from_here(args.out))
     check_output_path(root, "--out" if args.out else "output_dir")
     return job, RunDir(root)
 
@@ -235,10 +235,17 @@ def _check_ray_address(address: str | None) -> None:
             raise RelayError(str(exc)) from None
 
 
+def _from_here(path: str | None) -> str | None:
+    """A path given on the command line, absolute: a relative one is relative to the folder the
+    command runs in (as every shell user expects), never to the job file's folder."""
+    return None if path is None else str(Path(path).expanduser().absolute())
+
+
 def cmd_run(args) -> int:
     from cluster.console import terminal
     from cluster.driver import format_summary, run_job
     from cluster.startup import StartupClock, process_started_at
+    from cluster.stopping import stopping
 
     clock = StartupClock(started_at=process_started_at())  # the start-up counts from the command's own start
     _quiet_ray()
@@ -248,8 +255,9 @@ def cmd_run(args) -> int:
     console.line(f"relaygpt run {job.name} -> {run_dir.root}")
     # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
     try:
-        summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
-                          show=console.line, live=console.progress if console.live else None, log_output=True, clock=clock)
+        with stopping():  # SIGINT / SIGTERM end the run and all it started within seconds, at any phase
+            summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
+                              show=console.line, live=console.progress if console.live else None, log_output=True, clock=clock)
     finally:
         console.done()  # an error line starts below the last progress line, not on it
     console.line(format_summary(summary))
@@ -271,11 +279,12 @@ def cmd_data_prepare(args) -> int:
     import time
 
     from cluster.launch import blocks_runner
+    from cluster.stopping import stopping
     from pipelines.data.prepare import prepare_data, validation_warning
 
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
-    with _third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
+    with stopping(), run_dir.hold(), _third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft"):
@@ -322,7 +331,7 @@ def cmd_data_inspect(args) -> int:
     job, run_dir = _job_and_run_dir(args)
     if getattr(job.data, args.stage) is None:
         raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
-    with blocks_runner(job) as run_blocks:
+    with run_dir.hold(), blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, stages=(args.stage,), run_blocks=run_blocks)
     training = resolve_plan(job, run_dir).training
     seq_len = training[args.stage].seq_len if args.stage in training else job.model.block_size
@@ -332,7 +341,9 @@ def cmd_data_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     from model.export import export_hf, load_model_dir, save_model_dir
+    from model.owned import check_owned
 
+    check_owned(args.out, "model", "--out")  # a user's folder is refused before the model is read
     model, tokenizer, meta = load_model_dir(args.source)
     if args.format == "hf":
         export_hf(model, tokenizer, args.out, max_shard_bytes=args.max_shard_size)
@@ -359,6 +370,7 @@ def cmd_generate(args) -> int:
     params = _sampling(args)
     _check_ray_address(args.address)
     _check_output_file(args.out, "--out")
+    _check_generation_output(Path(args.out), "--out")
     rows = read_prompts(args.prompts)
     model, tokenizer, _ = load_model_dir(args.model_dir)  # checks the directory and every row before any worker starts
     for i, row in enumerate(rows):
@@ -371,6 +383,32 @@ def cmd_generate(args) -> int:
     write_jsonl_atomically(args.out, results)
     print(f"wrote {len(results)} completions to {args.out}")
     return 0
+
+
+def _check_generation_output(out: Path, flag: str) -> None:
+    """`generate --out FILE` replaces FILE and appends to FILE.log: only where FILE is absent,
+    empty or an earlier generation's output (its first row has `completion` and `finish_reason`),
+    and FILE.log absent or beside such a FILE. Anything else is a user's file, refused."""
+    ours = out.is_file() and _is_generation_output(out)
+    if out.exists() and not ours and out.stat().st_size:
+        raise RelayError(f"{flag} {out}: is a file relaygpt did not write (not a generation output); "
+                         "refusing to replace it (give a new file name)")
+    log = Path(f"{out}.log")
+    if (log.exists() or log.is_symlink()) and not (ours and log.is_file() and not log.is_symlink()):
+        raise RelayError(f"{flag} {out}: {log} exists and was not written by relaygpt generate; "
+                         "refusing to append to it (give another --out or move that file)")
+
+
+def _is_generation_output(path: Path) -> bool:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 20)
+        row = json.loads(first)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(row, dict) and "completion" in row and "finish_reason" in row
 
 
 def _check_output_file(path: str, flag: str) -> None:
@@ -421,7 +459,9 @@ def cmd_eval(args) -> int:
 
     import tempfile
 
-    out = EvalDir(Path(args.out)) if args.out else None
+    from model.owned import claim
+
+    out = EvalDir(claim(Path(args.out), "eval", "--out")) if args.out else None
     log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
 
     def generate(model_dir, rows, params, chat):
@@ -441,13 +481,14 @@ def cmd_eval(args) -> int:
 def cmd_sweep(args) -> int:
     from cluster.sweep import run_sweep
     from jobs.sweep import load_sweep
+    from model.owned import claim
     from pipelines.accounting import describe_usage
-
     from pipelines.run_state import check_output_path
 
     sweep = load_sweep(args.sweep, args.overrides)
-    check_output_path(sweep.sweep_dir(args.out), "--out" if args.out else "output_dir")
-    out_dir = sweep.sweep_dir(args.out).resolve()
+    sweep_dir = sweep.sweep_dir(_from_here(args.out))
+    check_output_path(sweep_dir, "--out" if args.out else "output_dir")
+    out_dir = claim(sweep_dir.resolve(), "sweep", "sweep directory")
     print(f"relaygpt sweep {sweep.name} -> {out_dir}", flush=True)
     log = out_dir / "logs" / "run.log"
     print(f"[sweep] Ray, DeepSpeed and worker output: {log}", flush=True)

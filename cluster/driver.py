@@ -156,13 +156,14 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
     if embedded:
         check_local_resources(job, launcher)
     ctx = Driving(job, show, live, progress, clock or StartupClock(), address, embedded, launcher)
-    if log_output:
-        from cluster.console import output_to
+    with run_dir.hold():  # one run per run directory; a user's folder there is refused before anything is written
+        if log_output:
+            from cluster.console import output_to
 
-        show(f"[run] Ray, DeepSpeed and worker output: {run_dir.log_file}")
-        with output_to(run_dir.log_file):
-            return _run_stages(ctx, run, resume, from_stage)
-    return _run_stages(ctx, run, resume, from_stage)
+            show(f"[run] Ray, DeepSpeed and worker output: {run_dir.log_file}")
+            with output_to(run_dir.log_file):
+                return _run_stages(ctx, run, resume, from_stage)
+        return _run_stages(ctx, run, resume, from_stage)
 
 
 def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:

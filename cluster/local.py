@@ -167,8 +167,8 @@ def _describe_end(rank: LocalRank, end: dict) -> str:
 def _sigterm_as_interrupt():
     """In the main thread, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so that the ranks
     are stopped on the way out (Python's default ends the driver on the spot)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # a thread, or a command that handles SIGTERM itself (cluster/stopping.py)
         return
 
     def interrupt(signum, frame):

@@ -47,15 +47,25 @@ def atomic_file(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(out: str | Path, *, durable: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename."""
+def atomic_dir(out: str | Path, *, durable: bool = False, kind: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
+
+    With `kind` (model/owned.py), `out` is an output of its own: it is replaced only when it is
+    absent, empty or carries that kind's marker (a user's folder is refused before anything is
+    written), and the new directory carries the marker."""
+    from model.owned import check_owned, mark
+
     out = Path(out)
+    if kind is not None:
+        check_owned(out, kind, "output directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not out.is_dir():
         raise RelayError(f"{out}: exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        if kind is not None:
+            mark(tmp, kind)
         if durable:
             sync_tree(tmp)
         if out.exists():

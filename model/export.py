@@ -66,7 +66,7 @@ def write_model_dir(config: GPTConfig, tokenizer: Tokenizer, out: str | Path, sp
         "chat_template": TEMPLATE_INFO,
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})},
     }
-    with atomic_dir(out, durable=True) as tmp:
+    with atomic_dir(out, durable=True, kind="model") as tmp:
         with StreamingSafetensors(tmp / "model.safetensors", specs, metadata={"format": "pt"}) as weights:
             for name, tensor in zip(weights.order, tensors):
                 weights.write(name, tensor)
@@ -347,7 +347,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, max_shard_bytes
         weights = gpt2_hf_weights(state, config)
     else:
         hf_config, weights = llama_config(config, tokenizer), llama_weights(state, config)
-    with atomic_dir(out, durable=True) as tmp:
+    with atomic_dir(out, durable=True, kind="model") as tmp:
         specs = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()}
         with ShardedSafetensors(tmp, specs, max_shard_bytes, metadata={"format": "pt"}) as files:
             for name in files.order:

@@ -289,8 +289,12 @@ def _restore(source: tuple[str, str], sha256: str, name: str, pat_str: str) -> T
 
 
 def train_tokenizer_from_files(paths: list[str | Path], vocab_size: int, out: str | Path, name: str | None = None) -> Tokenizer:
-    """`relaygpt tokenizer train`: BPE on the given text files, saved to `out`."""
+    """`relaygpt tokenizer train`: BPE on the given text files, saved to `out` (a directory of
+    its own, marked as relaygpt's: a user's folder there is refused before training)."""
+    from model.owned import check_owned, claim
+
     _check_output_dir(Path(out))
+    check_owned(out, "tokenizer", "--out")
     texts = []
     for p in paths:
         try:
@@ -302,7 +306,7 @@ def train_tokenizer_from_files(paths: list[str | Path], vocab_size: int, out: st
     if vocab_size < 256 + 1 + len(CHAT_TOKENS) + 1:
         raise RelayError(f"--vocab-size must be at least {256 + 2 + len(CHAT_TOKENS)} (256 bytes, special tokens, one merge), got {vocab_size}")
     tok = Tokenizer.train(texts, vocab_size, name=name or Path(out).name)
-    tok.save(out)
+    tok.save(claim(out, "tokenizer", "--out"))
     return tok
 
 

@@ -11,6 +11,9 @@
       summary.json
       logs/run.log        Ray's, DeepSpeed's and the workers' own lines; failed stages' tracebacks
       input_hashes.json   sha256 of the files the stages read, cached by (path, size, mtime_ns)
+      .relaygpt-output    the marker: relaygpt made this directory (model/owned.py); a folder
+                          without it that holds anything is never written to
+      .relaygpt-lock      held (flock) by the one process writing here; holds its pid
 
 Nothing else in the project spells these names. `MetricsLog` is the one writer and the one
 reader of a stage's metrics.jsonl (rank 0 appends; the driver's progress display, the stage
@@ -20,8 +23,10 @@ result and the sweep's measurements read it).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,6 +254,45 @@ class RunDir:
     @property
     def eval(self) -> EvalDir:
         return EvalDir(self.root / "eval")
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".relaygpt-lock"
+
+    def claim(self) -> None:
+        """Create the run directory (and its parents) and mark it as relaygpt's; an existing one
+        that holds anything without the run marker is a user's folder and is refused."""
+        from model.owned import claim
+
+        claim(self.root, "run", "run directory")
+
+    @contextmanager
+    def hold(self):
+        """The run directory for this process alone, inside the block: an exclusive flock on
+        RUN/.relaygpt-lock, which holds the holder's pid. The kernel drops the lock when its
+        process ends however it ends, so a crashed run never leaves the directory locked. A
+        directory another process holds is refused with that process's pid."""
+        import fcntl
+
+        self.claim()
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RelayError(f"run directory {self.root}: cannot create its lock file ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            raise RelayError(f"run directory {self.root} is in use by another relaygpt process ({who}); "
+                             "wait for it to end or stop it, or give another --run-id") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock; the file stays (deleting it would race with a waiting process)
 
     def remove(self, path: str | Path) -> None:
         """Delete `path` (a directory tree or a file) if it exists. Only what lies inside the run
