@@ -459,12 +459,16 @@ def cmd_eval(args) -> int:
 
     import tempfile
 
-    from model.owned import claim
+    from model.owned import check_owned, claim
 
-    out = EvalDir(claim(Path(args.out), "eval", "--out")) if args.out else None
+    out = EvalDir(Path(args.out)) if args.out else None
+    if out is not None:
+        check_owned(out.root, "eval", "--out")  # a user's folder is refused before any work
     log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
 
     def generate(model_dir, rows, params, chat):
+        if out is not None:  # created and marked at the first write (the pool's log), not before the checks
+            claim(out.root, "eval", "--out")
         return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device, log=log)
 
     if args.workers > 1:

@@ -163,8 +163,8 @@ def _preparing_on_ray(run: Run) -> bool:
 
 @pytest.mark.slow
 def test_sigint_at_any_phase_ends_the_whole_run_in_seconds_and_resume_completes(tmp_path, shakespeare):
-    """Measured on 2 shared cores (2026-12-05): the stops took 0.6 s (Ray start), 2.3 s (data) and 2.7 s
-    training); the whole test 59 s. The bound asserted is the issue's 10 s."""
+    """Measured on 2 shared cores (2026-12-05): the stops took 0.6 s (Ray start), 2.3 s (data) and 2.7 s (training);
+    the whole test 59 s. The bound asserted is the issue's 10 s."""
     job = _job(tmp_path, shakespeare)
     out = tmp_path / "out"
     out.mkdir()
