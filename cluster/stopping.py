@@ -40,9 +40,9 @@ def _stat(pid: int) -> tuple[int, int, str] | None:
     return int(fields[1]), int(fields[19]), fields[0]
 
 
-def descendants(root: int | None = None) -> dict[int, int]:
-    """{pid: start time} of every living process below `root` (default: this one); {} where
-    there is no /proc."""
+def descendants(root: int | None = None, *, besides: dict[int, int] | None = None) -> dict[int, int]:
+    """{pid: start time} of every living process below `root` (default: this one), except the
+    processes of `besides` and everything below them; {} where there is no /proc."""
     root = os.getpid() if root is None else root
     try:
         pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
@@ -56,7 +56,7 @@ def descendants(root: int | None = None) -> dict[int, int]:
     found, frontier = {}, [root]
     while frontier:
         for pid, started in children.get(frontier.pop(), []):
-            if pid not in found:
+            if pid not in found and (besides or {}).get(pid) != started:
                 found[pid] = started
                 frontier.append(pid)
     return found
@@ -117,17 +117,20 @@ def _subreaper(on: bool) -> bool:
 def stopping(deadline: float = STOP_DEADLINE_S):
     """Inside the block: SIGINT and SIGTERM stop the command within `deadline` seconds, and on
     the way out (however it goes) every process it started is ended. Only in the main thread;
-    elsewhere the block runs as it is."""
+    elsewhere the block runs as it is. Processes that were already running when the block began
+    (a caller's own, as in a test that calls the CLI in its process) are left alone, with all
+    they start."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     signalled = threading.Event()
+    theirs = descendants()
 
     def on_signal(signum, frame):
         if signalled.is_set():
             return  # the way out is under way, bounded by the deadline
         signalled.set()
-        timer = threading.Timer(deadline, _out_of_time, args=(signal.Signals(signum).name,))
+        timer = threading.Timer(deadline, _out_of_time, args=(signal.Signals(signum).name, theirs))
         timer.daemon = True
         timer.start()
         raise KeyboardInterrupt
@@ -138,7 +141,7 @@ def stopping(deadline: float = STOP_DEADLINE_S):
         yield
     finally:
         try:
-            end_all(descendants())
+            end_all(descendants(besides=theirs))
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -146,9 +149,9 @@ def stopping(deadline: float = STOP_DEADLINE_S):
                 _subreaper(False)
 
 
-def _out_of_time(name: str) -> None:
+def _out_of_time(name: str, theirs: dict[int, int]) -> None:
     """The deadline after a signal has passed: kill what is left, and exit at once."""
-    _signal_all(descendants(), signal.SIGKILL)
+    _signal_all(descendants(besides=theirs), signal.SIGKILL)
     with suppress(OSError):
         os.write(2, f"relaygpt: stopped by {name}; killed what was still running after {STOP_DEADLINE_S:.0f} s\n".encode())
     os._exit(EXIT_INTERRUPTED)

@@ -18,7 +18,7 @@ def test_native_round_trip_is_exact(arch, trained_tokenizer, tmp_path):
     model = GPT(tiny_config(trained_tokenizer.n_vocab, **ARCHITECTURES[arch])).eval()
     save_model_dir(model, trained_tokenizer, tmp_path / "m", provenance={"stage": "test"})
     loaded, tok, meta = load_model_dir(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [".relaygpt-output", "config.json", "model.safetensors", "tokenizer"]  # the marker: relaygpt wrote it
     assert tok == trained_tokenizer and meta["provenance"]["stage"] == "test"
     assert meta["tokenizer"]["sha256"] == trained_tokenizer.sha256
     for name, tensor in model.state_dict().items():
