@@ -66,10 +66,15 @@ def _third_party_to(log: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.stopping import stopping
+
     args = build_parser().parse_args(argv)
     _tools_beside_the_interpreter()
     try:
-        return args.func(args) or 0
+        # SIGINT / SIGTERM end the command and everything it started (Ray, ranks) within seconds,
+        # at any phase; nothing it started outlives it.
+        with stopping():
+            return args.func(args) or 0
     except RelayError as exc:
         print(f"relaygpt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -184,7 +189,7 @@ def _generate_args(p):
 def _sweep_args(p):
     p.add_argument("sweep", metavar="SWEEP.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="override a sweep field")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the sweep's output_dir)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory, relative to this folder (default: the sweep's output_dir)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
 
 
@@ -245,7 +250,6 @@ def cmd_run(args) -> int:
     from cluster.console import terminal
     from cluster.driver import format_summary, run_job
     from cluster.startup import StartupClock, process_started_at
-    from cluster.stopping import stopping
 
     clock = StartupClock(started_at=process_started_at())  # the start-up counts from the command's own start
     _quiet_ray()
@@ -255,9 +259,8 @@ def cmd_run(args) -> int:
     console.line(f"relaygpt run {job.name} -> {run_dir.root}")
     # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
     try:
-        with stopping():  # SIGINT / SIGTERM end the run and all it started within seconds, at any phase
-            summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
-                              show=console.line, live=console.progress if console.live else None, log_output=True, clock=clock)
+        summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
+                          show=console.line, live=console.progress if console.live else None, log_output=True, clock=clock)
     finally:
         console.done()  # an error line starts below the last progress line, not on it
     console.line(format_summary(summary))
@@ -279,12 +282,11 @@ def cmd_data_prepare(args) -> int:
     import time
 
     from cluster.launch import blocks_runner
-    from cluster.stopping import stopping
     from pipelines.data.prepare import prepare_data, validation_warning
 
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
-    with stopping(), run_dir.hold(), _third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
+    with run_dir.hold(), _third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft"):

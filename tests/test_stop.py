@@ -205,3 +205,52 @@ def test_sigint_at_any_phase_ends_the_whole_run_in_seconds_and_resume_completes(
     assert _status(run_dir, "pretrain") == "completed" and (run_dir / "pretrain" / "model" / "model.safetensors").exists()
     assert (out / "notes.txt").read_text() == "a user's file in --out\n"
     print({what: round(seconds, 1) for what, seconds in took.items()})
+
+
+HANGING_WAY_OUT = """
+import subprocess, sys, time
+from cluster.stopping import stopping
+
+with stopping(deadline=2.0):
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                 "print('ignoring', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    stubborn.stdout.readline()
+    orphan = subprocess.run(["/bin/sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True).stdout.strip()
+    print(stubborn.pid, orphan, flush=True)
+    try:
+        time.sleep(600)
+    finally:
+        time.sleep(600)  # a way out that hangs, as a Ray shutdown waiting on a service that is gone
+"""
+
+
+def test_a_way_out_that_hangs_is_cut_at_the_deadline_and_nothing_survives(tmp_path):
+    """cluster/stopping.py alone: a child in a session of its own that ignores SIGTERM, an orphan
+    (its parent exited: the command is its subreaper) and a `finally` that hangs. SIGINT, then a
+    second one (ignored: the way out goes on): the command exits 130 at its 2 s deadline and
+    neither process is left."""
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_WAY_OUT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids: list[int] = []
+    try:
+        pids += [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_stat(p) for p in pids), (pids, proc.stderr.read() if proc.poll() is not None else "")
+        started = {p: _stat(p)[3] for p in pids}
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        took = time.monotonic() - start
+        assert 2.0 <= took < STOP_BOUND_S, took
+        assert "stopped by SIGINT; killed what was still running" in proc.stderr.read()
+        time.sleep(0.2)
+        left = [p for p in pids if (s := _stat(p)) is not None and s[3] == started[p] and s[1] != "Z"]
+        assert not left, left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in pids:
+            if _stat(p) is not None:
+                os.kill(p, signal.SIGKILL)
