@@ -164,7 +164,7 @@ def _preparing_on_ray(run: Run) -> bool:
 @pytest.mark.slow
 def test_sigint_at_any_phase_ends_the_whole_run_in_seconds_and_resume_completes(tmp_path, shakespeare):
     """Measured on 2 shared cores (2026-12-05): the stops took 0.6 s (Ray start), 2.3 s (data) and 2.7 s (training);
-    the whole test 59 s. The bound asserted is the issue's 10 s."""
+    the whole test 41-64 s. The bound asserted is the issue's 10 s."""
     job = _job(tmp_path, shakespeare)
     out = tmp_path / "out"
     out.mkdir()
@@ -229,7 +229,7 @@ def test_a_way_out_that_hangs_is_cut_at_the_deadline_and_nothing_survives(tmp_pa
     """cluster/stopping.py alone: a child in a session of its own that ignores SIGTERM, an orphan
     (its parent exited: the command is its subreaper) and a `finally` that hangs. SIGINT, then a
     second one (ignored: the way out goes on): the command exits 130 at its 2 s deadline and
-    neither process is left."""
+    neither process is left. Measured: 2.3 s from the first signal to the exit (the test 2.3 s)."""
     proc = subprocess.Popen([sys.executable, "-c", HANGING_WAY_OUT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     pids: list[int] = []
