@@ -43,7 +43,7 @@ def check_owned(directory: str | Path, kind: str, label: str) -> None:
         raise RelayError(f"{label} {path}: is a broken symbolic link; give a directory path")
     if not path.is_dir():
         raise RelayError(f"{label} {path}: exists and is not a directory; give a new or empty directory")
-    found = marker_kind(path)
+    found = marker_kind(path) or _written_before_markers(path)
     if found == kind:
         return
     if found is not None:
@@ -56,6 +56,28 @@ def check_owned(directory: str | Path, kind: str, label: str) -> None:
     if occupied:
         raise RelayError(f"{label} {path}: holds files relaygpt did not write (no {MARKER} marker); "
                          "refusing to write there (give a new or empty directory)")
+
+
+def _written_before_markers(path: Path) -> str | None:
+    """The kind of an output relaygpt wrote before it marked its outputs, told by the files only
+    relaygpt writes there together (so that runs and exports made earlier stay usable)."""
+    def has(*names: str) -> bool:
+        return all((path / name).is_file() for name in names)
+
+    if has("job.yaml") and (has("summary.json") or any((path / s / "stage.json").is_file() for s in ("data", "pretrain", "sft", "eval"))):
+        return "run"
+    if has("config.json"):
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if isinstance(config, dict) and (config.get("format") == "relaygpt-native" or isinstance(config.get("relaygpt"), dict)):
+            return "model"
+    if has("tokenizer.json", "ranks.tiktoken"):
+        return "tokenizer"
+    if has("predictions.jsonl", "metrics.json", "report.md"):
+        return "eval"
+    return None
 
 
 def mark(directory: str | Path, kind: str) -> None:

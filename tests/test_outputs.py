@@ -252,3 +252,31 @@ def test_a_second_run_on_a_busy_run_directory_is_refused_and_a_crashed_run_leave
     again = relaygpt("data", "prepare", job)  # the lock died with its holder
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "pretrain: up to date" in again.stdout
+
+
+def test_outputs_written_before_markers_are_still_relaygpts(tmp_path):
+    """Run and model directories from before the marker keep working (told by the files only
+    relaygpt writes together); a folder that merely has a config.json is still the user's."""
+    import json
+
+    import pytest
+
+    from model.errors import RelayError
+    from model.owned import check_owned
+
+    run = tmp_path / "run"
+    (run / "pretrain").mkdir(parents=True)
+    (run / "job.yaml").write_text("name: x\n")
+    (run / "pretrain" / "stage.json").write_text("{}")
+    check_owned(run, "run", "run directory")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"format": "relaygpt-native"}))
+    check_owned(model, "model", "--out")
+    with pytest.raises(RelayError, match="is a model directory of relaygpt, not a run directory"):
+        check_owned(model, "run", "run directory")
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(RelayError, match="holds files relaygpt did not write"):
+        check_owned(users, "model", "--out")

@@ -28,7 +28,8 @@ def main(job_path: str, run_dir: str) -> None:
     try:
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
         job = load_job(job_path, ["cluster.num_workers=2", "cluster.placement=STRICT_SPREAD", "cluster.cpus_per_worker=1",
-                                  "stages.pretrain.steps=6", "stages.pretrain.log_every=1", "data.synthetic.mentions_per_fact=6",
+                                  "stages.pretrain.steps=6", "stages.pretrain.optimizer.warmup_steps=2", "stages.pretrain.log_every=1",
+                                  "data.synthetic.mentions_per_fact=6",
                                   "data.num_proc=1", "stages.sft=null", "stages.eval=null"])
         summary = run_job(job, RunDir(run_dir), show=lambda line: print(line, flush=True))
         workers = [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "pretrain" / "workers").glob("rank_*.json"))]
