@@ -5,19 +5,23 @@ hash the files between them (sha256, streamed) and rank 0 records `checkpoint.js
 the size and sha256 of every file of the tag, whichever rank wrote it), then renames the
 directory to `step_NNNNNNNN`, so a checkpoint either exists complete or does not exist.
 
-DeepSpeed loads checkpoints with `torch.load(weights_only=False)`, which runs whatever code a
-pickle names, so no file is loaded unverified: on resume the newest committed checkpoint whose
-every file matches its record (size, then sha256; no file missing, none added) is used, before
-any rank calls DeepSpeed's load. A damaged one (truncated, altered, corrupted) is skipped with a
-warning that names the file, and the next older one is tried. This protects against corruption
-and against tampering by anyone who cannot also rewrite checkpoint.json. Only the newest K are
-kept. A multi-node run needs the run directory on a filesystem every node sees.
+On resume the newest committed checkpoint whose every file matches its record (size, then
+sha256; no file missing, none added) is used, before any rank calls DeepSpeed's load. A damaged
+one (truncated, altered, corrupted) is skipped with a warning that names the file, and the next
+older one is tried. The record catches corruption, not tampering: whoever can write a file can
+rewrite the record too. So DeepSpeed's own loader, which calls `torch.load(weights_only=False)`
+and would run whatever code a pickle names, is never used: every file it reads back goes through
+`load_file`, torch's weights-only unpickler with only the few DeepSpeed classes its checkpoints
+hold allowed besides tensors and containers (`WeightsOnlyLoading`). A file that names anything
+else is refused, naming the file, and nothing in it runs. Only the newest K are kept. A
+multi-node run needs the run directory on a filesystem every node sees.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from model.atomic import sync_dir, sync_tree
+from model.errors import RelayError
 from model.tokenizer import sha256_file
 
 MANIFEST = "checkpoint.json"
@@ -143,3 +148,65 @@ def prune(root: Path, keep_last: int) -> None:
     for _, path in committed(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
     drop_unfinished(root)
+
+
+# ---- loading without unpickling code -------------------------------------------------------
+
+def deepspeed_types() -> list[type]:
+    """The classes, besides tensors, containers, numbers and strings, that DeepSpeed's checkpoint
+    files hold: a ZeRO or bf16 optimizer's loss scaler (static; dynamic under fp16), its ZeRO
+    stage and its map of parameter slices. Found by saving checkpoints under ZeRO 0-3, bf16,
+    pipeline 2 and pipeline 2 with ZeRO-1 and listing what each file names
+    (torch.serialization.get_unsafe_globals_in_checkpoint); model and pipeline-layer files name
+    none. Allowing them calls nothing but their own construction (an Enum by value, the others
+    by restoring their attributes)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_file(path, map_location=None):
+    """One checkpoint file, read by torch's weights-only unpickler with `deepspeed_types` allowed.
+    A file that names any other global (a crafted pickle: `os.system`, a `__reduce__` of its own)
+    is refused with a RelayError naming the file and what it named; nothing it names is called."""
+    import torch
+
+    with torch.serialization.safe_globals(deepspeed_types()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            raise RelayError(f"checkpoint file {path}: {_why_refused(path)}; it was not loaded (checkpoints are read "
+                             f"as data, never as code): delete {Path(path).parent} to resume from an older checkpoint, "
+                             "or run the stage afresh") from None
+
+
+def _why_refused(path) -> str:
+    """What makes a file unloadable as data: the globals it names beyond the allowed ones (read
+    from its opcodes, without running them), else that it is not a torch checkpoint at all."""
+    import torch
+
+    allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in deepspeed_types()}
+    try:
+        names = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+    except Exception:  # not even a readable archive: there is nothing to list
+        names = []
+    if names:
+        return f"it names {', '.join(names[:3])}, which a checkpoint never holds and which loading would call"
+    return "it is not a file torch can read as checkpoint data"
+
+
+class WeightsOnlyLoading:
+    """The checkpoint engine DeepSpeed built, with its `load` replaced by `load_file`. DeepSpeed
+    reads every file of `load_checkpoint` through its engine's `load` (model states, ZeRO
+    optimizer shards, pipeline layers); saving and everything else is the engine's own."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def load(self, path, map_location=None):
+        return load_file(path, map_location)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

@@ -1,7 +1,8 @@
 """One facade in front of DeepSpeed: the plain GPT (pp = 1, any ZeRO stage) or the
 PipelineModule (pp > 1, ZeRO <= 1), trained, evaluated, checkpointed and exported the same way.
 
-This module and `model/pipe.py` are the only places that import deepspeed. Everything here
+This module and `model/pipe.py` are the only places that import deepspeed (besides the names of
+the classes a checkpoint may hold, `pipelines/train/checkpoint.py`). Everything here
 receives rank and world size from torch.distributed, which the launcher (Ray Train or
 torchrun) has set up through the usual environment variables.
 """
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from model.errors import RelayError
 from model.gpt import GPT, IGNORE_INDEX, lm_loss
+from pipelines.train.checkpoint import WeightsOnlyLoading
 from pipelines.train.settings import OptimizerSpec
 
 
@@ -186,6 +188,8 @@ class Engine:
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._clip(opt))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=dict(plan.deepspeed_config))
+        # DeepSpeed's loader unpickles with weights_only=False; checkpoints are read without running code.
+        self.engine.checkpoint_engine = WeightsOnlyLoading(self.engine.checkpoint_engine)
         world, rank = plan.world_size, dist.get_rank()
         if plan.pipeline_stages > 1:
             grid = self.engine.grid

@@ -198,8 +198,9 @@ class Trainer:
 
     def _newest_verified(self) -> tuple[int, str] | None:
         """The newest checkpoint every file of which matches its recorded sha256, chosen by all
-        ranks together (each hashes a share of the files) before any of them loads one: DeepSpeed
-        unpickles checkpoint files, so nothing unverified reaches it."""
+        ranks together (each hashes a share of the files) before any of them loads one, so that a
+        damaged checkpoint is skipped rather than loaded (loading itself runs no code from the
+        files: pipelines/train/checkpoint.py, WeightsOnlyLoading)."""
         def first_problem(reason: str | None) -> str | None:
             return next((r for r in all_ranks(reason) if r is not None), None)
 
