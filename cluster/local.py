@@ -1,7 +1,8 @@
 """Training workers as child processes of the driver, without Ray (`cluster.launcher: local`,
 and `auto` for one worker on an embedded run).
 
-Each rank is `python -m cluster.local` with the environment torchrun would give it (RANK,
+Each rank runs `cluster.local` (as `python -m` would, without the current folder on its path:
+cluster/own_code.py) with the environment torchrun would give it (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free port), in a process group of its own.
 It reads the driver's resolved plan from its stdin, runs the same worker function Ray Train
 runs (train_stage, console off: the driver follows metrics.jsonl and messages.jsonl), prints
@@ -87,6 +88,7 @@ def _attempt(run, stage: str, cluster) -> str | None:
 
 def _start_rank(run, stage: str, cluster, rank: int, port: int) -> LocalRank:
     from cluster.launch import worker_env
+    from cluster.own_code import module_argv
 
     use_gpu = run.stage(stage).device == "cuda"
     read, write = os.pipe()
@@ -97,7 +99,8 @@ def _start_rank(run, stage: str, cluster, rank: int, port: int) -> LocalRank:
     if not use_gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker sees no GPU (it would pick NCCL), as under Ray
     try:
-        process = subprocess.Popen([sys.executable, "-m", "cluster.local"], stdin=subprocess.PIPE, env=env, pass_fds=(write,),
+        # Not `python -m`: that would put the current folder, and whatever packages it holds, first on the rank's path.
+        process = subprocess.Popen(module_argv("cluster.local"), stdin=subprocess.PIPE, env=env, pass_fds=(write,),
                                    start_new_session=True)
     finally:
         os.close(write)  # the rank holds the only write end: its exit ends the report

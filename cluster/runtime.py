@@ -67,7 +67,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
         check_reachable(address)
         extra = {"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}
         try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True, **extra)
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True, runtime_env=own_code_only(), **extra)
         except (ConnectionError, RuntimeError) as exc:
             cause = str(exc.__cause__ or exc).splitlines()[0]
             hint = (" (a head on this machine must be started with --node-ip-address 127.0.0.1 to be joined at 127.0.0.1; "
@@ -134,7 +134,17 @@ def start_embedded(num_cpus: int | None = None) -> None:
         dashboard_port = s.getsockname()[1]
     # address="local": always a new Ray, never one that a file in /tmp/ray names from earlier.
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=True)
+             _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=True, runtime_env=own_code_only())
+
+
+def own_code_only() -> dict:
+    """The driver's runtime environment for every task and actor it starts: each worker pins
+    relaygpt's packages to where relaygpt is installed when it starts, before Ray puts this
+    driver's current folder first on its path (cluster/own_code.py). A Ray Job's own runtime
+    environment (relaygpt submit) is merged with it by Ray."""
+    from cluster.own_code import SETUP_HOOK
+
+    return {"worker_process_setup_hook": SETUP_HOOK}
 
 
 def cluster_resources() -> dict:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from cluster.own_code import PACKAGES
+from cluster.own_code import ROOT as PROJECT
 from model.errors import RelayError
-
-PROJECT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cluster", "model", "pipelines", "jobs")
 
 
 def check_dashboard_address(address: str) -> None:
