@@ -2,7 +2,8 @@
 escapes its directory, or reaches DeepSpeed's unpickler unverified; the shipped cluster config starts.
 
 The end-to-end halves live beside their subjects: a hostile --out submitted to the session's Ray
-head (tests/test_jobs_submit.py) and tampered checkpoints skipped on resume (tests/test_engine.py).
+head (tests/test_jobs_submit.py), tampered checkpoints skipped on resume (tests/test_engine.py) and
+packages planted in the working folder or beside the job file (tests/test_own_code.py).
 """
 
 import json
@@ -200,6 +201,56 @@ def test_a_checkpoint_recorded_without_hashes_is_not_loaded(tmp_path):
     record["files"] = {name: f["size"] for name, f in record["files"].items()}
     (path / ckpt.MANIFEST).write_text(json.dumps(record))
     assert "records no sha256" in ckpt.problem_with(path)
+
+
+class _Payload:
+    """What a crafted checkpoint holds: unpickling it calls os.system (DeepSpeed's own loader would)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def test_a_crafted_pickle_with_its_record_rewritten_does_not_run_on_resume(tmp_path):
+    """Whoever can write a checkpoint can rewrite its record: the sha256 then matches, and only
+    loading as data (weights only) stands between the file and `--resume`. The run is refused
+    in one line naming the file; the pickle's command never runs. A run of the main job cut to
+    two steps, on one local rank (no Ray)."""
+    import hashlib
+
+    import torch
+
+    from helpers import assert_one_line_error, relaygpt
+    from pipelines.train.checkpoint import MANIFEST, deepspeed_types
+
+    out, marker = tmp_path / "out", tmp_path / "PAYLOAD_RAN"
+    short = ["data.num_proc=1", "data.synthetic.mentions_per_fact=2", "cluster.num_workers=1", "cluster.launcher=local",
+             "stages.pretrain.steps=2", "stages.pretrain.log_every=1", "stages.pretrain.eval_every=2",
+             "stages.pretrain.checkpoint_every=2", "stages.pretrain.micro_batch=2", "stages.sft=null", "stages.eval=null"]
+    settings = [arg for item in short for arg in ("--set", item)]
+    env = {"RAY_ADDRESS": ""}
+    first = relaygpt("run", TINY_JOB, "--out", out, *settings, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    stage = out / "tiny-assistant" / "default" / "pretrain"
+    checkpoint = stage / "checkpoints" / "step_00000002"
+    victim = checkpoint / "mp_rank_00_model_states.pt"
+    with torch.serialization.safe_globals(deepspeed_types()):
+        state = torch.load(victim, weights_only=True)
+    state["payload"] = _Payload(f"touch {shlex.quote(str(marker))}")
+    torch.save(state, victim)
+    record = json.loads((checkpoint / MANIFEST).read_text())
+    record["files"][victim.name] = {"size": victim.stat().st_size, "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()}
+    (checkpoint / MANIFEST).write_text(json.dumps(record))
+    status = json.loads((stage / "stage.json").read_text())
+    (stage / "stage.json").write_text(json.dumps({**status, "status": "interrupted"}))  # as if stopped after the checkpoint
+
+    resumed = relaygpt("run", TINY_JOB, "--out", out, *settings, "--resume", env=env)
+    assert not marker.exists(), "the crafted pickle ran"  # it does under torch.load(weights_only=False)
+    assert_one_line_error(resumed, f"checkpoint file {victim}", "posix.system", f"delete {checkpoint}")
 
 
 # ---- model directories: the tokenizer lies inside ------------------------------------------
