@@ -171,6 +171,11 @@ class JobSpec(Strict):
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
             if not workers % pp:
                 problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp))
+            checkpointing = stage.deepspeed.extra.get("checkpoint")
+            if isinstance(checkpointing, dict) and checkpointing.get("load_universal"):
+                problems.append(f"{where}.deepspeed.extra.checkpoint.load_universal: DeepSpeed reads universal checkpoints "
+                                "with its own unpickler, which can run code from the files, and relaygpt writes none; "
+                                "remove it (resume reads relaygpt's checkpoints as data)")
         if self.cluster.launcher == "local" and self.cluster.address:
             problems.append(f"cluster.launcher: local starts the training workers on this machine without Ray, but "
                             f"cluster.address names a Ray cluster ({self.cluster.address}); use auto or ray there")

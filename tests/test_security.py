@@ -253,6 +253,15 @@ def test_a_crafted_pickle_with_its_record_rewritten_does_not_run_on_resume(tmp_p
     assert_one_line_error(resumed, f"checkpoint file {victim}", "posix.system", f"delete {checkpoint}")
 
 
+def test_universal_checkpoint_loading_is_refused_before_launch():
+    """DeepSpeed's universal-checkpoint loader unpickles outside the checkpoint engine (so
+    outside the weights-only loading): asking for it in deepspeed.extra is refused at load."""
+    from jobs.spec import load_job
+
+    with pytest.raises(RelayError, match=r"stages\.sft\.deepspeed\.extra\.checkpoint\.load_universal: .*unpickler"):
+        load_job(TINY_JOB, ["stages.sft.deepspeed.extra={checkpoint: {load_universal: true}}"])
+
+
 # ---- model directories: the tokenizer lies inside ------------------------------------------
 
 @pytest.fixture
