@@ -26,8 +26,8 @@ TINY_RUN = {
     "data": {"num_proc": 2, "synthetic": {"mentions_per_fact": 6}},
     "cluster": {"num_workers": 1, "launcher": "ray", "max_failures": 0},
     "stages": {
-        "pretrain": {"steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4},
-        "sft": {"steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4},
+        "pretrain": {"steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4, "optimizer": {"warmup_steps": 1}},
+        "sft": {"steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4, "optimizer": {"warmup_steps": 1}},
         "eval": {"models": ["assistant"], "limit": 2, "workers": 2, "batch_size": 2},
     },
 }
@@ -123,7 +123,8 @@ def test_local_ranks_and_python_dash_m_import_relaygpts_own_packages(tmp_path, t
     plant(work, marker, packages=("cluster", "pipelines", "jobs"))
     overrides = ["data.num_proc=1", "data.synthetic.mentions_per_fact=2", "cluster.num_workers=1", "cluster.launcher=local",
                  "stages.pretrain.steps=2", "stages.pretrain.log_every=1", "stages.pretrain.eval_every=2",
-                 "stages.pretrain.checkpoint_every=2", "stages.pretrain.micro_batch=2", "stages.sft=null", "stages.eval=null"]
+                 "stages.pretrain.checkpoint_every=2", "stages.pretrain.micro_batch=2", "stages.pretrain.optimizer.warmup_steps=1",
+                 "stages.sft=null", "stages.eval=null"]
     settings = [arg for o in overrides for arg in ("--set", o)]
     job = REPO / "jobs" / "tiny-assistant.yaml"
     _ok(console("run", job, "--out", out, *settings, cwd=work, env={"RAY_ADDRESS": ""}), marker)

@@ -230,7 +230,8 @@ def test_a_crafted_pickle_with_its_record_rewritten_does_not_run_on_resume(tmp_p
     out, marker = tmp_path / "out", tmp_path / "PAYLOAD_RAN"
     short = ["data.num_proc=1", "data.synthetic.mentions_per_fact=2", "cluster.num_workers=1", "cluster.launcher=local",
              "stages.pretrain.steps=2", "stages.pretrain.log_every=1", "stages.pretrain.eval_every=2",
-             "stages.pretrain.checkpoint_every=2", "stages.pretrain.micro_batch=2", "stages.sft=null", "stages.eval=null"]
+             "stages.pretrain.checkpoint_every=2", "stages.pretrain.micro_batch=2", "stages.pretrain.optimizer.warmup_steps=1",
+             "stages.sft=null", "stages.eval=null"]
     settings = [arg for item in short for arg in ("--set", item)]
     env = {"RAY_ADDRESS": ""}
     first = relaygpt("run", TINY_JOB, "--out", out, *settings, env=env)
