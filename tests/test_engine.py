@@ -70,6 +70,24 @@ def test_resume_continues_exactly(base, layout):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_zero_optimizer_state_resumes_through_the_weights_only_loader(base, capfd, zero_stage):
+    """ZeRO optimizer files hold DeepSpeed objects besides tensors (the loss scaler, the stage
+    enum, ZeRO-1/2's slice map): exactly the classes the weights-only loader allows, so a resume
+    loads them as data. A DeepSpeed that saved another class would fail here, naming it."""
+    from pipelines.train.checkpoint import deepspeed_types
+
+    job_path, layout = base[0], [f"stages.pretrain.deepspeed.zero_stage={zero_stage}"]
+    run = fresh(base, f"zero{zero_stage}-resumed")
+    train(1, job_path, run, layout, until_step=3)
+    files = list((run / "pretrain" / "checkpoints").rglob("*.pt"))
+    named = {name for f in files for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(f))}
+    assert named and named <= {f"{kind.__module__}.{kind.__qualname__}" for kind in deepspeed_types()}, named
+    capfd.readouterr()
+    second = train(1, job_path, run, layout)
+    assert "resumed from" in capfd.readouterr().out and sorted(second["losses"]) == [4, 5, 6]
+
+
 def _alter_one_byte(path):
     """Same size, one byte different: what corruption or a planted payload looks like to a size check."""
     data = bytearray(path.read_bytes())
