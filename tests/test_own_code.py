@@ -26,8 +26,10 @@ TINY_RUN = {
     "data": {"num_proc": 2, "synthetic": {"mentions_per_fact": 6}},
     "cluster": {"num_workers": 1, "launcher": "ray", "max_failures": 0},
     "stages": {
-        "pretrain": {"steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4, "optimizer": {"warmup_steps": 1}},
-        "sft": {"steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4, "optimizer": {"warmup_steps": 1}},
+        "pretrain": {"steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4,
+                     "optimizer": {"warmup_steps": 1}},
+        "sft": {"steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "micro_batch": 4,
+                "optimizer": {"warmup_steps": 1}},
         "eval": {"models": ["assistant"], "limit": 2, "workers": 2, "batch_size": 2},
     },
 }
@@ -39,7 +41,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _planted(marker: Path) -> str:
     """A module that says it ran (in `marker`) and then fails its import."""
-    return (f"import os, pathlib\npathlib.Path({str(marker)!r}).open('a').write(f'{{__name__}} ({{__file__}}) in pid {{os.getpid()}}\\n')\n"
+    return (f"import os, pathlib\n"
+            f"pathlib.Path({str(marker)!r}).open('a').write(f'{{__name__}} ({{__file__}}) in pid {{os.getpid()}}\\n')\n"
             "raise ImportError('a planted module was imported: ' + __name__)\n")
 
 
