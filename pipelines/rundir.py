@@ -162,6 +162,11 @@ class StageDir:
         return self.root / "model"
 
     @property
+    def adapter(self) -> Path:
+        """A LoRA stage's adapter alone, in PEFT's layout (adapter_config.json, adapter_model.safetensors)."""
+        return self.root / "adapter"
+
+    @property
     def workers(self) -> Path:
         return self.root / "workers"
 

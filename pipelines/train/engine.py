@@ -231,6 +231,11 @@ class Engine:
                 module.load_state_dict(init_state, strict=True)
             else:
                 init_like_pipeline(module, plan.seed)
+        if plan.settings.lora is not None:  # after the base weights are in place; before recompute and compile wrap the blocks
+            from model.lora import apply_lora
+
+            lora = plan.settings.lora
+            apply_lora(module, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets, seed=plan.seed)
         if interval:
             from pipelines.train.recompute import checkpoint_blocks
 
@@ -375,9 +380,24 @@ class Engine:
                 with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=None):
                     yield params[name].detach().float().cpu() if rank == 0 else None  # written before the gather ends
         else:
+            from model.lora import adapters, merged_weight
+
             params = dict(self.engine.module.named_parameters())
+            adapted = {f"{name}.weight": module for name, module in adapters(self.engine.module).items()}
             for name in order:
-                yield params[name].detach().float().cpu() if rank == 0 else None
+                if rank != 0:
+                    yield None
+                elif name in adapted:  # the export holds the merged weight: W + (alpha / r) B A
+                    yield merged_weight(adapted[name]).cpu()
+                else:
+                    yield params[name].detach().float().cpu()
+
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        """Each adapter's A and B as fp32 CPU tensors, under the names the module has them
+        (`transformer.h.0.attn.c_attn.lora_A`); empty without LoRA. Every rank holds them whole
+        (LoRA runs at ZeRO <= 2 and pp = 1, where parameters are not partitioned)."""
+        return {name: param.detach().float().cpu() for name, param in self.engine.module.named_parameters()
+                if name.endswith((".lora_A", ".lora_B"))}
 
     def _stream_from_stages(self, order: list[str]):
         from model.pipe import gpt_state_of_stage, layer_of

@@ -17,6 +17,7 @@ What one device of a stage holds at its peak, in the terms of `torch.cuda.max_me
   segment; packed rows that keep documents apart add their boolean attention mask; in the
   1F1B schedule stage i keeps up to (pp - i) micro-batches in flight;
   the logits and their gradient on the last stage (in the loss kernel's precision, `_logits_memory`).
+With LoRA (`lora:`) only the adapters have gradients and optimizer state; the frozen weights count once.
 ZeRO counts as the stage DeepSpeed runs (`TrainPlan.deepspeed_zero_stage`).
 The buffers used during the backward pass add to the activations; the all-reduce copy and the
 pipeline's bucket (allocated after the backward pass) replace them at the peak. Measured against
@@ -81,7 +82,14 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     blocks = sum(1 for layer in range(start, stop) if 2 <= layer < config.n_layer + 2)
     first_block = max(start, 2) - 2
     params = sum(layer_params(config, pp)[start:stop])
-    weights, grads, opt = params * w_bytes, params * g_bytes, params * (master + 8)
+    trainable = params
+    if plan.settings.lora is not None:  # frozen base weights: gradients and optimizer state for the adapters only
+        from model.lora import lora_param_count
+
+        lora = plan.settings.lora
+        trainable = blocks * lora_param_count(config, lora.rank, lora.targets) // config.n_layer
+        params += trainable
+    weights, grads, opt = params * w_bytes, trainable * g_bytes, trainable * (master + 8)
     if zero_stage >= 1:
         opt /= dp
         grads /= dp
@@ -90,11 +98,11 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     if ds.offload_optimizer:
         opt = 0.0
     if zero_stage >= 1:
-        buffers = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params) * g_bytes
+        buffers = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), trainable) * g_bytes
         if zero_stage >= 3:
             buffers += min(zero.get("stage3_max_live_parameters", DEFAULT_MAX_LIVE), params) * w_bytes
     else:
-        buffers = min(DEFAULT_BUCKET, params) * g_bytes if dp > 1 else 0.0
+        buffers = min(DEFAULT_BUCKET, trainable) * g_bytes if dp > 1 else 0.0
     k = ds.activation_checkpoint_interval
     per_micro = blocks * act_bytes if not k else (math.ceil(blocks / k) * seq * micro * c * w_bytes + min(k, blocks) * act_bytes)
     if plan.separate_documents and blocks:  # the (micro, 1, seq, seq) boolean document mask: one per

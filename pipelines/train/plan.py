@@ -219,7 +219,12 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
 
     def render(cut) -> dict:
         sizes = layer_params(model, pp)
-        return deepspeed_config(settings, dp, precision, device, max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:])), zero_stage)
+        largest = max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:]))
+        if settings.lora is not None:  # only the adapters have gradients to bucket (LoRA runs at pp 1)
+            from model.lora import lora_param_count
+
+            largest = lora_param_count(model, settings.lora.rank, settings.lora.targets)
+        return deepspeed_config(settings, dp, precision, device, largest, zero_stage)
 
     plan = TrainPlan(
         stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,

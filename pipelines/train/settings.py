@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from model.lora import TARGETS as LORA_TARGETS
 from pipelines.settings import Strict
 
 
@@ -37,6 +40,53 @@ class DeepSpeedSpec(Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class LoraSpec(Strict):
+    """Low-rank adapters (model/lora.py): the base weights stay frozen and only the adapters train,
+    sit in the optimizer and take gradients. The export holds the merged weights (a normal model
+    directory) and, in `adapter/`, the adapter alone in PEFT's layout."""
+
+    rank: int = Field(8, description="r, the inner dimension of each adapter; trainable r x (in + out) per projection")
+    alpha: float = Field(16.0, description="the adapter's output is scaled by alpha / rank")
+    dropout: float = Field(0.0, description="dropout on the adapter's input, in [0, 1)")
+    targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS),
+                               description=f"projections of every block to adapt: any of {', '.join(LORA_TARGETS)}")
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value):
+        if value <= 0:
+            raise ValueError(f"{value} is not a rank; give a whole number of at least 1 (8 or 16 are usual)")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{value} must be a finite number above 0 (the adapter is scaled by alpha / rank; 2 x rank is usual)")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, value):
+        if not 0 <= value < 1:
+            raise ValueError(f"{value} is outside [0, 1)")
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value):
+        if not value:
+            raise ValueError(f"no projection to adapt; name at least one of {', '.join(LORA_TARGETS)}")
+        for target in value:
+            if target not in LORA_TARGETS:
+                close = [t for t in LORA_TARGETS if t.split(".")[-1] == target] or difflib.get_close_matches(target, LORA_TARGETS, n=1)
+                hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+                raise ValueError(f"unknown projection {target!r}{hint}; choose from {', '.join(LORA_TARGETS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value} names a projection twice")
+        return value
+
+
 class TrainStageSpec(Strict):
     """One training stage. The run is sized by `steps` or by `tokens` (one of the two)."""
 
@@ -61,6 +111,7 @@ class TrainStageSpec(Strict):
                             "(the first steps pay the compile; docs/PERFORMANCE.md has what it gains). true means model, false off")
     peak_tflops: float | None = Field(None, gt=0, description="peak FLOP/s (in TFLOP/s) per device for MFU when the GPU is not in the built-in table")
     init: str | None = Field(None, description="start from a model directory; for sft the default is the pretrain stage's export")
+    lora: LoraSpec | None = Field(None, description="train low-rank adapters on a frozen model instead of every weight (meant for sft)")
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -317,6 +317,8 @@ class Trainer:
         if plan.settings.export_model:
             self.export()
             result["model_dir"] = str(self.dir.model)
+            if plan.settings.lora is not None:
+                result["adapter_dir"] = str(self.dir.adapter)
         if self.topo.rank == 0:
             self.dir.write_result({k: v for k, v in result.items() if k != "stage"})
         dist.barrier()
@@ -328,6 +330,22 @@ class Trainer:
             "job": self.run.job_name, "stage": plan.stage, "steps": self.state.step, "tokens_seen": self.state.tokens_seen,
             "layout": {"pipeline_stages": plan.pipeline_stages, "data_parallel": plan.data_parallel, "zero_stage": plan.zero_stage},
             "final": {k: v for k, v in self.last.items() if "/" in k}})
+        lora = plan.settings.lora
+        if lora is not None and self.topo.rank == 0:
+            export_adapter(self.engine, self.dir.adapter, lora, base_model=str(plan.init_model or ""))
+
+
+def export_adapter(engine, out: Path, lora, base_model: str) -> None:
+    """The adapter alone in PEFT's layout, for the Hugging Face export of the model the stage
+    started from (`base_model`; the stage's own export already has the adapter merged in)
+    (model/lora.py: peft_adapter); a model Hugging Face has no class for gets none, and says why."""
+    from model.lora import write_peft_adapter
+
+    try:
+        write_peft_adapter(out, engine.plan.model, engine.adapter_weights(), rank=lora.rank, alpha=lora.alpha,
+                           dropout=lora.dropout, targets=lora.targets, base_model=base_model)
+    except ValueError as exc:
+        print(f"relaygpt: no PEFT adapter written: {exc}", flush=True)
 
 
 def export_model(engine, tokenizer, out: Path, provenance: dict) -> None:
