@@ -75,6 +75,7 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
         base = getattr(parent, child)
         assert isinstance(base, nn.Linear) and not isinstance(base, LoRALinear), name
         adapter = LoRALinear(base, rank, alpha, dropout, generator=None if base.weight.device.type == "meta" else generator)
+        adapter.train(base.training)  # a new module trains by default: follow the model's mode (dropout)
         setattr(parent, child, adapter)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

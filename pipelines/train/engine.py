@@ -180,7 +180,9 @@ class Engine:
         opt = plan.settings.optimizer
         if self.device_type == "cuda" and plan.deepspeed_zero_stage < 3:
             module.to(torch.device("cuda", torch.cuda.current_device()))  # a fused AdamW wants its parameters on the GPU
-        optimizer, self.optimizer_name = build_optimizer(param_groups(module.named_parameters(), opt.weight_decay), opt,
+        groups = param_groups(module.named_parameters(), opt.weight_decay)  # trainable parameters only (LoRA: the adapters)
+        self.trainable_params = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
+        optimizer, self.optimizer_name = build_optimizer(groups, opt,
                                                          offload=plan.settings.deepspeed.offload_optimizer, device_type=self.device_type)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(opt, plan.total_steps))
         self.last_grad_norm: torch.Tensor | None = None

@@ -313,7 +313,8 @@ class Trainer:
         result = {**self.last, "step": state.step, "total_steps": plan.total_steps, "tokens_seen": state.tokens_seen,
                   "best_val_loss": state.best_val_loss, "perf/peak_memory_gb_per_rank": memory, "params": plan.model.num_params(),
                   "seq_len": plan.seq_len, "tokens_per_step": plan.tokens_per_step, "flops_per_token": self.flops_per_token,
-                  "optimizer": self.engine.optimizer_name, "compiled_blocks": self.engine.compiled_blocks}
+                  "optimizer": self.engine.optimizer_name,
+                  "trainable_params": self.engine.trainable_params, "compiled_blocks": self.engine.compiled_blocks}
         if plan.settings.export_model:
             self.export()
             result["model_dir"] = str(self.dir.model)

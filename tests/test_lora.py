@@ -1,0 +1,221 @@
+"""LoRA (model/lora.py): the adapter's arithmetic, merging, the PEFT layout, the stage settings,
+and a short SFT from a model directory on real DeepSpeed engines at ZeRO 0 and 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model.config import preset
+from model.gpt import GPT
+from model.lora import TARGETS, adapters, apply_lora, lora_param_count, merge_lora, peft_adapter, projection_shape
+
+GPT2_SHAPED = dict(n_layer=2, n_head=4, n_embd=32, block_size=16)
+LLAMA_SHAPED = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, position="rope", norm="rmsnorm",
+                    mlp="swiglu", bias=False, tie_embeddings=False)
+
+
+def tiny(**fields):
+    return preset("tiny", 97, **fields)
+
+
+@pytest.mark.parametrize("fields", [GPT2_SHAPED, LLAMA_SHAPED])
+@pytest.mark.parametrize("targets", [list(TARGETS), ["attn.c_attn"], ["mlp.c_fc", "mlp.c_proj"]])
+def test_trainable_parameters_are_r_times_in_plus_out_per_projection(fields, targets):
+    config, rank = tiny(**fields), 4
+    model = GPT(config)
+    trainable = apply_lora(model, rank=rank, alpha=8, dropout=0.0, targets=targets)
+    by_hand = 0
+    for name, module in adapters(model).items():
+        linear_in, linear_out = module.in_features, module.out_features
+        assert (linear_in, linear_out) == projection_shape(config, name.split(".", 3)[3])
+        by_hand += rank * (linear_in + linear_out)
+    assert len(adapters(model)) == config.n_layer * len(targets)
+    assert trainable == by_hand == lora_param_count(config, rank, targets)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{name}.lora_{x}" for name in adapters(model) for x in "AB"}
+
+
+@pytest.mark.parametrize("fields", [GPT2_SHAPED, LLAMA_SHAPED])
+def test_adapted_model_starts_as_its_base_and_merges_to_itself(fields):
+    config = tiny(**fields)
+    torch.manual_seed(0)
+    base = GPT(config).eval()
+    x = torch.randint(0, config.vocab_size, (2, 12))
+    expected, _ = base(x)
+    names = [n for n, _ in base.named_parameters()]
+    apply_lora(base, rank=4, alpha=8, dropout=0.1, targets=list(TARGETS), seed=3)
+    assert [n for n, _ in base.named_parameters() if "lora_" not in n] == names  # the base keeps its names
+    at_init, _ = base(x)
+    assert torch.equal(at_init, expected)  # B = 0
+    with torch.no_grad():
+        for module in adapters(base).values():
+            module.lora_B.normal_(0, 0.5)  # as if trained
+    adapted, _ = base(x)
+    assert (adapted - expected).abs().max() > 1e-2
+    merged, _ = merge_lora(base)(x)
+    assert not adapters(base) and [n for n, _ in base.named_parameters()] == names
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_is_the_same_for_the_same_seed():
+    one, two = GPT(tiny(**GPT2_SHAPED)), GPT(tiny(**GPT2_SHAPED))
+    apply_lora(one, rank=2, alpha=4, dropout=0.0, targets=["attn.c_attn"], seed=5)
+    apply_lora(two, rank=2, alpha=4, dropout=0.0, targets=["attn.c_attn"], seed=5)
+    a = [m.lora_A for m in adapters(one).values()]
+    assert all(torch.equal(x, y.lora_A) for x, y in zip(a, adapters(two).values())) and not torch.equal(a[0], a[1])
+
+
+def _trained_adapter_weights(config, targets, rank=4):
+    model = GPT(config)
+    apply_lora(model, rank=rank, alpha=8, dropout=0.0, targets=targets)
+    with torch.no_grad():
+        for module in adapters(model).values():
+            module.lora_B.normal_()
+    return model, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_peft_layout_for_a_gpt2_base():
+    """GPT2LMHeadModel names (ours already), Conv1D: fan_in_fan_out; A (r, in), B (out, r) as PEFT keeps them."""
+    config = tiny(**GPT2_SHAPED)
+    _, weights = _trained_adapter_weights(config, list(TARGETS))
+    adapter_config, tensors = peft_adapter(config, weights, rank=4, alpha=8, dropout=0.0, targets=list(TARGETS))
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["fan_in_fan_out"] is True
+    assert adapter_config["target_modules"] == list(TARGETS) and adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
+    key = "base_model.model.transformer.h.1.attn.c_attn"
+    assert torch.equal(tensors[f"{key}.lora_A.weight"], weights["transformer.h.1.attn.c_attn.lora_A"])
+    assert tensors[f"{key}.lora_A.weight"].shape == (4, 32) and tensors[f"{key}.lora_B.weight"].shape == (96, 4)
+    assert len(tensors) == 2 * config.n_layer * len(TARGETS)
+
+
+def test_peft_layout_for_a_llama_base_cuts_fused_projections_exactly():
+    """q/k/v and gate/up share A and split B's rows: each part's B A is its rows of our delta."""
+    config = tiny(**LLAMA_SHAPED)
+    model, weights = _trained_adapter_weights(config, ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"])
+    adapter_config, tensors = peft_adapter(config, weights, rank=4, alpha=8, dropout=0.0,
+                                           targets=["attn.c_attn", "mlp.c_fc", "mlp.c_proj"])
+    assert adapter_config["target_modules"] == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    assert adapter_config["fan_in_fan_out"] is False
+    for i in range(config.n_layer):
+        delta = adapters(model)[f"transformer.h.{i}.attn.c_attn"].delta()
+        prefix = f"base_model.model.model.layers.{i}.self_attn"
+        parts = [tensors[f"{prefix}.{p}_proj.lora_B.weight"] @ tensors[f"{prefix}.{p}_proj.lora_A.weight"] * 2 for p in "qkv"]
+        torch.testing.assert_close(torch.cat(parts), delta)
+        assert tensors[f"{prefix}.k_proj.lora_B.weight"].shape == (config.kv_heads * config.head_dim, 4)
+
+
+# ---- settings ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora, message", [
+    ({"rank": 0}, "stages.sft.lora.rank: 0 is not a rank"),
+    ({"alpha": 0}, "stages.sft.lora.alpha: 0"),
+    ({"alpha": ".inf"}, "stages.sft.lora.alpha: Input should be a finite number"),
+    ({"dropout": 1.0}, "stages.sft.lora.dropout: 1.0 is outside [0, 1)"),
+    ({"targets": ["c_proj"]}, "did you mean 'attn.c_proj' or 'mlp.c_proj'?"),
+    ({"targets": ["attn.c_atn"]}, "did you mean 'attn.c_attn'?"),
+    ({"targets": []}, "stages.sft.lora.targets: no projection to adapt"),
+    ({"ranks": 8}, "stages.sft.lora.ranks"),
+])
+def test_bad_lora_settings_are_one_line_naming_the_field(tmp_path, lora, message):
+    from jobs.spec import JobError, load_job
+    from train_helpers import BASE_JOB
+
+    job = json.loads(json.dumps(BASE_JOB))
+    job["stages"]["sft"]["lora"] = lora
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job).replace("'.inf'", ".inf"))
+    with pytest.raises(JobError) as error:
+        load_job(path)
+    assert message in str(error.value) and "\n" not in str(error.value).strip(), str(error.value)
+
+
+@pytest.mark.parametrize("deepspeed, reason", [
+    ({"zero_stage": 3}, "stages.sft.lora: adapters are not implemented with ZeRO-3"),
+    ({"zero_stage": 1, "pipeline_stages": 2}, "stages.sft.lora: adapters are not implemented with pipeline_stages 2"),
+])
+def test_unimplemented_layouts_are_refused_by_plan_with_exit_2(tmp_path, deepspeed, reason):
+    from train_helpers import BASE_JOB
+
+    job = json.loads(json.dumps(BASE_JOB))
+    job["cluster"] = {"num_workers": 2}
+    job["stages"]["sft"].update(lora={"rank": 4}, deepspeed=deepspeed)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=60)
+    assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_planner_counts_adapter_gradients_and_optimizer_state_only():
+    from pipelines.train.memory import stage_memory
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
+
+    config = preset("gpt2-124m", 50304)
+
+    def memory(**lora):
+        settings = TrainStageSpec(steps=10, lora=lora or None, deepspeed={"zero_stage": 2})
+        plan = plan_training("sft", settings, config, world_size=1, seq_len=1024, device="cuda", data_dir=Path("."),
+                             init_model=None, seed=0)
+        return stage_memory(plan)[0]
+
+    full, adapted = memory(), memory(rank=8, targets=list(TARGETS))
+    trainable = lora_param_count(config, 8, list(TARGETS))
+    assert adapted.params == full.params + trainable
+    assert adapted.optimizer == trainable * (4 + 8) and adapted.gradients == trainable * 2  # fp32 master + Adam; bf16 grads
+    assert adapted.optimizer < 0.01 * full.optimizer
+
+
+# ---- a short SFT from a model directory, on DeepSpeed engines --------------------------------
+
+@pytest.fixture(scope="module")
+def init_dir(engine_job, tmp_path_factory):
+    """A model directory for the engine job's tokenizer: the base every LoRA run starts from."""
+    from model.export import save_model_dir
+    from model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(engine_job[1] / "tokenizer")
+    torch.manual_seed(11)
+    model = GPT(preset("tiny", tokenizer.n_vocab, n_layer=2, n_embd=32, n_head=4, block_size=32))
+    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("lora") / "base")
+
+
+@pytest.mark.slow
+def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_and_2(engine_job, init_dir):
+    from safetensors.torch import load_file
+
+    from train_helpers import prepared_run, train, weights
+
+    job_path, template, root = engine_job
+    common = ["cluster.num_workers=2", f"stages.sft.init={init_dir}", "stages.sft.lora.rank=4", "stages.sft.lora.alpha=8",
+              "stages.sft.optimizer.lr=0.01", "stages.sft.optimizer.warmup_steps=0", "stages.sft.steps=5"]
+    runs = {}
+    for zero in (0, 2):
+        run = prepared_run(job_path, template, root / f"lora-z{zero}")
+        runs[zero] = run, train(2, job_path, run, common + [f"stages.sft.deepspeed.zero_stage={zero}"], stage="sft")
+    (run, z0), (_, z2) = runs[0], runs[2]
+    assert sorted(z0["losses"]) == [1, 2, 3, 4, 5] and z0["losses"][5] < z0["losses"][1]
+    for step, loss in z0["losses"].items():
+        assert abs(loss - z2["losses"][step]) < 1e-5, (step, loss, z2["losses"][step])
+    config = GPT(preset("tiny", 97, n_layer=2, n_embd=32, n_head=4, block_size=32)).config
+    expected = lora_param_count(config, 4, list(TARGETS))
+    assert z0["result"]["trainable_params"] == z2["result"]["trainable_params"] == expected  # the optimizer's parameters
+
+    base, exported = load_file(str(init_dir / "model.safetensors")), weights(run, "sft")
+    adapter = load_file(str(run / "sft" / "adapter" / "adapter_model.safetensors"))
+    adapter_config = json.loads((run / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["base_model_name_or_path"] == str(init_dir)
+    assert exported.keys() == base.keys()
+    for name, tensor in base.items():
+        module = name.removesuffix(".weight")
+        if module.split(".", 3)[-1] in TARGETS and name.endswith(".weight"):
+            a, b = adapter[f"base_model.model.{module}.lora_A.weight"], adapter[f"base_model.model.{module}.lora_B.weight"]
+            assert b.abs().max() > 0, name  # trained
+            torch.testing.assert_close(exported[name], tensor + b @ a * 2, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(exported[name], tensor), name  # frozen
