@@ -245,6 +245,11 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
     return {"losses": losses, "result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
 
 
+def train_layouts(job_path: str, layouts: list[list], stage: str, run_dirs: list[str]) -> list[dict]:
+    """`train_and_record` for each layout in turn, in the same processes (one start-up for all)."""
+    return [train_and_record(job_path, overrides, stage, run_dir) for overrides, run_dir in zip(layouts, run_dirs)]
+
+
 def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmup: int, threads: int,
                       document_length: int | None = None) -> dict:
     """Seconds per optimizer step of the relaygpt Engine on this process group (rank 0 reports);

@@ -173,6 +173,9 @@ def test_the_planner_counts_adapter_gradients_and_optimizer_state_only():
 
 # ---- a short SFT from a model directory, on DeepSpeed engines --------------------------------
 
+ENGINE_MODEL = dict(n_layer=4, n_embd=64, n_head=4, block_size=32)  # the engine job's model (tests/train_helpers.py)
+
+
 @pytest.fixture(scope="module")
 def init_dir(engine_job, tmp_path_factory):
     """A model directory for the engine job's tokenizer: the base every LoRA run starts from."""
@@ -181,7 +184,7 @@ def init_dir(engine_job, tmp_path_factory):
 
     tokenizer = Tokenizer.from_dir(engine_job[1] / "tokenizer")
     torch.manual_seed(11)
-    model = GPT(preset("tiny", tokenizer.n_vocab, n_layer=2, n_embd=32, n_head=4, block_size=32))
+    model = GPT(preset("tiny", tokenizer.n_vocab, **ENGINE_MODEL))
     return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("lora") / "base")
 
 
@@ -189,20 +192,22 @@ def init_dir(engine_job, tmp_path_factory):
 def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_and_2(engine_job, init_dir):
     from safetensors.torch import load_file
 
-    from train_helpers import prepared_run, train, weights
+    from dist_workers import train_layouts
+    from distributed import run_distributed
+    from train_helpers import prepared_run, weights
 
     job_path, template, root = engine_job
     common = ["cluster.num_workers=2", f"stages.sft.init={init_dir}", "stages.sft.lora.rank=4", "stages.sft.lora.alpha=8",
-              "stages.sft.optimizer.lr=0.01", "stages.sft.optimizer.warmup_steps=0", "stages.sft.steps=5"]
-    runs = {}
-    for zero in (0, 2):
-        run = prepared_run(job_path, template, root / f"lora-z{zero}")
-        runs[zero] = run, train(2, job_path, run, common + [f"stages.sft.deepspeed.zero_stage={zero}"], stage="sft")
-    (run, z0), (_, z2) = runs[0], runs[2]
-    assert sorted(z0["losses"]) == [1, 2, 3, 4, 5] and z0["losses"][5] < z0["losses"][1]
+              "stages.sft.optimizer.lr=0.01", "stages.sft.optimizer.warmup_steps=0", "stages.sft.steps=4",
+              "stages.sft.save_checkpoints=false", "stages.sft.eval_every=100"]
+    runs = [prepared_run(job_path, template, root / f"lora-z{zero}") for zero in (0, 2)]
+    layouts = [common + [f"stages.sft.deepspeed.zero_stage={zero}"] for zero in (0, 2)]
+    z0, z2 = run_distributed(train_layouts, 2, str(job_path), layouts, "sft", [str(run) for run in runs])[0]
+    run = runs[0]
+    assert sorted(z0["losses"]) == [1, 2, 3, 4] and z0["losses"][4] < z0["losses"][1]
     for step, loss in z0["losses"].items():
         assert abs(loss - z2["losses"][step]) < 1e-5, (step, loss, z2["losses"][step])
-    config = GPT(preset("tiny", 97, n_layer=2, n_embd=32, n_head=4, block_size=32)).config
+    config = preset("tiny", 97, **ENGINE_MODEL)
     expected = lora_param_count(config, 4, list(TARGETS))
     assert z0["result"]["trainable_params"] == z2["result"]["trainable_params"] == expected  # the optimizer's parameters
 

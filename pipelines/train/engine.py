@@ -85,7 +85,10 @@ def param_groups(named_parameters, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(param))
         (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group is left out (LoRA trains matrices only): DeepSpeed's ZeRO optimizers drop it,
+    # and the scheduler would then count more groups than the optimizer has.
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def build_sharded(plan, init_state: dict | None):
