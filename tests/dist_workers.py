@@ -245,9 +245,10 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
     return {"losses": losses, "result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
 
 
-def train_layouts(job_path: str, layouts: list[list], stage: str, run_dirs: list[str]) -> list[dict]:
-    """`train_and_record` for each layout in turn, in the same processes (one start-up for all)."""
-    return [train_and_record(job_path, overrides, stage, run_dir) for overrides, run_dir in zip(layouts, run_dirs)]
+def train_layouts(job_path: str, runs: list[tuple], stage: str) -> list[dict]:
+    """`train_and_record` for each (overrides, run directory, until_step) in turn, in the same
+    processes (one start-up for all; a run directory named again resumes)."""
+    return [train_and_record(job_path, overrides, stage, run_dir, until) for overrides, run_dir, until in runs]
 
 
 def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmup: int, threads: int,

@@ -12,7 +12,7 @@ import yaml
 
 from model.config import preset
 from model.gpt import GPT
-from model.lora import TARGETS, adapters, apply_lora, lora_param_count, merge_lora, peft_adapter, projection_shape
+from model.lora import TARGETS, adapted_names, adapters, apply_lora, lora_param_count, merge_lora, peft_adapter, projection_shape
 
 GPT2_SHAPED = dict(n_layer=2, n_head=4, n_embd=32, block_size=16)
 LLAMA_SHAPED = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, position="rope", norm="rmsnorm",
@@ -190,6 +190,8 @@ def init_dir(engine_job, tmp_path_factory):
 
 @pytest.mark.slow
 def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_and_2(engine_job, init_dir):
+    """ZeRO-0 straight through; ZeRO-2 stopped after step 2 and resumed from its checkpoint
+    (which holds the adapters only). One start-up of 2 processes for the three calls."""
     from safetensors.torch import load_file
 
     from dist_workers import train_layouts
@@ -198,23 +200,31 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_and_2(engine_
 
     job_path, template, root = engine_job
     common = ["cluster.num_workers=2", f"stages.sft.init={init_dir}", "stages.sft.lora.rank=4", "stages.sft.lora.alpha=8",
-              "stages.sft.optimizer.lr=0.01", "stages.sft.optimizer.warmup_steps=0", "stages.sft.steps=4",
-              "stages.sft.save_checkpoints=false", "stages.sft.eval_every=100"]
-    runs = [prepared_run(job_path, template, root / f"lora-z{zero}") for zero in (0, 2)]
-    layouts = [common + [f"stages.sft.deepspeed.zero_stage={zero}"] for zero in (0, 2)]
-    z0, z2 = run_distributed(train_layouts, 2, str(job_path), layouts, "sft", [str(run) for run in runs])[0]
-    run = runs[0]
+              "stages.sft.optimizer.lr=0.01", "stages.sft.optimizer.warmup_steps=0", "stages.sft.steps=4", "stages.sft.eval_every=100"]
+    run, resumed = (prepared_run(job_path, template, root / f"lora-z{zero}") for zero in (0, 2))
+    zero_2 = common + ["stages.sft.deepspeed.zero_stage=2", "stages.sft.checkpoint_every=2"]
+    z0, first, rest = run_distributed(train_layouts, 2, str(job_path), [
+        (common + ["stages.sft.deepspeed.zero_stage=0", "stages.sft.save_checkpoints=false"], str(run), None),
+        (zero_2, str(resumed), 2), (zero_2, str(resumed), None)], "sft")[0]
     assert sorted(z0["losses"]) == [1, 2, 3, 4] and z0["losses"][4] < z0["losses"][1]
+    z2 = {**first["losses"], **rest["losses"]}
+    assert sorted(first["losses"]) == [1, 2] and sorted(rest["losses"]) == [3, 4]
     for step, loss in z0["losses"].items():
-        assert abs(loss - z2["losses"][step]) < 1e-5, (step, loss, z2["losses"][step])
+        assert abs(loss - z2[step]) < 1e-5, (step, loss, z2[step])
     config = preset("tiny", 97, **ENGINE_MODEL)
     expected = lora_param_count(config, 4, list(TARGETS))
-    assert z0["result"]["trainable_params"] == z2["result"]["trainable_params"] == expected  # the optimizer's parameters
+    assert z0["result"]["trainable_params"] == rest["result"]["trainable_params"] == expected  # the optimizer's parameters
+    states = next((resumed / "sft" / "checkpoints").glob("step_*/mp_rank_00_model_states.pt"))
+    module = torch.load(states, weights_only=False)["module"]  # written by this test's own run a moment ago
+    # No base weight, except the tied head: DeepSpeed drops the frozen parameters named_parameters()
+    # lists, where a tied head appears only as the embedding (the state dict names it twice).
+    assert set(module) == {f"{n}.lora_{x}" for n in adapted_names(config.n_layer, TARGETS) for x in "AB"} | {"lm_head.weight"}
 
-    base, exported = load_file(str(init_dir / "model.safetensors")), weights(run, "sft")
+    base = load_file(str(init_dir / "model.safetensors"))
     adapter = load_file(str(run / "sft" / "adapter" / "adapter_model.safetensors"))
     adapter_config = json.loads((run / "sft" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["base_model_name_or_path"] == str(init_dir)
+    exported = weights(run, "sft")
     assert exported.keys() == base.keys()
     for name, tensor in base.items():
         module = name.removesuffix(".weight")
@@ -224,3 +234,4 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_and_2(engine_
             torch.testing.assert_close(exported[name], tensor + b @ a * 2, atol=1e-6, rtol=0)
         else:
             assert torch.equal(exported[name], tensor), name  # frozen
+    torch.testing.assert_close(weights(resumed, "sft"), exported, atol=1e-5, rtol=0)

@@ -351,11 +351,20 @@ class Engine:
             return self.engine(x.to(device), labels=labels.to(device), document_ids=document_ids.to(device))
         return self.engine(inputs.to(device), labels=labels.to(device))
 
+    @property
+    def frozen_base(self) -> bool:
+        """LoRA: the base weights never change, so checkpoints hold the adapters (and their
+        optimizer state) only; a resume rebuilds the base from the init model, as the start did."""
+        return self.plan.settings.lora is not None
+
     def save(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False,
+                                    exclude_frozen_parameters=self.frozen_base)
 
     def load(self, directory: str, tag: str) -> dict:
-        path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        # Without the frozen weights in the checkpoint, its module state is the adapters alone: not strict.
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                         load_module_strict=not self.frozen_base)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {directory}")
         return client_state or {}
