@@ -158,9 +158,6 @@ class JobSpec(Strict):
             if stage.lora is not None and pp > 1:
                 problems.append(f"{where}.lora: adapters are not implemented with pipeline_stages {pp} yet "
                                 "(the pipeline's layers are built apart from the GPT); use pipeline_stages 1")
-            if stage.lora is not None and ds.zero_stage == 3:
-                problems.append(f"{where}.lora: adapters are not implemented with ZeRO-3 yet (its parameters are "
-                                "partitioned as the model is built); use zero_stage 0, 1 or 2")
             if pp > n_layer:
                 problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
             if workers % pp:

@@ -114,7 +114,19 @@ def build_sharded(plan, init_state: dict | None):
         for name, value in source:
             if name in params:  # not the tied head (already the embedding)
                 _write_own_slice(params[name], value)
+    if plan.settings.lora is not None:
+        # The adapters are partitioned as they are made (each is small: A is initialised whole, the
+        # same on every rank, then sliced); the base weights they take over are shards already.
+        with deepspeed.zero.Init(config_dict_or_path=dict(plan.deepspeed_config)):
+            _apply_lora(module, plan)
     return module
+
+
+def _apply_lora(module, plan) -> None:
+    from model.lora import apply_lora
+
+    lora = plan.settings.lora
+    apply_lora(module, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets, seed=plan.seed)
 
 
 def _write_own_slice(param, full: torch.Tensor) -> None:
@@ -236,11 +248,8 @@ class Engine:
                 module.load_state_dict(init_state, strict=True)
             else:
                 init_like_pipeline(module, plan.seed)
-        if plan.settings.lora is not None:  # after the base weights are in place; before recompute and compile wrap the blocks
-            from model.lora import apply_lora
-
-            lora = plan.settings.lora
-            apply_lora(module, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets, seed=plan.seed)
+            if plan.settings.lora is not None:  # after the base weights are in place; before recompute and compile wrap the blocks
+                _apply_lora(module, plan)
         if interval:
             from pipelines.train.recompute import checkpoint_blocks
 
@@ -389,8 +398,16 @@ class Engine:
         elif self.plan.deepspeed_zero_stage == 3:
             import deepspeed
 
+            from model.lora import adapters, merged_weight
+
             params = dict(self.engine.module.named_parameters())
+            adapted = {f"{name}.weight": module for name, module in adapters(self.engine.module).items()}
             for name in order:
+                if name in adapted:  # the merged weight: W, A and B gathered together
+                    module = adapted[name]
+                    with deepspeed.zero.GatheredParameters([module.weight, module.lora_A, module.lora_B], modifier_rank=None):
+                        yield merged_weight(module).cpu() if rank == 0 else None
+                    continue
                 with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=None):
                     yield params[name].detach().float().cpu() if rank == 0 else None  # written before the gather ends
         else:
@@ -408,10 +425,20 @@ class Engine:
 
     def adapter_weights(self) -> dict[str, torch.Tensor]:
         """Each adapter's A and B as fp32 CPU tensors, under the names the module has them
-        (`transformer.h.0.attn.c_attn.lora_A`); empty without LoRA. Every rank holds them whole
-        (LoRA runs at ZeRO <= 2 and pp = 1, where parameters are not partitioned)."""
-        return {name: param.detach().float().cpu() for name, param in self.engine.module.named_parameters()
-                if name.endswith((".lora_A", ".lora_B"))}
+        (`transformer.h.0.attn.c_attn.lora_A`); empty without LoRA. A collective under ZeRO-3
+        (each is gathered in turn; small), where every rank gets them; elsewhere they are whole."""
+        out = {}
+        for name, param in self.engine.module.named_parameters():
+            if not name.endswith((".lora_A", ".lora_B")):
+                continue
+            if self.plan.deepspeed_zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    out[name] = param.detach().float().cpu()
+            else:
+                out[name] = param.detach().float().cpu()
+        return out
 
     def _stream_from_stages(self, order: list[str]):
         from model.pipe import gpt_state_of_stage, layer_of

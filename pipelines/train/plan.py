@@ -220,7 +220,8 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     def render(cut) -> dict:
         sizes = layer_params(model, pp)
         largest = max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:]))
-        if settings.lora is not None:  # only the adapters have gradients to bucket (LoRA runs at pp 1)
+        if settings.lora is not None and zero_stage < 3:  # only the adapters have gradients to bucket (LoRA runs at pp 1);
+            # ZeRO-3 keeps the whole count: its prefetch bucket gathers the frozen weights too
             from model.lora import lora_param_count
 
             largest = lora_param_count(model, settings.lora.rank, settings.lora.targets)

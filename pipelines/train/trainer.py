@@ -332,7 +332,7 @@ class Trainer:
             "layout": {"pipeline_stages": plan.pipeline_stages, "data_parallel": plan.data_parallel, "zero_stage": plan.zero_stage},
             "final": {k: v for k, v in self.last.items() if "/" in k}})
         lora = plan.settings.lora
-        if lora is not None and self.topo.rank == 0:
+        if lora is not None:
             export_adapter(self.engine, self.dir.adapter, lora, base_model=str(plan.init_model or ""))
 
 
@@ -342,8 +342,11 @@ def export_adapter(engine, out: Path, lora, base_model: str) -> None:
     (model/lora.py: peft_adapter); a model Hugging Face has no class for gets none, and says why."""
     from model.lora import write_peft_adapter
 
+    weights = engine.adapter_weights()  # a collective under ZeRO-3: every rank takes part, rank 0 writes
+    if engine.topology.rank != 0:
+        return
     try:
-        write_peft_adapter(out, engine.plan.model, engine.adapter_weights(), rank=lora.rank, alpha=lora.alpha,
+        write_peft_adapter(out, engine.plan.model, weights, rank=lora.rank, alpha=lora.alpha,
                            dropout=lora.dropout, targets=lora.targets, base_model=base_model)
     except ValueError as exc:
         print(f"relaygpt: no PEFT adapter written: {exc}", flush=True)
