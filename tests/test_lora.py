@@ -62,6 +62,32 @@ def test_adapted_model_starts_as_its_base_and_merges_to_itself(fields):
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_activation_checkpointing_gives_the_adapters_the_same_gradients():
+    """Recompute wraps the blocks from outside (pipelines/train/recompute.py): adapters inside them
+    are recomputed, dropout included (the RNG state is kept)."""
+    from pipelines.train.recompute import checkpoint_blocks
+
+    config = tiny(**GPT2_SHAPED)
+    x = torch.randint(0, config.vocab_size, (2, 12))
+    grads = []
+    for interval in (0, 1):
+        torch.manual_seed(0)
+        model = GPT(config)
+        apply_lora(model, rank=4, alpha=8, dropout=0.2, targets=list(TARGETS), seed=1)
+        with torch.no_grad():
+            for module in adapters(model).values():
+                module.lora_B.normal_()
+        if interval:
+            checkpoint_blocks(model, interval)
+        torch.manual_seed(5)
+        model(x, torch.roll(x, -1, dims=1))[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
 def test_a_is_the_same_for_the_same_seed():
     one, two = GPT(tiny(**GPT2_SHAPED)), GPT(tiny(**GPT2_SHAPED))
     apply_lora(one, rank=2, alpha=4, dropout=0.0, targets=["attn.c_attn"], seed=5)

@@ -180,6 +180,13 @@ class TrainPlan:
         """Which code paths run, in words (printed by `relaygpt plan` and at the start of a stage)."""
         notes = [f"compile {self.compile}; loss {self.loss_kernel}; gradients clipped by "
                  + ("the engine on the device" if self.clip_in_optimizer else "DeepSpeed" if self.settings.optimizer.grad_clip else "nothing (grad_clip 0)")]
+        lora = self.settings.lora
+        if lora is not None:
+            from model.lora import lora_param_count
+
+            trainable = lora_param_count(self.model, lora.rank, lora.targets)
+            notes.append(f"LoRA rank {lora.rank} (alpha {lora.alpha:g}) on {', '.join(lora.targets)}: {trainable:,} trainable "
+                         f"parameters of {self.model.num_params() + trainable:,}; the export merges them into the weights")
         if self.deepspeed_zero_stage != self.zero_stage:
             notes.append(f"ZeRO-{self.zero_stage} in {self.precision} on one data-parallel rank runs DeepSpeed's "
                          f"ZeRO-{self.deepspeed_zero_stage} optimizer: one rank partitions nothing, and it skips the per-gradient "
