@@ -219,6 +219,7 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
 
     from dist_workers import train_layouts
     from distributed import run_distributed
+    from pipelines.train.checkpoint import load_file as checkpoint_file
     from train_helpers import prepared_run, weights
 
     job_path, template, root = engine_job
@@ -240,7 +241,7 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
     for result in (z0, z2, rest):
         assert result["result"]["trainable_params"] == expected  # the optimizer's parameters
     states = next((resumed / "sft" / "checkpoints").glob("step_*/*model_states.pt"))
-    module = torch.load(states, weights_only=False)["module"]  # written by this test's own run a moment ago
+    module = checkpoint_file(states)["module"]  # as a resume reads it: weights only
     # Under ZeRO-3 the module state holds placeholders, the values are in the optimizer's partitions:
     # none for a base weight, except the tied head (DeepSpeed drops the frozen parameters that
     # named_parameters() lists, where a tied head appears only as the embedding).
