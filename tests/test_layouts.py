@@ -148,7 +148,7 @@ def test_zero_3_builds_a_350m_model_sharded():
         assert sharded["increase"] <= 0.6 * whole["increase"], (rank, sharded["increase"] / whole["increase"])
 
 
-@pytest.mark.parametrize("scope, layout", [("model", []), ("blocks", []), ("model", ["stages.pretrain.deepspeed.zero_stage=3"])])
+@pytest.mark.parametrize("scope, layout", [("blocks", []), ("model", ["stages.pretrain.deepspeed.zero_stage=3"])])
 def test_compiled_training_keeps_the_losses(engine_job, plain, scope, layout):
     """torch.compile (stages.X.compile) of the whole model, head and loss included, or of each
     block, also under ZeRO-3: the same losses as eager (1e-5), the blocks counted in result.json,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from helpers import assert_one_line_error, relaygpt
 from jobs.spec import load_job
@@ -168,18 +169,24 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_the_cpu_demo_sweep_runs_and_writes_every_output(ray_head, tmp_path):
+    """jobs/sweep-cpu-demo.yaml with one micro-batch size instead of two (the suite's time): 1 and
+    2 workers x pipeline 1 and 2, the one-worker pipeline point skipped by the planner."""
+    sweep = yaml.safe_load((REPO / "jobs" / "sweep-cpu-demo.yaml").read_text())
+    sweep["base"] = str(REPO / "jobs" / sweep["base"])
+    sweep["grid"]["micro_batch"] = sweep["grid"]["micro_batch"][:1]
+    (tmp_path / "sweep-cpu-demo.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
     out = tmp_path / "out"
-    proc = relaygpt("sweep", REPO / "jobs" / "sweep-cpu-demo.yaml", "--out", out, timeout=1200)
+    proc = relaygpt("sweep", tmp_path / "sweep-cpu-demo.yaml", "--out", out, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = out / "sweep-cpu-demo"
     # relaygpt's lines only; Ray's, DeepSpeed's and the workers' are in the sweep's log
     assert proc.stderr == "" and "RayTrainWorker" not in proc.stdout and "RayTrainWorker" in (root / "logs" / "run.log").read_text()
     with open(root / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8
+    assert len(rows) == 4
     measured = [r for r in rows if r["status"] == "measured"]
     skipped = [r for r in rows if r["status"] == "skipped"]
-    assert len(measured) == 6 and len(skipped) == 2
+    assert len(measured) == 3 and len(skipped) == 1
     for r in measured:
         empty = [column for column, value in r.items() if value == ""]
         assert not empty, (r["point"], empty)
@@ -197,14 +204,14 @@ def test_the_cpu_demo_sweep_runs_and_writes_every_output(ray_head, tmp_path):
     report = (root / "report.md").read_text()
     assert "★" in report and "## Skipped" in report and "not a multiple" in report and "throughput_efficiency.png" in report
     summary = json.loads((root / "summary.json").read_text())
-    assert summary["points"] == {"total": 8, "measured": 6, "skipped": 2, "failed": 0}
+    assert summary["points"] == {"total": 4, "measured": 3, "skipped": 1, "failed": 0}
     assert summary["cost"]["unit"] == "core-hours"
     assert summary["cost"]["cost"] == pytest.approx(sum(float(r["cost"]) for r in measured), rel=1e-4)
     # A resumed sweep keeps the points it measured (here: all of them) and runs nothing.
-    again = relaygpt("sweep", REPO / "jobs" / "sweep-cpu-demo.yaml", "--out", out, "--address", ray_head.address,
+    again = relaygpt("sweep", tmp_path / "sweep-cpu-demo.yaml", "--out", out, "--address", ray_head.address,
                      env=ray_head.env, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("measured earlier, kept") == 6
+    assert again.stdout.count("measured earlier, kept") == 3
     with open(root / "results.csv", newline="") as f:
         assert [r["tokens_per_s"] for r in csv.DictReader(f)] == [r["tokens_per_s"] for r in rows]
 
