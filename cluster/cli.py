@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
+from cluster.console import quiet_ray, third_party_to
+from cluster.generation_commands import cmd_chat, cmd_generate, generate_rows
+from cluster.settings import check_ray_address
 from model.errors import RelayError, StageFailed
 
 EXIT_USAGE = 2
@@ -41,28 +43,6 @@ def _tools_beside_the_interpreter() -> None:
     parts = os.environ.get("PATH", "").split(os.pathsep)
     if parts[:1] != [bin_dir]:
         os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in parts if p and p != bin_dir])
-
-
-def _quiet_ray() -> None:
-    """Ray's forwarded worker lines as printed, whole (no "repeated 3x across cluster" folding)
-    and without colour codes: they go to a log file. Read by Ray when it is imported."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-
-
-@contextmanager
-def _third_party_to(log: Path):
-    """Inside the block, everything this process and its children print goes to `log` (Ray,
-    DeepSpeed, worker output); the yielded Console writes relaygpt's own lines to the terminal."""
-    from cluster.console import output_to, terminal
-
-    _quiet_ray()
-    console = terminal()
-    try:
-        with output_to(Path(log)):
-            yield console
-    finally:
-        console.done()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,17 +209,6 @@ def _job_and_run_dir(args):
     return job, RunDir(root)
 
 
-def _check_ray_address(address: str | None) -> None:
-    """--address of a Ray cluster (host:port, ray://host:port): checked before anything starts."""
-    from cluster.settings import parse_address
-
-    if address is not None and address != "auto":
-        try:
-            parse_address(address, "--address")
-        except ValueError as exc:
-            raise RelayError(str(exc)) from None
-
-
 def _from_here(path: str | None) -> str | None:
     """A path given on the command line, absolute: a relative one is relative to the folder the
     command runs in (as every shell user expects), never to the job file's folder."""
@@ -252,8 +221,8 @@ def cmd_run(args) -> int:
     from cluster.startup import StartupClock, process_started_at
 
     clock = StartupClock(started_at=process_started_at())  # the start-up counts from the command's own start
-    _quiet_ray()
-    _check_ray_address(args.address)
+    quiet_ray()
+    check_ray_address(args.address)
     job, run_dir = _job_and_run_dir(args)
     console = terminal()  # every line of ours goes through it: a reader that goes away (| head) silences it, no more
     console.line(f"relaygpt run {job.name} -> {run_dir.root}")
@@ -286,7 +255,7 @@ def cmd_data_prepare(args) -> int:
 
     job, run_dir = _job_and_run_dir(args)
     start = time.perf_counter()
-    with run_dir.hold(), _third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
+    with run_dir.hold(), third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft"):
@@ -355,90 +324,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _sampling(args):
-    from model.generate import SamplingParams
-
-    try:
-        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    except ValueError as exc:
-        raise RelayError(f"--{str(exc).split(' ')[0].replace('_', '-')}: {exc}") from None
-
-
-def cmd_generate(args) -> int:
-    from model.atomic import write_jsonl_atomically
-    from model.export import load_model_dir
-    from pipelines.generation.rows import prompt_ids, read_prompts
-
-    params = _sampling(args)
-    _check_ray_address(args.address)
-    _check_output_file(args.out, "--out")
-    _check_generation_output(Path(args.out), "--out")
-    rows = read_prompts(args.prompts)
-    model, tokenizer, _ = load_model_dir(args.model_dir)  # checks the directory and every row before any worker starts
-    for i, row in enumerate(rows):
-        prompt_ids(row, tokenizer, args.chat, f"{args.prompts}:{row.get('_line', i + 1)}", model.config.block_size)
-    del model
-    if args.workers > 1:
-        print(f"Ray and generation worker output: {args.out}.log", flush=True)
-    results = _generate_rows(args.model_dir, rows, params.__dict__, args.chat, args.workers, args.batch_size, args.address,
-                             device=args.device, log=Path(f"{args.out}.log"))
-    write_jsonl_atomically(args.out, results)
-    print(f"wrote {len(results)} completions to {args.out}")
-    return 0
-
-
-def _check_generation_output(out: Path, flag: str) -> None:
-    """`generate --out FILE` replaces FILE and appends to FILE.log: only where FILE is absent,
-    empty or an earlier generation's output (its first row has `completion` and `finish_reason`),
-    and FILE.log absent or beside such a FILE. Anything else is a user's file, refused."""
-    ours = out.is_file() and _is_generation_output(out)
-    if out.exists() and not ours and out.stat().st_size:
-        raise RelayError(f"{flag} {out}: is a file relaygpt did not write (not a generation output); "
-                         "refusing to replace it (give a new file name)")
-    log = Path(f"{out}.log")
-    if (log.exists() or log.is_symlink()) and not (ours and log.is_file() and not log.is_symlink()):
-        raise RelayError(f"{flag} {out}: {log} exists and was not written by relaygpt generate; "
-                         "refusing to append to it (give another --out or move that file)")
-
-
-def _is_generation_output(path: Path) -> bool:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline(1 << 20)
-        row = json.loads(first)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(row, dict) and "completion" in row and "finish_reason" in row
-
-
-def _check_output_file(path: str, flag: str) -> None:
-    """Refuse an output file that could not be written, before any work is done for it."""
-    path = Path(path)
-    if path.is_dir():
-        raise RelayError(f"{flag} {path}: is a directory; give a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RelayError(f"{flag} {path}: {parent} is a file, not a directory")
-            break
-
-
-def _generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address, device: str, log: Path):
-    """In this process for one worker (on `device`); a Ray Data actor pool for more, whose
-    lines (Ray's, the workers') go to `log`."""
-    if workers == 1:
-        from pipelines.generation.worker import GenerationWorker
-
-        return GenerationWorker(str(model_dir), params, chat, batch_size, device=device).generate_rows([dict(r) for r in rows])
-    from cluster.launch import generate_on_ray
-    from cluster.runtime import ray_session
-
-    with _third_party_to(log), ray_session(address, num_cpus=workers):
-        return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size)
-
-
 def cmd_eval(args) -> int:
     """One model directory on the given tasks: the eval stage's own function, with a local pool."""
     from model.export import load_model_dir
@@ -448,7 +333,7 @@ def cmd_eval(args) -> int:
 
     from pipelines.run_state import check_output_path
 
-    _check_ray_address(args.address)
+    check_ray_address(args.address)
     if args.out:
         check_output_path(args.out, "--out")
     job = None
@@ -471,7 +356,7 @@ def cmd_eval(args) -> int:
     def generate(model_dir, rows, params, chat):
         if out is not None:  # created and marked at the first write (the pool's log), not before the checks
             claim(out.root, "eval", "--out")
-        return _generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device, log=log)
+        return generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device, log=log)
 
     if args.workers > 1:
         print(f"[eval] Ray and generation worker output: {log}", flush=True)
@@ -498,7 +383,7 @@ def cmd_sweep(args) -> int:
     print(f"relaygpt sweep {sweep.name} -> {out_dir}", flush=True)
     log = out_dir / "logs" / "run.log"
     print(f"[sweep] Ray, DeepSpeed and worker output: {log}", flush=True)
-    with _third_party_to(log) as console:
+    with third_party_to(log) as console:
         summary = run_sweep(sweep, out_dir, address=args.address, show=console.line)
     print(f"\ndone: sweep {sweep.name} in {summary['seconds']:.0f}s, {describe_usage(summary['cost'])}")
     for key in ("results", "report"):
@@ -541,48 +426,6 @@ def cmd_jobs(args) -> int:
     else:
         print("stop requested" if jobs.stop(args.address, args.job_id) else "the job had already ended")
     return 0
-
-
-def cmd_chat(args) -> int:
-    from model.export import load_model_dir
-    from model.generate import prepare_for_inference
-    from pipelines.generation.chat import COMMANDS, ChatSession
-
-    from pipelines.generation.worker import pick_device
-
-    params = _sampling(args)
-    device, dtype = pick_device(args.device)
-    model, tokenizer, _ = load_model_dir(args.model_dir, device=device, dtype=dtype)
-    if device == "cpu":
-        prepare_for_inference(model)
-    session = ChatSession(model, tokenizer, system=args.system, params=params)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"chatting with {args.model_dir} ({COMMANDS})")
-    while True:
-        if interactive:
-            print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            message = session.command(line)
-            if message is None:
-                break
-            print(message, flush=True)
-            continue
-        print("assistant> ", end="", flush=True)
-        try:
-            for piece in session.reply(line):
-                print(piece, end="", flush=True)
-        except RelayError as exc:
-            print(f"(error: {exc})", end="")
-        print(flush=True)
-    return 0
-
 
 
 # ---- registration: one line per command -----------------------------------------------------

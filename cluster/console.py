@@ -172,3 +172,23 @@ def terminal() -> Console:
     except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in-process)
         return Console(sys.stdout, live=False)
     return Console(os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace"), live=os.isatty(fd))
+
+
+def quiet_ray() -> None:
+    """Ray's forwarded worker lines as printed, whole (no "repeated 3x across cluster" folding)
+    and without colour codes: they go to a log file. Read by Ray when it is imported."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+@contextmanager
+def third_party_to(log: Path):
+    """Inside the block, everything this process and its children print goes to `log` (Ray,
+    DeepSpeed, worker output); the yielded Console writes relaygpt's own lines to the terminal."""
+    quiet_ray()
+    console = terminal()
+    try:
+        with output_to(Path(log)):
+            yield console
+    finally:
+        console.done()

@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
 
+from model.errors import RelayError
 from pipelines.settings import Strict
 
 
@@ -52,3 +53,12 @@ class ClusterSpec(Strict):
         if value is not None and value != "auto":
             parse_address(value, "cluster.address")
         return value
+
+
+def check_ray_address(address: str | None) -> None:
+    """--address of a Ray cluster (host:port, ray://host:port): checked before anything starts."""
+    if address is not None and address != "auto":
+        try:
+            parse_address(address, "--address")
+        except ValueError as exc:
+            raise RelayError(str(exc)) from None
