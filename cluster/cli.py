@@ -353,10 +353,11 @@ def cmd_eval(args) -> int:
         check_owned(out.root, "eval", "--out")  # a user's folder is refused before any work
     log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
 
-    def generate(model_dir, rows, params, chat):
+    def generate(model_dir, rows, *, work, params=None, chat=False):
         if out is not None:  # created and marked at the first write (the pool's log), not before the checks
             claim(out.root, "eval", "--out")
-        return generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device, log=log)
+        return generate_rows(model_dir, rows, params or {}, chat, args.workers, args.batch_size, args.address,
+                             device=args.device, log=log, work=work)
 
     if args.workers > 1:
         print(f"[eval] Ray and generation worker output: {log}", flush=True)

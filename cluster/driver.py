@@ -336,7 +336,7 @@ def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
     models = {m: named.get(m) or job.path(m) for m in spec.models}
     names = {str(path): m for m, path in models.items()}
 
-    def generate(model_dir, rows, params, chat):
+    def generate(model_dir, rows, *, work, params=None, chat=False):
         progress = None
         if live is not None:
             from cluster.console import RateMeter, bar, eta
@@ -344,7 +344,7 @@ def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
             label, meter = f"[eval] {names.get(str(model_dir), model_dir)}", RateMeter(len(rows))
             progress = lambda done: live(f"{label} {bar(done, len(rows))} {done}/{len(rows)} rows  eta {eta(meter.eta_s(done))}")
         try:
-            return launch.generate_on_ray(model_dir, rows, params, chat=chat, workers=spec.workers,
+            return launch.generate_on_ray(model_dir, rows, params or {}, chat=chat, work=work, workers=spec.workers,
                                           cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
                                           batch_size=spec.batch_size, progress=progress)
         finally:

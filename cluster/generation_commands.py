@@ -82,18 +82,19 @@ def check_output_file(path: str, flag: str) -> None:
             break
 
 
-def generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address, device: str, log: Path):
-    """In this process for one worker (on `device`); a Ray Data actor pool for more, whose
-    lines (Ray's, the workers') go to `log`."""
+def generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address, device: str, log: Path,
+                  work: str = "complete"):
+    """`work` (GenerationWorker's) on `rows`: in this process for one worker (on `device`); a Ray
+    Data actor pool for more, whose lines (Ray's, the workers') go to `log`."""
     if workers == 1:
         from pipelines.generation.worker import GenerationWorker
 
-        return GenerationWorker(str(model_dir), params, chat, batch_size, device=device).generate_rows([dict(r) for r in rows])
+        return GenerationWorker(str(model_dir), params, chat, batch_size, device=device, work=work).run([dict(r) for r in rows])
     from cluster.launch import generate_on_ray
     from cluster.runtime import ray_session
 
     with third_party_to(log), ray_session(address, num_cpus=workers):
-        return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size)
+        return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size, work=work)
 
 
 def cmd_chat(args) -> int:

@@ -272,9 +272,10 @@ ACTOR_START_TIMEOUT_S = 600
 
 
 def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: bool, workers: int,
-                    cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch_size: int = 16, progress=None) -> list[dict]:
-    """Completions for `rows`, in input order, from a pool of `workers` generation actors;
-    `progress(done)` is called as results arrive."""
+                    cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch_size: int = 16, progress=None,
+                    work: str = "complete") -> list[dict]:
+    """Completions (or, by `work`, scores: GenerationWorker) for `rows`, in input order, from a
+    pool of `workers` generation actors; `progress(done)` is called as results arrive."""
     import ray.data
 
     from pipelines.generation.worker import GenerationWorker
@@ -297,7 +298,8 @@ def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: boo
     gpus = {"num_gpus": gpus_per_worker} if gpus_per_worker else {}
     pool = ds.map_batches(
         GenerationWorker,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "params": params, "chat": chat, "batch_size": batch_size, "threads": threads},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "params": params, "chat": chat, "batch_size": batch_size, "threads": threads,
+                               "work": work},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, **gpus,
     )
     out = []
