@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cluster.console import quiet_ray, third_party_to
 from cluster.generation_commands import cmd_chat, cmd_generate, generate_rows
-from cluster.settings import check_ray_address
+from jobs.cluster import check_ray_address
 from model.errors import RelayError, StageFailed
 
 EXIT_USAGE = 2

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cluster.console import third_party_to
-from cluster.settings import check_ray_address
+from jobs.cluster import check_ray_address
 from model.errors import RelayError
 
 
