@@ -217,7 +217,7 @@ def _from_here(path: str | None) -> str | None:
 
 def cmd_run(args) -> int:
     from cluster.console import terminal
-    from cluster.driver import format_summary, run_job
+    from cluster.driver import RunOptions, format_summary, run_job
     from cluster.startup import StartupClock, process_started_at
 
     clock = StartupClock(started_at=process_started_at())  # the start-up counts from the command's own start
@@ -228,8 +228,9 @@ def cmd_run(args) -> int:
     console.line(f"relaygpt run {job.name} -> {run_dir.root}")
     # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
     try:
-        summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
-                          show=console.line, live=console.progress if console.live else None, log_output=True, clock=clock)
+        options = RunOptions(address=args.address, resume=args.resume, from_stage=args.from_stage, show=console.line,
+                             live=console.progress if console.live else None, log_output=True, clock=clock)
+        summary = run_job(job, run_dir, options)
     finally:
         console.done()  # an error line starts below the last progress line, not on it
     console.line(format_summary(summary))
