@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from cluster.settings import ClusterSpec
+from jobs.cluster import ClusterSpec
 from model.config import PRESETS, GPTConfig, architecture_problems
 from model.errors import RelayError
 from pipelines.data.config import DataSpec, TokenizerSpec

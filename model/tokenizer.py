@@ -128,9 +128,7 @@ class Tokenizer:
         path = Path(path)
         meta_path = path / META_FILE
         if not (path / RANK_FILE).exists() and (meta_path.exists() or (path / "vocab.json").exists()):
-            from model.hf import tokenizer_of_hf_dir
-
-            return tokenizer_of_hf_dir(path, {})
+            return cls.from_hf_dir(path, {})
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -164,6 +162,29 @@ class Tokenizer:
             pat_str = _standard_meta("r50k_base")[0] if is_gpt2 else GPT2_PATTERN
         name = name or ("gpt2" if is_gpt2 else f"hf:{path.name}")
         return cls(name, ranks, pat_str, specials, digest, ("hf", str(path.resolve())))
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, recorded: dict) -> Tokenizer:
+        """The tokenizer of a Hugging Face directory: vocab.json + merges.txt, or the byte-level
+        BPE of a tokenizer.json (its vocabulary, merges, added tokens, and the split pattern its
+        pre-tokenizer applies, so ids are AutoTokenizer's). `recorded`: the name / pat_str a
+        relaygpt export wrote."""
+        import tempfile
+
+        from model.hf_tokenizer import read_tokenizer_json
+
+        spec = path / "tokenizer.json"
+        if not spec.exists():
+            if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+                return cls.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+            raise RelayError(f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+        vocab, merges, pattern = read_tokenizer_json(spec, recorded.get("pat_str"))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+            (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+            tokenizer = cls.from_gpt2_files(tmp, recorded.get("name") or f"hf:{path.name}", pattern)
+        tokenizer.source = ("hf-json", str(path.resolve()))  # re-loaded from here, not the temporary copy
+        return tokenizer
 
     @classmethod
     def load(cls, spec: str | Path, sha256: str | None = None) -> Tokenizer:
@@ -278,9 +299,7 @@ def _restore(source: tuple[str, str], sha256: str, name: str, pat_str: str) -> T
     elif kind == "hf":
         tok = Tokenizer.from_gpt2_files(ref, name, pat_str)
     elif kind == "hf-json":
-        from model.hf import tokenizer_of_hf_dir
-
-        tok = tokenizer_of_hf_dir(Path(ref), {"name": name, "pat_str": pat_str})
+        tok = Tokenizer.from_hf_dir(Path(ref), {"name": name, "pat_str": pat_str})
     else:
         tok = Tokenizer.from_dir(ref)
     if tok.sha256 != sha256:

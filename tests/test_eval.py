@@ -122,7 +122,7 @@ def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_token
     (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     task = load_task("text_bpb", data_file=str(tmp_path / "held.jsonl"))
     assert task.metric == "bpb" and [e["target"] for e in task.examples] == texts
-    scored = GenerationWorker(str(model_dir), {}, False).generate_rows([{"score_text": t} for t in texts])  # what the pool runs
+    scored = GenerationWorker(str(model_dir), {}, False, work="score_texts").run([{"score_text": t} for t in texts])  # what the pool runs
     got = bits_per_byte(sum(r["nats"] for r in scored), sum(r["bytes"] for r in scored))
     # Reference: token by token with the full preceding context of each 64-token window.
     nats, nbytes = 0.0, 0
@@ -189,8 +189,8 @@ def test_an_interrupted_evaluation_leaves_no_metrics_json(tmp_path, trained_toke
     out.root.mkdir()
     out.metrics.write_text('{"model": {"gsm8k": 1.0}}\n')  # an earlier run's result
 
-    def generate(model_dir, rows, params, chat):
-        return GenerationWorker(model_dir, params, chat, 4).generate_rows(rows)
+    def generate(model_dir, rows, *, work, params=None, chat=False):
+        return GenerationWorker(model_dir, params or {}, chat, 4, work=work).run(rows)
 
     with pytest.raises(RelayError, match="no model directory"):
         evaluate_models({"first": model_dir, "second": tmp_path / "missing"}, [task], generate, out=out)

@@ -184,10 +184,10 @@ def llama3_style_tokenizer(tmp_path_factory, shared_data):
 def test_a_llama3_style_tokenizer_gives_autotokenizers_ids(llama3_style_tokenizer):
     from transformers import AutoTokenizer
 
-    from model.hf import tokenizer_of_hf_dir
+    from model.tokenizer import Tokenizer
 
     theirs = AutoTokenizer.from_pretrained(llama3_style_tokenizer)
-    ours = tokenizer_of_hf_dir(llama3_style_tokenizer, {})
+    ours = Tokenizer.from_hf_dir(llama3_style_tokenizer, {})
     assert ours.pat_str == LLAMA3_PATTERN
     for text in TEXTS:
         ids = theirs.encode(text, add_special_tokens=False)
@@ -201,9 +201,9 @@ def test_a_hub_tokenizer_survives_the_trip_to_a_worker(llama3_style_tokenizer):
     """Workers receive the tokenizer pickled: it re-loads from the directory it came from."""
     import pickle
 
-    from model.hf import tokenizer_of_hf_dir
+    from model.tokenizer import Tokenizer
 
-    ours = tokenizer_of_hf_dir(llama3_style_tokenizer, {})
+    ours = Tokenizer.from_hf_dir(llama3_style_tokenizer, {})
     again = pickle.loads(pickle.dumps(ours))
     assert again.sha256 == ours.sha256 and again.encode(TEXTS[1]) == ours.encode(TEXTS[1])
 
@@ -217,7 +217,7 @@ def test_a_tokenizer_json_we_cannot_reproduce_is_refused(llama3_style_tokenizer,
     import shutil
 
     from model.errors import RelayError
-    from model.hf import tokenizer_of_hf_dir
+    from model.tokenizer import Tokenizer
 
     copy = tmp_path / "tok"
     shutil.copytree(llama3_style_tokenizer, copy)
@@ -225,7 +225,7 @@ def test_a_tokenizer_json_we_cannot_reproduce_is_refused(llama3_style_tokenizer,
     edit(data)
     (copy / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(RelayError, match=says):
-        tokenizer_of_hf_dir(copy, {})
+        Tokenizer.from_hf_dir(copy, {})
 
 
 @pytest.mark.parametrize("shape", [

@@ -69,7 +69,7 @@ def _alive(pid: int) -> bool:
 ])
 def test_the_launcher_a_job_gets(launcher, workers, joins, expected):
     from cluster.launch import choose_launcher
-    from cluster.settings import ClusterSpec
+    from jobs.cluster import ClusterSpec
 
     assert choose_launcher(ClusterSpec(launcher=launcher, num_workers=workers), joins_a_cluster=joins) == expected
 
@@ -77,7 +77,7 @@ def test_the_launcher_a_job_gets(launcher, workers, joins, expected):
 def test_a_local_launcher_that_would_join_a_cluster_is_refused_in_one_line(tmp_path, shakespeare, capsys):
     from cluster import cli
     from cluster.launch import choose_launcher
-    from cluster.settings import ClusterSpec
+    from jobs.cluster import ClusterSpec
     from model.errors import RelayError
 
     with pytest.raises(RelayError, match="cluster.launcher: local starts the training workers on this machine"):

@@ -246,19 +246,26 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
         loss_kernel=loss_kernel(precision, compile_scope),
     )
     if memory_budget and pp > 1 and method == "compute":
-        from pipelines.train.memory import segment_memory, stage_memory
-
-        over = [m.stage for m in stage_memory(plan) if m.total > memory_budget]
-        if over:
-            try:
-                cut = stage_boundaries(model, pp, method, seq_len,
-                                       fits=lambda s, a, b: segment_memory(plan, s, a, b).total <= memory_budget)
-            except ValueError:
-                return plan  # nothing fits: the compute cut, and the fit check names the stage
-            plan = replace(plan, stage_layers=tuple(cut), deepspeed_config=render(cut),
-                           partition_note=f"the compute-balanced cut puts stage {over[0]} over the device memory; "
-                                          "this is the most balanced cut that fits")
+        return _cut_to_fit(plan, memory_budget, render)
     return plan
+
+
+def _cut_to_fit(plan: TrainPlan, memory_budget: float, render) -> TrainPlan:
+    """`plan` with the most balanced pipeline cut in which every stage fits `memory_budget`, when
+    its compute-balanced cut puts a stage over it; `render(cut)` is the DeepSpeed config of a cut."""
+    from pipelines.train.memory import segment_memory, stage_memory
+
+    over = [m.stage for m in stage_memory(plan) if m.total > memory_budget]
+    if not over:
+        return plan
+    try:
+        cut = stage_boundaries(plan.model, plan.pipeline_stages, "compute", plan.seq_len,
+                               fits=lambda s, a, b: segment_memory(plan, s, a, b).total <= memory_budget)
+    except ValueError:
+        return plan  # nothing fits: the compute cut, and the fit check names the stage
+    return replace(plan, stage_layers=tuple(cut), deepspeed_config=render(cut),
+                   partition_note=f"the compute-balanced cut puts stage {over[0]} over the device memory; "
+                                  "this is the most balanced cut that fits")
 
 
 @dataclass(frozen=True)
