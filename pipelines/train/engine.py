@@ -30,6 +30,7 @@ class Topology:
     dp: int
     dp_rank: int
     stage_id: int
+    tp: int = 1       # tensor-parallel ranks per model replica (pipelines/train/tensor_parallel.py)
 
     @property
     def is_first_stage(self) -> bool:
@@ -190,6 +191,11 @@ class Engine:
                              "set cluster.gpus_per_worker to match the machines")
         if plan.precision == "bf16" and self.device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise RelayError(f"stages.{plan.stage}.deepspeed.precision: this GPU has no bf16; set precision to fp16 or fp32")
+        self.grid = None
+        if plan.tensor_parallel > 1:
+            from pipelines.train.tensor_parallel import make_grid
+
+            self.grid = make_grid(plan.pipeline_stages, plan.tensor_parallel, plan.data_parallel)
         module = self._build_module(init_state)
         self.compiled_blocks = self._compile(module)
         opt = plan.settings.optimizer
@@ -204,13 +210,15 @@ class Engine:
         if plan.clip_in_optimizer:
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._clip(opt))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=dict(plan.deepspeed_config))
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=dict(plan.deepspeed_config), mpu=self.grid)
         # DeepSpeed's loader unpickles with weights_only=False; checkpoints are read without running code.
         self.engine.checkpoint_engine = WeightsOnlyLoading(self.engine.checkpoint_engine)
         world, rank = plan.world_size, dist.get_rank()
         if plan.pipeline_stages > 1:
             grid = self.engine.grid
             self.topology = Topology(world, rank, plan.pipeline_stages, plan.data_parallel, grid.get_data_parallel_id(), grid.get_stage_id())
+        elif self.grid is not None:
+            self.topology = Topology(world, rank, 1, plan.data_parallel, self.grid.get_data_parallel_id(), 0, plan.tensor_parallel)
         else:
             self.topology = Topology(world, rank, 1, world, rank, 0)
 
@@ -240,7 +248,11 @@ class Engine:
                 if not getattr(param, "ds_pipe_replicated", False):
                     param.model_parallel = True
             return module
-        if plan.deepspeed_zero_stage == 3:
+        if self.grid is not None:
+            from pipelines.train.tensor_parallel import build_tensor_parallel
+
+            module = build_tensor_parallel(plan, init_state, self.grid, loss_fn)
+        elif plan.deepspeed_zero_stage == 3:
             module = build_sharded(plan, init_state)
         else:
             module = GPT(config, loss_fn=loss_fn)
@@ -286,6 +298,10 @@ class Engine:
             # A tied embedding's copy on the last pipeline stage counts once (on the first), and is scaled like it.
             own = [g for p, g in zip(params, grads) if not getattr(p, "ds_pipe_replicated", False)]
             squares = torch.stack([g.detach().float().pow(2).sum() for g in own]).sum() if own else torch.zeros(())
+            if self.grid is not None:
+                from pipelines.train.tensor_parallel import squared_norm
+
+                squares = squared_norm(params, grads, self.grid.get_slice_parallel_group())
             if self.pipelined:
                 squares = squares.to(self.reduce_device)
                 dist.all_reduce(squares, group=self.engine.grid.get_pipe_parallel_group())
@@ -371,6 +387,10 @@ class Engine:
                                     exclude_frozen_parameters=self.frozen_base)
 
     def load(self, directory: str, tag: str) -> dict:
+        if not self.pipelined:
+            from pipelines.train.tensor_parallel import check_checkpoint_layout
+
+            check_checkpoint_layout(directory, tag, self.plan.tensor_parallel)
         # Without the frozen weights in the checkpoint, its module state is the adapters alone: not strict.
         path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                                                          load_module_strict=not self.frozen_base)
@@ -395,6 +415,10 @@ class Engine:
         rank = self.topology.rank
         if self.pipelined:
             yield from self._stream_from_stages(order)
+        elif self.grid is not None:
+            from pipelines.train.tensor_parallel import stream_slices
+
+            yield from stream_slices(self.engine.module, self.plan.model, order, self.grid, self.reduce_device)
         elif self.plan.deepspeed_zero_stage == 3:
             import deepspeed
 
