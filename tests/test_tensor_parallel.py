@@ -98,8 +98,10 @@ def test_tensor_parallel_trains_exports_and_resumes_like_one_device(tmp_path):
     for layout, run in zip(layouts[1:], runs[1:]):
         assert run["initial"] == reference["initial"], layout  # the gathered slices are the tp 1 weights, bit for bit
         assert np.allclose(run["losses"], reference["losses"], atol=1e-4, rtol=0), (layout, run["losses"], reference["losses"])
+        assert np.allclose(run["grad_norms"], reference["grad_norms"], rtol=1e-4), (layout, run["grad_norms"], reference["grad_norms"])
         for name, weight in reference["trained"].items():
             assert np.allclose(run["trained"][name], weight, atol=1e-4, rtol=0), (layout, name)
-    assert reference["losses"][-1] < reference["losses"][0] - 0.05  # it learned something
+    assert reference["losses"][-1] < reference["losses"][0] - 0.5  # it learned something
+    assert max(reference["grad_norms"]) > 0.3  # and the clip (0.3) was at work
     resumed, straight = results[0]["resumed"], runs[-1]["losses"][10:]
     assert np.allclose(resumed, straight, atol=1e-6, rtol=0), (resumed, straight)
