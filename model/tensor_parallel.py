@@ -256,3 +256,17 @@ def parallelize(model: GPT, tp: TPGroup) -> GPT:
     model.transformer.wte, model.lm_head = wte, head
     model.loss_fn = VocabParallelLoss(tp, config.padded_vocab_size // tp.size)
     return model
+
+
+def local_layer_params(config: GPTConfig, size: int) -> list[int]:
+    """Parameters one rank of a `size`-way tensor-parallel group holds in each pipeline layer
+    (the indices of model/pipe.py; a tied head counts with the embedding), from the config alone."""
+    from model.pipe import layer_of
+
+    with torch.device("meta"):
+        model = GPT(config, initialize=False)
+    counts = [0] * (config.n_layer + 4)
+    for name, param in model.named_parameters():
+        split = shard_layout(config, name) is not None
+        counts[layer_of(config, name)] += param.numel() // size if split else param.numel()
+    return counts

@@ -105,3 +105,30 @@ def test_tensor_parallel_trains_exports_and_resumes_like_one_device(tmp_path):
     assert max(reference["grad_norms"]) > 0.3  # and the clip (0.3) was at work
     resumed, straight = results[0]["resumed"], runs[-1]["losses"][10:]
     assert np.allclose(resumed, straight, atol=1e-6, rtol=0), (resumed, straight)
+
+
+def test_the_plan_counts_each_ranks_slices(tmp_path):
+    """Memory per rank (ZeRO-0, so only tp divides): GPT-2 124M at tp 2 holds about half the weights,
+    gradients and optimizer state (norms and position embeddings stay whole), and a 1/tp slice of the logits; a vocabulary that does not split is refused."""
+    from pathlib import Path
+
+    from model.errors import ConfigError
+    from pipelines.train.memory import stage_memory
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
+
+    config = GPTConfig(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768)
+
+    def plan(tp, model=config):
+        settings = TrainStageSpec(steps=1, micro_batch=4, deepspeed={"zero_stage": 0, "tensor_parallel": tp})
+        return plan_training("pretrain", settings, model, world_size=2, seq_len=256, device="cpu", data_dir=Path("."),
+                             init_model=None, seed=0)
+
+    split = plan(2)
+    one, two = stage_memory(plan(1))[0], stage_memory(split)[0]
+    assert split.data_parallel == 1 and split.loss_kernel == "vocab-parallel"
+    for term in ("weights", "gradients", "optimizer"):
+        assert 0.49 < getattr(two, term) / getattr(one, term) < 0.51, term
+    assert two.logits < one.logits and two.activations < one.activations
+    with pytest.raises(ConfigError, match=r"^stages.pretrain.deepspeed.tensor_parallel: padded_vocab_size 50257 is not divisible"):
+        plan(2, GPTConfig(vocab_size=50257, pad_vocab_multiple=1, block_size=256, n_layer=2, n_head=4, n_embd=64))

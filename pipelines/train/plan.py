@@ -185,6 +185,13 @@ class TrainPlan:
         """Which code paths run, in words (printed by `relaygpt plan` and at the start of a stage)."""
         notes = [f"compile {self.compile}; loss {self.loss_kernel}; gradients clipped by "
                  + ("the engine on the device" if self.clip_in_optimizer else "DeepSpeed" if self.settings.optimizer.grad_clip else "nothing (grad_clip 0)")]
+        if self.tensor_parallel > 1:
+            tp, dp = self.tensor_parallel, self.data_parallel
+            notes.append(f"tensor parallel {tp} (model/tensor_parallel.py): each rank holds {self.model.n_head // tp} of "
+                         f"{self.model.n_head} heads, 1/{tp} of the MLP width and of the vocabulary; ranks r..r+{tp - 1} form one "
+                         f"replica (one node), {dp} replicas average gradients"
+                         + (f" and shard ZeRO-1 state over {dp}" if self.deepspeed_zero_stage == 1 and dp > 1 else "")
+                         + "; 2 all-reduces of (micro x seq x n_embd) per block each way; the loss never gathers the logits")
         lora = self.settings.lora
         if lora is not None:
             from model.lora import lora_param_count
