@@ -259,9 +259,6 @@ def _tensor_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[
     if ds.zero_stage > 1:
         problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} is not supported with tensor_parallel {tp} "
                         "(only ZeRO 0 and 1 are verified to shard over the data-parallel ranks alone); use zero_stage 0 or 1")
-    if ds.pipeline_stages > 1:
-        problems.append(f"{field}: {tp} with pipeline_stages {ds.pipeline_stages} is not implemented yet; "
-                        "use one of the two (tensor_parallel 1 or pipeline_stages 1)")
     if stage.lora is not None:
         problems.append(f"{where}.lora: adapters are not implemented with tensor_parallel {tp}; use tensor_parallel 1")
     if stage.compile not in ("auto", "off"):

@@ -228,31 +228,43 @@ def unshard(parts: list[torch.Tensor], layout: tuple[int, list[int]] | None) -> 
     return torch.cat([torch.cat([pieces[r][j] for r in range(size)], dim) for j in range(len(segments))], dim)
 
 
+def _cut(config: GPTConfig, tp: TPGroup, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else shard(tensor.detach(), shard_layout(config, name), tp.rank, tp.size)
+
+
 @torch.no_grad()
+def parallelize_block(block: nn.Module, config: GPTConfig, tp: TPGroup) -> None:
+    """Replace a transformer block's projections by this rank's slices, in place."""
+    for owner, column_name in ((block.attn, "c_attn"), (block.mlp, "c_fc")):
+        prefix = f"transformer.h.0.{'attn' if owner is block.attn else 'mlp'}"  # (the layout depends on the suffix only)
+        column, row = getattr(owner, column_name), owner.c_proj
+        setattr(owner, column_name, ColumnParallelLinear(_cut(config, tp, f"{prefix}.{column_name}.weight", column.weight),
+                                                         _cut(config, tp, f"{prefix}.{column_name}.bias", column.bias), tp))
+        owner.c_proj = RowParallelLinear(_cut(config, tp, f"{prefix}.c_proj.weight", row.weight),
+                                         None if row.bias is None else row.bias.detach().clone(), tp)
+    block.attn.n_head //= tp.size
+    block.attn.n_kv_head //= tp.size
+
+
+@torch.no_grad()
+def parallel_embedding(embedding: nn.Embedding, config: GPTConfig, tp: TPGroup) -> VocabParallelEmbedding:
+    return VocabParallelEmbedding(_cut(config, tp, "transformer.wte.weight", embedding.weight), tp)
+
+
+@torch.no_grad()
+def parallel_head(head: nn.Linear, config: GPTConfig, tp: TPGroup) -> ColumnParallelLinear:
+    return ColumnParallelLinear(_cut(config, tp, "lm_head.weight", head.weight), None, tp)
+
+
 def parallelize(model: GPT, tp: TPGroup) -> GPT:
     """Replace `model`'s splittable layers by this rank's slices (see the module docstring)."""
     config = model.config
     problems = tensor_parallel_problems(config, tp.size)
     assert not problems, problems  # the plan refuses these before launch
-
-    def cut(name: str, tensor: torch.Tensor | None):
-        return None if tensor is None else shard(tensor.detach(), shard_layout(config, name), tp.rank, tp.size)
-
-    for i, block in enumerate(model.transformer.h):
-        for owner, column_name in ((block.attn, "c_attn"), (block.mlp, "c_fc")):
-            prefix = f"transformer.h.{i}.{'attn' if owner is block.attn else 'mlp'}"
-            column, row = getattr(owner, column_name), owner.c_proj
-            setattr(owner, column_name, ColumnParallelLinear(cut(f"{prefix}.{column_name}.weight", column.weight),
-                                                             cut(f"{prefix}.{column_name}.bias", column.bias), tp))
-            owner.c_proj = RowParallelLinear(cut(f"{prefix}.c_proj.weight", row.weight),
-                                             None if row.bias is None else row.bias.detach().clone(), tp)
-        block.attn.n_head //= tp.size
-        block.attn.n_kv_head //= tp.size
-    wte = VocabParallelEmbedding(cut("transformer.wte.weight", model.transformer.wte.weight), tp)
-    if config.tie_embeddings:
-        head = ColumnParallelLinear(wte.weight, None, tp)
-    else:
-        head = ColumnParallelLinear(cut("lm_head.weight", model.lm_head.weight), None, tp)
+    for block in model.transformer.h:
+        parallelize_block(block, config, tp)
+    wte = parallel_embedding(model.transformer.wte, config, tp)
+    head = ColumnParallelLinear(wte.weight, None, tp) if config.tie_embeddings else parallel_head(model.lm_head, config, tp)
     model.transformer.wte, model.lm_head = wte, head
     model.loss_fn = VocabParallelLoss(tp, config.padded_vocab_size // tp.size)
     return model

@@ -61,7 +61,7 @@ def _job(tmp_path, stage: dict, workers: int = 4, **model) -> str:
     ({"deepspeed": {"tensor_parallel": 2}}, 3, {}, "cluster.num_workers: 3 workers is not a multiple of stages.pretrain.deepspeed.pipeline_stages (1) x tensor_parallel (2)"),
     ({"deepspeed": {"tensor_parallel": 2, "zero_stage": 2}}, 4, {}, "stages.pretrain.deepspeed.zero_stage: ZeRO-2 is not supported with tensor_parallel 2"),
     ({"deepspeed": {"tensor_parallel": 2, "zero_stage": 3}}, 4, {}, "stages.pretrain.deepspeed.zero_stage: ZeRO-3 is not supported"),
-    ({"deepspeed": {"tensor_parallel": 2, "pipeline_stages": 2}}, 4, {}, "stages.pretrain.deepspeed.tensor_parallel: 2 with pipeline_stages 2 is not implemented"),
+    ({"deepspeed": {"tensor_parallel": 2, "pipeline_stages": 2, "zero_stage": 2}}, 4, {}, "ZeRO-2 cannot be combined with pipeline_stages 2"),
     ({"deepspeed": {"tensor_parallel": 2}, "compile": "model"}, 4, {}, "stages.pretrain.compile: 'model' is not supported with tensor_parallel 2"),
     ({"deepspeed": {"tensor_parallel": 2}, "lora": {"rank": 4}}, 4, {}, "stages.pretrain.lora: adapters are not implemented with tensor_parallel 2"),
     ({"deepspeed": {"tensor_parallel": 4}}, 4, {"n_kv_head": 2}, "n_kv_head 2 is not divisible by tensor_parallel 4"),
@@ -87,12 +87,15 @@ def test_tensor_parallel_trains_exports_and_resumes_like_one_device(tmp_path):
     """One launch of 4 gloo processes, every rank reading the same batches (so any data-parallel
     size computes what one process does): tp 1 x dp 4 (ZeRO-1), tp 2 x dp 2 (ZeRO-1: optimizer
     state sharded over the 2 data ranks only; DeepSpeed clips), tp 2 x dp 2 (ZeRO-0: the engine
-    clips; the clip is tight, so a wrong norm shows). Same initial export bytes, same losses for
-    20 steps, the same trained weights, and the last layout resumed half-way continues exactly."""
-    layouts = [{"zero_stage": 1}, {"zero_stage": 1, "tensor_parallel": 2}, {"zero_stage": 0, "tensor_parallel": 2}]
+    clips; the clip is tight, so a wrong norm shows), tp 2 x pp 2 (ZeRO-0 and ZeRO-1: the tied
+    embedding's slices on the first and last stage). Same initial export bytes, same losses and
+    gradient norms for 20 steps, the same trained weights, and the last layout (tp 2 x pp 2)
+    resumed half-way in a new engine continues exactly."""
+    layouts = [{"zero_stage": 1}, {"zero_stage": 1, "tensor_parallel": 2}, {"zero_stage": 0, "tensor_parallel": 2},
+               {"zero_stage": 0, "tensor_parallel": 2, "pipeline_stages": 2}, {"zero_stage": 1, "tensor_parallel": 2, "pipeline_stages": 2}]
     results = run_distributed(tensor_parallel_layouts, 4, TINY, layouts, 20, str(tmp_path / "ckpt"))
     runs = results[0]["runs"]
-    assert [(r["tp"], r["dp"]) for r in runs] == [(1, 4), (2, 2), (2, 2)]
+    assert [(r["tp"], r["dp"]) for r in runs] == [(1, 4), (2, 2), (2, 2), (2, 1), (2, 1)]
     assert [r["runs"][1]["dp_rank"] for r in results] == [0, 0, 1, 1]  # the model axis is innermost
     reference = runs[0]
     for layout, run in zip(layouts[1:], runs[1:]):

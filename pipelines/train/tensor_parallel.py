@@ -66,43 +66,52 @@ def squared_norm(params, grads, tp_group) -> torch.Tensor:
     return shared + squares(whole)
 
 
-def stream_slices(module, config, order: list[str], grid, wire: torch.device):
+def stream_split(mine: dict, config, order: list[str], specs: dict, topology, stage_of, wire: torch.device):
     """Each weight of `order` whole, as an fp32 CPU tensor on rank 0 (None elsewhere), one at a
-    time: a split weight is sent to rank 0 by the other ranks of data-parallel replica 0's
-    tensor-parallel group, and joined there. A collective: every rank iterates to the end."""
+    time. `mine`: this rank's weights under GPT names (empty off data-parallel replica 0);
+    `stage_of(name)`: the pipeline stage that holds a weight. A split weight is sent to rank 0 by
+    every rank of its stage's tensor-parallel group and joined there; a whole one by model rank 0.
+    A collective: every rank iterates to the end."""
     from model.tensor_parallel import shard_layout, unshard
 
-    rank, topo = dist.get_rank(), grid.topology()
-    size = grid.get_slice_parallel_world_size()
-    replica0 = grid.get_data_parallel_id() == 0
-    params = dict(module.named_parameters())
-    peers = [topo.get_rank(pipe=0, data=0, model=m) for m in range(size)]
+    rank, size = dist.get_rank(), topology.get_dim("model")
     for name in order:
         layout = shard_layout(config, name)
-        mine = params[name].detach().float()
-        if layout is None or not replica0 or (rank != 0 and rank not in peers):
-            yield mine.cpu() if rank == 0 else None
+        stage = stage_of(name)
+        sources = [topology.get_rank(pipe=stage, data=0, model=m) for m in range(size if layout else 1)]
+        if rank == 0:
+            shape = list(specs[name][1])
+            if layout:
+                shape[layout[0]] //= size
+            parts = []
+            for source in sources:
+                if source == 0:
+                    parts.append(mine[name].detach().float().cpu())
+                    continue
+                part = torch.empty(shape, dtype=torch.float32, device=wire)
+                dist.recv(part, src=source)
+                parts.append(part.cpu())
+            yield unshard(parts, layout)
             continue
-        if rank != 0:
-            dist.send(mine.to(wire).contiguous(), dst=0)
-            yield None
-            continue
-        parts = [mine.cpu()]
-        for peer in peers[1:]:
-            part = torch.empty(mine.shape, dtype=torch.float32, device=wire)
-            dist.recv(part, src=peer)
-            parts.append(part.cpu())
-        yield unshard(parts, layout)
+        if rank in sources:
+            dist.send(mine[name].detach().float().to(wire).contiguous(), dst=0)
+        yield None
 
 
 _MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_LAYER_FILE = re.compile(r"^layer_\d+-model_(\d+)-model_states\.pt$")
 
 
 def check_checkpoint_layout(directory: str, tag: str, tensor_parallel: int) -> None:
-    """Refuse, in one line, a checkpoint written at another tensor-parallel size (DeepSpeed
-    writes one model file per model-parallel rank; relaygpt does not reshard checkpoints)."""
+    """Refuse, in one line, a checkpoint written at another tensor-parallel size (relaygpt does
+    not reshard checkpoints). DeepSpeed writes one model file per model-parallel rank without a
+    pipeline, and per layer and tensor-parallel rank (`layer_02-model_01-model_states.pt`) with one."""
     files = [p.name for p in (Path(directory) / tag).iterdir()] if (Path(directory) / tag).is_dir() else []
-    written = len([f for f in files if _MP_FILE.match(f)])
+    layers = [f for f in files if f.startswith("layer_")]
+    if layers:
+        written = len({match.group(1) for f in layers if (match := _LAYER_FILE.match(f))}) or 1
+    else:
+        written = len([f for f in files if _MP_FILE.match(f)])
     if written and written != tensor_parallel:
         raise RelayError(f"checkpoint {Path(directory) / tag} was written at tensor_parallel {written} and this run has "
                          f"{tensor_parallel}; resume with deepspeed.tensor_parallel {written} (checkpoints are not resharded), "
