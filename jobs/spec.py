@@ -155,9 +155,6 @@ class JobSpec(Strict):
             if pp > 1 and ds.zero_stage > 1:
                 problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} cannot be combined with pipeline_stages {pp}; "
                                 "DeepSpeed's pipeline engine supports ZeRO 0 and 1")
-            if stage.lora is not None and pp > 1:
-                problems.append(f"{where}.lora: adapters are not implemented with pipeline_stages {pp} yet "
-                                "(the pipeline's layers are built apart from the GPT); use pipeline_stages 1")
             if pp > n_layer:
                 problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
             tp = ds.tensor_parallel

@@ -248,7 +248,15 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
 def train_layouts(job_path: str, runs: list[tuple], stage: str) -> list[dict]:
     """`train_and_record` for each (overrides, run directory, until_step) in turn, in the same
     processes (one start-up for all; a run directory named again resumes)."""
-    return [train_and_record(job_path, overrides, stage, run_dir, until) for overrides, run_dir, until in runs]
+    results = []
+    for overrides, run_dir, until in runs:
+        results.append(train_and_record(job_path, overrides, stage, run_dir, until))
+        # A pipeline engine leaves its grid as DeepSpeed's global model-parallel unit, which a later
+        # engine in the same process would take for its own: forget it (a new stage is a new process).
+        from deepspeed.utils import groups
+
+        groups.mpu = None
+    return results
 
 
 def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmup: int, threads: int,
