@@ -54,6 +54,14 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
         metrics[model], used[model] = {}, {}
         preferred = (styles or {}).get(model) or model_style(model_dir)
         for task in tasks:
+            if task.metric == "preference_accuracy":  # pairs scored on the pool, nothing generated
+                from pipelines.eval.preference import score_preferences
+
+                used[model][task.name] = "likelihood"
+                metrics[model][task.name] = score_preferences(model, model_dir, task, generate, predictions)
+                if show:
+                    show(f"[eval] {model}: {task.name} preference accuracy {metrics[model][task.name]:.3f} ({len(task.examples)} pairs)")
+                continue
             if task.metric in ("bpb", "loglikelihood"):
                 used[model][task.name] = "likelihood"
             if task.metric == "loglikelihood":

@@ -51,11 +51,12 @@ class GenerationWorker:
         self.chat, self.batch_size = chat, batch_size
 
     def generate_rows(self, rows: list[dict]) -> list[dict]:
-        """Completions; or, for rows of {"context", "continuations"} (multiple choice), the
-        log-likelihood of every continuation; or, for rows of {"score_text"}, its nats and bytes."""
+        """Completions; or, for rows of {"context", "continuations"} (multiple choice) or of token
+        ids {"context_tokens", "continuation_tokens"} (preference pairs), the log-likelihood of
+        every continuation; or, for rows of {"score_text"}, its nats and bytes."""
         from pipelines.generation.rows import complete_rows, score_rows, score_texts
 
-        if rows and "continuations" in rows[0]:
+        if rows and ("continuations" in rows[0] or "continuation_tokens" in rows[0]):
             return score_rows(self.model, self.tokenizer, rows, batch_size=self.batch_size)
         if rows and "score_text" in rows[0]:
             return score_texts(self.model, self.tokenizer, rows)
