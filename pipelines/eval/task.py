@@ -6,7 +6,7 @@ A task is a YAML file (shipped ones live in pipelines/eval/tasks/, any other pat
     source: {file: path/to/test.jsonl}          # or {hub: openai/gsm8k, config: main, split: test}
     input_field: question
     target_field: answer
-    metric: numeric          # exact_match | numeric | multiple_choice | bpb | loglikelihood
+    metric: numeric          # exact_match | numeric | multiple_choice | bpb | loglikelihood | preference_accuracy
     style: completion        # or chat (rendered with the chat template)
     prompt: "Question: {input}\\nAnswer:"
     shots: 0                 # few-shot examples, taken from the front and not scored
@@ -41,7 +41,7 @@ from model.errors import RelayError
 from pipelines.yaml_file import read_yaml
 
 TASK_DIR = Path(__file__).with_name("tasks")
-METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood")
+METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood", "preference_accuracy")
 
 
 @dataclass
@@ -142,6 +142,14 @@ def _read_rows(source: dict, where: str, base: Path) -> list[dict]:
     raise RelayError(f"{where}: source needs 'file' or 'hub'")
 
 
+def _source_label(source: dict, base: Path) -> str:
+    """The rows' file as errors name it (or the hub dataset)."""
+    if "file" in source:
+        path = Path(source["file"]).expanduser()
+        return str(path if path.is_absolute() else base / path)
+    return f"hub dataset {source.get('hub')}"
+
+
 def task_files(name_or_file: str) -> list[Path]:
     """The files of the user's that a task reads: its YAML file (a shipped one is part of
     relaygpt) and the local data file its `source` names; none for `synthetic` or hub data."""
@@ -188,6 +196,10 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     rows = _read_rows(source, "--data" if data_file else where, path.parent)
     if metric == "loglikelihood":
         return _choice_task(spec, rows, where, path.stem, limit)
+    if metric == "preference_accuracy":  # pairs scored by log-probability (pipelines/eval/preference.py)
+        from pipelines.eval.preference import preference_task
+
+        return preference_task(spec, rows, where, _source_label(source, path.parent), path.stem, limit)
     input_field, target_field = spec.get("input_field", "input"), spec.get("target_field", "target")
     examples = []
     for i, row in enumerate(rows):

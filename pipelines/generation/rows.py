@@ -119,12 +119,17 @@ def choice_requests(tokenizer: Tokenizer, context: str, continuation: str) -> tu
 
 
 def score_rows(model, tokenizer: Tokenizer, rows: list[dict], *, batch_size: int) -> list[dict]:
-    """Rows of {"context", "continuations"} -> the same rows with per choice `loglikelihoods`
-    and `num_tokens` (model/score.py), in input order."""
+    """Rows of {"context", "continuations"} (text), or {"context_tokens", "continuation_tokens"}
+    (ids, already rendered) -> the same rows with per continuation `loglikelihoods` and
+    `num_tokens` (model/score.py), in input order."""
     from model.score import continuation_logprobs
 
     requests, owners = [], []
     for i, row in enumerate(rows):
+        if "continuation_tokens" in row:
+            requests += [(row["context_tokens"], ids) for ids in row["continuation_tokens"]]
+            owners += [i] * len(row["continuation_tokens"])
+            continue
         for continuation in row["continuations"]:
             requests.append(choice_requests(tokenizer, row["context"], continuation))
             owners.append(i)
