@@ -69,6 +69,10 @@ def _init_tokenizers(job, run_dir) -> list[str]:
         if theirs.sha256 != ours.sha256:
             problems.append(f"stages.{name}.init: {job.path(stage.init)} uses tokenizer {theirs.name} ({theirs.sha256[:12]}), the job's "
                             f"is {ours.name} ({ours.sha256[:12]}); name the model's tokenizer in tokenizer: (e.g. dir: {stage.init})")
+        elif theirs.chat_template_sha256 != ours.chat_template_sha256:
+            has = lambda tok: "its own chat template" if tok.chat_template is not None else "relaygpt's chat template"
+            problems.append(f"stages.{name}.init: {job.path(stage.init)} has {has(theirs)}, the job's tokenizer {has(ours)}; "
+                            f"name the model's directory in tokenizer: (dir: {stage.init}) so its data and prompts render alike")
     return problems
 
 

@@ -64,9 +64,11 @@ def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
         "bos_token": EOT, "eos_token": "<|end|>" if chat else EOT, "unk_token": None, "pad_token": EOT,
         "add_bos_token": False, "add_eos_token": False,
     }
-    if chat:
+    if tokenizer.chat_template is not None:  # the imported model's own template and its tokens
+        config.update(tokenizer.chat_template.tokens, chat_template=tokenizer.chat_template.source)
+    elif chat:
         config["chat_template"] = CHAT_TEMPLATE
-    specials = {"bos_token": EOT, "eos_token": config["eos_token"], "pad_token": EOT,
+    specials = {"bos_token": config["bos_token"], "eos_token": config["eos_token"], "pad_token": config["pad_token"],
                 "additional_special_tokens": sorted(t for t in tokenizer.special_tokens if t != EOT)}
     return {
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
@@ -109,7 +111,7 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": tokenizer.eot_id,
-        "eos_token_id": tokenizer.special_tokens.get("<|end|>", tokenizer.eot_id),
+        "eos_token_id": _eos_ids(tokenizer),
         "torch_dtype": "float32",
         "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
     }
@@ -120,6 +122,15 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     if config.rope_scaling:
         out["rope_scaling"] = dict(config.rope_scaling)
     return out
+
+
+def _eos_ids(tokenizer: Tokenizer):
+    """config.json's eos_token_id: the ends of an assistant turn under the model's own chat
+    template (a list where there are several), else relaygpt's <|end|>."""
+    if tokenizer.chat_template is not None:
+        stops = list(tokenizer.chat_template.stop_ids(tokenizer)) or [tokenizer.eot_id]
+        return stops[0] if len(stops) == 1 else stops
+    return tokenizer.special_tokens.get("<|end|>", tokenizer.eot_id)
 
 
 def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -291,7 +302,9 @@ def tokenizer_of_hf_dir(path: Path, recorded: dict) -> Tokenizer:
     spec = path / "tokenizer.json"
     if not spec.exists():
         if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-            return Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+            tokenizer = Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+            tokenizer.chat_template = hub_chat_template(path)
+            return tokenizer
         raise RelayError(f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
     try:
         data = json.loads(spec.read_text(encoding="utf-8"))
@@ -311,4 +324,35 @@ def tokenizer_of_hf_dir(path: Path, recorded: dict) -> Tokenizer:
         (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
         tokenizer = Tokenizer.from_gpt2_files(tmp, recorded.get("name") or f"hf:{path.name}", pattern)
     tokenizer.source = ("hf-json", str(path.resolve()))  # re-loaded from here, not the temporary copy
+    tokenizer.chat_template = hub_chat_template(path)
     return tokenizer
+
+
+def hub_chat_template(path: Path):
+    """The model's own chat template (model/chat_template.py) from `chat_template.jinja` or
+    tokenizer_config.json's `chat_template` (a string, or named templates: the "default" one),
+    with the special-token strings it is rendered with; None when there is none, or when it is
+    relaygpt's own (an export of ours renders with model/chat.py, as before)."""
+    from model.chat_template import TEMPLATE_TOKENS, ChatTemplate, token_text
+
+    where = path / "tokenizer_config.json"
+    try:
+        config = json.loads(where.read_text(encoding="utf-8")) if where.is_file() else {}
+        jinja = path / "chat_template.jinja"
+        source = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise RelayError(f"{where}: not readable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise RelayError(f"{where}: expected a JSON object")
+    if source is None:
+        source = config.get("chat_template")
+        if isinstance(source, list):
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+    if source is None or source == CHAT_TEMPLATE:
+        return None
+    if not isinstance(source, str):
+        raise RelayError(f"{where}: chat_template must be Jinja text (or a list of named templates with a 'default'), "
+                         f"got {type(source).__name__}")
+    tokens = {key: token_text(config.get(key)) for key in TEMPLATE_TOKENS}
+    return ChatTemplate(source, {k: v for k, v in tokens.items() if v is not None}, f"{where}: chat_template")

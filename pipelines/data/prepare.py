@@ -196,8 +196,9 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *,
             _check_one_window(job, out["pretrain"]["splits"]["train"]["tokens"])
         if "sft" in stages and job.data.sft is not None:
             seq_len = sft_seq_len(job)
+            template = {"chat_template": tokenizer.chat_template_sha256} if tokenizer.chat_template is not None else {}
             fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len)
+                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len, **template)
             out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
     hashes.save()
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.chat import render_chat
+from model.chat import chat_stop_ids, render_chat
 from model.errors import RelayError
 from model.generate import SamplingParams, generate
 from model.tokenizer import Tokenizer
@@ -83,7 +83,7 @@ def _row_ids(row: dict, tokenizer: Tokenizer, chat: bool, where: str) -> list[in
 def complete_rows(model, tokenizer: Tokenizer, rows: list[dict], params: SamplingParams, *, chat: bool, batch_size: int, where: str = "") -> list[dict]:
     """Generate for `rows` (batched, sorted by length to limit padding); results in input order."""
     if chat:
-        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, tokenizer.end_of_turn_id, tokenizer.eot_id)})
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, *chat_stop_ids(tokenizer))})
     elif not params.stop_token_ids:
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": (tokenizer.eot_id,)})
     prompts = [prompt_ids(row, tokenizer, chat, f"{where}:{row.get('_line', i + 1)}", model.config.block_size)
