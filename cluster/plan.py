@@ -22,7 +22,10 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
 
     order = ["data"] + [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
     rerun = set(order[order.index(from_stage):]) if from_stage in order else set()
-    problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir) + _deepspeed_extra(job)
+    from pipelines.train.tracking import missing_packages
+
+    problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir) + _deepspeed_extra(job) \
+        + missing_packages(job.tracking)
     run = None
     if not problems:
         try:

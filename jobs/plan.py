@@ -14,6 +14,7 @@ from jobs.spec import ModelSpec
 from model.errors import RelayError
 from pipelines.rundir import RunDir
 from pipelines.train.plan import RunPlan, plan_training
+from pipelines.train.tracking import resolve_tracking
 
 
 def device_of(job) -> str:
@@ -48,7 +49,8 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
                                        data_dir=run_dir.data(name), init_model=init, seed=job.seed, memory_budget=budget,
                                        separate_documents=_separate_documents(job, name))
     return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
-                   device=device, training=training, job=job.resolved_dict())
+                   device=device, training=training, job=job.resolved_dict(),
+                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root))
 
 
 def _separate_documents(job, name: str) -> bool:

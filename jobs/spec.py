@@ -26,6 +26,7 @@ from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
 from pipelines.train.plan import data_parallel_size
 from pipelines.train.settings import TrainStageSpec
+from pipelines.train.tracking import TrackingSpec
 from pipelines.yaml_file import parse_bounded, read_yaml
 
 
@@ -124,6 +125,7 @@ class JobSpec(Strict):
     data: DataSpec
     stages: StagesSpec = StagesSpec()
     cluster: ClusterSpec = ClusterSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
     @classmethod
