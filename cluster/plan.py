@@ -130,8 +130,16 @@ def _eval_inputs(job, run_dir) -> list[str]:
 
     from pipelines.eval.task import load_task
 
+    from cluster.driver import eval_task_path
+
     problems = []
     for i, task in enumerate(job.stages.eval.tasks):
+        if task.startswith("harness:"):  # lm_eval installed, a local task file present
+            try:
+                load_task(eval_task_path(job, task), job=job, limit=1)
+            except RelayError as exc:
+                problems.append(f"stages.eval.tasks[{i}]: {exc}")
+            continue
         if task != "synthetic" and not (TASK_DIR / f"{task}.yaml").exists() and not job.path(task).exists():
             shipped = ", ".join(["synthetic", *sorted(p.stem for p in TASK_DIR.glob("*.yaml"))])
             problems.append(f"stages.eval.tasks[{i}]: {task!r} is neither a task file nor a shipped task ({shipped})")

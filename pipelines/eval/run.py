@@ -54,6 +54,15 @@ def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out
         metrics[model], used[model] = {}, {}
         preferred = (styles or {}).get(model) or model_style(model_dir)
         for task in tasks:
+            if task.metric == "harness":  # lm-evaluation-harness's own prompts and metrics, on the pool
+                from pipelines.eval.harness import run_harness_task
+
+                for metric, value in run_harness_task(task.name, model_dir, generate, limit=task.limit, seed=seed).items():
+                    metrics[model][f"{task.name}/{metric}"] = value
+                    used[model][f"{task.name}/{metric}"] = "harness"
+                    if show:
+                        show(f"[eval] {model}: {task.name} {metric} {value:.3f} (lm-evaluation-harness)")
+                continue
             if task.metric in ("bpb", "loglikelihood"):
                 used[model][task.name] = "likelihood"
             if task.metric == "loglikelihood":

@@ -53,8 +53,10 @@ class GenerationWorker:
     def generate_rows(self, rows: list[dict]) -> list[dict]:
         """Completions; or, for rows of {"context", "continuations"} (multiple choice), the
         log-likelihood of every continuation; or, for rows of {"score_text"}, its nats and bytes."""
-        from pipelines.generation.rows import complete_rows, score_rows, score_texts
+        from pipelines.generation.rows import complete_rows, score_rolling, score_rows, score_texts
 
+        if rows and "rolling_text" in rows[0]:  # lm-evaluation-harness's loglikelihood_rolling
+            return score_rolling(self.model, self.tokenizer, rows, batch_size=self.batch_size)
         if rows and "continuations" in rows[0]:
             return score_rows(self.model, self.tokenizer, rows, batch_size=self.batch_size)
         if rows and "score_text" in rows[0]:
