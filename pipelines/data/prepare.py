@@ -232,5 +232,13 @@ def validation_warning(stage: str, train_tokens: int, val_tokens: int) -> str | 
 
 
 def sft_seq_len(job) -> int:
-    """Length of a packed SFT row: data.sft.seq_len, default the model's context."""
-    return job.data.sft.seq_len or job.model.block_size
+    """Length of a packed SFT row: data.sft.seq_len, default the context of the model the SFT
+    stage trains (its `init` model directory's, when it names one)."""
+    if job.data.sft.seq_len:
+        return job.data.sft.seq_len
+    stage = job.stages.sft
+    if stage is not None and stage.init:
+        from model.export import read_model_config
+
+        return read_model_config(job.path(stage.init)).block_size
+    return job.model.block_size
