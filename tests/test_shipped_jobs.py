@@ -103,6 +103,9 @@ def test_the_llama_example_plans_from_a_config_json_alone(tmp_path, llama3_style
     assert (model.n_layer, model.n_head, model.kv_heads, model.n_embd, model.block_size) == (16, 32, 8, 2048, 131072)
     assert model.rope_scaling["rope_type"] == "llama3" and model.tie_embeddings and plan.zero_stage == 3
     assert 1.2e9 < model.num_params() < 1.3e9
+    problems = check(load_job(job, sets + ["data.sft.seq_len=262144"]), RunDir(tmp_path / "long"))[1]
+    assert problems == [f"data.sft.seq_len: 262144 exceeds the block_size 131072 of the model stages.sft.init ({tmp_path}/"
+                        "Llama-3.2-1B-Instruct) trains"], problems
     assert cli.main(["plan", str(job), *[a for o in sets for a in ("--set", o)], "--out", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "sft" in out and "2048" in out, out
