@@ -115,7 +115,19 @@ def score_preferences(s: Scoring) -> Scores:
                   f"[eval] {s.model}: {task.name} preference accuracy {value:.3f} ({len(task.examples)} pairs)", predictions)
 
 
+def score_harness(s: Scoring) -> Scores:
+    """An lm-evaluation-harness task: the harness's own prompts and metrics, answered by the pool
+    (pipelines/eval/harness.py); every number it reports, keyed `<task>/<metric>`."""
+    from pipelines.eval.harness import run_harness_task
+
+    values = run_harness_task(s.task.name, s.model_dir, s.generate, limit=s.task.limit, seed=s.seed)
+    metrics = {f"{s.task.name}/{metric}": value for metric, value in values.items()}
+    shown = ", ".join(f"{metric} {value:.3f}" for metric, value in values.items())
+    return Scores(metrics, {name: "harness" for name in metrics}, f"[eval] {s.model}: {s.task.name} {shown} (lm-evaluation-harness)")
+
+
 SCORERS: dict[str, Callable[[Scoring], Scores]] = {
+    "harness": score_harness,
     "preference_accuracy": score_preferences,
     "exact_match": score_generations,
     "numeric": score_generations,

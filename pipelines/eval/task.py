@@ -56,6 +56,7 @@ class Task:
     examples: list[dict] = field(default_factory=list)  # {"input", "target"} (+ "messages" for chat)
     fewshot: list[dict] = field(default_factory=list)   # loglikelihood: + "context", "continuations", "label"
     format: str = ""
+    limit: int | None = None  # harness tasks (metric "harness"): examples the harness evaluates
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -153,6 +154,9 @@ def _source_label(source: dict, base: Path) -> str:
 def task_files(name_or_file: str) -> list[Path]:
     """The files of the user's that a task reads: its YAML file (a shipped one is part of
     relaygpt) and the local data file its `source` names; none for `synthetic` or hub data."""
+    if name_or_file.startswith("harness:"):  # a local harness task file is read by the harness
+        local = Path(name_or_file[len("harness:"):])
+        return [local] if local.suffix in (".yaml", ".yml") and local.is_file() else []
     if name_or_file == "synthetic" or not Path(name_or_file).suffix:
         return []
     path = Path(name_or_file)
@@ -173,6 +177,12 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     """A shipped task by name, a task YAML file, or `synthetic` (needs the job)."""
     if name_or_file == "synthetic":
         return _synthetic_task(job, limit)
+    from pipelines.eval.harness import check_harness, harness_target, is_harness_task
+
+    if is_harness_task(name_or_file):  # lm-evaluation-harness runs it (pipelines/eval/harness.py)
+        check_harness(name_or_file)
+        harness_target(name_or_file)
+        return Task(name=name_or_file, metric="harness", style="likelihood", limit=limit)
     path = Path(name_or_file)
     if not path.suffix:
         path = TASK_DIR / f"{name_or_file}.yaml"
@@ -314,8 +324,9 @@ def choice_row(task: Task, example: dict) -> dict:
 
 def choice_scores(example: dict, loglikelihoods: list[float]) -> dict:
     """acc and acc_norm of one example (the harness's: the highest log-likelihood, and the
-    highest log-likelihood per character of the continuation)."""
-    per_char = [ll / max(1, len(c)) for ll, c in zip(loglikelihoods, example["continuations"])]
+    highest log-likelihood per character of the choice; the space that joins it to the context,
+    the harness's target delimiter, is not counted, as the harness does not count it)."""
+    per_char = [ll / max(1, len(c) - c.startswith(" ")) for ll, c in zip(loglikelihoods, example["continuations"])]
     pick = max(range(len(loglikelihoods)), key=lambda i: loglikelihoods[i])
     pick_norm = max(range(len(per_char)), key=lambda i: per_char[i])
     return {"prediction": pick, "prediction_norm": pick_norm,

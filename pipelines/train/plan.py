@@ -317,6 +317,7 @@ class RunPlan:
     device: str
     training: dict[str, TrainPlan]
     job: dict[str, Any]
+    tracking: Any = None        # pipelines/train/tracking.py TrackingPlan: MLflow / W&B beside TensorBoard, or None
 
     def stage(self, name: str) -> TrainPlan:
         return self.training[name]
