@@ -130,7 +130,7 @@ def _eval_inputs(job, run_dir) -> list[str]:
 
     from pipelines.eval.task import load_task
 
-    from jobs.fingerprints import eval_task_path
+    from cluster.driver import eval_task_path
 
     problems = []
     for i, task in enumerate(job.stages.eval.tasks):

@@ -32,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import GPTConfig
-from model.partition import layer_of  # noqa: F401 (where a GPT parameter lives among the pipeline layers)
 from model.gpt import Block, document_positions, documents_apart_mask, init_weights, lm_loss, make_norm, rope_tables
 
 EMBED_KEY = "embed"
@@ -291,6 +290,17 @@ def gpt_key(config: GPTConfig, pipe_key: str) -> str:
     if layer == config.n_layer + 2:
         return f"transformer.{rest}"
     return rest  # lm_head.weight
+
+
+def layer_of(config: GPTConfig, gpt_name: str) -> int:
+    """The pipeline layer that holds a GPT parameter (the inverse of `gpt_key`)."""
+    if gpt_name.startswith("transformer.h."):
+        return 2 + int(gpt_name.split(".")[2])
+    for prefix, layer in (("transformer.wte.", 0), ("transformer.wpe.", 1), ("transformer.ln_f.", config.n_layer + 2),
+                          ("lm_head.", config.n_layer + 3)):
+        if gpt_name.startswith(prefix):
+            return layer
+    raise KeyError(f"not a GPT parameter name: {gpt_name}")
 
 
 def load_gpt_state(pipe: nn.Module, config: GPTConfig, gpt_state: dict[str, torch.Tensor]) -> None:

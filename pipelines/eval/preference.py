@@ -21,18 +21,19 @@ from __future__ import annotations
 from model.chat import ROLES, render_chat
 from model.errors import RelayError
 from model.tokenizer import Tokenizer
+from pipelines.eval.task import Task
 
 METRIC = "preference_accuracy"
 SIDES = ("chosen", "rejected")
 
 
-def preference_pairs(spec: dict, rows: list, where: str, data: str, limit: int | None) -> list[dict]:
-    """The examples of a preference file: every row checked (`data` names the rows' file in
-    errors), the first `limit` kept."""
+def preference_task(spec: dict, rows: list, where: str, data: str, stem: str, limit: int | None) -> Task:
+    """The Task of a preference file: every row checked (`data` names the rows' file in errors)."""
     examples = [_pair(row, f"{data}: row {i + 1}") for i, row in enumerate(rows)]
-    if not examples:
+    task = Task(name=spec.get("name", stem), metric=METRIC, style="chat", examples=examples[:limit] if limit else examples)
+    if not task.examples:
         raise RelayError(f"{where}: no preference pairs to evaluate in {data}")
-    return examples[:limit] if limit else examples
+    return task
 
 
 def _pair(row, where: str) -> dict:

@@ -39,7 +39,6 @@ from pathlib import Path
 
 from model.errors import RelayError
 from pipelines.yaml_file import read_yaml
-from pipelines.eval.answers import apply_stops, extract_number, normalize, score  # noqa: F401 (the task API)
 
 TASK_DIR = Path(__file__).with_name("tasks")
 METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood", "preference_accuracy")
@@ -58,6 +57,47 @@ class Task:
     fewshot: list[dict] = field(default_factory=list)   # loglikelihood: + "context", "continuations", "label"
     format: str = ""
     limit: int | None = None  # harness tasks (metric "harness"): examples the harness evaluates
+
+
+# ---- answers ------------------------------------------------------------------------------
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed (SQuAD-style)."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_number(text: str) -> str | None:
+    """GSM8K's convention: the number after '####', else the last number in the text."""
+    if "####" in text:
+        text = text.split("####")[-1]
+        found = _NUMBER.findall(text)
+        return _canonical_number(found[0]) if found else None
+    found = _NUMBER.findall(text)
+    return _canonical_number(found[-1]) if found else None
+
+
+def _canonical_number(raw: str) -> str:
+    value = raw.replace(",", "").rstrip(".")
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return str(int(number)) if number.is_integer() else str(number)
+
+
+def score(metric: str, prediction: str, target: str) -> bool:
+    if metric == "numeric":
+        return extract_number(prediction) is not None and extract_number(prediction) == extract_number(target)
+    if metric == "multiple_choice":
+        # BBH targets are short: "(B)", "True", "42". The answer is the first line's leading token(s).
+        first = prediction.strip().split("\n")[0]
+        return normalize(first).startswith(normalize(target)) and normalize(target) != ""
+    return normalize(prediction) == normalize(target)
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -167,10 +207,9 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     if metric == "loglikelihood":
         return _choice_task(spec, rows, where, path.stem, limit)
     if metric == "preference_accuracy":  # pairs scored by log-probability (pipelines/eval/preference.py)
-        from pipelines.eval.preference import METRIC, preference_pairs
+        from pipelines.eval.preference import preference_task
 
-        examples = preference_pairs(spec, rows, where, _source_label(source, path.parent), limit)
-        return Task(name=spec.get("name", path.stem), metric=METRIC, style="chat", examples=examples)
+        return preference_task(spec, rows, where, _source_label(source, path.parent), path.stem, limit)
     input_field, target_field = spec.get("input_field", "input"), spec.get("target_field", "target")
     examples = []
     for i, row in enumerate(rows):
@@ -321,6 +360,15 @@ def render_prompt(task: Task, example: dict, style: str | None = None, system: s
     shots = "".join(task.prompt.format(input=s["input"]) + " " + s["target"] + "\n\n" for s in task.fewshot)
     return {"prompt": shots + task.prompt.format(input=example["input"])}
 
+
+
+def apply_stops(text: str, stops: list[str]) -> str:
+    cut = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
 
 
 def summarise(task: Task, scored: list[bool]) -> float:

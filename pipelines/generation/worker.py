@@ -29,7 +29,7 @@ def pick_device(requested: str = "auto", *, cuda_available: bool | None = None, 
     return "cuda", torch.bfloat16 if bf16 else torch.float32
 
 
-WORK = ("complete", "score_choices", "score_texts", "score_rolling")
+WORK = ("complete", "score_choices", "score_texts")
 
 
 class GenerationWorker:
