@@ -146,15 +146,15 @@ class JobSpec(Strict):
             if pp > 1 and ds.zero_stage > 1:
                 problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} cannot be combined with pipeline_stages {pp}; "
                                 "DeepSpeed's pipeline engine supports ZeRO 0 and 1")
-            if stage.lora is not None and pp > 1:
-                problems.append(f"{where}.lora: adapters are not implemented with pipeline_stages {pp} yet "
-                                "(the pipeline's layers are built apart from the GPT); use pipeline_stages 1")
             if pp > n_layer:
                 problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
-            if workers % pp:
-                problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})")
+            tp = ds.tensor_parallel
+            problems += _tensor_parallel_problems(where, stage, self.model.config(vocab_size=256))
+            if workers % (pp * tp):
+                problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})"
+                                + (f" x tensor_parallel ({tp}) = {pp * tp}" if tp > 1 else ""))
             elif stage.global_batch is not None:
-                dp = data_parallel_size(workers, pp)
+                dp = data_parallel_size(workers, pp, tp)
                 if stage.global_batch != stage.micro_batch * stage.grad_accum * dp:
                     problems.append(f"{where}.global_batch: {stage.global_batch} != micro_batch {stage.micro_batch} x grad_accum "
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
@@ -163,8 +163,8 @@ class JobSpec(Strict):
             if name == "sft" and stage.seq_len is not None:
                 problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
-            if not workers % pp:
-                problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp))
+            if not workers % (pp * tp):
+                problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp, tp))
             checkpointing = stage.deepspeed.extra.get("checkpoint")
             if isinstance(checkpointing, dict) and checkpointing.get("load_universal"):
                 problems.append(f"{where}.deepspeed.extra.checkpoint.load_universal: DeepSpeed reads universal checkpoints "
@@ -232,6 +232,29 @@ def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int)
 
 
 _ABSENT = object()
+
+
+def _tensor_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[str]:
+    """What tensor parallelism cannot be combined with (yet), and a model it cannot split; one line
+    each. (The vocabulary is checked by the plan, once the tokenizer's size is known.)"""
+    from model.tensor_parallel import tensor_parallel_problems
+
+    ds, tp = stage.deepspeed, stage.deepspeed.tensor_parallel
+    if tp == 1:
+        return []
+    field = f"{where}.deepspeed.tensor_parallel"
+    problems = [f"{field}: {line}" for line in tensor_parallel_problems(model, tp) if not line.startswith("padded_vocab_size")]
+    if ds.zero_stage > 1:
+        problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} is not supported with tensor_parallel {tp} "
+                        "(only ZeRO 0 and 1 are verified to shard over the data-parallel ranks alone); use zero_stage 0 or 1")
+    if stage.lora is not None:
+        problems.append(f"{where}.lora: adapters are not implemented with tensor_parallel {tp}; use tensor_parallel 1")
+    if stage.compile not in ("auto", "off"):
+        problems.append(f"{where}.compile: {stage.compile!r} is not supported with tensor_parallel {tp} (its all-reduces run "
+                        "eagerly); use off or auto (which runs eagerly with tensor parallelism)")
+    if ds.offload_optimizer:
+        problems.append(f"{where}.deepspeed.offload_optimizer: not verified with tensor_parallel {tp}; use one of the two")
+    return problems
 
 
 def _settings_that_would_do_nothing(where: str, stage: TrainStageSpec, cluster: ClusterSpec) -> list[str]:

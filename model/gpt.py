@@ -192,7 +192,7 @@ class CausalSelfAttention(nn.Module):
                 is_causal=is_causal,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh * hs): C, or its slice under tensor parallelism
         return self.resid_dropout(self.c_proj(y))
 
 

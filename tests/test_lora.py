@@ -159,19 +159,22 @@ def test_bad_lora_settings_are_one_line_naming_the_field(tmp_path, lora, message
     assert message in str(error.value) and "\n" not in str(error.value).strip(), str(error.value)
 
 
-def test_a_pipeline_is_refused_by_plan_with_exit_2(tmp_path):
-    deepspeed, reason = {"zero_stage": 1, "pipeline_stages": 2}, "stages.sft.lora: adapters are not implemented with pipeline_stages 2"
-    from train_helpers import BASE_JOB
+def test_a_pipeline_stage_without_a_block_is_refused_by_the_plan():
+    """A uniform cut of 8 pipeline layers over 4 stages leaves stage 0 the embeddings alone: nothing
+    to adapt. (`relaygpt plan` lists a plan's ConfigError as a problem and exits 2.)"""
+    from model.errors import ConfigError
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
 
-    job = json.loads(json.dumps(BASE_JOB))
-    job["cluster"] = {"num_workers": 2}
-    job["stages"]["sft"].update(lora={"rank": 4}, deepspeed=deepspeed)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(path)], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=60)
-    assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    def plan(method):
+        settings = TrainStageSpec(steps=4, lora={"rank": 4}, deepspeed={"zero_stage": 1, "pipeline_stages": 4, "partition_method": method})
+        return plan_training("sft", settings, tiny(n_layer=4, n_head=4, n_embd=32, block_size=16), world_size=4, seq_len=16,
+                             device="cpu", data_dir=Path("."), init_model=None, seed=0)
+
+    assert plan("type:BlockPipe").stage_layers == (0, 3, 4, 5, 8)
+    with pytest.raises(ConfigError) as error:
+        plan("uniform")
+    assert str(error.value).startswith("stages.sft.lora: pipeline stage 0 (layers 0..1) holds no transformer block"), str(error.value)
 
 
 def test_the_planner_counts_adapter_gradients_and_optimizer_state_only():
@@ -225,20 +228,25 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
     job_path, template, root = engine_job
     common = ["cluster.num_workers=2", f"stages.sft.init={init_dir}", "stages.sft.lora.rank=4", "stages.sft.lora.alpha=8",
               "stages.sft.optimizer.lr=0.01", "stages.sft.optimizer.warmup_steps=0", "stages.sft.steps=4", "stages.sft.eval_every=100"]
-    run, run_2, resumed = (prepared_run(job_path, template, root / f"lora-z{zero}") for zero in (0, 2, 3))
+    run, run_2, resumed, piped = (prepared_run(job_path, template, root / f"lora-{name}") for name in ("z0", "z2", "z3", "pp2"))
     zero_3 = common + ["stages.sft.deepspeed.zero_stage=3", "stages.sft.checkpoint_every=2"]
-    z0, z2, first, rest = run_distributed(train_layouts, 2, str(job_path), [
+    pp_2 = common + ["stages.sft.deepspeed.zero_stage=1", "stages.sft.deepspeed.pipeline_stages=2", "stages.sft.checkpoint_every=2",
+                     "stages.sft.grad_accum=2"]  # data-parallel 1: the same 8 rows a step
+    # The pipeline runs first: its start-up would meet the collectives ZeRO-3 leaves behind in these processes.
+    pp_first, pp_rest, z0, z2, first, rest = run_distributed(train_layouts, 2, str(job_path), [
+        (pp_2, str(piped), 2), (pp_2, str(piped), None),
         (common + ["stages.sft.deepspeed.zero_stage=0", "stages.sft.save_checkpoints=false"], str(run), None),
         (common + ["stages.sft.deepspeed.zero_stage=2", "stages.sft.save_checkpoints=false"], str(run_2), None),
         (zero_3, str(resumed), 2), (zero_3, str(resumed), None)], "sft")[0]
     assert sorted(z0["losses"]) == [1, 2, 3, 4] and z0["losses"][4] < z0["losses"][1]
-    z3 = {**first["losses"], **rest["losses"]}
-    assert sorted(first["losses"]) == [1, 2] and sorted(rest["losses"]) == [3, 4]
+    z3, pp = {**first["losses"], **rest["losses"]}, {**pp_first["losses"], **pp_rest["losses"]}
+    assert sorted(first["losses"]) == [1, 2] and sorted(rest["losses"]) == [3, 4] and sorted(pp_rest["losses"]) == [3, 4]
     for step, loss in z0["losses"].items():
-        assert abs(loss - z2["losses"][step]) < 1e-5 and abs(loss - z3[step]) < 1e-5, (step, loss, z2["losses"][step], z3[step])
+        others = (z2["losses"][step], z3[step], pp[step])
+        assert all(abs(loss - other) < 1e-5 for other in others), (step, loss, others)
     config = preset("tiny", 97, **ENGINE_MODEL)
     expected = lora_param_count(config, 4, list(TARGETS))
-    for result in (z0, z2, rest):
+    for result in (z0, z2, rest, pp_rest):
         assert result["result"]["trainable_params"] == expected  # the optimizer's parameters
     states = next((resumed / "sft" / "checkpoints").glob("step_*/*model_states.pt"))
     module = checkpoint_file(states)["module"]  # as a resume reads it: weights only
@@ -248,6 +256,9 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
     assert set(module) <= {f"{n}.lora_{x}" for n in adapted_names(config.n_layer, TARGETS) for x in "AB"} | {"lm_head.weight"}
     assert all(t.numel() <= 1 for n, t in module.items() if "lora_" not in n), {n: t.shape for n, t in module.items()}
 
+    layers = {path.name: checkpoint_file(path) for path in (piped / "sft" / "checkpoints").glob("step_*/layer_*-model_states.pt")}
+    assert len(layers) == 2 * (config.n_layer + 3)  # two checkpoints (steps 2 and 4), every layer but the tied head
+    assert all(key.split(".")[-1] in ("lora_A", "lora_B") for state in layers.values() for key in state), layers  # no base weight
     base = load_file(str(init_dir / "model.safetensors"))
     adapter = load_file(str(run / "sft" / "adapter" / "adapter_model.safetensors"))
     adapter_config = json.loads((run / "sft" / "adapter" / "adapter_config.json").read_text())
@@ -262,6 +273,6 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
             torch.testing.assert_close(exported[name], tensor + b @ a * 2, atol=1e-6, rtol=0)
         else:
             assert torch.equal(exported[name], tensor), name  # frozen
-    for other in (run_2, resumed):
+    for other in (run_2, resumed, piped):
         torch.testing.assert_close(weights(other, "sft"), exported, atol=1e-5, rtol=0)
-        assert (other / "sft" / "adapter" / "adapter_model.safetensors").read_bytes() != b""
+        torch.testing.assert_close(load_file(str(other / "sft" / "adapter" / "adapter_model.safetensors")), adapter, atol=1e-5, rtol=0)
