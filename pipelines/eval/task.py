@@ -161,10 +161,11 @@ def task_files(name_or_file: str) -> list[Path]:
     return files
 
 
-def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_file: str | None = None) -> Task:
-    """A shipped task by name, a task YAML file, or `synthetic` (needs the job)."""
+def load_task(name_or_file: str, *, synthetic=None, limit: int | None = None, data_file: str | None = None) -> Task:
+    """A shipped task by name, a task YAML file, or `synthetic` (needs the job's data.synthetic
+    settings, `synthetic`)."""
     if name_or_file == "synthetic":
-        return _synthetic_task(job, limit)
+        return _synthetic_task(synthetic, limit)
     path = Path(name_or_file)
     if not path.suffix:
         path = TASK_DIR / f"{name_or_file}.yaml"
@@ -310,12 +311,11 @@ def choice_scores(example: dict, loglikelihoods: list[float]) -> dict:
             "acc": float(pick == example["label"]), "acc_norm": float(pick_norm == example["label"])}
 
 
-def _synthetic_task(job, limit: int | None) -> Task:
+def _synthetic_task(s, limit: int | None) -> Task:
     from pipelines.data import synthetic
 
-    if job is None:
+    if s is None:
         raise RelayError("task 'synthetic' needs a job file (it is the job's held-out synthetic questions)")
-    s = job.data.synthetic
     world = synthetic.build_world(s.seed, s.num_people, s.held_out_fraction)
     examples = [{"input": e["messages"][-1]["content"], "messages": e["messages"], "target": e["answer"]} for e in synthetic.eval_examples(world)]
     return Task(name="synthetic", metric="exact_match", style="chat", max_new_tokens=16, examples=examples[:limit] if limit else examples)

@@ -317,6 +317,7 @@ class RunPlan:
     device: str
     training: dict[str, TrainPlan]
     job: dict[str, Any]
+    eval: Any = None  # the eval stage's EvalPlan (pipelines/eval/settings.py), None without one
 
     def stage(self, name: str) -> TrainPlan:
         return self.training[name]
