@@ -44,6 +44,9 @@ def eval_task_path(job, task: str) -> str:
 
     if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists():
         return task
+    if task.startswith("harness:"):  # a harness registry name as written, a local harness task file from the job's folder
+        rest = task[len("harness:"):]
+        return task if not rest.endswith((".yaml", ".yml")) else "harness:" + str(job.path(rest))
     return str(job.path(task))
 
 

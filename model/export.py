@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from model.atomic import atomic_dir
-from model.chat import TEMPLATE_INFO
+from model.chat import chat_info
 from model.config import GPTConfig
 from model.errors import RelayError
 from model.gpt import GPT
@@ -63,7 +63,7 @@ def write_model_dir(config: GPTConfig, tokenizer: Tokenizer, out: str | Path, sp
         "version": 1,
         "model": config.to_dict(),
         "tokenizer": {**tokenizer.identity, "path": "tokenizer"},
-        "chat_template": TEMPLATE_INFO,
+        "chat_template": chat_info(tokenizer),
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})},
     }
     with atomic_dir(out, durable=True, kind="model") as tmp:

@@ -23,16 +23,8 @@ import torch
 
 from model.config import GPTConfig
 from model.errors import RelayError
+from model.chat_template import CHAT_TEMPLATE
 from model.tokenizer import EOT, Tokenizer
-
-# model/chat.py's template as Jinja: a role token, one space, the content, <|end|>.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|> ' + message['content'] + '<|end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
 
 def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
     """{file name: text} of the tokenizer of an export: vocab.json, merges.txt, tokenizer.json,
@@ -63,9 +55,11 @@ def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
         "bos_token": EOT, "eos_token": "<|end|>" if chat else EOT, "unk_token": None, "pad_token": EOT,
         "add_bos_token": False, "add_eos_token": False,
     }
-    if chat:
+    if tokenizer.chat_template is not None:  # the imported model's own template and its tokens
+        config.update(tokenizer.chat_template.tokens, chat_template=tokenizer.chat_template.source)
+    elif chat:
         config["chat_template"] = CHAT_TEMPLATE
-    specials = {"bos_token": EOT, "eos_token": config["eos_token"], "pad_token": EOT,
+    specials = {"bos_token": config["bos_token"], "eos_token": config["eos_token"], "pad_token": config["pad_token"],
                 "additional_special_tokens": sorted(t for t in tokenizer.special_tokens if t != EOT)}
     return {
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
@@ -108,7 +102,7 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": tokenizer.eot_id,
-        "eos_token_id": tokenizer.special_tokens.get("<|end|>", tokenizer.eot_id),
+        "eos_token_id": _eos_ids(tokenizer),
         "torch_dtype": "float32",
         "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
     }
@@ -119,6 +113,15 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     if config.rope_scaling:
         out["rope_scaling"] = dict(config.rope_scaling)
     return out
+
+
+def _eos_ids(tokenizer: Tokenizer):
+    """config.json's eos_token_id: the ends of an assistant turn under the model's own chat
+    template (a list where there are several), else relaygpt's <|end|>."""
+    if tokenizer.chat_template is not None:
+        stops = list(tokenizer.chat_template.stop_ids(tokenizer)) or [tokenizer.eot_id]
+        return stops[0] if len(stops) == 1 else stops
+    return tokenizer.special_tokens.get("<|end|>", tokenizer.eot_id)
 
 
 def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:

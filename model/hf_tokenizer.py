@@ -56,3 +56,33 @@ def _split_pattern(data: dict, spec: Path) -> str | None:
         raise RelayError(f"{spec}: pre_tokenizer {split.get('type')} must be a Split by a Regex, behavior Isolated, not inverted, "
                          "followed by ByteLevel with use_regex false")
     return regex
+
+
+def hub_chat_template(path: Path):
+    """The model's own chat template (model/chat_template.py) from `chat_template.jinja` or
+    tokenizer_config.json's `chat_template` (a string, or named templates: the "default" one),
+    with the special-token strings it is rendered with; None when there is none, or when it is
+    relaygpt's own (an export of ours renders with model/chat.py, as before)."""
+    from model.chat_template import CHAT_TEMPLATE, TEMPLATE_TOKENS, ChatTemplate, token_text
+
+    where = path / "tokenizer_config.json"
+    try:
+        config = json.loads(where.read_text(encoding="utf-8")) if where.is_file() else {}
+        jinja = path / "chat_template.jinja"
+        source = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise RelayError(f"{where}: not readable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise RelayError(f"{where}: expected a JSON object")
+    if source is None:
+        source = config.get("chat_template")
+        if isinstance(source, list):
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+    if source is None or source == CHAT_TEMPLATE:
+        return None
+    if not isinstance(source, str):
+        raise RelayError(f"{where}: chat_template must be Jinja text (or a list of named templates with a 'default'), "
+                         f"got {type(source).__name__}")
+    tokens = {key: token_text(config.get(key)) for key in TEMPLATE_TOKENS}
+    return ChatTemplate(source, {k: v for k, v in tokens.items() if v is not None}, f"{where}: chat_template")

@@ -93,6 +93,9 @@ class Tokenizer:
         self.eot_id = specials[EOT]
         self.system_id, self.user_id = specials[SYSTEM], specials[USER]
         self.assistant_id, self.end_of_turn_id = specials[ASSISTANT], specials[END_OF_TURN]
+        # A published model's own Jinja chat template (model/chat_template.py), used instead of
+        # relaygpt's role tokens when set; None for relaygpt's template.
+        self.chat_template = None
 
     # ---- construction ------------------------------------------------------------------
 
@@ -142,7 +145,12 @@ class Tokenizer:
         if not isinstance(meta, dict) or not all(isinstance(meta.get(k), str) for k in ("name", "pat_str")):
             raise RelayError(f"{meta_path}: expected a JSON object with the tokenizer's name and pat_str")
         ranks, digest = load_rank_file(path / RANK_FILE, meta.get("sha256"))
-        return cls(meta["name"], ranks, meta["pat_str"], meta.get("special_tokens", {}), digest, ("dir", str(path.resolve())))
+        tok = cls(meta["name"], ranks, meta["pat_str"], meta.get("special_tokens", {}), digest, ("dir", str(path.resolve())))
+        if meta.get("chat_template") is not None:
+            from model.chat_template import ChatTemplate
+
+            tok.chat_template = ChatTemplate.from_dict(meta["chat_template"], f"{meta_path}: chat_template")
+        return tok
 
     @classmethod
     def from_gpt2_files(cls, path: str | Path, name: str | None = None, pat_str: str | None = None) -> Tokenizer:
@@ -171,12 +179,14 @@ class Tokenizer:
         relaygpt export wrote."""
         import tempfile
 
-        from model.hf_tokenizer import read_tokenizer_json
+        from model.hf_tokenizer import hub_chat_template, read_tokenizer_json
 
         spec = path / "tokenizer.json"
         if not spec.exists():
             if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-                return cls.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+                tokenizer = cls.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+                tokenizer.chat_template = hub_chat_template(path)
+                return tokenizer
             raise RelayError(f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
         vocab, merges, pattern = read_tokenizer_json(spec, recorded.get("pat_str"))
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,6 +194,7 @@ class Tokenizer:
             (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
             tokenizer = cls.from_gpt2_files(tmp, recorded.get("name") or f"hf:{path.name}", pattern)
         tokenizer.source = ("hf-json", str(path.resolve()))  # re-loaded from here, not the temporary copy
+        tokenizer.chat_template = hub_chat_template(path)
         return tokenizer
 
     @classmethod
@@ -216,6 +227,8 @@ class Tokenizer:
         data = ranks_to_tiktoken_bytes(self.encoding._mergeable_ranks)
         (path / RANK_FILE).write_bytes(data)
         meta = {"name": self.name, "pat_str": self.pat_str, "sha256": sha256_bytes(data), "special_tokens": self.special_tokens}
+        if self.chat_template is not None:
+            meta["chat_template"] = self.chat_template.to_dict()
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if self.source[0] == "memory":
             self.source = ("dir", str(path.resolve()))
@@ -233,7 +246,13 @@ class Tokenizer:
         return (_restore, (self.source, self.sha256, self.name, self.pat_str))
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Tokenizer) and self.identity == other.identity and self.special_tokens == other.special_tokens
+        return isinstance(other, Tokenizer) and self.identity == other.identity and self.special_tokens == other.special_tokens \
+            and self.chat_template_sha256 == other.chat_template_sha256
+
+    @property
+    def chat_template_sha256(self) -> str | None:
+        """sha256 of the model's own chat template, None for relaygpt's."""
+        return None if self.chat_template is None else self.chat_template.sha256
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab}, sha256={self.sha256[:12]}…)"
@@ -297,7 +316,10 @@ def _restore(source: tuple[str, str], sha256: str, name: str, pat_str: str) -> T
     elif kind == "file":
         tok = Tokenizer.from_file(ref, sha256, pat_str=pat_str, name=name)
     elif kind == "hf":
+        from model.hf_tokenizer import hub_chat_template
+
         tok = Tokenizer.from_gpt2_files(ref, name, pat_str)
+        tok.chat_template = hub_chat_template(Path(ref))
     elif kind == "hf-json":
         tok = Tokenizer.from_hf_dir(Path(ref), {"name": name, "pat_str": pat_str})
     else:

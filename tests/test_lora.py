@@ -96,12 +96,17 @@ def test_a_is_the_same_for_the_same_seed():
     assert all(torch.equal(x, y.lora_A) for x, y in zip(a, adapters(two).values())) and not torch.equal(a[0], a[1])
 
 
-def _trained_adapter_weights(config, targets, rank=4):
-    model = GPT(config)
-    apply_lora(model, rank=rank, alpha=8, dropout=0.0, targets=targets)
+def _randomised_adapters(model, rank, targets):
+    """Adapters on `model` (alpha 2 rank) with a random B, as if trained."""
+    apply_lora(model, rank=rank, alpha=2 * rank, dropout=0.0, targets=targets)
     with torch.no_grad():
         for module in adapters(model).values():
             module.lora_B.normal_()
+    return model
+
+
+def _trained_adapter_weights(config, targets, rank=4):
+    model = _randomised_adapters(GPT(config), rank, targets)
     return model, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
@@ -132,6 +137,45 @@ def test_peft_layout_for_a_llama_base_cuts_fused_projections_exactly():
         parts = [tensors[f"{prefix}.{p}_proj.lora_B.weight"] @ tensors[f"{prefix}.{p}_proj.lora_A.weight"] * 2 for p in "qkv"]
         torch.testing.assert_close(torch.cat(parts), delta)
         assert tensors[f"{prefix}.k_proj.lora_B.weight"].shape == (config.kv_heads * config.head_dim, 4)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(shakespeare):
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.train([shakespeare[:20_000]], 300, name="shakespeare-300")
+
+
+@pytest.mark.parametrize("fields", [GPT2_SHAPED, LLAMA_SHAPED, {**LLAMA_SHAPED, "tie_embeddings": True}],
+                         ids=["gpt2-tied", "llama", "llama-tied"])
+def test_peft_loads_the_adapter_onto_the_hf_export_with_our_logits(tmp_path, small_tokenizer, fields):
+    """What a user does with <stage>/adapter/: `peft` puts it on the HF export of the base, and the
+    result computes what our adapted model computes (a tied head stays the embedding, untouched)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from model.export import export_hf
+    from model.lora import write_peft_adapter
+
+    vocab = small_tokenizer.n_vocab
+    config = preset("tiny", vocab, **fields)
+    torch.manual_seed(0)
+    ours = GPT(config).eval()
+    export_hf(ours, small_tokenizer, tmp_path / "base")
+    targets = list(TARGETS)
+    _randomised_adapters(ours, rank=4, targets=targets)
+    weights = {n: p.detach() for n, p in ours.named_parameters() if ".lora_" in n}
+    write_peft_adapter(tmp_path / "adapter", config, weights, rank=4, alpha=8, dropout=0.0, targets=targets)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.randint(0, vocab, (2, 12))
+    with torch.no_grad():
+        expected = ours(ids)[0][..., :vocab]
+        got = theirs(ids).logits
+        with theirs.disable_adapter():
+            without = theirs(ids).logits
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (without - expected).abs().max().item() > 1e-2  # the adapter is what makes them equal
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -236,7 +280,7 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
     pp_first, pp_rest, z0, z2, first, rest = run_distributed(train_layouts, 2, str(job_path), [
         (pp_2, str(piped), 2), (pp_2, str(piped), None),
         (common + ["stages.sft.deepspeed.zero_stage=0", "stages.sft.save_checkpoints=false"], str(run), None),
-        (common + ["stages.sft.deepspeed.zero_stage=2", "stages.sft.save_checkpoints=false"], str(run_2), None),
+        (common + ["stages.sft.deepspeed.zero_stage=2", "stages.sft.checkpoint_every=4"], str(run_2), None),
         (zero_3, str(resumed), 2), (zero_3, str(resumed), None)], "sft")[0]
     assert sorted(z0["losses"]) == [1, 2, 3, 4] and z0["losses"][4] < z0["losses"][1]
     z3, pp = {**first["losses"], **rest["losses"]}, {**pp_first["losses"], **pp_rest["losses"]}
@@ -248,15 +292,18 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
     expected = lora_param_count(config, 4, list(TARGETS))
     for result in (z0, z2, rest, pp_rest):
         assert result["result"]["trainable_params"] == expected  # the optimizer's parameters
+    lora_names = {f"{n}.lora_{x}" for n in adapted_names(config.n_layer, TARGETS) for x in "AB"}
+    states = next((run_2 / "sft" / "checkpoints").glob("step_*/*model_states.pt"))
+    assert set(checkpoint_file(states)["module"]) == lora_names  # ZeRO-2: the adapters whole; no tied head (the embedding)
     states = next((resumed / "sft" / "checkpoints").glob("step_*/*model_states.pt"))
     module = checkpoint_file(states)["module"]  # as a resume reads it: weights only
     # Under ZeRO-3 the module state holds placeholders, the values are in the optimizer's partitions:
-    # none for a base weight, except the tied head (DeepSpeed drops the frozen parameters that
-    # named_parameters() lists, where a tied head appears only as the embedding).
-    assert set(module) <= {f"{n}.lora_{x}" for n in adapted_names(config.n_layer, TARGETS) for x in "AB"} | {"lm_head.weight"}
+    # none for a base weight, the tied head included (an alias of the frozen embedding).
+    assert set(module) <= lora_names
     assert all(t.numel() <= 1 for n, t in module.items() if "lora_" not in n), {n: t.shape for n, t in module.items()}
 
-    layers = {path.name: checkpoint_file(path) for path in (piped / "sft" / "checkpoints").glob("step_*/layer_*-model_states.pt")}
+    layer_files = (piped / "sft" / "checkpoints").glob("step_*/layer_*-model_states.pt")
+    layers = {f"{path.parent.name}/{path.name}": checkpoint_file(path) for path in layer_files}
     assert len(layers) == 2 * (config.n_layer + 3)  # two checkpoints (steps 2 and 4), every layer but the tied head
     assert all(key.split(".")[-1] in ("lora_A", "lora_B") for state in layers.values() for key in state), layers  # no base weight
     base = load_file(str(init_dir / "model.safetensors"))

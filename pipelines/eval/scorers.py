@@ -94,7 +94,41 @@ def score_generations(s: Scoring) -> Scores:
                   f"[eval] {s.model}: {task.name} {value:.3f} ({sum(scored)}/{len(scored)})", predictions)
 
 
+def score_preferences(s: Scoring) -> Scores:
+    """Preference pairs (pipelines/eval/preference.py): the fraction whose chosen answer the model
+    gives the higher summed log-probability, both sides scored on the pool; nothing generated."""
+    from model.export import read_model_tokenizer
+    from pipelines.eval.preference import pair_request
+
+    task, tokenizer = s.task, read_model_tokenizer(s.model_dir)
+    results = s.generate(str(s.model_dir), [pair_request(tokenizer, ex) for ex in task.examples], work="score_choices")
+    won, predictions = 0, []
+    for ex, res in zip(task.examples, results):
+        chosen, rejected = res["loglikelihoods"]
+        won += chosen > rejected
+        predictions.append({"model": s.model, "task": task.name, "input": ex["input"], "reference": ex["chosen"],
+                            "prediction": ex["chosen"] if chosen > rejected else ex["rejected"], "correct": chosen > rejected,
+                            "messages": ex["messages"], "chosen": ex["chosen"], "rejected": ex["rejected"],
+                            "chosen_logprob": chosen, "rejected_logprob": rejected, "num_tokens": res["num_tokens"]})
+    value = won / len(task.examples)
+    return Scores({task.name: value}, {task.name: "likelihood"},
+                  f"[eval] {s.model}: {task.name} preference accuracy {value:.3f} ({len(task.examples)} pairs)", predictions)
+
+
+def score_harness(s: Scoring) -> Scores:
+    """An lm-evaluation-harness task: the harness's own prompts and metrics, answered by the pool
+    (pipelines/eval/harness.py); every number it reports, keyed `<task>/<metric>`."""
+    from pipelines.eval.harness import run_harness_task
+
+    values = run_harness_task(s.task.name, s.model_dir, s.generate, limit=s.task.limit, seed=s.seed)
+    metrics = {f"{s.task.name}/{metric}": value for metric, value in values.items()}
+    shown = ", ".join(f"{metric} {value:.3f}" for metric, value in values.items())
+    return Scores(metrics, {name: "harness" for name in metrics}, f"[eval] {s.model}: {s.task.name} {shown} (lm-evaluation-harness)")
+
+
 SCORERS: dict[str, Callable[[Scoring], Scores]] = {
+    "harness": score_harness,
+    "preference_accuracy": score_preferences,
     "exact_match": score_generations,
     "numeric": score_generations,
     "multiple_choice": score_generations,

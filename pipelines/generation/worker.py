@@ -75,6 +75,12 @@ class GenerationWorker:
 
         return score_texts(self.model, self.tokenizer, rows)
 
+    def score_rolling(self, rows: list[dict]) -> list[dict]:
+        """Rows of {"rolling_text"}: the whole text's log-likelihood in the harness's rolling windows."""
+        from pipelines.generation.rows import score_rolling
+
+        return score_rolling(self.model, self.tokenizer, rows, batch_size=self.batch_size)
+
     def run(self, rows: list[dict]) -> list[dict]:
         """`rows` through the work this worker was built for."""
         return getattr(self, self.work)(rows)

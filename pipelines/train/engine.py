@@ -109,6 +109,24 @@ def _write_own_slice(param, full: torch.Tensor) -> None:
         shard.data[: stop - start].copy_(full.reshape(-1)[start:stop])
 
 
+def without_frozen_aliases(engine):
+    """The engine's `module_state_dict`, leaving every name of a frozen parameter out of an
+    adapter-only checkpoint. DeepSpeed's own exclusion walks `named_parameters()`, which names a
+    tied head once (as the embedding), so `lm_head.weight` stayed: the whole embedding matrix in
+    a checkpoint meant to hold the adapters (and, resumed, merely loaded over itself)."""
+    original = engine.module_state_dict
+    frozen = [name for name, param in engine.module.named_parameters(remove_duplicate=False) if not param.requires_grad]
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters and state is not None:
+            for name in frozen:
+                state.pop(name, None)
+        return state
+
+    return module_state_dict
+
+
 class Engine(WeightExport):
     """A DeepSpeed engine over a GPT, with one `train_step` whatever the parallel layout."""
 
@@ -148,6 +166,8 @@ class Engine(WeightExport):
             mpu=self.grid if not self.pipelined_plan else None)  # a PipelineModule brings its own grid
         # DeepSpeed's loader unpickles with weights_only=False; checkpoints are read without running code.
         self.engine.checkpoint_engine = WeightsOnlyLoading(self.engine.checkpoint_engine)
+        if self.frozen_base and plan.pipeline_stages == 1:  # a pipeline saves by layer, the tied head with none
+            self.engine.module_state_dict = without_frozen_aliases(self.engine)
         world, rank = plan.world_size, dist.get_rank()
         if plan.pipeline_stages > 1:
             grid = self.engine.grid

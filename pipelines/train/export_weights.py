@@ -134,10 +134,11 @@ class WeightExport:
         wire = self.reduce_device  # NCCL moves GPU tensors, gloo CPU ones
         parts = self.plan.stage_layers
         topo = self.engine.grid.topology()
+        tensor_rank_0 = {"model": 0} if "model" in topo.get_axis_names() else {}
         for name in order:
             layer = layer_of(config, name)
             stage = next(s for s in range(len(parts) - 1) if parts[s] <= layer < parts[s + 1])
-            owner = topo.get_rank(pipe=stage, data=0)
+            owner = topo.get_rank(pipe=stage, data=0, **tensor_rank_0)
             if rank == owner:
                 tensor = mine[name].detach().float()
                 if rank == 0:
