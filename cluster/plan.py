@@ -129,13 +129,11 @@ def _eval_inputs(job, run_dir) -> list[str]:
     from jobs.fingerprints import eval_task_path
     from pipelines.eval.task import TASK_DIR, load_task
 
-    from cluster.driver import eval_task_path
-
     problems = []
     for i, task in enumerate(job.stages.eval.tasks):
         if task.startswith("harness:"):  # lm_eval installed, a local task file present
             try:
-                load_task(eval_task_path(job, task), job=job, limit=1)
+                load_task(eval_task_path(job, task), synthetic=job.data.synthetic, limit=1)
             except RelayError as exc:
                 problems.append(f"stages.eval.tasks[{i}]: {exc}")
             continue

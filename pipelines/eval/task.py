@@ -34,29 +34,14 @@ import json
 import math
 import re
 import string
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.errors import RelayError
+from pipelines.eval.task_types import Task
 from pipelines.yaml_file import read_yaml
 
 TASK_DIR = Path(__file__).with_name("tasks")
 METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood", "preference_accuracy")
-
-
-@dataclass
-class Task:
-    name: str
-    metric: str
-    style: str = "completion"
-    prompt: str = "{input}"
-    shots: int = 0
-    max_new_tokens: int = 32
-    stop: list[str] = field(default_factory=list)
-    examples: list[dict] = field(default_factory=list)  # {"input", "target"} (+ "messages" for chat)
-    fewshot: list[dict] = field(default_factory=list)   # loglikelihood: + "context", "continuations", "label"
-    format: str = ""
-    limit: int | None = None  # harness tasks (metric "harness"): examples the harness evaluates
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -360,15 +345,6 @@ def render_prompt(task: Task, example: dict, style: str | None = None, system: s
     shots = "".join(task.prompt.format(input=s["input"]) + " " + s["target"] + "\n\n" for s in task.fewshot)
     return {"prompt": shots + task.prompt.format(input=example["input"])}
 
-
-
-def apply_stops(text: str, stops: list[str]) -> str:
-    cut = len(text)
-    for stop in stops:
-        at = text.find(stop)
-        if at != -1:
-            cut = min(cut, at)
-    return text[:cut]
 
 
 def summarise(task: Task, scored: list[bool]) -> float:
