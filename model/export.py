@@ -27,7 +27,7 @@ from model.chat import chat_info
 from model.config import GPTConfig
 from model.errors import RelayError
 from model.gpt import GPT
-from model.hf_import import CONV1D_SUFFIXES, LlamaWeights, gpt2_config_from_hf, import_hf, import_llama
+from model.hf_import import CONV1D_SUFFIXES, LlamaWeights, gpt2_config_from_hf, import_hf, import_llama, llama_config_and_tokenizer
 from model.model_files import assign_state, load_safetensors, read_config_json
 from model.tokenizer import Tokenizer
 from model.weights_file import SafetensorsReader, ShardedSafetensors, StreamingSafetensors, file_order
@@ -190,7 +190,7 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
         raise RelayError(f"{path}: model directory does not exist")
     meta = read_config_json(path / "config.json")
     if meta.get("model_type") in LLAMA_FAMILIES:
-        config, tokenizer = _llama_config_and_tokenizer(path, meta)
+        config, tokenizer = llama_config_and_tokenizer(path, meta)
         return config, tokenizer, LlamaWeights(path, config)
     if meta.get("format") != NATIVE_FORMAT:
         model, tokenizer, _ = load_model_dir(path)

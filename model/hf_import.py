@@ -19,7 +19,7 @@ from model.weights_file import CheckpointFiles
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _llama_config_and_tokenizer(path: Path, hf: dict) -> tuple[GPTConfig, Tokenizer]:
+def llama_config_and_tokenizer(path: Path, hf: dict) -> tuple[GPTConfig, Tokenizer]:
     from model.hf import config_from_llama
 
     config = config_from_llama(hf, path / "config.json")
@@ -87,7 +87,7 @@ def import_llama(path: Path) -> tuple[GPT, Tokenizer, dict]:
     """A Llama, Mistral or Qwen2 directory (config.json; model.safetensors or shards with their
     index; a byte-level BPE tokenizer)."""
     hf = read_config_json(path / "config.json")
-    config, tokenizer = _llama_config_and_tokenizer(path, hf)
+    config, tokenizer = llama_config_and_tokenizer(path, hf)
     weights = LlamaWeights(path, config)
     with torch.device("meta"):
         model = GPT(config)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 
 from model.errors import RelayError
+
+if TYPE_CHECKING:
+    from model.gpt import GPT
 
 
 def read_config_json(path: Path) -> dict:
