@@ -126,17 +126,14 @@ def missing_inputs(job, run_dir) -> list[str]:
 
 
 def _eval_inputs(job, run_dir) -> list[str]:
-    from pipelines.eval.task import TASK_DIR
-
-    from pipelines.eval.task import load_task
-
-    from cluster.driver import eval_task_path
+    from jobs.fingerprints import eval_task_path
+    from pipelines.eval.task import TASK_DIR, load_task
 
     problems = []
     for i, task in enumerate(job.stages.eval.tasks):
         if task.startswith("harness:"):  # lm_eval installed, a local task file present
             try:
-                load_task(eval_task_path(job, task), job=job, limit=1)
+                load_task(eval_task_path(job, task), synthetic=job.data.synthetic, limit=1)
             except RelayError as exc:
                 problems.append(f"stages.eval.tasks[{i}]: {exc}")
             continue
@@ -145,7 +142,7 @@ def _eval_inputs(job, run_dir) -> list[str]:
             problems.append(f"stages.eval.tasks[{i}]: {task!r} is neither a task file nor a shipped task ({shipped})")
             continue
         try:  # its data too (a hub dataset the workers could not load would fail after the training)
-            load_task(task if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists() else str(job.path(task)), job=job, limit=1)
+            load_task(eval_task_path(job, task), synthetic=job.data.synthetic, limit=1)
         except RelayError as exc:
             problems.append(f"stages.eval.tasks[{i}]: {exc}")
     for i, model in enumerate(job.stages.eval.models):

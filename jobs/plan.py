@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jobs.spec import ModelSpec
 from model.errors import RelayError
+from pipelines.eval.settings import EvalPlan
 from pipelines.rundir import RunDir
 from pipelines.train.plan import RunPlan, plan_training
 from pipelines.train.tracking import resolve_tracking
@@ -52,7 +53,23 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
                                        separate_documents=_separate_documents(job, name))
     return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
                    device=device, training=training, job=job.resolved_dict(),
-                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root))
+                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root), eval=eval_plan(job, run_dir))
+
+
+def eval_plan(job, run_dir: RunDir) -> EvalPlan | None:
+    """The eval stage resolved: its model directories and task files as absolute paths, its pool
+    and its generation settings. Reads no file."""
+    from jobs.fingerprints import eval_task_path
+
+    spec = job.stages.eval
+    if spec is None:
+        return None
+    named = {"base": run_dir.model("pretrain"), "assistant": run_dir.model("sft")}
+    return EvalPlan(models={m: named.get(m) or job.path(m) for m in spec.models},
+                    tasks=tuple(eval_task_path(job, t) for t in spec.tasks), synthetic=job.data.synthetic, seed=job.seed,
+                    limit=spec.limit, workers=spec.workers, cpus_per_worker=spec.cpus_per_worker,
+                    gpus_per_worker=spec.gpus_per_worker, batch_size=spec.batch_size, temperature=spec.temperature,
+                    system_prompt=spec.system_prompt, samples_in_report=spec.samples_in_report)
 
 
 def _check_init_fits(name: str, settings, model, seq_len: int) -> None:

@@ -273,7 +273,7 @@ def parallelize(model: GPT, tp: TPGroup) -> GPT:
 def local_layer_params(config: GPTConfig, size: int) -> list[int]:
     """Parameters one rank of a `size`-way tensor-parallel group holds in each pipeline layer
     (the indices of model/pipe.py; a tied head counts with the embedding), from the config alone."""
-    from model.pipe import layer_of
+    from model.partition import layer_of
 
     with torch.device("meta"):
         model = GPT(config, initialize=False)

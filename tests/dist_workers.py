@@ -82,7 +82,7 @@ def init_build_memory(init_dir: str, zero_stage: int) -> dict:
     Under ZeRO-3 the weights are then gathered and compared with the file's, bit for bit."""
     from model.export import open_model_weights
     from pipelines.train.distributed import init_distributed
-    from pipelines.train.trainer import initial_state
+    from pipelines.train.initial import initial_state
 
     init_distributed()
     config, tokenizer, _ = open_model_weights(init_dir)

@@ -15,7 +15,7 @@ from model.atomic import write_json_atomically, write_jsonl_atomically
 from model.errors import RelayError
 from pipelines.eval.report import write_report
 from pipelines.eval.scorers import SCORERS, Scoring
-from pipelines.eval.task import Task
+from pipelines.eval.task_types import Task
 
 
 def model_style(model_dir) -> str:

@@ -318,6 +318,7 @@ class RunPlan:
     training: dict[str, TrainPlan]
     job: dict[str, Any]
     tracking: Any = None        # pipelines/train/tracking.py TrackingPlan: MLflow / W&B beside TensorBoard, or None
+    eval: Any = None            # the eval stage's EvalPlan (pipelines/eval/settings.py), None without one
 
     def stage(self, name: str) -> TrainPlan:
         return self.training[name]
