@@ -494,3 +494,39 @@ def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
     lm_loss(pipe.train()((x, document_ids)), y).backward()
     out["dense_recomputed"] = {"masks_built": len(built), "grad_error": grad_error(pipe)}
     return out
+
+
+def optimizer_state_bytes(config_kwargs: dict, stage_kwargs: dict, steps: int) -> dict:
+    """Bytes of the tensors this rank's optimizer holds after `steps` optimizer steps, counted on
+    the live objects (not derived from parameter counts): every tensor reachable from the DeepSpeed
+    optimizer's state_dict (ZeRO: the fp32 master partition and Adam's moments), each storage
+    once; beside it the trainable parameters and the process's peak resident size."""
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+
+    torch.set_num_threads(1)
+    init_distributed()
+    plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps})
+    engine = Engine(plan, init_state=None)
+    it = _random_batches(plan)
+    for _ in range(steps):
+        engine.read(engine.train_step(it))
+    seen, total = set(), 0
+    stack = [engine.optimizer.state_dict()]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.untyped_storage().data_ptr(), item.storage_offset(), item.numel())
+            if key not in seen:
+                seen.add(key)
+                total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    params = sum(p.numel() for p in engine.engine.module.parameters())
+    return {"optimizer_bytes": total, "trainable": engine.trainable_params, "params": params,
+            "peak_rss": _proc_status("VmHWM"), "optimizer": engine.optimizer_name}
