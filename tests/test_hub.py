@@ -10,7 +10,7 @@ import torch
 
 from distributed import run_distributed
 from helpers import LLAMA3_PATTERN, LLAMA3_TEMPLATE, TEXTS
-from dist_workers import init_build_memory
+from dist_workers import hub_import_loss, init_build_memory
 from model.export import load_model_dir, open_model_weights
 from model.hf import tokenizer_files
 
@@ -144,6 +144,27 @@ def test_zero_3_builds_a_sharded_hub_checkpoint_holding_only_its_shard(tmp_path,
         assert sharded["same"], rank
         assert sharded["increase"] <= 0.7 * whole["increase"], (rank, sharded, whole)
         assert sharded["increase"] <= sharded["shard"] + sharded["largest"] + 32 * 2**20, (rank, sharded)
+
+
+@pytest.mark.slow
+def test_a_hub_checkpoint_in_2_pipeline_stages_gives_transformers_loss(tmp_path, trained_tokenizer):
+    """Llama 3.x (rope_scaling, sharded) built by the engine at pipeline_stages 2, each stage
+    reading only its own tensors: one batch's loss equals transformers' (their logits with the
+    zero padding rows of our vocabulary), and no rank holds the whole model."""
+    theirs = hub_dir(tmp_path / "l", "llama3", trained_tokenizer, layers=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, trained_tokenizer.n_vocab, (2, 128), generator=g)
+    y = torch.randint(0, trained_tokenizer.n_vocab, (2, 128), generator=g)
+    with torch.no_grad():
+        logits = theirs(x).logits
+    padded = load_model_dir(tmp_path / "l")[0].config.padded_vocab_size
+    logits = torch.cat([logits, logits.new_zeros(*logits.shape[:2], padded - logits.size(-1))], -1)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, padded), y.reshape(-1)).item()
+    results = run_distributed(hub_import_loss, 2, str(tmp_path / "l"), 2, 5, timeout=600)
+    whole = sum(p.numel() for p in theirs.parameters())
+    for rank, result in enumerate(results):
+        assert abs(result["loss"] - expected) < 1e-4, (rank, result, expected)
+        assert result["params"] < whole, (rank, result["params"], whole)  # a stage, never the whole model
 
 
 def test_a_llama3_style_tokenizer_gives_autotokenizers_ids(llama3_style_tokenizer):
