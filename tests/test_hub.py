@@ -194,8 +194,37 @@ def test_a_hub_tokenizer_survives_the_trip_to_a_worker(llama3_style_tokenizer):
     assert again.sha256 == ours.sha256 and again.encode(TEXTS[1]) == ours.encode(TEXTS[1])
 
 
+def test_an_nfc_normalizer_gives_autotokenizers_ids_and_goes_out_with_the_export(llama3_style_tokenizer, tmp_path):
+    """Qwen2's tokenizer.json normalizes to NFC before splitting: decomposed accents become the
+    composed ones AutoTokenizer sees; the normalizer survives RUN/tokenizer and the HF export."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from model.tokenizer import Tokenizer
+
+    copy = tmp_path / "nfc"
+    shutil.copytree(llama3_style_tokenizer, copy)
+    data = json.loads((copy / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "NFC"}
+    (copy / "tokenizer.json").write_text(json.dumps(data))
+    theirs, ours = AutoTokenizer.from_pretrained(copy), Tokenizer.from_hf_dir(copy, {})
+    texts = ["Cafe\u0301 de\u0301ja\u0300 vu, A\u030angstro\u0308m", "한국어 \u1100\u1161\u11a8", *TEXTS]
+    assert ours.normalizer == "NFC" and ours.encode(texts[0]) != Tokenizer.from_hf_dir(llama3_style_tokenizer, {}).encode(texts[0])
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    again = Tokenizer.from_dir(ours.save(tmp_path / "saved"))
+    assert again == ours and again.encode(texts[0]) == ours.encode(texts[0]) and again.identity["normalizer"] == "NFC"
+    (tmp_path / "hf").mkdir()
+    for name, text in tokenizer_files(again, 128).items():
+        (tmp_path / "hf" / name).write_text(text, encoding="utf-8")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(texts[0], add_special_tokens=False) == ours.encode(texts[0])
+
+
 @pytest.mark.parametrize("edit, says", [
-    (lambda d: d.update(normalizer={"type": "NFC"}), "normalizer 'NFC' is not supported"),
+    (lambda d: d.update(normalizer={"type": "NFKC"}), "normalizer NFKC is not supported"),
+    (lambda d: d.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}),
+     "normalizer NFC \\+ Lowercase is not supported"),
     (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer must end in ByteLevel"),
     (lambda d: d["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"), "behavior Isolated"),
 ])
