@@ -530,3 +530,24 @@ def optimizer_state_bytes(config_kwargs: dict, stage_kwargs: dict, steps: int) -
     params = sum(p.numel() for p in engine.engine.module.parameters())
     return {"optimizer_bytes": total, "trainable": engine.trainable_params, "params": params,
             "peak_rss": _proc_status("VmHWM"), "optimizer": engine.optimizer_name}
+
+
+def hub_import_loss(hub_dir: str, pipeline_stages: int, batch_seed: int) -> dict:
+    """The loss of one random batch on a model that starts from a hub directory, built by the
+    engine as a stage starting from it builds it (each pipeline stage reading only its tensors)."""
+    import torch
+
+    from model.export import open_model_weights
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+    from pipelines.train.initial import initial_state
+
+    init_distributed()
+    config, tokenizer, _ = open_model_weights(hub_dir)
+    plan = _plan(config, {"steps": 1, "micro_batch": 2, "deepspeed": {"pipeline_stages": pipeline_stages, "zero_stage": 0}},
+                 init_model=Path(hub_dir))
+    engine = Engine(plan, init_state=initial_state(plan, tokenizer))
+    g = torch.Generator().manual_seed(batch_seed)
+    x = torch.randint(0, tokenizer.n_vocab, (2, plan.seq_len), generator=g)
+    y = torch.randint(0, tokenizer.n_vocab, (2, plan.seq_len), generator=g)
+    return {"loss": engine.micro_batch_loss(x, y), "params": sum(p.numel() for p in engine.engine.module.parameters())}
