@@ -89,7 +89,7 @@ def _run_args(p):
     _job_args(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster.address, else embedded)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint")
-    p.add_argument("--from-stage", default=None, choices=("data", "pretrain", "sft", "eval"), help="re-run this stage and the ones after it")
+    p.add_argument("--from-stage", default=None, choices=("data", "pretrain", "sft", "dpo", "eval"), help="re-run this stage and the ones after it")
 
 
 def _submit_args(p):
@@ -258,7 +258,7 @@ def cmd_data_prepare(args) -> int:
     with run_dir.hold(), third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
         if stage in result:
             m = result[stage]
             state = "up to date" if m["cached"] else "prepared"
@@ -276,7 +276,7 @@ def cmd_data_verify(args) -> int:
 
     job, run_dir = _job_and_run_dir(args)
     checked = 0
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
         if getattr(job.data, stage) is None:
             continue
         directory = run_dir.data(stage)

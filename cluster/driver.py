@@ -38,9 +38,13 @@ from model.errors import RelayError, StageFailed
 from pipelines.rundir import TRAINING_STAGES, RunDir
 
 
+# What eval's `models:` may name instead of a path: the export of each training stage.
+EXPORT_NAMES = {"base": "pretrain", "assistant": "sft", "dpo": "dpo"}
+
+
 def stages_of(job) -> list[str]:
     present = ["data"]
-    present += [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
+    present += [s for s in ("pretrain", "sft", "dpo", "eval") if getattr(job.stages, s) is not None]
     return present
 
 
@@ -66,7 +70,7 @@ def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
             for path in task_files(str(eval_task_path(job, task))):
                 files[input_label(job, path)] = hashes.sha256(path)
         for model in job.stages.eval.models:
-            if model not in ("base", "assistant") and job.path(model).is_dir():
+            if model not in EXPORT_NAMES and job.path(model).is_dir():
                 files.update(hashes.directory(job.path(model), input_label(job, job.path(model))))
         if files:
             out["eval"] = files
@@ -96,11 +100,12 @@ def fingerprints(job, inputs: dict[str, dict[str, str]] | None = None) -> dict[s
     layout = d["cluster"]["num_workers"]
     out["pretrain"] = digest("pretrain", out["data"], d["model"], d["stages"].get("pretrain"), layout)
     out["sft"] = digest("sft", out["pretrain"], d["stages"].get("sft"), layout)
-    out["eval"] = digest("eval", out["sft"], d["stages"].get("eval"), d["data"]["synthetic"])
+    out["dpo"] = digest("dpo", out["sft"], d["stages"].get("dpo"), layout)
+    out["eval"] = digest("eval", out["dpo"], d["stages"].get("eval"), d["data"]["synthetic"])
     return out
 
 
-RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "eval": "re-evaluating"}
+RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "dpo": "retraining", "eval": "re-evaluating"}
 
 
 def _clear_stage(run_dir: RunDir, stage: str) -> None:
@@ -332,7 +337,7 @@ def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
     show(f"[eval] {len(spec.models)} model(s) x {len(spec.tasks)} task(s) on {spec.workers} generation worker(s)")
     ctx.ray.ensure()
 
-    named = {"base": run_dir.model("pretrain"), "assistant": run_dir.model("sft")}
+    named = {name: run_dir.model(stage) for name, stage in EXPORT_NAMES.items()}
     models = {m: named.get(m) or job.path(m) for m in spec.models}
     names = {str(path): m for m, path in models.items()}
 
@@ -364,7 +369,7 @@ def stage_usage(job, stage: str, seconds: float):
     from pipelines.accounting import Usage
 
     c = job.cluster
-    if stage in ("pretrain", "sft"):
+    if stage in TRAINING_STAGES:
         return Usage(stage, seconds, c.num_workers, c.gpus_per_worker, c.cpus_per_worker)
     if stage == "eval":
         ev = job.stages.eval

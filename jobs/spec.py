@@ -25,7 +25,7 @@ from pipelines.data.config import DataSpec, TokenizerSpec
 from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
 from pipelines.train.plan import data_parallel_size
-from pipelines.train.settings import TrainStageSpec
+from pipelines.train.settings import DPOStageSpec, TrainStageSpec
 from pipelines.yaml_file import parse_bounded, read_yaml
 
 
@@ -94,6 +94,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 class StagesSpec(Strict):
     pretrain: TrainStageSpec | None = None
     sft: TrainStageSpec | None = None
+    dpo: DPOStageSpec | None = None
     eval: EvalStageSpec | None = None
 
 
@@ -142,9 +143,11 @@ class JobSpec(Strict):
             if source.fields is not None:
                 problems.append(f"data.pretrain.sources.{i}.fields: maps instruction (data.sft) columns; a pretraining source "
                                 "reads the one text column named by 'field'")
-        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > block_size:
-            problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {block_size}")
-        for name in ("pretrain", "sft"):
+        for name in ("sft", "dpo"):
+            section = getattr(self.data, name)
+            if section and section.seq_len and section.seq_len > block_size:
+                problems.append(f"data.{name}.seq_len: {section.seq_len} exceeds the model's block_size {block_size}")
+        for name in ("pretrain", "sft", "dpo"):
             stage = getattr(self.stages, name)
             if stage is None:
                 continue
@@ -169,8 +172,12 @@ class JobSpec(Strict):
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
             if stage.seq_len is not None and stage.seq_len > block_size:
                 problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
-            if name == "sft" and stage.seq_len is not None:
-                problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
+            if name != "pretrain" and stage.seq_len is not None:
+                problems.append(f"{where}.seq_len: {name} rows are made at data.{name}.seq_len; set that instead")
+            if name == "dpo" and pp > 1:
+                problems.append(f"{where}.deepspeed.pipeline_stages: DPO needs each row's log-probability of its answer, and "
+                                f"DeepSpeed's pipeline engine returns only one loss per batch from its last stage; use "
+                                f"pipeline_stages 1 (ZeRO-3 and LoRA hold a large model instead)")
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
             if not workers % pp:
                 problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp))
