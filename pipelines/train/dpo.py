@@ -60,6 +60,16 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return losses.mean(), stats
 
 
+def sequence_logps(engine, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) the sum of each row's log-probabilities of its labels (IGNORE_INDEX left out), the
+    log-softmax in fp32, through the DeepSpeed engine (under ZeRO-3 every rank calls it: the
+    forward gathers the weights)."""
+    logits, _ = engine.engine(tokens.to(engine.engine.device))  # (B, T, V)
+    labels = labels.to(logits.device)
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * (labels != IGNORE_INDEX)).sum(dim=-1)
+
+
 def pair_batch(rows, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and labels (2B, seq_len) of pairs `indices`: the chosen rows, then the rejected rows.
     Labels are the next tokens, IGNORE_INDEX outside the answer."""
@@ -108,7 +118,7 @@ def pair_logps(engine, rows, micro_batch: int) -> np.ndarray:
     engine.engine.eval()
     mine = []
     for indices, _ in pair_rounds(n, micro_batch, topo.dp, topo.dp_rank):
-        chosen, rejected = split_sides(engine.sequence_logps(*pair_batch(rows, indices)).float())
+        chosen, rejected = split_sides(sequence_logps(engine, *pair_batch(rows, indices)).float())
         mine.append(torch.stack([chosen, rejected], dim=1))  # (B, 2)
     if not mine:
         return np.zeros((0, 2), dtype=np.float32)
@@ -194,7 +204,7 @@ class DPOTrainer(Trainer):
 
     def objective(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, reference = batch
-        chosen, rejected = split_sides(self.engine.sequence_logps(x, y))
+        chosen, rejected = split_sides(sequence_logps(self.engine, x, y))
         reference = reference.to(chosen.device)
         return dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], **self._settings())
 
@@ -228,7 +238,7 @@ class DPOTrainer(Trainer):
         sums = torch.zeros(6, dtype=torch.float64)  # loss, chosen, rejected, margin, correct, pairs
         reference = torch.from_numpy(self.reference["val"])
         for indices, real in pair_rounds(n, plan.micro_batch, topo.dp, topo.dp_rank, plan.settings.eval_batches):
-            chosen, rejected = split_sides(self.engine.sequence_logps(*pair_batch(self.val_rows, indices)).float())
+            chosen, rejected = split_sides(sequence_logps(self.engine, *pair_batch(self.val_rows, indices)).float())
             ref = reference[indices].to(chosen.device)
             losses, r_w, r_l = dpo_losses(chosen, rejected, ref[:, 0], ref[:, 1], **self._settings())
             keep = torch.from_numpy(real).to(chosen.device).double()

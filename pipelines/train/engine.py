@@ -72,14 +72,6 @@ def chunked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) sum over t of log softmax(logits[b, t])[labels[b, t]], positions labelled IGNORE_INDEX
-    left out; the log-softmax in fp32."""
-    keep = labels != IGNORE_INDEX
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * keep).sum(dim=-1)
-
-
 def loss_function(kernel: str):
     """The loss a plan's `loss_kernel` names (pipelines/train/plan.py: loss_kernel)."""
     return chunked_lm_loss if kernel == "chunked" else lm_loss
@@ -344,11 +336,6 @@ class Engine:
         inputs, y = batch
         return self._forward(inputs, y)[1], None
 
-    def sequence_logps(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B,) the sum of each row's log-probabilities of its labels (IGNORE_INDEX left out), in
-        fp32, through the engine (every rank calls it under ZeRO-3: the forward gathers weights)."""
-        logits, _ = self.engine(tokens.to(self.engine.device))  # (B, T, V)
-        return label_logps(logits, labels.to(logits.device))
 
     def read(self, out: StepOutput) -> dict:
         """A step's loss (the mean over data-parallel ranks), gradient norm and learning rate as
