@@ -115,7 +115,7 @@ def dpo_job(engine_job, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_dpo_stage_zero_0_equals_zero_3_resumed_and_the_cached_reference_is_a_fresh_forward(dpo_job):
+def test_dpo_stage_zero_0_equals_zero_3_resumed_and_the_cached_reference_is_a_fresh_forward(dpo_job, capfd):
     """One start-up of 2 processes: ZeRO-0 straight; LoRA at ZeRO-0; ZeRO-3 stopped at step 2 and resumed."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -132,6 +132,8 @@ def test_dpo_stage_zero_0_equals_zero_3_resumed_and_the_cached_reference_is_a_fr
         (["stages.dpo.deepspeed.zero_stage=0", "stages.dpo.save_checkpoints=false", "stages.dpo.lora.rank=4", "stages.dpo.steps=2"],
          str(lora), None),
         (zero_3, str(z3), 2), (zero_3, str(z3), None)], "dpo")[0]
+    said = capfd.readouterr().out
+    assert said.count("reference log-probabilities of") == 3, said  # z0, lora, z3 once: the resumed run read the cache
     assert sorted(first["losses"]) == [1, 2] and sorted(rest["losses"]) == [3]
     resumed = {**first["losses"], **rest["losses"]}
     assert straight["losses"][1] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the reference

@@ -25,11 +25,14 @@ import hashlib
 import json
 import math
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model.errors import RelayError
 from model.gpt import IGNORE_INDEX
 from pipelines.data.loader import BatchLoader
 from pipelines.train.distributed import from_rank_0
@@ -133,14 +136,22 @@ def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cached_reference(directory, fingerprint: str, splits: dict[str, int]) -> dict[str, np.ndarray] | None:
-    """The reference log-probabilities cached for this data (matching fingerprint, pair counts and
-    the sha256 of every file), or None."""
+def reference_key(data_fingerprint: str, init_model) -> dict:
+    """What the cached log-probabilities depend on: the prepared pairs and the reference model's
+    weights (its directory, and the size and modification time of its files)."""
+    files = sorted(p for p in Path(init_model).iterdir() if p.is_file()) if init_model and Path(init_model).is_dir() else []
+    return {"data_fingerprint": data_fingerprint, "reference_model": str(init_model or ""),
+            "reference_files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
+def cached_reference(directory, key: dict, splits: dict[str, int]) -> dict[str, np.ndarray] | None:
+    """The reference log-probabilities cached for this data and reference model (matching key, pair
+    counts and the sha256 of every file), or None."""
     record = directory / "reference.json"
     if not record.is_file():
         return None
     meta = json.loads(record.read_text(encoding="utf-8"))
-    if meta.get("data_fingerprint") != fingerprint:
+    if meta.get("key") != key:
         return None
     out = {}
     for split, pairs in splits.items():
@@ -152,7 +163,7 @@ def cached_reference(directory, fingerprint: str, splits: dict[str, int]) -> dic
     return out
 
 
-def write_reference(directory, fingerprint: str, init_model: str, logps: dict[str, np.ndarray]) -> None:
+def write_reference(directory, key: dict, logps: dict[str, np.ndarray]) -> None:
     from model.atomic import write_json_atomically
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -163,8 +174,7 @@ def write_reference(directory, fingerprint: str, init_model: str, logps: dict[st
             np.save(f, values, allow_pickle=False)
         tmp.replace(directory / f"{split}.npy")
         splits[split] = {"pairs": int(len(values)), "sha256": _sha256(directory / f"{split}.npy")}
-    write_json_atomically(directory / "reference.json", {"data_fingerprint": fingerprint, "reference_model": init_model,
-                                                         "columns": ["chosen", "rejected"], "splits": splits})
+    write_json_atomically(directory / "reference.json", {"key": key, "columns": ["chosen", "rejected"], "splits": splits})
 
 
 class DPOTrainer(Trainer):
@@ -188,15 +198,19 @@ class DPOTrainer(Trainer):
         """The reference's log-probabilities of every pair: read from the cache, or computed now (the
         engine holds the starting model: nothing has trained and no checkpoint is loaded yet)."""
         directory = self.dir.reference
-        fingerprint = self.train_rows.manifest["fingerprint"]
+        key = reference_key(self.train_rows.manifest["fingerprint"], self.plan.init_model)
         splits = {"train": len(self.train_rows), "val": len(self.val_rows)}
-        found = from_rank_0(self.topo.rank == 0 and cached_reference(directory, fingerprint, splits) is not None)
+        found = from_rank_0(self.topo.rank == 0 and cached_reference(directory, key, splits) is not None)
         if found:
-            return cached_reference(directory, fingerprint, splits)
+            cached = cached_reference(directory, key, splits)
+            if cached is None:
+                raise RelayError(f"{directory}: rank {self.topo.rank} cannot read the reference log-probabilities rank 0 found; "
+                                 "the run directory must be on a filesystem every node sees")
+            return cached
         logps = {split: pair_logps(self.engine, rows, self.plan.micro_batch) for split, rows in
                  (("train", self.train_rows), ("val", self.val_rows))}
         if self.topo.rank == 0:
-            write_reference(directory, fingerprint, str(self.plan.init_model or ""), logps)
+            write_reference(directory, key, logps)
             self._say(f"[{self.plan.stage}] reference log-probabilities of {splits['train']} + {splits['val']} pairs "
                       f"computed and cached in {directory}")
         dist.barrier()
