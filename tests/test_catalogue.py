@@ -401,6 +401,8 @@ def dpo_cases() -> list[Case]:
                       ["stages.dpo: label_smoothing applies to loss sigmoid"], files={"job.yaml": job}))
     cases.append(Case("dpo on a pipeline", _set("stages.dpo.deepspeed.pipeline_stages=2", "stages.dpo.deepspeed.zero_stage=1"),
                       ["stages.dpo.deepspeed.pipeline_stages: DPO needs each row's log-probability"], files={"job.yaml": job}))
+    cases.append(Case("eval of dpo without a dpo stage", _set("stages.eval.models=[assistant, dpo]"),
+                      ["stages.eval.models[1]: 'dpo' is the DPO export, but the job has no dpo stage"]))
     cases.append(Case("dpo without data.dpo", _set("data.dpo=null"), ["stages.dpo: needs a data.dpo section"], files={"job.yaml": job}))
     return cases
 
