@@ -1,6 +1,7 @@
-"""The training loop, one for pretraining and SFT: they differ only in data and init.
+"""The training loop, one for pretraining, SFT and DPO: they differ only in data, init and (DPO,
+pipelines/train/dpo.py) the loss of a micro-batch.
 
-`train_stage(run_plan, "pretrain" | "sft")` runs on every worker (Ray Train or torchrun) with
+`train_stage(run_plan, "pretrain" | "sft" | "dpo")` runs on every worker (Ray Train or torchrun) with
 torch.distributed initialised from the environment. Every number it uses comes from the
 stage's resolved `TrainPlan`; the trainer goes through named phases:
 
