@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from cluster.settings import ClusterSpec
+from jobs.cluster import ClusterSpec
 from model.config import PRESETS, GPTConfig, architecture_problems
 from model.errors import RelayError
 from pipelines.data.config import DataSpec, TokenizerSpec
@@ -26,6 +26,7 @@ from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
 from pipelines.train.plan import data_parallel_size
 from pipelines.train.settings import DPOStageSpec, TrainStageSpec
+from pipelines.train.tracking import TrackingSpec
 from pipelines.yaml_file import parse_bounded, read_yaml
 
 
@@ -125,6 +126,7 @@ class JobSpec(Strict):
     data: DataSpec
     stages: StagesSpec = StagesSpec()
     cluster: ClusterSpec = ClusterSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
     @classmethod
@@ -143,9 +145,11 @@ class JobSpec(Strict):
             if source.fields is not None:
                 problems.append(f"data.pretrain.sources.{i}.fields: maps instruction (data.sft) columns; a pretraining source "
                                 "reads the one text column named by 'field'")
+        # A stage that starts from a model directory trains that model: its context and layers are
+        # checked against the directory in the plan (jobs/plan.py), not against the model: section.
         for name in ("sft", "dpo"):
-            section = getattr(self.data, name)
-            if section and section.seq_len and section.seq_len > block_size:
+            section, stage = getattr(self.data, name), getattr(self.stages, name)
+            if section and section.seq_len and section.seq_len > block_size and not (stage is not None and stage.init):
                 problems.append(f"data.{name}.seq_len: {section.seq_len} exceeds the model's block_size {block_size}")
         for name in ("pretrain", "sft", "dpo"):
             stage = getattr(self.stages, name)
@@ -158,29 +162,24 @@ class JobSpec(Strict):
             if pp > 1 and ds.zero_stage > 1:
                 problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} cannot be combined with pipeline_stages {pp}; "
                                 "DeepSpeed's pipeline engine supports ZeRO 0 and 1")
-            if stage.lora is not None and pp > 1:
-                problems.append(f"{where}.lora: adapters are not implemented with pipeline_stages {pp} yet "
-                                "(the pipeline's layers are built apart from the GPT); use pipeline_stages 1")
-            if pp > n_layer:
+            if pp > n_layer and not stage.init:
                 problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
-            if workers % pp:
-                problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})")
+            tp = ds.tensor_parallel
+            problems += _tensor_parallel_problems(where, stage, self.model.config(vocab_size=256))
+            if workers % (pp * tp):
+                problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})"
+                                + (f" x tensor_parallel ({tp}) = {pp * tp}" if tp > 1 else ""))
             elif stage.global_batch is not None:
-                dp = data_parallel_size(workers, pp)
+                dp = data_parallel_size(workers, pp, tp)
                 if stage.global_batch != stage.micro_batch * stage.grad_accum * dp:
                     problems.append(f"{where}.global_batch: {stage.global_batch} != micro_batch {stage.micro_batch} x grad_accum "
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
-            if stage.seq_len is not None and stage.seq_len > block_size:
+            if stage.seq_len is not None and stage.seq_len > block_size and not stage.init:
                 problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
-            if name != "pretrain" and stage.seq_len is not None:
-                problems.append(f"{where}.seq_len: {name} rows are made at data.{name}.seq_len; set that instead")
-            if name == "dpo" and pp > 1:
-                problems.append(f"{where}.deepspeed.pipeline_stages: DPO needs each row's log-probability of its answer, and "
-                                f"DeepSpeed's pipeline engine returns only one loss per batch from its last stage; use "
-                                f"pipeline_stages 1 (ZeRO-3 and LoRA hold a large model instead)")
+            problems += _row_stage_problems(name, stage)
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
-            if not workers % pp:
-                problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp))
+            if not workers % (pp * tp):
+                problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp, tp))
             checkpointing = stage.deepspeed.extra.get("checkpoint")
             if isinstance(checkpointing, dict) and checkpointing.get("load_universal"):
                 problems.append(f"{where}.deepspeed.extra.checkpoint.load_universal: DeepSpeed reads universal checkpoints "
@@ -218,6 +217,23 @@ class JobSpec(Strict):
         return data
 
 
+def _row_stage_problems(name: str, stage: TrainStageSpec) -> list[str]:
+    """SFT and DPO make their rows at data.<stage>.seq_len; DPO needs each row's log-probability
+    over the whole vocabulary, which the pipeline engine and tensor parallelism do not give."""
+    where, ds, problems = f"stages.{name}", stage.deepspeed, []
+    if name != "pretrain" and stage.seq_len is not None:
+        problems.append(f"{where}.seq_len: {name} rows are made at data.{name}.seq_len; set that instead")
+    if name == "dpo" and ds.pipeline_stages > 1:
+        problems.append(f"{where}.deepspeed.pipeline_stages: DPO needs each row's log-probability of its answer, and DeepSpeed's "
+                        "pipeline engine returns only one loss per batch from its last stage; use pipeline_stages 1 (ZeRO-3 and "
+                        "LoRA hold a large model instead)")
+    if name == "dpo" and ds.tensor_parallel > 1:
+        problems.append(f"{where}.deepspeed.tensor_parallel: DPO sums each row's log-probabilities over the whole vocabulary's "
+                        "softmax, and tensor parallelism splits the vocabulary over ranks; use tensor_parallel 1 (ZeRO-3 shards "
+                        "a large model instead)")
+    return problems
+
+
 def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int) -> list[str]:
     """`deepspeed.extra` keys that would overrule a value the job derives from its own fields.
     DeepSpeed would take the extra value (it is merged in last) while the plan, the loaders and
@@ -248,6 +264,29 @@ def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int)
 
 
 _ABSENT = object()
+
+
+def _tensor_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[str]:
+    """What tensor parallelism cannot be combined with (yet), and a model it cannot split; one line
+    each. (The vocabulary is checked by the plan, once the tokenizer's size is known.)"""
+    from model.tensor_parallel import tensor_parallel_problems
+
+    ds, tp = stage.deepspeed, stage.deepspeed.tensor_parallel
+    if tp == 1:
+        return []
+    field = f"{where}.deepspeed.tensor_parallel"
+    problems = [f"{field}: {line}" for line in tensor_parallel_problems(model, tp) if not line.startswith("padded_vocab_size")]
+    if ds.zero_stage > 1:
+        problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} is not supported with tensor_parallel {tp} "
+                        "(only ZeRO 0 and 1 are verified to shard over the data-parallel ranks alone); use zero_stage 0 or 1")
+    if stage.lora is not None:
+        problems.append(f"{where}.lora: adapters are not implemented with tensor_parallel {tp}; use tensor_parallel 1")
+    if stage.compile not in ("auto", "off"):
+        problems.append(f"{where}.compile: {stage.compile!r} is not supported with tensor_parallel {tp} (its all-reduces run "
+                        "eagerly); use off or auto (which runs eagerly with tensor parallelism)")
+    if ds.offload_optimizer:
+        problems.append(f"{where}.deepspeed.offload_optimizer: not verified with tensor_parallel {tp}; use one of the two")
+    return problems
 
 
 def _settings_that_would_do_nothing(where: str, stage: TrainStageSpec, cluster: ClusterSpec) -> list[str]:

@@ -212,7 +212,7 @@ def _point_overrides(sweep: SweepSpec, axes: dict[str, Any]) -> list[str]:
 def _strong_accum(sweep: SweepSpec, job) -> int:
     """grad_accum that keeps micro x accum x data-parallel equal to the sweep's global batch."""
     spec = getattr(job.stages, sweep.stage)
-    dp = data_parallel_size(job.cluster.num_workers, spec.deepspeed.pipeline_stages)
+    dp = data_parallel_size(job.cluster.num_workers, spec.deepspeed.pipeline_stages, spec.deepspeed.tensor_parallel)
     per_step = spec.micro_batch * dp
     if sweep.global_batch % per_step:
         raise JobError([f"global_batch: {sweep.global_batch} sequences do not split into micro_batch {spec.micro_batch} "

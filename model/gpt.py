@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
+from model.masks import allowed_keys
 
 if TYPE_CHECKING:
     from model.kv_cache import KVCache, StaticKVCache
@@ -153,22 +154,6 @@ def flex_attend(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tenso
     return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-def allowed_keys(query_slots: torch.Tensor, num_keys: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """Boolean (B, 1, T, Tk) mask — (1, 1, T, Tk) without key_mask — of the keys each query sees.
-
-    Query t sits at key slot query_slots[t] (T,) and sees the keys up to its own slot (causal)
-    that key_mask (B, Tk) marks as real tokens (None: all are).
-    """
-    keys = torch.arange(num_keys, device=query_slots.device)
-    allowed = keys[None, :] <= query_slots[:, None]  # (T, Tk)
-    if key_mask is None:
-        return allowed[None, None]
-    # A padding query would see no key at all and produce NaN, which then leaks through
-    # zero attention weights; letting it see itself keeps every row finite.
-    itself = keys[None, :] == query_slots[:, None]  # (T, Tk)
-    return ((allowed[None] & key_mask[:, None, :]) | itself[None])[:, None]  # (B, 1, T, Tk)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -207,7 +192,7 @@ class CausalSelfAttention(nn.Module):
                 is_causal=is_causal,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh * hs): C, or its slice under tensor parallelism
         return self.resid_dropout(self.c_proj(y))
 
 

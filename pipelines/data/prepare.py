@@ -196,8 +196,9 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft", "dp
             _check_one_window(job, out["pretrain"]["splits"]["train"]["tokens"])
         if "sft" in stages and job.data.sft is not None:
             seq_len = sft_seq_len(job)
+            template = {"chat_template": tokenizer.chat_template_sha256} if tokenizer.chat_template is not None else {}
             fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len)
+                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len, **template)
             out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
         if "dpo" in stages and job.data.dpo is not None:
             from pipelines.data.preference import prepare_preference
@@ -238,10 +239,19 @@ def validation_warning(stage: str, train_tokens: int, val_tokens: int) -> str | 
 
 
 def dpo_seq_len(job) -> int:
-    """Length of a preference row (one side of a pair): data.dpo.seq_len, default the model's context."""
-    return job.data.dpo.seq_len or job.model.block_size
+    """Length of a preference row (one side of a pair): data.dpo.seq_len, default the context of
+    the model the DPO stage trains (as for SFT)."""
+    return sft_seq_len(job, "dpo")
 
 
-def sft_seq_len(job) -> int:
-    """Length of a packed SFT row: data.sft.seq_len, default the model's context."""
-    return job.data.sft.seq_len or job.model.block_size
+def sft_seq_len(job, name: str = "sft") -> int:
+    """Length of a packed SFT row: data.sft.seq_len, default the context of the model the SFT
+    stage trains (its `init` model directory's, when it names one)."""
+    if getattr(job.data, name).seq_len:
+        return getattr(job.data, name).seq_len
+    stage = getattr(job.stages, name)
+    if stage is not None and stage.init:
+        from model.export import read_model_config
+
+        return read_model_config(job.path(stage.init)).block_size
+    return job.model.block_size

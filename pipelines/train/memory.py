@@ -19,6 +19,13 @@ What one device of a stage holds at its peak, in the terms of `torch.cuda.max_me
   the logits and their gradient on the last stage (in the loss kernel's precision, `_logits_memory`).
 With LoRA (`lora:`) only the adapters have gradients and optimizer state; the frozen weights count once.
 ZeRO counts as the stage DeepSpeed runs (`TrainPlan.deepspeed_zero_stage`).
+With tensor parallelism (tp) each rank holds its slices of the split weights (and their
+gradients and optimizer state) plus the whole norms and row-parallel biases
+(model/tensor_parallel.py: local_layer_params); the activations per layer fall to
+(10 + 24 / tp) x seq x micro x hidden bytes in 16-bit (Korthikanti et al.: the layer inputs
+and norms stay whole, including the all-reduced copies of each row-parallel output, which are
+the communication buffers tp adds); the logits and the vocab-parallel loss's fp32 softmax are
+a 1/tp slice of the vocabulary; the FLOPs per rank are 1/tp of the replica's.
 The buffers used during the backward pass add to the activations; the all-reduce copy and the
 pipeline's bucket (allocated after the backward pass) replace them at the peak. Measured against
 the profiler's allocation peak on CPU: within 21 % for ZeRO 0-3 and pp 2 (docs/PERFORMANCE.md).
@@ -79,10 +86,16 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     w_bytes = g_bytes = 2 if half else 4
     zero_stage = plan.deepspeed_zero_stage
     master = 4 if (half or zero_stage >= 1) else 0
-    act_bytes = 34 * seq * micro * c * (1 if half else 2)
+    tp = getattr(plan, "tensor_parallel", 1)
+    act_bytes = (10 + 24 / tp) * seq * micro * c * (1 if half else 2)
     blocks = sum(1 for layer in range(start, stop) if 2 <= layer < config.n_layer + 2)
     first_block = max(start, 2) - 2
-    params = sum(layer_params(config, pp)[start:stop])
+    if tp > 1:
+        from model.tensor_parallel import local_layer_params
+
+        params = sum(local_layer_params(config, tp)[start:stop])
+    else:
+        params = sum(layer_params(config, pp)[start:stop])
     trainable = params
     if plan.settings.lora is not None:  # frozen base weights: gradients and optimizer state for the adapters only
         from model.lora import lora_param_count
@@ -109,11 +122,11 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     if plan.separate_documents and blocks:  # the (micro, 1, seq, seq) boolean document mask: one per
         per_micro += micro * seq * seq * (blocks if pp > 1 else 1)  # forward, or per block in a stage
     in_flight = min(plan.grad_accum, pp - stage) if pp > 1 else 1
-    logits = _logits_memory(plan, micro * seq, v) if stop == config.n_layer + 4 else 0.0
+    logits = _logits_memory(plan, micro * seq, v // tp) if stop == config.n_layer + 4 else 0.0
     layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
     flops = sum(layer_flops(config, seq)[start:stop])
     return StageMemory(stage, layers, params, weights, grads, opt, buffers, per_micro * in_flight, logits,
-                       flops * plan.tokens_per_step / dp, buffers_with_activations=zero_stage >= 1 and pp == 1)
+                       flops * plan.tokens_per_step / dp / tp, buffers_with_activations=zero_stage >= 1 and pp == 1)
 
 
 CHUNK_ELEMENTS = 1 << 26  # DeepSpeed's chunked cross entropy works on blocks of about this many fp32 values
@@ -124,6 +137,8 @@ def _logits_memory(plan, rows: int, vocab: int) -> float:
     the logits and its log-softmax; in 16-bit the loss (compiled with the model, or DeepSpeed's
     chunked kernel) keeps only the 16-bit logits and writes a 16-bit gradient, the chunked
     kernel with one block of fp32 temporaries on CPUs (none with Triton on GPUs)."""
+    if plan.loss_kernel == "vocab-parallel":  # logits (training precision) and their gradient, the fp32 softmax kept for backward
+        return rows * vocab * (2 * (2 if plan.precision in ("bf16", "fp16") else 4) + 4)
     if plan.loss_kernel == "fp32":
         return rows * vocab * 4 * 2
     held = rows * vocab * 2 * 2

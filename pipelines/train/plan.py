@@ -19,10 +19,10 @@ from pipelines.rundir import RunDir
 from pipelines.train.settings import TrainStageSpec
 
 
-def data_parallel_size(world_size: int, pipeline_stages: int) -> int:
-    """Replicas of the model: world = data-parallel x pipeline. Callers validate divisibility first."""
-    assert world_size % pipeline_stages == 0, (world_size, pipeline_stages)
-    return world_size // pipeline_stages
+def data_parallel_size(world_size: int, pipeline_stages: int, tensor_parallel: int = 1) -> int:
+    """Replicas of the model: world = pipeline x tensor-parallel x data-parallel. Callers validate divisibility first."""
+    assert world_size % (pipeline_stages * tensor_parallel) == 0, (world_size, pipeline_stages, tensor_parallel)
+    return world_size // (pipeline_stages * tensor_parallel)
 
 
 def total_steps(settings: TrainStageSpec, tokens_per_step: int) -> int:
@@ -57,11 +57,14 @@ def runs_zero_stage(zero_stage: int, precision: str, data_parallel: int, pipelin
     return zero_stage
 
 
-def loss_kernel(precision: str, compile_scope: str) -> str:
+def loss_kernel(precision: str, compile_scope: str, tensor_parallel: int = 1) -> str:
     """How the cross entropy runs: `compiled` (the fp32 reference expression, fused by the
     compiler with the LM head, so fp32 logits never exist in memory), `chunked` (DeepSpeed's
     chunked cross entropy on 16-bit logits: Triton on CUDA, blocks of rows elsewhere; the fp32
-    softmax is never materialised) or `fp32` (logits already in fp32: the plain cross entropy)."""
+    softmax is never materialised), `fp32` (logits already in fp32: the plain cross entropy) or
+    `vocab-parallel` (tensor parallelism: each rank's slice of the logits, never gathered)."""
+    if tensor_parallel > 1:
+        return "vocab-parallel"
     if compile_scope == "model":
         return "compiled"
     return "chunked" if precision in ("bf16", "fp16") else "fp32"
@@ -80,7 +83,8 @@ def clips_in_optimizer(settings: TrainStageSpec, precision: str, zero_stage: int
     if zero_stage == 0 and precision == "fp32":
         return True
     ds = settings.deepspeed
-    return zero_stage in (1, 2) and precision == "bf16" and ds.pipeline_stages == 1 and not ds.offload_optimizer
+    return (zero_stage in (1, 2) and precision == "bf16" and ds.pipeline_stages == 1 and not ds.offload_optimizer
+            and ds.tensor_parallel == 1)
 
 
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce / all-gather bucket, in elements
@@ -153,7 +157,7 @@ class TrainPlan:
     settings: TrainStageSpec
     world_size: int
     pipeline_stages: int
-    data_parallel: int
+    data_parallel: int          # world_size / (pipeline_stages x tensor_parallel)
     zero_stage: int
     micro_batch: int
     grad_accum: int
@@ -174,12 +178,20 @@ class TrainPlan:
     loss_kernel: str            # compiled | chunked | fp32 (loss_kernel)
     partition_note: str = ""    # why the pipeline cut is not the plain compute balance, when it is not
     separate_documents: bool = False  # packed rows keep their documents apart (data.<stage>.separate_documents)
+    tensor_parallel: int = 1    # ranks each layer is split over (deepspeed.tensor_parallel)
 
     @property
     def engine_notes(self) -> list[str]:
         """Which code paths run, in words (printed by `relaygpt plan` and at the start of a stage)."""
         notes = [f"compile {self.compile}; loss {self.loss_kernel}; gradients clipped by "
                  + ("the engine on the device" if self.clip_in_optimizer else "DeepSpeed" if self.settings.optimizer.grad_clip else "nothing (grad_clip 0)")]
+        if self.tensor_parallel > 1:
+            tp, dp = self.tensor_parallel, self.data_parallel
+            notes.append(f"tensor parallel {tp} (model/tensor_parallel.py): each rank holds {self.model.n_head // tp} of "
+                         f"{self.model.n_head} heads, 1/{tp} of the MLP width and of the vocabulary; ranks r..r+{tp - 1} form one "
+                         f"replica (one node), {dp} replicas average gradients"
+                         + (f" and shard ZeRO-1 state over {dp}" if self.deepspeed_zero_stage == 1 and dp > 1 else "")
+                         + "; 2 all-reduces of (micro x seq x n_embd) per block each way; the loss never gathers the logits")
         lora = self.settings.lora
         if lora is not None:
             from model.lora import lora_param_count
@@ -207,16 +219,23 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     compute-balanced pipeline cut would put a stage over it, the cut is the most balanced one
     in which every stage fits (pipelines/train/memory.py estimates each candidate); when none
     fits, the compute cut stays and the fit check reports the stage."""
-    pp = settings.deepspeed.pipeline_stages
-    dp = data_parallel_size(world_size, pp)
+    pp, tp = settings.deepspeed.pipeline_stages, settings.deepspeed.tensor_parallel
+    dp = data_parallel_size(world_size, pp, tp)
     global_batch = settings.micro_batch * settings.grad_accum * dp
     tokens_per_step = global_batch * settings.rows_per_example * seq_len  # DPO: a pair is two rows
     precision = resolve_precision(settings.deepspeed.precision, device)
     zero_stage = runs_zero_stage(settings.deepspeed.zero_stage, precision, dp, pp)
-    compile_scope = resolve_compile(settings.compile, device)
+    compile_scope = resolve_compile(settings.compile, device) if tp == 1 else "off"  # (the job refuses compile with tp)
     method = settings.deepspeed.partition_method
     parts = stage_boundaries(model, pp, method, seq_len) if pp > 1 else (0, model.n_layer + 4)
 
+    if tp > 1:
+        from model.errors import ConfigError
+        from model.tensor_parallel import tensor_parallel_problems
+
+        problems = tensor_parallel_problems(model, tp)
+        if problems:
+            raise ConfigError(f"stages.{stage}.deepspeed.tensor_parallel: {problems[0]}")
     steps = total_steps(settings, tokens_per_step)
     if settings.optimizer.warmup_steps > steps:  # a budget in tokens: steps are known only now
         from model.errors import ConfigError
@@ -227,7 +246,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     def render(cut) -> dict:
         sizes = layer_params(model, pp)
         largest = max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:]))
-        if settings.lora is not None and zero_stage < 3:  # only the adapters have gradients to bucket (LoRA runs at pp 1);
+        if settings.lora is not None and zero_stage < 3:  # only the adapters have gradients to bucket;
             # ZeRO-3 keeps the whole count: its prefetch bucket gathers the frozen weights too
             from model.lora import lora_param_count
 
@@ -243,22 +262,44 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
         deepspeed_config=render(parts),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
         separate_documents=separate_documents, deepspeed_zero_stage=zero_stage, compile=compile_scope,
-        loss_kernel=loss_kernel(precision, compile_scope),
+        loss_kernel=loss_kernel(precision, compile_scope, tp), tensor_parallel=tp,
     )
     if memory_budget and pp > 1 and method == "compute":
-        from pipelines.train.memory import segment_memory, stage_memory
-
-        over = [m.stage for m in stage_memory(plan) if m.total > memory_budget]
-        if over:
-            try:
-                cut = stage_boundaries(model, pp, method, seq_len,
-                                       fits=lambda s, a, b: segment_memory(plan, s, a, b).total <= memory_budget)
-            except ValueError:
-                return plan  # nothing fits: the compute cut, and the fit check names the stage
-            plan = replace(plan, stage_layers=tuple(cut), deepspeed_config=render(cut),
-                           partition_note=f"the compute-balanced cut puts stage {over[0]} over the device memory; "
-                                          "this is the most balanced cut that fits")
+        plan = _cut_to_fit(plan, memory_budget, render)
+    _check_adapted_stages(plan)
     return plan
+
+
+def _cut_to_fit(plan: TrainPlan, memory_budget: float, render) -> TrainPlan:
+    """`plan` with the most balanced pipeline cut in which every stage fits `memory_budget`, when
+    its compute-balanced cut puts a stage over it; `render(cut)` is the DeepSpeed config of a cut."""
+    from pipelines.train.memory import segment_memory, stage_memory
+
+    over = [m.stage for m in stage_memory(plan) if m.total > memory_budget]
+    if not over:
+        return plan
+    try:
+        cut = stage_boundaries(plan.model, plan.pipeline_stages, "compute", plan.seq_len,
+                               fits=lambda s, a, b: segment_memory(plan, s, a, b).total <= memory_budget)
+    except ValueError:
+        return plan  # nothing fits: the compute cut, and the fit check names the stage
+    return replace(plan, stage_layers=tuple(cut), deepspeed_config=render(cut),
+                   partition_note=f"the compute-balanced cut puts stage {over[0]} over the device memory; "
+                                  "this is the most balanced cut that fits")
+
+
+def _check_adapted_stages(plan: TrainPlan) -> None:
+    """LoRA in a pipeline: every stage must hold a block, or it would have nothing to train (and
+    the first stage's output no gradient to send back)."""
+    if plan.settings.lora is None or plan.pipeline_stages == 1:
+        return
+    n_layer, cut = plan.model.n_layer, plan.stage_layers
+    for stage, (start, stop) in enumerate(zip(cut, cut[1:])):
+        if not any(2 <= layer < n_layer + 2 for layer in range(start, stop)):
+            from model.errors import ConfigError
+
+            raise ConfigError(f"stages.{plan.stage}.lora: pipeline stage {stage} (layers {start}..{stop - 1}) holds no transformer "
+                              f"block, so it has no adapter to train; use fewer pipeline_stages than {plan.pipeline_stages}")
 
 
 @dataclass(frozen=True)
@@ -276,6 +317,7 @@ class RunPlan:
     device: str
     training: dict[str, TrainPlan]
     job: dict[str, Any]
+    tracking: Any = None        # pipelines/train/tracking.py TrackingPlan: MLflow / W&B beside TensorBoard, or None
 
     def stage(self, name: str) -> TrainPlan:
         return self.training[name]

@@ -32,6 +32,8 @@ class DeepSpeedSpec(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = Field(False, description="keep optimizer states (and the step) on the CPU")
     pipeline_stages: int = Field(1, ge=1, description="pp: >1 cuts the model into a DeepSpeed PipelineModule")
+    tensor_parallel: int = Field(1, ge=1, description="tp: split every layer's heads, MLP width and vocabulary over this many "
+                                 "ranks (Megatron-style; keep it within a node); world = pp x tp x data-parallel")
     partition_method: Literal["compute", "type:BlockPipe", "parameters", "uniform"] = Field(
         "compute", description="how layers are spread over pipeline stages (model/partition.py): compute balances training FLOPs, "
                                "counting the LM head and the loss over the vocabulary; type:BlockPipe the same number of blocks each")

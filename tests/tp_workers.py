@@ -1,0 +1,79 @@
+"""Functions that run inside the processes of tests/distributed.py for tensor parallelism."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def _batches(plan, seed: int):
+    """Endless (x, y) micro-batches, the same on every rank: every layout then trains on the same
+    data whatever its data-parallel size, so a data-parallel layout computes exactly what one
+    process given those batches computes. Rows count up from a random token (learnable: the
+    loss must fall), so the next token is the successor."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = plan.model.vocab_size
+    while True:
+        start = torch.randint(0, vocab, (plan.micro_batch, 1), generator=g)
+        x = (start + torch.arange(plan.seq_len + 1)) % vocab  # (B, T + 1)
+        yield x[:, :-1], x[:, 1:]
+
+
+def _exported(engine) -> dict:
+    """Every exported weight as gathered on rank 0 (None elsewhere), via the engine's stream."""
+    specs = engine.export_specs()
+    order = list(specs)
+    out = {name: tensor for name, tensor in zip(order, engine.stream_weights(order))}
+    return out if engine.topology.rank == 0 else {}
+
+
+def _digest(weights: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_parallel_layouts(config_kwargs: dict, layouts: list[dict], steps: int, checkpoint_dir: str) -> dict:
+    """For each layout (DeepSpeed settings) in turn: the digest of its export before training
+    (the initial weights, gathered), the losses of `steps` steps and the trained weights on rank 0.
+    The last layout is also checkpointed half-way and resumed in a new engine, whose losses for
+    the second half are returned as `resumed`."""
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+    from dist_workers import _plan
+
+    torch.set_num_threads(1)
+    init_distributed()
+    config = GPTConfig(**config_kwargs)
+    stage = {"steps": steps, "micro_batch": 2, "grad_accum": 2, "optimizer": {"grad_clip": 0.3, "warmup_steps": 2, "lr": 1e-2}}
+    out: dict = {"runs": []}
+    for i, deepspeed in enumerate(layouts):
+        plan = _plan(config, {**stage, "deepspeed": deepspeed})
+        engine = Engine(plan, init_state=None)
+        initial = _exported(engine)  # a collective: every rank streams
+        initial = _digest(initial) if initial else None
+        batches = _batches(plan, seed=7)
+        losses, norms = [], []
+        for step in range(steps):
+            values = engine.read(engine.train_step(batches))
+            losses.append(values["loss"])
+            norms.append(values["grad_norm"])
+            if i == len(layouts) - 1 and step == steps // 2 - 1:
+                engine.save(checkpoint_dir, "half", {"step": step + 1})
+        trained = {name: weight.numpy() for name, weight in _exported(engine).items()}  # (tensors would cross by shared memory)
+        out["runs"].append({"initial": initial, "losses": losses, "grad_norms": norms, "trained": trained,
+                            "tp": engine.topology.tp, "dp": engine.topology.dp, "dp_rank": engine.topology.dp_rank})
+        del engine
+    resumed = Engine(plan, init_state=None)
+    client = resumed.load(checkpoint_dir, "half")
+    batches = _batches(plan, seed=7)
+    for _ in range(client["step"] * plan.grad_accum):
+        next(batches)
+    out["resumed"] = [resumed.read(resumed.train_step(batches))["loss"] for _ in range(steps - client["step"])]
+    return out
