@@ -180,3 +180,19 @@ def _assert_reference_is_a_fresh_forward(z0, z3, init):
         for run in (z0, z3):
             cached = np.load(run / "dpo" / "reference" / f"{split}.npy", allow_pickle=False)
             np.testing.assert_allclose(cached, expected, atol=2e-5, rtol=0)
+
+
+def test_the_shipped_held_out_pairs_are_the_generators():
+    """jobs/tasks/tiny-world-preference.jsonl is what synthetic.py makes for the demo world, and the
+    eval stage reads it as a preference task."""
+    from pathlib import Path
+
+    from pipelines.data import synthetic
+    from pipelines.eval.task import load_task
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    shipped = [json.loads(line) for line in (jobs / "tasks" / "tiny-world-preference.jsonl").read_text().splitlines()]
+    assert shipped == synthetic.held_out_preference_pairs(synthetic.build_world(0, 48, 0.25), 0)
+    held_out = {p.name for p in synthetic.build_world(0, 48, 0.25).held_out_people}
+    assert len(shipped) == 3 * len(held_out) and all(row["chosen"] != row["rejected"] for row in shipped)
+    assert load_task(str(jobs / "tasks" / "tiny-world-preference.yaml")).metric == "preference_accuracy"

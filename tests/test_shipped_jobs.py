@@ -73,7 +73,7 @@ def test_shipped_job_resolves_to_the_hand_computed_plan(path, tmp_path, llama3_s
     # preflight reads every task's data before anything starts.
     hub = [p for p in problems if p.startswith("stages.eval.tasks[") and "could not be loaded" in p]
     assert problems == hub, problems
-    assert len(hub) == len([t for t in (job.stages.eval.tasks if job.stages.eval else []) if t != "synthetic"])
+    assert len(hub) == len([t for t in (job.stages.eval.tasks if job.stages.eval else []) if t != "synthetic" and not job.path(t).is_file()])
     assert {stage: _numbers(run, plan) for stage, plan in run.training.items()} == EXPECTED[path.name]
     for plan in run.training.values():
         assert plan.deepspeed_config["train_batch_size"] == plan.global_batch
