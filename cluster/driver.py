@@ -38,11 +38,11 @@ from pipelines.rundir import TRAINING_STAGES, RunDir
 
 def stages_of(job) -> list[str]:
     present = ["data"]
-    present += [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
+    present += [s for s in ("pretrain", "sft", "dpo", "eval") if getattr(job.stages, s) is not None]
     return present
 
 
-RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "eval": "re-evaluating"}
+RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "dpo": "retraining", "eval": "re-evaluating"}
 
 
 def _clear_stage(run_dir: RunDir, stage: str) -> None:

@@ -24,7 +24,7 @@ from pipelines.data.config import DataSpec, TokenizerSpec
 from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
 from pipelines.train.plan import data_parallel_size
-from pipelines.train.settings import TrainStageSpec
+from pipelines.train.settings import DPOStageSpec, TrainStageSpec
 from pipelines.train.tracking import TrackingSpec
 from pipelines.yaml_file import read_yaml
 
@@ -86,6 +86,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 class StagesSpec(Strict):
     pretrain: TrainStageSpec | None = None
     sft: TrainStageSpec | None = None
+    dpo: DPOStageSpec | None = None
     eval: EvalStageSpec | None = None
 
 
@@ -137,10 +138,11 @@ class JobSpec(Strict):
                                 "reads the one text column named by 'field'")
         # A stage that starts from a model directory trains that model: its context and layers are
         # checked against the directory in the plan (jobs/plan.py), not against the model: section.
-        sft_init = self.stages.sft is not None and self.stages.sft.init
-        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > block_size and not sft_init:
-            problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {block_size}")
-        for name in ("pretrain", "sft"):
+        for name in ("sft", "dpo"):
+            section, stage = getattr(self.data, name), getattr(self.stages, name)
+            if section and section.seq_len and section.seq_len > block_size and not (stage is not None and stage.init):
+                problems.append(f"data.{name}.seq_len: {section.seq_len} exceeds the model's block_size {block_size}")
+        for name in ("pretrain", "sft", "dpo"):
             stage = getattr(self.stages, name)
             if stage is None:
                 continue
@@ -165,8 +167,7 @@ class JobSpec(Strict):
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
             if stage.seq_len is not None and stage.seq_len > block_size and not stage.init:
                 problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
-            if name == "sft" and stage.seq_len is not None:
-                problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
+            problems += _row_stage_problems(name, stage)
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
             if not workers % (pp * tp):
                 problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp, tp))
@@ -205,6 +206,23 @@ class JobSpec(Strict):
         data = self.model_dump(mode="json")
         data["model"] = {"preset": self.model.preset, **self.model.overrides}
         return data
+
+
+def _row_stage_problems(name: str, stage: TrainStageSpec) -> list[str]:
+    """SFT and DPO make their rows at data.<stage>.seq_len; DPO needs each row's log-probability
+    over the whole vocabulary, which the pipeline engine and tensor parallelism do not give."""
+    where, ds, problems = f"stages.{name}", stage.deepspeed, []
+    if name != "pretrain" and stage.seq_len is not None:
+        problems.append(f"{where}.seq_len: {name} rows are made at data.{name}.seq_len; set that instead")
+    if name == "dpo" and ds.pipeline_stages > 1:
+        problems.append(f"{where}.deepspeed.pipeline_stages: DPO needs each row's log-probability of its answer, and DeepSpeed's "
+                        "pipeline engine returns only one loss per batch from its last stage; use pipeline_stages 1 (ZeRO-3 and "
+                        "LoRA hold a large model instead)")
+    if name == "dpo" and ds.tensor_parallel > 1:
+        problems.append(f"{where}.deepspeed.tensor_parallel: DPO sums each row's log-probabilities over the whole vocabulary's "
+                        "softmax, and tensor parallelism splits the vocabulary over ranks; use tensor_parallel 1 (ZeRO-3 shards "
+                        "a large model instead)")
+    return problems
 
 
 def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int) -> list[str]:

@@ -28,7 +28,7 @@ def model_style(model_dir) -> str:
     except (OSError, ValueError):
         return "completion"
     provenance = meta.get("provenance") if isinstance(meta, dict) else None
-    return "chat" if isinstance(provenance, dict) and provenance.get("stage") == "sft" else "completion"
+    return "chat" if isinstance(provenance, dict) and provenance.get("stage") in ("sft", "dpo") else "completion"
 
 
 def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out=None, temperature: float = 0.0,

@@ -58,6 +58,7 @@ class StepOutput:
     loss: torch.Tensor
     grad_norm: torch.Tensor | float | None
     lr: float
+    extras: torch.Tensor | None = None  # an objective's statistics (DPO's rewards), the mean over micro-batches
 
 
 def build_sharded(plan, init_state: dict | None):
@@ -305,24 +306,37 @@ class Engine(WeightExport):
     def current_lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def train_step(self, batches: Iterator | None) -> StepOutput:
+    def train_step(self, batches: Iterator | None, loss_of=None) -> StepOutput:
         """One optimizer step over grad_accum micro-batches. Its loss and gradient norm stay on the
-        device (`read` brings them to the host, at the steps that are logged)."""
+        device (`read` brings them to the host, at the steps that are logged).
+
+        `loss_of(batch) -> (loss, statistics or None)`: the objective of a micro-batch (unpipelined
+        only); by default the language-model loss of an (inputs, labels) batch."""
         lr = self.current_lr()
+        extras = None
         if self.pipelined:
+            assert loss_of is None, "the pipeline engine computes its own loss"
             loss = self.engine.train_batch(data_iter=batches if self.topology.needs_data else None)
         else:
             self.engine.train()
+            loss_of = loss_of or self._lm_loss
             loss = None
             for _ in range(self.plan.grad_accum):
-                inputs, y = next(batches)
-                _, micro_loss = self._forward(inputs, y)
+                micro_loss, stats = loss_of(next(batches))
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
+                if stats is not None:
+                    extras = stats.detach() if extras is None else extras + stats.detach()
             loss = loss / self.plan.grad_accum
+            extras = extras / self.plan.grad_accum if extras is not None else None
         norm = self.last_grad_norm if self.plan.clip_in_optimizer else self.engine.get_global_grad_norm()
-        return StepOutput(loss=loss, grad_norm=norm, lr=lr)
+        return StepOutput(loss=loss, grad_norm=norm, lr=lr, extras=extras)
+
+    def _lm_loss(self, batch) -> tuple[torch.Tensor, None]:
+        inputs, y = batch
+        return self._forward(inputs, y)[1], None
+
 
     def read(self, out: StepOutput) -> dict:
         """A step's loss (the mean over data-parallel ranks), gradient norm and learning rate as
@@ -334,8 +348,13 @@ class Engine(WeightExport):
             loss = loss / self.topology.world_size
         norm = out.grad_norm
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(loss.device).reshape(())
+        extras = []
+        if out.extras is not None:  # each rank's own micro-batches' statistics: the data-parallel mean
+            mean = out.extras.detach().float().to(self.reduce_device)
+            dist.all_reduce(mean)
+            extras = (mean / self.topology.world_size).tolist()
         loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()
-        return {"loss": loss_value, "lr": out.lr, "grad_norm": norm_value}
+        return {"loss": loss_value, "lr": out.lr, "grad_norm": norm_value, "extras": extras}
 
     @property
     def reduce_device(self) -> torch.device:

@@ -79,7 +79,8 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
 
     config, ds = plan.model, plan.settings.deepspeed
     zero = plan.deepspeed_config.get("zero_optimization", {})
-    pp, dp, seq, micro = plan.pipeline_stages, plan.data_parallel, plan.seq_len, plan.micro_batch
+    pp, dp, seq = plan.pipeline_stages, plan.data_parallel, plan.seq_len
+    micro = plan.micro_batch * plan.settings.rows_per_example  # rows in one forward (DPO: chosen and rejected of each pair)
     c, v = config.n_embd, config.padded_vocab_size
     half = plan.precision in ("bf16", "fp16")
     w_bytes = g_bytes = 2 if half else 4

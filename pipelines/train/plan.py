@@ -163,7 +163,7 @@ class TrainPlan:
     grad_accum: int
     global_batch: int           # micro_batch x grad_accum x data_parallel sequences per step
     seq_len: int                # tokens per training sequence
-    tokens_per_step: int        # global_batch x seq_len
+    tokens_per_step: int        # global_batch x seq_len (x 2 for DPO's pairs)
     total_steps: int
     device: str                 # cpu | cuda
     precision: str              # fp32 | bf16 | fp16
@@ -222,7 +222,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     pp, tp = settings.deepspeed.pipeline_stages, settings.deepspeed.tensor_parallel
     dp = data_parallel_size(world_size, pp, tp)
     global_batch = settings.micro_batch * settings.grad_accum * dp
-    tokens_per_step = global_batch * seq_len
+    tokens_per_step = global_batch * settings.rows_per_example * seq_len  # DPO: a pair is two rows
     precision = resolve_precision(settings.deepspeed.precision, device)
     zero_stage = runs_zero_stage(settings.deepspeed.zero_stage, precision, dp, pp)
     compile_scope = resolve_compile(settings.compile, device) if tp == 1 else "off"  # (the job refuses compile with tp)

@@ -1,6 +1,7 @@
-"""The training loop, one for pretraining and SFT: they differ only in data and init.
+"""The training loop, one for pretraining, SFT and DPO: they differ only in data, init and (DPO,
+pipelines/train/dpo.py) the loss of a micro-batch.
 
-`train_stage(run_plan, "pretrain" | "sft")` runs on every worker (Ray Train or torchrun) with
+`train_stage(run_plan, "pretrain" | "sft" | "dpo")` runs on every worker (Ray Train or torchrun) with
 torch.distributed initialised from the environment. Every number it uses comes from the
 stage's resolved `TrainPlan`; the trainer goes through named phases:
 
@@ -97,7 +98,6 @@ class Trainer:
 
     def build(self) -> None:
         from model.tokenizer import Tokenizer
-        from pipelines.data.loader import make_loader, open_split
         from pipelines.train.distributed import init_distributed
         from pipelines.train.engine import Engine
         from pipelines.train.startup import WorkerStartup
@@ -109,15 +109,10 @@ class Trainer:
         if dist.get_world_size() != plan.world_size:
             raise RelayError(f"cluster.num_workers: the plan is for {plan.world_size} workers but {dist.get_world_size()} started")
         self.tokenizer = Tokenizer.from_dir(self.run.run_dir.tokenizer)
-        separate = plan.separate_documents
-        self.train_windows = open_split(plan.data_dir, "train", seq_len=plan.seq_len, separate_documents=separate)
-        self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False, separate_documents=separate)
+        self.open_data()
         self.engine = Engine(plan, init_state=initial_state(plan, self.tokenizer))
         self.topo = self.engine.topology
-        self.loader = make_loader(plan.data_dir, self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank,
-                                  dp_size=plan.data_parallel, seed=plan.seed,
-                                  separate_documents=separate) if self.topo.needs_data else None
-        self.batches = CountingIterator(self.loader) if self.loader is not None else None
+        self.make_loader()
         self.state = TrainState()
         self.logger = MetricsLogger(self.dir, rank=self.topo.rank, console=self.console, tracking=self.run.tracking,
                                     params=plan_params(self.run.job, plan) if self.topo.rank == 0 and self.run.tracking else None)
@@ -125,6 +120,24 @@ class Trainer:
         self.peak_flops = device_peak_flops(plan.settings.peak_tflops)
         self.flops_per_token = plan.model.flops_per_token(plan.seq_len)
         self.startup.mark("built")
+
+    def open_data(self) -> None:
+        """The stage's prepared splits (read in place; the training split's shards verified)."""
+        from pipelines.data.loader import open_split
+
+        plan, separate = self.plan, self.plan.separate_documents
+        self.train_windows = open_split(plan.data_dir, "train", seq_len=plan.seq_len, separate_documents=separate)
+        self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False, separate_documents=separate)
+
+    def make_loader(self) -> None:
+        """This rank's training batches (the ranks of a pipeline that read data)."""
+        from pipelines.data.loader import make_loader
+
+        plan = self.plan
+        self.loader = make_loader(plan.data_dir, self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank,
+                                  dp_size=plan.data_parallel, seed=plan.seed,
+                                  separate_documents=plan.separate_documents) if self.topo.needs_data else None
+        self.batches = CountingIterator(self.loader) if self.loader is not None else None
 
     # ---- resume -----------------------------------------------------------------------------
 
@@ -186,7 +199,7 @@ class Trainer:
         stop_at = min(plan.total_steps, until_step or plan.total_steps)
         self.last: dict = {}
         while state.step < stop_at:
-            out = self.engine.train_step(self.batches)
+            out = self.train_step()
             state.step += 1
             state.tokens_seen += plan.tokens_per_step
             logged = self._due(plan.settings.log_every)
@@ -200,6 +213,9 @@ class Trainer:
             timer.skip()  # evaluation and checkpoint time is not step time
         self.logger.close()
         return self.finish()
+
+    def train_step(self):
+        return self.engine.train_step(self.batches)
 
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.plan.total_steps
@@ -218,7 +234,7 @@ class Trainer:
             "perf/peak_memory_gb": peak_memory_bytes() / 1e9,
             "eta_s": step_time * (plan.total_steps - self.state.step),
         }
-        if self.batches is not None:
+        if isinstance(self.batches, CountingIterator):
             metrics["train/supervised_fraction"] = self.batches.take_fraction()
         if hasattr(self.loader, "fractions"):  # a mixture: the share each source has had so far, and its target
             for (name, share), target in zip(self.loader.fractions().items(), self.loader.target):
@@ -328,7 +344,13 @@ def train_stage(run, stage: str, *, console: bool = True, until_step: int | None
 
     `console` prints the progress line (torchrun); under Ray the driver shows its own display.
     """
-    trainer = Trainer(run, stage, console=console)
+    from pipelines.train.settings import DPOStageSpec
+
+    if isinstance(run.stage(stage).settings, DPOStageSpec):  # pairs and the DPO loss; the same loop
+        from pipelines.train.dpo import DPOTrainer as trainer_class
+    else:
+        trainer_class = Trainer
+    trainer = trainer_class(run, stage, console=console)
     trainer.build()
     trainer.resume()
     trainer.startup.mark("resumed")
