@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.data.prepare import prepare_data
         from pipelines.rundir import RunDir
         from pipelines.train.distributed import init_distributed
-        from pipelines.train.trainer import train_stage
+        from pipelines.train.entry import train_stage
 
         job = load_job(args.job, args.overrides)
         from pipelines.run_state import check_output_path

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from model.errors import RelayError
 
+NORMALIZERS = ("NFC",)  # Unicode normalizations a tokenizer may apply before splitting (unicodedata's names)
+
 
 def read_tokenizer_json(spec: Path, pat_str: str | None = None) -> tuple[dict[str, int], list[str], str | None, str | None]:
     """(vocabulary, merges, split pattern, normalizer) of a tokenizer.json; `pat_str` (recorded
@@ -32,7 +34,6 @@ def read_tokenizer_json(spec: Path, pat_str: str | None = None) -> tuple[dict[st
 def _normalizer(data: dict, spec: Path) -> str | None:
     """The Unicode normalization a tokenizer.json's normalizer applies (Qwen2's NFC, alone or as a
     one-step Sequence), or None; any other normalizer is refused naming it."""
-    from model.tokenizer import NORMALIZERS
 
     normalizer = data.get("normalizer")
     if normalizer is None:

@@ -20,13 +20,13 @@ import tiktoken
 
 from model.bpe import GPT2_PATTERN, ranks_from_gpt2_files, ranks_to_tiktoken_bytes, train_bpe
 from model.errors import RelayError
+from model.hf_tokenizer import NORMALIZERS
 
 EOT = "<|endoftext|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END_OF_TURN)
 STANDARD_ENCODINGS = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 RANK_FILE, META_FILE = "ranks.tiktoken", "tokenizer.json"
-NORMALIZERS = ("NFC",)  # Unicode normalizations a tokenizer may apply before splitting (unicodedata's names)
 # sha256 of GPT-2's ranks in canonical .tiktoken form (the bytes of r50k_base.tiktoken).
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 

@@ -232,7 +232,7 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
     from jobs.plan import resolve_plan
     from jobs.spec import load_job
     from pipelines.rundir import RunDir
-    from pipelines.train.trainer import train_stage
+    from pipelines.train.entry import train_stage
 
     job = load_job(job_path, overrides)
     run = resolve_plan(job, RunDir(run_dir))
