@@ -92,7 +92,7 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     if tp > 1:
         from model.tensor_parallel import local_layer_params
 
-        params = sum(local_layer_params(config, tp)[start:stop])
+        params = sum(local_layer_params(config, tp, pp)[start:stop])
     else:
         params = sum(layer_params(config, pp)[start:stop])
     trainable = params

@@ -188,8 +188,8 @@ class TrainPlan:
         if self.tensor_parallel > 1:
             tp, dp = self.tensor_parallel, self.data_parallel
             notes.append(f"tensor parallel {tp} (model/tensor_parallel.py): each rank holds {self.model.n_head // tp} of "
-                         f"{self.model.n_head} heads, 1/{tp} of the MLP width and of the vocabulary; ranks r..r+{tp - 1} form one "
-                         f"replica (one node), {dp} replicas average gradients"
+                         f"{self.model.n_head} heads, 1/{tp} of the MLP width and of the vocabulary; a tensor group is {tp} consecutive "
+                         f"ranks (keep it within a node); {dp} data-parallel replica(s) average gradients"
                          + (f" and shard ZeRO-1 state over {dp}" if self.deepspeed_zero_stage == 1 and dp > 1 else "")
                          + "; 2 all-reduces of (micro x seq x n_embd) per block each way; the loss never gathers the logits")
         lora = self.settings.lora
