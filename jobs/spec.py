@@ -160,13 +160,15 @@ class JobSpec(Strict):
                                 "(the pipeline's layers are built apart from the GPT); use pipeline_stages 1")
             if pp > n_layer:
                 problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
-            tp = ds.tensor_parallel
+            tp, sp = ds.tensor_parallel, ds.sequence_parallel
             problems += _tensor_parallel_problems(where, stage, self.model.config(vocab_size=256))
-            if workers % (pp * tp):
+            problems += _sequence_parallel_problems(where, stage, self.model.config(vocab_size=256))
+            if workers % (pp * tp * sp):
                 problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})"
-                                + (f" x tensor_parallel ({tp}) = {pp * tp}" if tp > 1 else ""))
+                                + (f" x tensor_parallel ({tp})" if tp > 1 else "") + (f" x sequence_parallel ({sp})" if sp > 1 else "")
+                                + (f" = {pp * tp * sp}" if tp * sp > 1 else ""))
             elif stage.global_batch is not None:
-                dp = data_parallel_size(workers, pp, tp)
+                dp = data_parallel_size(workers, pp, tp, sp)
                 if stage.global_batch != stage.micro_batch * stage.grad_accum * dp:
                     problems.append(f"{where}.global_batch: {stage.global_batch} != micro_batch {stage.micro_batch} x grad_accum "
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
@@ -175,7 +177,7 @@ class JobSpec(Strict):
             if name == "sft" and stage.seq_len is not None:
                 problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
-            if not workers % (pp * tp):
+            if not workers % (pp * tp * sp):
                 problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp, tp))
             checkpointing = stage.deepspeed.extra.get("checkpoint")
             if isinstance(checkpointing, dict) and checkpointing.get("load_universal"):
@@ -246,6 +248,31 @@ def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int)
 _ABSENT = object()
 
 
+def _sequence_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[str]:
+    """What sequence parallelism cannot be combined with (yet), and heads it cannot split; one
+    line each. (The sequence length is checked by the plan, which resolves it.)"""
+    from model.sequence_parallel import sequence_parallel_problems
+
+    ds, sp = stage.deepspeed, stage.deepspeed.sequence_parallel
+    if sp == 1:
+        return []
+    field = f"{where}.deepspeed.sequence_parallel"
+    problems = [f"{field}: {line}" for line in sequence_parallel_problems(model, sp, sp)]
+    if ds.pipeline_stages > 1 or ds.tensor_parallel > 1:
+        problems.append(f"{field}: {sp} runs with pipeline_stages 1 and tensor_parallel 1 only (not implemented with them)")
+    if ds.zero_stage > 1:
+        problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} is not verified with sequence_parallel {sp}; "
+                        "use zero_stage 0 or 1")
+    if stage.lora is not None:
+        problems.append(f"{where}.lora: adapters are not implemented with sequence_parallel {sp}; use sequence_parallel 1")
+    if stage.compile not in ("auto", "off"):
+        problems.append(f"{where}.compile: {stage.compile!r} is not supported with sequence_parallel {sp} (its all-to-alls run "
+                        "eagerly); use off or auto")
+    if ds.activation_checkpoint_interval:
+        problems.append(f"{where}.deepspeed.activation_checkpoint_interval: not verified with sequence_parallel {sp}; use 0")
+    return problems
+
+
 def _tensor_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[str]:
     """What tensor parallelism cannot be combined with (yet), and a model it cannot split; one line
     each. (The vocabulary is checked by the plan, once the tokenizer's size is known.)"""
@@ -266,6 +293,8 @@ def _tensor_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[
                         "eagerly); use off or auto (which runs eagerly with tensor parallelism)")
     if ds.offload_optimizer:
         problems.append(f"{where}.deepspeed.offload_optimizer: not verified with tensor_parallel {tp}; use one of the two")
+    if ds.activation_checkpoint_interval:
+        problems.append(f"{where}.deepspeed.activation_checkpoint_interval: not verified with tensor_parallel {tp}; use 0")
     return problems
 
 

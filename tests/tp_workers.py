@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 
 
-def _batches(plan, seed: int):
+def _batches(plan, seed: int, documents: bool):
     """Endless (x, y) micro-batches, the same on every rank: every layout then trains on the same
     data whatever its data-parallel size, so a data-parallel layout computes exactly what one
     process given those batches computes. Rows count up from a random token (learnable: the
-    loss must fall), so the next token is the successor."""
+    loss must fall), so the next token is the successor. With `documents`, ((x, document ids), y):
+    rows packed with documents of about 6 tokens, kept apart (they cross any split of the row)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -17,7 +18,11 @@ def _batches(plan, seed: int):
     while True:
         start = torch.randint(0, vocab, (plan.micro_batch, 1), generator=g)
         x = (start + torch.arange(plan.seq_len + 1)) % vocab  # (B, T + 1)
-        yield x[:, :-1], x[:, 1:]
+        if not documents:
+            yield x[:, :-1], x[:, 1:]
+            continue
+        document_ids = (torch.rand(plan.micro_batch, plan.seq_len, generator=g) < 0.15).long().cumsum(dim=1)
+        yield (x[:, :-1], document_ids), x[:, 1:]
 
 
 def _exported(engine) -> dict:
@@ -36,7 +41,7 @@ def _digest(weights: dict) -> str:
     return h.hexdigest()
 
 
-def tensor_parallel_layouts(config_kwargs: dict, layouts: list[dict], steps: int, checkpoint_dir: str) -> dict:
+def tensor_parallel_layouts(config_kwargs: dict, layouts: list[dict], steps: int, checkpoint_dir: str, documents: bool = False) -> dict:
     """For each layout (DeepSpeed settings) in turn: the digest of its export before training
     (the initial weights, gathered), the losses of `steps` steps and the trained weights on rank 0.
     The last layout is also checkpointed half-way and resumed in a new engine, whose losses for
@@ -58,7 +63,7 @@ def tensor_parallel_layouts(config_kwargs: dict, layouts: list[dict], steps: int
         engine = Engine(plan, init_state=None)
         initial = _exported(engine)  # a collective: every rank streams
         initial = _digest(initial) if initial else None
-        batches = _batches(plan, seed=7)
+        batches = _batches(plan, seed=7, documents=documents)
         losses, norms = [], []
         for step in range(steps):
             values = engine.read(engine.train_step(batches))
@@ -72,7 +77,7 @@ def tensor_parallel_layouts(config_kwargs: dict, layouts: list[dict], steps: int
         del engine
     resumed = Engine(plan, init_state=None)
     client = resumed.load(checkpoint_dir, "half")
-    batches = _batches(plan, seed=7)
+    batches = _batches(plan, seed=7, documents=documents)
     for _ in range(client["step"] * plan.grad_accum):
         next(batches)
     out["resumed"] = [resumed.read(resumed.train_step(batches))["loss"] for _ in range(steps - client["step"])]

@@ -196,6 +196,7 @@ class Engine:
             from pipelines.train.tensor_parallel import make_grid
 
             self.grid = make_grid(plan.pipeline_stages, plan.tensor_parallel, plan.data_parallel)
+        self.sp = None  # this rank's sequence-parallel group, when rows are split
         module = self._build_module(init_state)
         self.compiled_blocks = self._compile(module)
         opt = plan.settings.optimizer
@@ -221,6 +222,8 @@ class Engine:
                                      plan.tensor_parallel)
         elif self.grid is not None:
             self.topology = Topology(world, rank, 1, plan.data_parallel, self.grid.get_data_parallel_id(), 0, plan.tensor_parallel)
+        elif self.sp is not None:  # the ranks of a group read the same rows
+            self.topology = Topology(world, rank, 1, plan.data_parallel, rank // plan.sequence_parallel, 0)
         else:
             self.topology = Topology(world, rank, 1, world, rank, 0)
 
@@ -233,13 +236,14 @@ class Engine:
         interval = plan.settings.deepspeed.activation_checkpoint_interval
         loss_fn = loss_function(plan.loss_kernel)
         if plan.pipeline_stages > 1:
-            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+            from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
             if plan.compile == "model":
                 loss_fn = torch.compile(loss_fn)  # the stage's layers are compiled one by one (_compile)
             module = build_pipeline(config, plan.pipeline_stages, parts=plan.stage_layers, loss_fn=loss_fn,
                                     topology=PipeModelDataParallelTopology(num_pp=plan.pipeline_stages, num_mp=plan.tensor_parallel,
-                                                                           num_dp=plan.data_parallel),
+                                                                           num_dp=plan.data_parallel) if plan.tensor_parallel > 1
+                                    else PipeDataParallelTopology(num_pp=plan.pipeline_stages, num_dp=plan.data_parallel),
                                     activation_checkpoint_interval=interval, seed=plan.seed)
             if init_state is not None:
                 load_gpt_state(module, config, init_state)
@@ -273,6 +277,12 @@ class Engine:
                 init_like_pipeline(module, plan.seed)
             if plan.settings.lora is not None:  # after the base weights are in place; before recompute and compile wrap the blocks
                 _apply_lora(module, plan)
+        if plan.sequence_parallel > 1:
+            from model.sequence_parallel import sequence_parallelize
+            from pipelines.train.tensor_parallel import sequence_group
+
+            self.sp = sequence_group(plan.sequence_parallel)
+            module = sequence_parallelize(module, self.sp)
         if interval:
             from pipelines.train.recompute import checkpoint_blocks
 
@@ -381,6 +391,10 @@ class Engine:
             return float(self.engine.eval_batch(batch, num_micro_batches=1))
         self.engine.eval()
         _, loss = self._forward(x, y)
+        if self.sp is not None:  # each rank holds its chunk's share: the row batch's loss is their mean
+            loss = loss.detach().float().to(self.reduce_device)
+            dist.all_reduce(loss, group=self.sp.group)
+            loss = loss / self.sp.size
         return float(loss)
 
     def _forward(self, inputs, labels: torch.Tensor):

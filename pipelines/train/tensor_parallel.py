@@ -31,6 +31,19 @@ def make_grid(pipeline_stages: int, tensor_parallel: int, data_parallel: int):
     return PipelineParallelGrid(topology=topology)
 
 
+def sequence_group(size: int):
+    """This rank's sequence-parallel group: `size` consecutive ranks (every rank creates every group)."""
+    from model.sequence_parallel import SPGroup
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(ranks=list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return SPGroup(mine, rank % size, size)
+
+
 def tp_group_of(grid):
     from model.tensor_parallel import TPGroup
 
