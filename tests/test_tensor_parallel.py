@@ -146,6 +146,14 @@ def test_the_plan_counts_each_ranks_slices(tmp_path):
     assert two.logits < one.logits and two.activations < one.activations
     with pytest.raises(ConfigError, match=r"^stages.pretrain.deepspeed.tensor_parallel: padded_vocab_size 50257 is not divisible"):
         plan(2, GPTConfig(vocab_size=50257, pad_vocab_multiple=1, block_size=256, n_layer=2, n_head=4, n_embd=64))
+    def sequence_plan(sp, seq_len=256):
+        settings = TrainStageSpec(steps=1, micro_batch=4, deepspeed={"zero_stage": 0, "sequence_parallel": sp})
+        return plan_training("pretrain", settings, config, world_size=sp, seq_len=seq_len, device="cpu", data_dir=Path("."),
+                             init_model=None, seed=0)
+
+    whole, halves = stage_memory(sequence_plan(1))[0], stage_memory(sequence_plan(2))[0]
+    assert halves.activations == whole.activations / 2 and halves.logits == whole.logits / 2 and halves.weights == whole.weights
+    assert halves.flops_per_step == whole.flops_per_step / 2
     settings = TrainStageSpec(steps=1, deepspeed={"sequence_parallel": 4})
     with pytest.raises(ConfigError, match=r"^stages.pretrain.deepspeed.sequence_parallel: seq_len 30 is not divisible by sequence_parallel 4"):
         plan_training("pretrain", settings, config, world_size=4, seq_len=30, device="cpu", data_dir=Path("."), init_model=None, seed=0)
