@@ -293,8 +293,6 @@ def _tensor_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[
                         "eagerly); use off or auto (which runs eagerly with tensor parallelism)")
     if ds.offload_optimizer:
         problems.append(f"{where}.deepspeed.offload_optimizer: not verified with tensor_parallel {tp}; use one of the two")
-    if ds.activation_checkpoint_interval:
-        problems.append(f"{where}.deepspeed.activation_checkpoint_interval: not verified with tensor_parallel {tp}; use 0")
     return problems
 
 

@@ -274,6 +274,16 @@ def local_layer_params(config: GPTConfig, size: int, num_stages: int = 1) -> lis
     """Parameters one rank of a `size`-way tensor-parallel group holds in each pipeline layer
     (the indices of model/pipe.py), from the config alone; as model/partition.py: layer_params, a
     tied head counts again on the last layer when a pipeline puts it on another stage."""
+    key = (repr(config), size, num_stages)  # the planner's cut search asks again and again
+    if key not in _LOCAL_PARAMS:
+        _LOCAL_PARAMS[key] = _count_local_layer_params(config, size, num_stages)
+    return list(_LOCAL_PARAMS[key])
+
+
+_LOCAL_PARAMS: dict[tuple, list[int]] = {}
+
+
+def _count_local_layer_params(config: GPTConfig, size: int, num_stages: int) -> list[int]:
     from model.pipe import layer_of
 
     with torch.device("meta"):

@@ -30,6 +30,10 @@ EXPECTED = {
         "pretrain": (CL100K_IDS, 8, 4, 2, 4, 32, 256, 2048, 524288, 49592, "bf16", "cuda")},
     "gpt-6.7b-pp8-dp4.yaml": {  # 1e11 / (512 x 2048) = 95367.4 -> 95368
         "pretrain": (CL100K_IDS, 32, 8, 4, 2, 64, 512, 2048, 1048576, 95368, "bf16", "cuda")},
+    "gpt-6.7b-tp8-dp4.yaml": {  # tensor 8 x data 4; the same batch arithmetic as the pipeline version
+        "pretrain": (CL100K_IDS, 32, 1, 4, 2, 64, 512, 2048, 1048576, 95368, "bf16", "cuda")},
+    "gpt-13b-tp8-pp2.yaml": {  # tensor 8 x pipe 2 x data 2; 2.6e11 / (512 x 2048) = 247955.1 -> 247956
+        "pretrain": (CL100K_IDS, 32, 2, 2, 2, 128, 512, 2048, 1048576, 247956, "bf16", "cuda")},
 }
 
 
@@ -76,6 +80,20 @@ def test_multi_node_jobs_use_pipeline_and_data_parallel(tmp_path):
                                                              "stages.pretrain.global_batch=null"])
     problems = check(one, RunDir(tmp_path / "b"))[1]
     assert problems and "pipeline stage 0 needs" in problems[0]
+
+
+def test_the_large_jobs_split_layers_within_a_node(tmp_path):
+    """6.7B and 13B: tensor parallel 8 (one 8-GPU node per tensor group), every rank of every stage
+    within an 80 GB GPU; and the 13B model on its 2 pipeline stages without tensor parallelism does not."""
+    for name, pp in (("gpt-6.7b-tp8-dp4.yaml", 1), ("gpt-13b-tp8-pp2.yaml", 2)):
+        plan = check(load_job(REPO / "jobs" / name), RunDir(tmp_path / name))[0].stage("pretrain")
+        assert (plan.tensor_parallel, plan.pipeline_stages) == (8, pp)
+        assert max(m.total for m in stage_memory(plan)) < 80 * 1024**3
+        assert any(note.startswith("tensor parallel 8") for note in plan.engine_notes)
+    whole = load_job(REPO / "jobs" / "gpt-13b-tp8-pp2.yaml", ["cluster.num_workers=2", "stages.pretrain.deepspeed.tensor_parallel=1",
+                                                             "stages.pretrain.global_batch=null"])
+    problems = check(whole, RunDir(tmp_path / "whole"))[1]
+    assert problems and "needs ~" in problems[0]
 
 
 def _sweep_points(name: str):

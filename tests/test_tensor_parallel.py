@@ -93,15 +93,18 @@ def test_split_layouts_train_export_and_resume_like_one_device(tmp_path):
     size computes what one process does), rows packed with documents kept apart that cross every
     split: tp 1 x dp 4 (ZeRO-1) is the reference for
     - tp 2 x dp 2, ZeRO-1 (optimizer state sharded over the 2 data ranks only; DeepSpeed clips)
-      and ZeRO-0 (the engine clips; the clip is tight, so a wrong norm shows);
-    - tp 2 x pp 2, ZeRO-1 and ZeRO-0 (the tied embedding's slices on the first and last stage);
+      and ZeRO-0 (the engine clips; the clip is tight, so a wrong norm shows) with every block
+      recomputed in the backward pass (its all-reduces run again);
+    - tp 2 x pp 2, ZeRO-1 (with DeepSpeed's activation checkpointing) and ZeRO-0 (the tied
+      embedding's slices on the first and last stage);
     - sp 2 x dp 2, ZeRO-1 (each rank runs half of every row; positions and masks of whole rows).
     Same initial export bytes, same losses and gradient norms for 20 steps, the same trained
     weights, and the last layout (tp 2 x pp 2) resumed half-way in a new engine continues exactly."""
     # (sequence parallelism before the layouts that hand DeepSpeed a grid: DeepSpeed keeps the last
     # engine's grid in a global, and one process of a real run builds one engine)
     layouts = [{"zero_stage": 1}, {"zero_stage": 1, "sequence_parallel": 2}, {"zero_stage": 1, "tensor_parallel": 2},
-               {"zero_stage": 0, "tensor_parallel": 2}, {"zero_stage": 1, "tensor_parallel": 2, "pipeline_stages": 2},
+               {"zero_stage": 0, "tensor_parallel": 2, "activation_checkpoint_interval": 1},
+               {"zero_stage": 1, "tensor_parallel": 2, "pipeline_stages": 2, "activation_checkpoint_interval": 1},
                {"zero_stage": 0, "tensor_parallel": 2, "pipeline_stages": 2}]
     results = run_distributed(tensor_parallel_layouts, 4, TINY, layouts, 20, str(tmp_path / "ckpt"), True)
     runs = results[0]["runs"]

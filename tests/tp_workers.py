@@ -82,3 +82,52 @@ def tensor_parallel_layouts(config_kwargs: dict, layouts: list[dict], steps: int
         next(batches)
     out["resumed"] = [resumed.read(resumed.train_step(batches))["loss"] for _ in range(steps - client["step"])]
     return out
+
+
+def split_layout_memory(config_kwargs: dict, layouts: list[dict]) -> list[dict]:
+    """For each layout in turn, what this rank holds, measured on the live tensors of one
+    optimizer step (gradients after the backward pass, weights and state after the step; ZeRO-0 in fp32, so the optimizer is torch's AdamW and holds exp_avg and
+    exp_avg_sq per parameter): bytes of weights, gradients and optimizer state; and the bytes the
+    forward of one micro-batch saves for the backward pass (the activations), counted by
+    autograd's saved-tensor hooks, each storage once."""
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+    from dist_workers import _plan
+
+    torch.set_num_threads(1)
+    init_distributed()
+    config = GPTConfig(**config_kwargs)
+    out = []
+    for deepspeed in layouts:
+        plan = _plan(config, {"steps": 2, "micro_batch": 1, "deepspeed": {"zero_stage": 0, **deepspeed}})
+        engine = Engine(plan, init_state=None)
+        batches = _batches(plan, seed=1, documents=False)
+        engine.engine.train()
+        _, loss = engine._forward(*next(batches))
+        engine.engine.backward(loss)
+        params = [p for p in engine.engine.module.parameters()]
+        gradients = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)  # before the step frees them
+        engine.engine.step()
+        held = {"weights": sum(p.numel() * p.element_size() for p in params), "gradients": gradients,
+                "optimizer": sum(t.numel() * t.element_size() for state in engine.optimizer.state.values()
+                                 for t in state.values() if torch.is_tensor(t) and t.dim() > 0)}
+        seen, saved = set(), [0]
+
+        def pack(tensor):
+            key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                saved[0] += key[1]
+            return tensor
+
+        x, y = next(batches)
+        engine.engine.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = engine._forward(x, y)
+        del loss
+        out.append({**held, "activations": saved[0], "layout": deepspeed})
+        del engine
+    return out
