@@ -443,7 +443,9 @@ class Engine:
         rank 0 when its turn comes."""
         rank = self.topology.rank
         if self.grid is not None:
-            yield from self._stream_split(order)
+            from pipelines.train.tensor_parallel import stream_engine_slices
+
+            yield from stream_engine_slices(self, order)
         elif self.pipelined:
             yield from self._stream_from_stages(order)
         elif self.plan.deepspeed_zero_stage == 3:
@@ -490,23 +492,6 @@ class Engine:
             else:
                 out[name] = param.detach().float().cpu()
         return out
-
-    def _stream_split(self, order: list[str]):
-        """Tensor parallel (with or without a pipeline): pipelines/train/tensor_parallel.py: stream_split."""
-        from model.pipe import gpt_state_of_stage, layer_of
-        from pipelines.train.tensor_parallel import stream_split
-
-        config, parts = self.plan.model, self.plan.stage_layers
-        mine = {}
-        if self.topology.dp_rank == 0:
-            module = self.engine.module
-            mine = gpt_state_of_stage(module, config) if self.pipelined else dict(module.named_parameters())
-
-        def stage_of(name: str) -> int:
-            layer = layer_of(config, name)
-            return next(s for s in range(len(parts) - 1) if parts[s] <= layer < parts[s + 1]) if self.pipelined else 0
-
-        yield from stream_split(mine, config, order, self.export_specs(), self.grid.topology(), stage_of, self.reduce_device)
 
     def _stream_from_stages(self, order: list[str]):
         from model.pipe import gpt_state_of_stage, layer_of
