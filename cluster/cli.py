@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from cluster.console import quiet_ray, third_party_to
-from cluster.generation_commands import cmd_chat, cmd_generate, generate_rows
-from cluster.settings import check_ray_address
+from cluster.data_commands import cmd_data_inspect, cmd_data_prepare, cmd_data_verify, cmd_tokenizer_train, from_here, job_and_run_dir
+from cluster.generation_commands import cmd_chat, cmd_eval, cmd_generate
+from jobs.cluster import check_ray_address
 from model.errors import RelayError, StageFailed
 
 EXIT_USAGE = 2
@@ -182,54 +183,22 @@ def _chat_args(p):
 
 # ---- commands -----------------------------------------------------------------------------
 
-def cmd_tokenizer_train(args) -> int:
-    import time
-
-    from model.tokenizer import train_tokenizer_from_files, vocabulary_shortfall
-
-    start = time.perf_counter()
-    tok = train_tokenizer_from_files(args.input, args.vocab_size, args.out)
-    print(f"trained {tok.n_vocab}-token BPE in {time.perf_counter() - start:.1f}s -> {args.out} (sha256 {tok.sha256[:12]})")
-    shortfall = vocabulary_shortfall(tok, args.vocab_size)
-    if shortfall:
-        print(f"warning: {shortfall}")
-    return 0
-
-
-def _job_and_run_dir(args):
-    """The job (validated, overridden) and the run directory --out / --run-id chose."""
-    from jobs.spec import load_job
-    from pipelines.rundir import RunDir
-
-    from pipelines.run_state import check_output_path
-
-    job = load_job(args.job, args.overrides)
-    root = job.run_dir(args.run_id, _from_here(args.out))
-    check_output_path(root, "--out" if args.out else "output_dir")
-    return job, RunDir(root)
-
-
-def _from_here(path: str | None) -> str | None:
-    """A path given on the command line, absolute: a relative one is relative to the folder the
-    command runs in (as every shell user expects), never to the job file's folder."""
-    return None if path is None else str(Path(path).expanduser().absolute())
-
-
 def cmd_run(args) -> int:
     from cluster.console import terminal
-    from cluster.driver import format_summary, run_job
+    from cluster.driver import RunOptions, format_summary, run_job
     from cluster.startup import StartupClock, process_started_at
 
     clock = StartupClock(started_at=process_started_at())  # the start-up counts from the command's own start
     quiet_ray()
     check_ray_address(args.address)
-    job, run_dir = _job_and_run_dir(args)
+    job, run_dir = job_and_run_dir(args)
     console = terminal()  # every line of ours goes through it: a reader that goes away (| head) silences it, no more
     console.line(f"relaygpt run {job.name} -> {run_dir.root}")
     # Ray's, DeepSpeed's and the workers' lines go to the run's log; the terminal keeps relaygpt's.
     try:
-        summary = run_job(job, run_dir, address=args.address, resume=args.resume, from_stage=args.from_stage,
-                          show=console.line, live=console.progress if console.live else None, log_output=True, clock=clock)
+        options = RunOptions(address=args.address, resume=args.resume, from_stage=args.from_stage, show=console.line,
+                             live=console.progress if console.live else None, log_output=True, clock=clock)
+        summary = run_job(job, run_dir, options)
     finally:
         console.done()  # an error line starts below the last progress line, not on it
     console.line(format_summary(summary))
@@ -239,75 +208,12 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     from cluster.plan import check, cluster_problems, format_plan
 
-    job, run_dir = _job_and_run_dir(args)
+    job, run_dir = job_and_run_dir(args)
     run, problems = check(job, run_dir)
     if job.cluster.address:  # a named cluster: check it has the resources, as relaygpt run does
         problems += cluster_problems(job)
     print(format_plan(job, run, problems))
     return EXIT_USAGE if problems else 0
-
-
-def cmd_data_prepare(args) -> int:
-    import time
-
-    from cluster.launch import blocks_runner
-    from pipelines.data.prepare import prepare_data, validation_warning
-
-    job, run_dir = _job_and_run_dir(args)
-    start = time.perf_counter()
-    with run_dir.hold(), third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
-        result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
-    print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
-    for stage in ("pretrain", "sft"):
-        if stage in result:
-            m = result[stage]
-            state = "up to date" if m["cached"] else "prepared"
-            counts = ", ".join(f"{name} {split['tokens']} tokens" for name, split in m["splits"].items())
-            print(f"{stage}: {state} ({counts}) -> {run_dir.data(stage)}")
-            warning = validation_warning(stage, m["splits"]["train"]["tokens"], m["splits"]["val"]["tokens"])
-            if warning:
-                print(f"warning: {warning}")
-    print(f"done in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-def cmd_data_verify(args) -> int:
-    from pipelines.data.shards import read_manifest, verify_shards
-
-    job, run_dir = _job_and_run_dir(args)
-    checked = 0
-    for stage in ("pretrain", "sft"):
-        if getattr(job.data, stage) is None:
-            continue
-        directory = run_dir.data(stage)
-        manifest = read_manifest(directory)
-        if manifest is None:
-            raise RelayError(f"{directory}: not prepared yet (relaygpt data prepare {args.job})")
-        verify_shards(directory, manifest, full=True)
-        shards = sum(len(split["shards"]) for split in manifest["splits"].values())
-        tokens = sum(split["tokens"] for split in manifest["splits"].values())
-        print(f"{stage}: {shards} shards, {tokens} tokens: every sha256 matches {directory / 'manifest.json'}")
-        checked += 1
-    if not checked:
-        raise RelayError(f"{args.job}: the job has no data section to verify")
-    return 0
-
-
-def cmd_data_inspect(args) -> int:
-    from cluster.launch import blocks_runner
-    from jobs.plan import resolve_plan
-    from pipelines.data.inspect import describe
-    from pipelines.data.prepare import prepare_data
-
-    job, run_dir = _job_and_run_dir(args)
-    if getattr(job.data, args.stage) is None:
-        raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
-    with run_dir.hold(), blocks_runner(job) as run_blocks:
-        result = prepare_data(job, run_dir, stages=(args.stage,), run_blocks=run_blocks)
-    training = resolve_plan(job, run_dir).training
-    seq_len = training[args.stage].seq_len if args.stage in training else job.model.block_size
-    print(describe(run_dir.data(args.stage), result["tokenizer"], args.num_samples, seq_len))
-    return 0
 
 
 def cmd_export(args) -> int:
@@ -324,51 +230,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    """One model directory on the given tasks: the eval stage's own function, with a local pool."""
-    from model.export import load_model_dir
-    from pipelines.eval.run import evaluate_models
-    from pipelines.eval.task import load_task
-    from pipelines.rundir import EvalDir
-
-    from pipelines.run_state import check_output_path
-
-    check_ray_address(args.address)
-    if args.out:
-        check_output_path(args.out, "--out")
-    job = None
-    if args.job:
-        from jobs.spec import load_job
-
-        job = load_job(args.job)
-    tasks = [load_task(t, job=job, limit=args.limit, data_file=args.data) for t in args.task]
-    load_model_dir(args.model_dir)
-
-    import tempfile
-
-    from model.owned import check_owned, claim
-
-    out = EvalDir(Path(args.out)) if args.out else None
-    if out is not None:
-        check_owned(out.root, "eval", "--out")  # a user's folder is refused before any work
-    log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
-
-    def generate(model_dir, rows, params, chat):
-        if out is not None:  # created and marked at the first write (the pool's log), not before the checks
-            claim(out.root, "eval", "--out")
-        return generate_rows(model_dir, rows, params, chat, args.workers, args.batch_size, args.address, device=args.device, log=log)
-
-    if args.workers > 1:
-        print(f"[eval] Ray and generation worker output: {log}", flush=True)
-
-    styles = {"model": args.style} if args.style != "auto" else None
-    evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True),
-                    styles=styles, system=args.system)
-    if out is not None:
-        print(f"wrote {out.root}")
-    return 0
-
-
 def cmd_sweep(args) -> int:
     from cluster.sweep import run_sweep
     from jobs.sweep import load_sweep
@@ -377,7 +238,7 @@ def cmd_sweep(args) -> int:
     from pipelines.run_state import check_output_path
 
     sweep = load_sweep(args.sweep, args.overrides)
-    sweep_dir = sweep.sweep_dir(_from_here(args.out))
+    sweep_dir = sweep.sweep_dir(from_here(args.out))
     check_output_path(sweep_dir, "--out" if args.out else "output_dir")
     out_dir = claim(sweep_dir.resolve(), "sweep", "sweep directory")
     print(f"relaygpt sweep {sweep.name} -> {out_dir}", flush=True)
@@ -397,7 +258,7 @@ def cmd_submit(args) -> int:
     from cluster.submit import check_dashboard_address, submit
 
     check_dashboard_address(args.address)
-    job, run_dir = _job_and_run_dir(args)
+    job, run_dir = job_and_run_dir(args)
     job_id = submit(job, args.address, run_dir=run_dir, run_id=args.run_id, out=args.out, resume=args.resume)
     print(f"submitted {job.name} as {job_id}")
     print(f"  follow:  relaygpt jobs logs {job_id} --follow --address {args.address}")

@@ -13,11 +13,13 @@ Job's log) each update is a line of its own, so nothing is lost to carriage retu
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import threading
 import time
 from contextlib import contextmanager, suppress
+from typing import Callable
 from pathlib import Path
 
 
@@ -192,3 +194,43 @@ def third_party_to(log: Path):
             yield console
     finally:
         console.done()
+
+
+class ProgressWatcher:
+    """Follows a stage's step log and messages (both written by rank 0): each message is a line;
+    each logged step updates the progress display (`live`), or is a line where there is none;
+    a step with a validation result is always a line. Rank 0's start-up marks (`startup`, a
+    file written at its first step) go to `on_startup` as soon as they appear."""
+
+    def __init__(self, log, messages, show, live=None, interval: float = 0.5, *, startup: Path | None = None,
+                 on_startup: Callable[[dict], None] | None = None) -> None:
+        self.log, self.messages, self.show, self.live, self.interval = log, messages, show, live, interval
+        self.startup, self.on_startup = startup, on_startup  # rank 0's start-up marks, handed over once they are written
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from pipelines.train.metrics import progress_line
+
+        while True:
+            stopping = self._stop.is_set()
+            if self.startup is not None and self.startup.exists():  # written whole (atomically), at the first step
+                marks, self.startup = json.loads(self.startup.read_text()), None
+                self.on_startup(marks)
+            for record in self.messages.new_records():
+                self.show(record["message"])
+            for record in self.log.new_records():
+                if self.live is None or "val/loss" in record:
+                    self.show(progress_line(record))
+                else:
+                    self.live(step_bar(record))
+            if stopping:
+                return
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.live is not None:
+            self.live(None)  # the last progress line stays on screen

@@ -20,19 +20,17 @@ an interrupted stage starts over, or continues from its newest checkpoint with -
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import yaml
 
 from cluster.runtime import RayOnDemand
 from cluster.startup import StartupClock
+from jobs.fingerprints import eval_task_path, fingerprints, stage_inputs
 from model.atomic import write_json_atomically, write_text_atomically
 from model.errors import RelayError, StageFailed
 from pipelines.rundir import TRAINING_STAGES, RunDir
@@ -44,62 +42,6 @@ def stages_of(job) -> list[str]:
     return present
 
 
-def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
-    """{stage: {file: sha256}} of what each stage reads besides its upstream stage's output: the
-    data stage its local source files and tokenizer files, a training stage its `init` directory,
-    the eval stage its task files, their local data and model directories named by path."""
-    from pipelines.data.prepare import data_inputs, input_label
-    from pipelines.inputs import FileHashes
-
-    hashes = hashes or FileHashes()
-    out = {"data": data_inputs(job, hashes)}
-    for name in TRAINING_STAGES:
-        settings = getattr(job.stages, name)
-        if settings is not None and settings.init:
-            init = job.path(settings.init)
-            out[name] = hashes.directory(init, input_label(job, init))
-    if job.stages.eval is not None:
-        from pipelines.eval.task import task_files
-
-        files: dict[str, str] = {}
-        for task in job.stages.eval.tasks:
-            for path in task_files(str(eval_task_path(job, task))):
-                files[input_label(job, path)] = hashes.sha256(path)
-        for model in job.stages.eval.models:
-            if model not in ("base", "assistant") and job.path(model).is_dir():
-                files.update(hashes.directory(job.path(model), input_label(job, job.path(model))))
-        if files:
-            out["eval"] = files
-    return out
-
-
-def eval_task_path(job, task: str) -> str:
-    """A task as load_task takes it: a shipped name as written, a task file relative to the job file."""
-    from pipelines.eval.task import TASK_DIR
-
-    if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists():
-        return task
-    return str(job.path(task))
-
-
-def fingerprints(job, inputs: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
-    """Each stage's fingerprint: its own settings and input files (`stage_inputs`) chained with
-    its upstream stage's."""
-    inputs = stage_inputs(job) if inputs is None else inputs
-
-    def digest(stage, *parts) -> str:
-        read = inputs.get(stage)  # added only when there are files: a job that reads none keeps its fingerprints
-        return hashlib.sha256(json.dumps([*parts, read] if read else parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    d = job.resolved_dict()
-    out = {"data": digest("data", d["tokenizer"], d["data"], d["seed"], d["model"].get("block_size"))}
-    layout = d["cluster"]["num_workers"]
-    out["pretrain"] = digest("pretrain", out["data"], d["model"], d["stages"].get("pretrain"), layout)
-    out["sft"] = digest("sft", out["pretrain"], d["stages"].get("sft"), layout)
-    out["eval"] = digest("eval", out["sft"], d["stages"].get("eval"), d["data"]["synthetic"])
-    return out
-
-
 RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "eval": "re-evaluating"}
 
 
@@ -107,6 +49,28 @@ def _clear_stage(run_dir: RunDir, stage: str) -> None:
     if stage == "data":
         return  # data stages cache by their own fingerprints; nothing to throw away
     run_dir.remove(run_dir.stage(stage).root)  # refuses anything outside the run directory
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How `run_job` runs a job (the flags of `relaygpt run`).
+
+    `show` takes relaygpt's lines; `live`, where given, the progress updates that a terminal
+    redraws in place (training steps, generation rows); without it the training steps are lines
+    (`progress`: follow them at all). `log_output` sends everything else this process and its
+    children print (Ray, DeepSpeed, the workers' output) to RUN/logs/run.log once the job has
+    passed preflight. `clock` times the start-up (from the run's start unless given): its
+    phases are a line once the first training step is done, and `startup` in summary.json.
+    """
+
+    address: str | None = None  # --address; else cluster.address
+    resume: bool = False
+    from_stage: str | None = None
+    show: Callable[[str], None] = print
+    progress: bool = True
+    live: Callable[[str | None], None] | None = None
+    log_output: bool = False
+    clock: StartupClock = field(default_factory=StartupClock)
 
 
 @dataclass
@@ -125,17 +89,10 @@ class Driving:
     ray: RayOnDemand | None = None
 
 
-def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = False, from_stage: str | None = None,
-            show=print, progress: bool = True, live=None, log_output: bool = False, clock: StartupClock | None = None) -> dict:
-    """Run every stage of `job` into `run_dir`; returns the summary (also written to summary.json).
-
-    `show` takes relaygpt's lines; `live`, where given, the progress updates that a terminal
-    redraws in place (training steps, generation rows); without it the training steps are lines.
-    `log_output` sends everything else this process and its children print (Ray, DeepSpeed, the
-    workers' output) to RUN/logs/run.log once the job has passed preflight. A stage that fails
-    on anything but a user error raises StageFailed: one line, and that log file. `clock` times
-    the start-up (from this call unless given): its phases are a line once the first training
-    step is done, and `startup` in summary.json.
+def run_job(job, run_dir: RunDir, options: RunOptions | None = None) -> dict:
+    """Run every stage of `job` into `run_dir` as `options` say; returns the summary (also
+    written to summary.json). A stage that fails on anything but a user error raises
+    StageFailed: one line, and the run's log file.
 
     Ray starts when a stage first needs it: a cluster that is joined, at once; an embedded Ray
     for data preparation on Ray Data (more than one data worker, or cluster.launcher: ray),
@@ -145,25 +102,26 @@ def run_job(job, run_dir: RunDir, *, address: str | None = None, resume: bool = 
     from cluster.plan import check_local_resources, preflight
     from cluster.runtime import check_reachable, joins_a_cluster
 
-    if from_stage is not None and from_stage not in stages_of(job):
-        raise RelayError(f"--from-stage: {from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
-    run = preflight(job, run_dir, from_stage)
-    address = address or job.cluster.address
+    o = options or RunOptions()
+    if o.from_stage is not None and o.from_stage not in stages_of(job):
+        raise RelayError(f"--from-stage: {o.from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
+    run = preflight(job, run_dir, o.from_stage)
+    address = o.address or job.cluster.address
     if address:
         check_reachable(address)
     embedded = not joins_a_cluster(address)
     launcher = choose_launcher(job.cluster, joins_a_cluster=not embedded)
     if embedded:
         check_local_resources(job, launcher)
-    ctx = Driving(job, show, live, progress, clock or StartupClock(), address, embedded, launcher)
+    ctx = Driving(job, o.show, o.live, o.progress, o.clock, address, embedded, launcher)
     with run_dir.hold():  # one run per run directory; a user's folder there is refused before anything is written
-        if log_output:
+        if o.log_output:
             from cluster.console import output_to
 
-            show(f"[run] Ray, DeepSpeed and worker output: {run_dir.log_file}")
+            o.show(f"[run] Ray, DeepSpeed and worker output: {run_dir.log_file}")
             with output_to(run_dir.log_file):
-                return _run_stages(ctx, run, resume, from_stage)
-        return _run_stages(ctx, run, resume, from_stage)
+                return _run_stages(ctx, run, o.resume, o.from_stage)
+        return _run_stages(ctx, run, o.resume, o.from_stage)
 
 
 def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
@@ -225,8 +183,7 @@ def _run_recorded(ctx: Driving, run, stage: str, fingerprint: str, status: dict,
                 ctx.show(f"[{stage}] {how}; starting it over (--resume continues from its newest checkpoint)")
             _clear_stage(run_dir, stage)
     record = run_dir.stage(stage)
-    t0 = time.time()
-    record.write_status({"stage": stage, "status": "running", "fingerprint": fingerprint, "inputs": inputs, "started": t0})
+    running = record.begin(fingerprint, inputs)
     try:
         if stage == "data":
             result = _run_data(ctx, run_dir)
@@ -235,14 +192,11 @@ def _run_recorded(ctx: Driving, run, stage: str, fingerprint: str, status: dict,
         else:
             result = _run_eval(ctx, run_dir)
     except BaseException as exc:
-        record.write_status({"stage": stage, "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                             "fingerprint": fingerprint, "inputs": inputs, "started": t0, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        record.fail(running, exc)
         if isinstance(exc, (RelayError, StageFailed)) or not isinstance(exc, Exception):
             raise
         raise _failure(run_dir, stage, exc) from exc
-    timings[stage] = time.time() - t0
-    record.write_status({"stage": stage, "status": "completed", "fingerprint": fingerprint, "inputs": inputs, "started": t0,
-                         "seconds": timings[stage], "result": result})
+    timings[stage] = record.complete(running, result)
     return result
 
 
@@ -250,7 +204,7 @@ def _failure(run_dir: RunDir, stage: str, exc: Exception) -> StageFailed:
     """A stage's unexpected error as one line; its traceback goes to the run's log."""
     import traceback
 
-    from cluster.launch import WorkerFailed, first_line
+    from cluster.failures import WorkerFailed, first_line
 
     log = run_dir.log_file
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +241,7 @@ def _run_training(ctx: Driving, run, stage: str) -> dict:
     """A training stage on the run's launcher, followed by the progress display. The first one
     this run starts is the one whose start-up is measured (its result gains `startup`)."""
     from cluster import launch
+    from cluster.console import ProgressWatcher
     from cluster.local import train_locally
 
     plan, record = run.stage(stage), run.run_dir.stage(stage)
@@ -338,7 +293,7 @@ def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
     models = {m: named.get(m) or job.path(m) for m in spec.models}
     names = {str(path): m for m, path in models.items()}
 
-    def generate(model_dir, rows, params, chat):
+    def generate(model_dir, rows, *, work, params=None, chat=False):
         progress = None
         if live is not None:
             from cluster.console import RateMeter, bar, eta
@@ -346,7 +301,7 @@ def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
             label, meter = f"[eval] {names.get(str(model_dir), model_dir)}", RateMeter(len(rows))
             progress = lambda done: live(f"{label} {bar(done, len(rows))} {done}/{len(rows)} rows  eta {eta(meter.eta_s(done))}")
         try:
-            return launch.generate_on_ray(model_dir, rows, params, chat=chat, workers=spec.workers,
+            return launch.generate_on_ray(model_dir, rows, params or {}, chat=chat, work=work, workers=spec.workers,
                                           cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
                                           batch_size=spec.batch_size, progress=progress)
         finally:
@@ -361,19 +316,6 @@ def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
     return {"scores": metrics}
 
 
-def stage_usage(job, stage: str, seconds: float):
-    """The resources a stage holds while it runs, for cost accounting."""
-    from pipelines.accounting import Usage
-
-    c = job.cluster
-    if stage in ("pretrain", "sft"):
-        return Usage(stage, seconds, c.num_workers, c.gpus_per_worker, c.cpus_per_worker)
-    if stage == "eval":
-        ev = job.stages.eval
-        return Usage(stage, seconds, ev.workers, ev.gpus_per_worker, ev.cpus_per_worker)
-    return Usage(stage, seconds, job.data.num_proc, 0.0, 1.0)  # data preparation: num_proc tasks of one CPU
-
-
 def _summary(job, run_dir: RunDir, results: dict, timings: dict, total: float) -> dict:
     paths = {"run_dir": str(run_dir.root), "job": str(run_dir.job_file)}
     for stage in TRAINING_STAGES:
@@ -384,13 +326,15 @@ def _summary(job, run_dir: RunDir, results: dict, timings: dict, total: float) -
         paths["eval_report"] = str(run_dir.eval.report)
     summary = {"job": job.name, "paths": paths, "seconds": {**{k: round(v, 1) for k, v in timings.items()}, "total": round(total, 1)},
                "stages": {k: v for k, v in results.items() if k != "eval"}}
-    from pipelines.accounting import Prices, account
+    from pipelines.accounting import Prices, account, stage_usage
 
     # What the run's artifacts cost: a stage skipped as up to date counts with the seconds it
     # took when it ran (its stage.json), so the figure does not depend on how often it was re-run.
     spent = {stage: timings.get(stage, run_dir.stage(stage).read_status().get("seconds")) for stage in stages_of(job)}
     prices = Prices(job.cluster.price_per_gpu_hour, job.cluster.price_per_core_hour)
-    summary["cost"] = account([stage_usage(job, stage, seconds) for stage, seconds in spent.items() if seconds is not None], prices)
+    usages = [stage_usage(stage, seconds, job.cluster, job.stages.eval, job.data.num_proc)
+              for stage, seconds in spent.items() if seconds is not None]
+    summary["cost"] = account(usages, prices)
     if "eval" in results:
         summary["eval"] = results["eval"]["scores"]
     elif run_dir.eval.metrics.exists() and "eval" in stages_of(job):
@@ -411,44 +355,3 @@ def format_summary(summary: dict) -> str:
     tb = summary["paths"].get("run_dir")
     lines.append(f"  tensorboard --logdir {tb} --host 127.0.0.1")
     return "\n".join(lines)
-
-
-class ProgressWatcher:
-    """Follows a stage's step log and messages (both written by rank 0): each message is a line;
-    each logged step updates the progress display (`live`), or is a line where there is none;
-    a step with a validation result is always a line. Rank 0's start-up marks (`startup`, a
-    file written at its first step) go to `on_startup` as soon as they appear."""
-
-    def __init__(self, log, messages, show, live=None, interval: float = 0.5, *, startup: Path | None = None,
-                 on_startup: Callable[[dict], None] | None = None) -> None:
-        self.log, self.messages, self.show, self.live, self.interval = log, messages, show, live, interval
-        self.startup, self.on_startup = startup, on_startup  # rank 0's start-up marks, handed over once they are written
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from cluster.console import step_bar
-        from pipelines.train.metrics import progress_line
-
-        while True:
-            stopping = self._stop.is_set()
-            if self.startup is not None and self.startup.exists():  # written whole (atomically), at the first step
-                marks, self.startup = json.loads(self.startup.read_text()), None
-                self.on_startup(marks)
-            for record in self.messages.new_records():
-                self.show(record["message"])
-            for record in self.log.new_records():
-                if self.live is None or "val/loss" in record:
-                    self.show(progress_line(record))
-                else:
-                    self.live(step_bar(record))
-            if stopping:
-                return
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if self.live is not None:
-            self.live(None)  # the last progress line stays on screen

@@ -1,14 +1,15 @@
-"""`relaygpt generate` and `relaygpt chat`: a model directory's completions, in this process or
-on a Ray Data actor pool, and a chat on the terminal. `relaygpt eval` shares `generate_rows`
-(the local-or-pool choice) and `check_output_file`."""
+"""`relaygpt generate`, `relaygpt eval` and `relaygpt chat`: a model directory's completions (or
+scores), in this process or on a Ray Data actor pool (`generate_rows`, the local-or-pool
+choice), and a chat on the terminal."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from cluster.console import third_party_to
-from cluster.settings import check_ray_address
+from jobs.cluster import check_ray_address
 from model.errors import RelayError
 
 
@@ -82,18 +83,65 @@ def check_output_file(path: str, flag: str) -> None:
             break
 
 
-def generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address, device: str, log: Path):
-    """In this process for one worker (on `device`); a Ray Data actor pool for more, whose
-    lines (Ray's, the workers') go to `log`."""
+def generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch_size: int, address, device: str, log: Path,
+                  work: str = "complete"):
+    """`work` (GenerationWorker's) on `rows`: in this process for one worker (on `device`); a Ray
+    Data actor pool for more, whose lines (Ray's, the workers') go to `log`."""
     if workers == 1:
         from pipelines.generation.worker import GenerationWorker
 
-        return GenerationWorker(str(model_dir), params, chat, batch_size, device=device).generate_rows([dict(r) for r in rows])
+        return GenerationWorker(str(model_dir), params, chat, batch_size, device=device, work=work).run([dict(r) for r in rows])
     from cluster.launch import generate_on_ray
     from cluster.runtime import ray_session
 
     with third_party_to(log), ray_session(address, num_cpus=workers):
-        return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size)
+        return generate_on_ray(str(model_dir), rows, params, chat=chat, workers=workers, batch_size=batch_size, work=work)
+
+
+def cmd_eval(args) -> int:
+    """One model directory on the given tasks: the eval stage's own function, with a local pool."""
+    from model.export import load_model_dir
+    from pipelines.eval.run import evaluate_models
+    from pipelines.eval.task import load_task
+    from pipelines.rundir import EvalDir
+
+    from pipelines.run_state import check_output_path
+
+    check_ray_address(args.address)
+    if args.out:
+        check_output_path(args.out, "--out")
+    job = None
+    if args.job:
+        from jobs.spec import load_job
+
+        job = load_job(args.job)
+    tasks = [load_task(t, job=job, limit=args.limit, data_file=args.data) for t in args.task]
+    load_model_dir(args.model_dir)
+
+    import tempfile
+
+    from model.owned import check_owned, claim
+
+    out = EvalDir(Path(args.out)) if args.out else None
+    if out is not None:
+        check_owned(out.root, "eval", "--out")  # a user's folder is refused before any work
+    log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
+
+    def generate(model_dir, rows, *, work, params=None, chat=False):
+        if out is not None:  # created and marked at the first write (the pool's log), not before the checks
+            claim(out.root, "eval", "--out")
+        return generate_rows(model_dir, rows, params or {}, chat, args.workers, args.batch_size, args.address,
+                             device=args.device, log=log, work=work)
+
+    if args.workers > 1:
+        print(f"[eval] Ray and generation worker output: {log}", flush=True)
+
+    styles = {"model": args.style} if args.style != "auto" else None
+    evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True),
+                    styles=styles, system=args.system)
+    if out is not None:
+        print(f"wrote {out.root}")
+    return 0
 
 
 def cmd_chat(args) -> int:

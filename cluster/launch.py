@@ -12,6 +12,7 @@ import json
 import logging
 from contextlib import contextmanager
 
+from cluster.failures import WorkerFailed, find_cause, first_worker_failure
 from model.errors import RelayError
 
 WINDOW_BLOCKS = 4096  # blocks handed to one Ray Data execution
@@ -145,19 +146,6 @@ def choose_launcher(cluster, *, joins_a_cluster: bool) -> str:
     return cluster.launcher
 
 
-def _get(ref):
-    """ray.get that turns a user error raised remotely back into a RelayError."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        if isinstance(cause, RelayError) or isinstance(getattr(exc, "cause", None), RelayError):
-            raise RelayError(str(getattr(exc, "cause", cause))) from None
-        raise
-
-
 def _train_loop(config: dict) -> None:
     """What every Ray Train worker runs: the same function torchrun runs, on the driver's plan."""
     import ray
@@ -203,10 +191,10 @@ def train_on_ray(run, stage: str, cluster) -> None:
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface a user error as one line
-        relay = _find_cause(exc, RelayError)
+        relay = find_cause(exc, RelayError)
         if relay is not None:
             raise RelayError(str(relay)) from None
-        failed = _first_worker_failure(exc)
+        failed = first_worker_failure(exc)
         if failed is not None:
             raise WorkerFailed(failed) from exc
         raise
@@ -217,64 +205,14 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "PYTHONWARNINGS": "ignore::FutureWarning"}
 
 
-class WorkerFailed(RuntimeError):
-    """A training worker's error, named by rank and its own exception (Ray's wrapper says only
-    that workers failed); the chained cause keeps every worker's traceback for the log."""
-
-
-# A rank that fails because another one died reports the lost connection, not the cause.
-_KNOCK_ON = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "distbackenderror", "timed out")
-
-
-def _first_worker_failure(exc: BaseException) -> str | None:
-    """`rank N: Error: message` of the failure that most likely caused the others: the lowest
-    rank whose error is not a lost connection to its peers (else the lowest rank)."""
-    failures = next((e.worker_failures for e in _causes(exc) if getattr(e, "worker_failures", None)), None)
-    if not failures:
-        return None
-    return name_the_cause({rank: describe_error(getattr(error, "cause", None) or error) for rank, error in failures.items()})
-
-
-def describe_error(error: BaseException) -> str:
-    """`Error: the first line of its message`."""
-    return f"{type(error).__name__}{': ' + first_line(error) if first_line(error) else ''}"
-
-
-def name_the_cause(described: dict[int, str]) -> str:
-    """`rank N: what failed` of the failure that most likely caused the others (see
-    `_first_worker_failure`), from each failed rank's description."""
-    rank = min(described, key=lambda r: (any(word in described[r].lower() for word in _KNOCK_ON), r))
-    others = f" (and {len(described) - 1} other rank(s); all in the log)" if len(described) > 1 else ""
-    return f"rank {rank}: {described[rank]}{others}"
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message that says something (Ray's wrappers open with a
-    header ending in ':'), at most 300 characters."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return next((line for line in lines if not line.endswith(":")), lines[0] if lines else "")[:300]
-
-
-def _causes(exc: BaseException | None):
-    """`exc` and the errors it wraps (Ray's `cause`, then Python's chaining), each once."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-
-
-def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
-    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
-
-
 ACTOR_START_TIMEOUT_S = 600
 
 
 def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: bool, workers: int,
-                    cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch_size: int = 16, progress=None) -> list[dict]:
-    """Completions for `rows`, in input order, from a pool of `workers` generation actors;
-    `progress(done)` is called as results arrive."""
+                    cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch_size: int = 16, progress=None,
+                    work: str = "complete") -> list[dict]:
+    """Completions (or, by `work`, scores: GenerationWorker) for `rows`, in input order, from a
+    pool of `workers` generation actors; `progress(done)` is called as results arrive."""
     import ray.data
 
     from pipelines.generation.worker import GenerationWorker
@@ -297,7 +235,8 @@ def generate_on_ray(model_dir: str, rows: list[dict], params: dict, *, chat: boo
     gpus = {"num_gpus": gpus_per_worker} if gpus_per_worker else {}
     pool = ds.map_batches(
         GenerationWorker,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "params": params, "chat": chat, "batch_size": batch_size, "threads": threads},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "params": params, "chat": chat, "batch_size": batch_size, "threads": threads,
+                               "work": work},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker, **gpus,
     )
     out = []

@@ -50,7 +50,7 @@ def train_locally(run, stage: str, cluster) -> None:
     """Train `stage` of the resolved run `run` on `cluster.num_workers` local processes; after
     a failure start them all again (they resume from the newest checkpoint), at most
     `cluster.max_failures` times. Raises RelayError for a rank's user error, WorkerFailed otherwise."""
-    from cluster.launch import WorkerFailed
+    from cluster.failures import WorkerFailed
 
     failures = 0
     with _sigterm_as_interrupt():
@@ -68,7 +68,7 @@ def train_locally(run, stage: str, cluster) -> None:
 def _attempt(run, stage: str, cluster) -> str | None:
     """One start of every rank, until they have all finished or one has failed: None when all
     succeeded, else `rank N: what failed`."""
-    from cluster.launch import name_the_cause
+    from cluster.failures import name_the_cause
     from pipelines.train.distributed import free_port
 
     port, ranks = free_port(), []
@@ -191,7 +191,8 @@ def main() -> int:
     _end_with_the_driver()
     report = int(os.environ[REPORT_FD])
     run, stage = pickle.load(sys.stdin.buffer)
-    from cluster.launch import describe_error, record_where
+    from cluster.failures import describe_error
+    from cluster.launch import record_where
     from pipelines.train.trainer import train_stage
 
     try:

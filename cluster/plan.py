@@ -22,7 +22,10 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
 
     order = ["data"] + [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
     rerun = set(order[order.index(from_stage):]) if from_stage in order else set()
-    problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir) + _deepspeed_extra(job)
+    from pipelines.train.tracking import missing_packages
+
+    problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir) + _deepspeed_extra(job) \
+        + missing_packages(job.tracking)
     run = None
     if not problems:
         try:
@@ -69,6 +72,10 @@ def _init_tokenizers(job, run_dir) -> list[str]:
         if theirs.sha256 != ours.sha256:
             problems.append(f"stages.{name}.init: {job.path(stage.init)} uses tokenizer {theirs.name} ({theirs.sha256[:12]}), the job's "
                             f"is {ours.name} ({ours.sha256[:12]}); name the model's tokenizer in tokenizer: (e.g. dir: {stage.init})")
+        elif theirs.chat_template_sha256 != ours.chat_template_sha256:
+            has = lambda tok: "its own chat template" if tok.chat_template is not None else "relaygpt's chat template"
+            problems.append(f"stages.{name}.init: {job.path(stage.init)} has {has(theirs)}, the job's tokenizer {has(ours)}; "
+                            f"name the model's directory in tokenizer: (dir: {stage.init}) so its data and prompts render alike")
     return problems
 
 
@@ -123,8 +130,16 @@ def _eval_inputs(job, run_dir) -> list[str]:
 
     from pipelines.eval.task import load_task
 
+    from cluster.driver import eval_task_path
+
     problems = []
     for i, task in enumerate(job.stages.eval.tasks):
+        if task.startswith("harness:"):  # lm_eval installed, a local task file present
+            try:
+                load_task(eval_task_path(job, task), job=job, limit=1)
+            except RelayError as exc:
+                problems.append(f"stages.eval.tasks[{i}]: {exc}")
+            continue
         if task != "synthetic" and not (TASK_DIR / f"{task}.yaml").exists() and not job.path(task).exists():
             shipped = ", ".join(["synthetic", *sorted(p.stem for p in TASK_DIR.glob("*.yaml"))])
             problems.append(f"stages.eval.tasks[{i}]: {task!r} is neither a task file nor a shipped task ({shipped})")

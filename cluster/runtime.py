@@ -15,7 +15,7 @@ import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from urllib.parse import urlparse
 
-from cluster.settings import parse_address
+from jobs.cluster import parse_address
 from model.errors import RelayError
 
 

@@ -23,7 +23,7 @@ from model.errors import RelayError
 
 def check_dashboard_address(address: str) -> None:
     """A dashboard address is http(s)://host:port; anything else is one line naming --address."""
-    from cluster.settings import parse_address
+    from jobs.cluster import parse_address
 
     try:
         parse_address(address, "--address", ("https", "http"))

@@ -93,8 +93,9 @@ def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
 
 def _run_point(sweep, point, out_dir: Path, show) -> dict:
     from cluster import launch
-    from cluster.driver import fingerprints, stage_usage
+    from jobs.fingerprints import fingerprints
     from jobs.plan import resolve_plan
+    from pipelines.accounting import stage_usage
     from pipelines.rundir import RunDir
     from pipelines.sweep.measure import measure, model_label
 
@@ -116,7 +117,7 @@ def _run_point(sweep, point, out_dir: Path, show) -> dict:
     wall = time.time() - t0
     record = run_dir.stage(stage)
     row = measure(run.stage(stage), model_label(job.model), record.metrics.records(), record.result(), sweep.warmup_steps)
-    usage = stage_usage(job, stage, wall)
+    usage = stage_usage(stage, wall, job.cluster, job.stages.eval, job.data.num_proc)
     row.update(wall_s=wall, gpu_hours=usage.gpu_hours, core_hours=usage.core_hours, cost=_prices(sweep, job).cost(usage))
     show(f"[{point.id}] {point.label}: {row['tokens_per_s']:,.0f} tok/s ({row['tokens_per_s_per_worker']:,.0f}/worker), "
          f"step {row['step_time_s']:.3f} s, {row['peak_memory_gb_per_worker']:.2f} GB/worker, loss {row['final_loss']:.4f}")

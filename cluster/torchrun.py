@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
         job = load_job(args.job, args.overrides)
         from pipelines.run_state import check_output_path
+        from pipelines.train.tracking import missing_packages
+
+        for problem in missing_packages(job.tracking):  # every rank, before any waits for another
+            raise RelayError(problem)
 
         check_output_path(args.run_dir or job.run_dir(), "--run-dir" if args.run_dir else "output_dir")
         run_dir = RunDir(args.run_dir or job.run_dir())

@@ -14,6 +14,7 @@ from jobs.spec import ModelSpec
 from model.errors import RelayError
 from pipelines.rundir import RunDir
 from pipelines.train.plan import RunPlan, plan_training
+from pipelines.train.tracking import resolve_tracking
 
 
 def device_of(job) -> str:
@@ -44,11 +45,25 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
         else:
             model = _model(name, settings, init, job.model if "model" in job.model_fields_set else None, vocab_size)
         seq_len = sft_seq_len(job) if name == "sft" else settings.seq_len or model.block_size
+        if settings.init:  # the directory's architecture, checked here (the job file's model: section is not it)
+            _check_init_fits(name, settings, model, seq_len)
         training[name] = plan_training(name, settings, model, world_size=job.cluster.num_workers, seq_len=seq_len, device=device,
                                        data_dir=run_dir.data(name), init_model=init, seed=job.seed, memory_budget=budget,
                                        separate_documents=_separate_documents(job, name))
     return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
-                   device=device, training=training, job=job.resolved_dict())
+                   device=device, training=training, job=job.resolved_dict(),
+                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root))
+
+
+def _check_init_fits(name: str, settings, model, seq_len: int) -> None:
+    field = "data.sft.seq_len" if name == "sft" else f"stages.{name}.seq_len"
+    if seq_len > model.block_size:
+        raise RelayError(f"{field}: {seq_len} exceeds the block_size {model.block_size} of the model stages.{name}.init "
+                         f"({settings.init}) trains")
+    pp = settings.deepspeed.pipeline_stages
+    if pp > model.n_layer:
+        raise RelayError(f"stages.{name}.deepspeed.pipeline_stages: {pp} stages but the model of stages.{name}.init "
+                         f"({settings.init}) has {model.n_layer} layers (at most one stage per layer)")
 
 
 def _separate_documents(job, name: str) -> bool:

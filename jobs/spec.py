@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from cluster.settings import ClusterSpec
+from jobs.cluster import ClusterSpec
 from model.config import PRESETS, GPTConfig, architecture_problems
 from model.errors import RelayError
 from pipelines.data.config import DataSpec, TokenizerSpec
@@ -27,6 +27,7 @@ from pipelines.settings import Strict
 from jobs.parallel_layout import sequence_parallel_problems, tensor_parallel_problems
 from pipelines.train.plan import data_parallel_size
 from pipelines.train.settings import TrainStageSpec
+from pipelines.train.tracking import TrackingSpec
 from pipelines.yaml_file import parse_bounded, read_yaml
 
 
@@ -125,6 +126,7 @@ class JobSpec(Strict):
     data: DataSpec
     stages: StagesSpec = StagesSpec()
     cluster: ClusterSpec = ClusterSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
     @classmethod
@@ -143,7 +145,10 @@ class JobSpec(Strict):
             if source.fields is not None:
                 problems.append(f"data.pretrain.sources.{i}.fields: maps instruction (data.sft) columns; a pretraining source "
                                 "reads the one text column named by 'field'")
-        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > block_size:
+        # A stage that starts from a model directory trains that model: its context and layers are
+        # checked against the directory in the plan (jobs/plan.py), not against the model: section.
+        sft_init = self.stages.sft is not None and self.stages.sft.init
+        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > block_size and not sft_init:
             problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {block_size}")
         for name in ("pretrain", "sft"):
             stage = getattr(self.stages, name)
@@ -156,10 +161,7 @@ class JobSpec(Strict):
             if pp > 1 and ds.zero_stage > 1:
                 problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} cannot be combined with pipeline_stages {pp}; "
                                 "DeepSpeed's pipeline engine supports ZeRO 0 and 1")
-            if stage.lora is not None and pp > 1:
-                problems.append(f"{where}.lora: adapters are not implemented with pipeline_stages {pp} yet "
-                                "(the pipeline's layers are built apart from the GPT); use pipeline_stages 1")
-            if pp > n_layer:
+            if pp > n_layer and not stage.init:
                 problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
             tp, sp = ds.tensor_parallel, ds.sequence_parallel
             problems += tensor_parallel_problems(where, stage, self.model.config(vocab_size=256))
@@ -173,7 +175,7 @@ class JobSpec(Strict):
                 if stage.global_batch != stage.micro_batch * stage.grad_accum * dp:
                     problems.append(f"{where}.global_batch: {stage.global_batch} != micro_batch {stage.micro_batch} x grad_accum "
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
-            if stage.seq_len is not None and stage.seq_len > block_size:
+            if stage.seq_len is not None and stage.seq_len > block_size and not stage.init:
                 problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
             if name == "sft" and stage.seq_len is not None:
                 problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")

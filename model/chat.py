@@ -8,6 +8,9 @@ byte-level BPE then tokenizes a turn's first word as it does a word inside runni
 " Paris" in an answer is the same token as " Paris" in the pretraining corpus. For training, the loss mask is 1 exactly on assistant content and the assistant's
 <|end|> (the model must learn to stop), 0 on everything else. For generation the prompt ends
 with an open <|assistant|> header and decoding stops at <|end|>.
+
+A tokenizer that carries a published model's own chat template (`tokenizer.chat_template`,
+read from its tokenizer_config.json) renders with that instead: model/chat_template.py.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ TEMPLATE_INFO = {
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """input ids and the loss mask (1 on supervised tokens) for a list of {role, content}."""
+    if tokenizer.chat_template is not None:
+        for i, message in enumerate(messages):
+            if message.get("role") not in ROLES:
+                raise RelayError(f"message {i}: unknown role {message.get('role')!r}; valid roles: {', '.join(ROLES)}")
+            if not isinstance(message.get("content"), str):
+                raise RelayError(f"message {i}: content must be text, got {type(message.get('content')).__name__}")
+        return tokenizer.chat_template.render(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages],
+                                              add_generation_prompt)
     headers = {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}
     ids: list[int] = []
     mask: list[int] = []
@@ -46,6 +57,22 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict], *, add_generation_pr
         ids.append(tokenizer.assistant_id)
         mask.append(0)
     return ids, mask
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids that end a generated reply: the model's own template's end of turn, or <|end|>;
+    and end-of-text."""
+    if tokenizer.chat_template is not None:
+        return (*tokenizer.chat_template.stop_ids(tokenizer), tokenizer.eot_id)
+    return (tokenizer.end_of_turn_id, tokenizer.eot_id)
+
+
+def chat_info(tokenizer: Tokenizer) -> dict:
+    """What a native export's config.json says about the chat template it was trained on."""
+    if tokenizer.chat_template is None:
+        return TEMPLATE_INFO
+    return {"format": "jinja", "source": "the model's own tokenizer_config.json chat_template",
+            "sha256": tokenizer.chat_template.sha256, "stored_in": "tokenizer/tokenizer.json"}
 
 
 def strip_reply(text: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.atomic import atomic_dir
-from model.chat import TEMPLATE_INFO
+from model.chat import chat_info
 from model.config import GPTConfig
 from model.errors import ConfigError, RelayError
 from model.gpt import GPT
@@ -63,7 +63,7 @@ def write_model_dir(config: GPTConfig, tokenizer: Tokenizer, out: str | Path, sp
         "version": 1,
         "model": config.to_dict(),
         "tokenizer": {**tokenizer.identity, "path": "tokenizer"},
-        "chat_template": TEMPLATE_INFO,
+        "chat_template": chat_info(tokenizer),
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})},
     }
     with atomic_dir(out, durable=True, kind="model") as tmp:
@@ -221,14 +221,12 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
 
 def read_model_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a native or Hugging Face model directory, without its weights."""
-    from model.hf import tokenizer_of_hf_dir
-
     path = Path(path)
     meta = _read_json(path / "config.json")
     if meta.get("format") == NATIVE_FORMAT:
         _native_meta(path, meta)
         return Tokenizer.from_dir(tokenizer_dir(path, meta))
-    return tokenizer_of_hf_dir(path, meta.get("relaygpt", {}).get("tokenizer", {}) if isinstance(meta.get("relaygpt"), dict) else {})
+    return Tokenizer.from_hf_dir(path, meta.get("relaygpt", {}).get("tokenizer", {}) if isinstance(meta.get("relaygpt"), dict) else {})
 
 
 def read_model_config(path: str | Path) -> GPTConfig:
@@ -359,11 +357,11 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, max_shard_bytes
 
 
 def _llama_config_and_tokenizer(path: Path, hf: dict) -> tuple[GPTConfig, Tokenizer]:
-    from model.hf import config_from_llama, tokenizer_of_hf_dir
+    from model.hf import config_from_llama
 
     config = config_from_llama(hf, path / "config.json")
     recorded = hf.get("relaygpt", {}).get("tokenizer", {})
-    tokenizer = tokenizer_of_hf_dir(path, recorded)
+    tokenizer = Tokenizer.from_hf_dir(path, recorded)
     if recorded and recorded.get("sha256") != tokenizer.sha256:
         raise RelayError(f"{path}: the tokenizer files do not match the tokenizer recorded in config.json")
     return config, tokenizer

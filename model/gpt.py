@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
+from model.masks import allowed_keys
 
 if TYPE_CHECKING:
     from model.kv_cache import KVCache, StaticKVCache
@@ -151,22 +152,6 @@ def flex_attend(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tenso
         # forward only on CPU, and no C++ compile is needed.
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-
-
-def allowed_keys(query_slots: torch.Tensor, num_keys: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """Boolean (B, 1, T, Tk) mask — (1, 1, T, Tk) without key_mask — of the keys each query sees.
-
-    Query t sits at key slot query_slots[t] (T,) and sees the keys up to its own slot (causal)
-    that key_mask (B, Tk) marks as real tokens (None: all are).
-    """
-    keys = torch.arange(num_keys, device=query_slots.device)
-    allowed = keys[None, :] <= query_slots[:, None]  # (T, Tk)
-    if key_mask is None:
-        return allowed[None, None]
-    # A padding query would see no key at all and produce NaN, which then leaks through
-    # zero attention weights; letting it see itself keeps every row finite.
-    itself = keys[None, :] == query_slots[:, None]  # (T, Tk)
-    return ((allowed[None] & key_mask[:, None, :]) | itself[None])[:, None]  # (B, 1, T, Tk)
 
 
 class CausalSelfAttention(nn.Module):

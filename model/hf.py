@@ -17,23 +17,14 @@ conversation to exactly the ids model/chat.py gives it.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
 from model.config import GPTConfig
 from model.errors import RelayError
+from model.chat_template import CHAT_TEMPLATE
 from model.tokenizer import EOT, Tokenizer
-
-# model/chat.py's template as Jinja: a role token, one space, the content, <|end|>.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|> ' + message['content'] + '<|end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
 
 def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
     """{file name: text} of the tokenizer of an export: vocab.json, merges.txt, tokenizer.json,
@@ -64,9 +55,11 @@ def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
         "bos_token": EOT, "eos_token": "<|end|>" if chat else EOT, "unk_token": None, "pad_token": EOT,
         "add_bos_token": False, "add_eos_token": False,
     }
-    if chat:
+    if tokenizer.chat_template is not None:  # the imported model's own template and its tokens
+        config.update(tokenizer.chat_template.tokens, chat_template=tokenizer.chat_template.source)
+    elif chat:
         config["chat_template"] = CHAT_TEMPLATE
-    specials = {"bos_token": EOT, "eos_token": config["eos_token"], "pad_token": EOT,
+    specials = {"bos_token": config["bos_token"], "eos_token": config["eos_token"], "pad_token": config["pad_token"],
                 "additional_special_tokens": sorted(t for t in tokenizer.special_tokens if t != EOT)}
     return {
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
@@ -109,7 +102,7 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": 0.02,
         "bos_token_id": tokenizer.eot_id,
-        "eos_token_id": tokenizer.special_tokens.get("<|end|>", tokenizer.eot_id),
+        "eos_token_id": _eos_ids(tokenizer),
         "torch_dtype": "float32",
         "relaygpt": {"vocab_size": config.vocab_size, "tokenizer": {**tokenizer.identity, "pat_str": tokenizer.pat_str}},
     }
@@ -120,6 +113,15 @@ def llama_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     if config.rope_scaling:
         out["rope_scaling"] = dict(config.rope_scaling)
     return out
+
+
+def _eos_ids(tokenizer: Tokenizer):
+    """config.json's eos_token_id: the ends of an assistant turn under the model's own chat
+    template (a list where there are several), else relaygpt's <|end|>."""
+    if tokenizer.chat_template is not None:
+        stops = list(tokenizer.chat_template.stop_ids(tokenizer)) or [tokenizer.eot_id]
+        return stops[0] if len(stops) == 1 else stops
+    return tokenizer.special_tokens.get("<|end|>", tokenizer.eot_id)
 
 
 def llama_weights(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -252,63 +254,3 @@ def llama_tensor(weights, sources: list[str], vocabulary: bool, config: GPTConfi
     tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
     missing = config.padded_vocab_size - tensor.size(0) if vocabulary else 0
     return torch.cat([tensor, tensor.new_zeros(missing, tensor.size(1))]) if missing > 0 else tensor
-
-
-def _split_pattern(data: dict, spec: Path) -> str | None:
-    """The split pattern a tokenizer.json's pre-tokenizer applies before byte-level BPE: a
-    `Split` regex followed by `ByteLevel` without its own regex (Llama 3, Qwen2, and relaygpt's
-    exports), or None for a lone `ByteLevel` that splits with GPT-2's pattern. Anything else,
-    or a normalizer (which tiktoken cannot apply), is refused naming the key."""
-    normalizer = data.get("normalizer")
-    if normalizer is not None:
-        raise RelayError(f"{spec}: normalizer {normalizer.get('type') if isinstance(normalizer, dict) else normalizer!r} "
-                         "is not supported (byte-level BPE tokenizers without a normalizer only)")
-    pre = data.get("pre_tokenizer")
-    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    if not isinstance(steps, list) or not steps or not all(isinstance(step, dict) for step in steps):
-        raise RelayError(f"{spec}: pre_tokenizer {pre!r:.80} is not supported (a ByteLevel, or a Split regex then ByteLevel)")
-    *splits, last = steps
-    if last.get("type") != "ByteLevel" or last.get("add_prefix_space") or len(splits) > 1:
-        raise RelayError(f"{spec}: pre_tokenizer must end in ByteLevel without add_prefix_space, after at most one Split; "
-                         f"got {[step.get('type') for step in steps]}")
-    if not splits:
-        if last.get("use_regex", True) is False:
-            raise RelayError(f"{spec}: pre_tokenizer ByteLevel with use_regex false and no Split does not split words; not supported")
-        return None
-    split = splits[0]
-    pattern = split.get("pattern") if split.get("type") == "Split" else None
-    regex = pattern.get("Regex") if isinstance(pattern, dict) else None
-    if not isinstance(regex, str) or split.get("behavior") != "Isolated" or split.get("invert") or last.get("use_regex", True):
-        raise RelayError(f"{spec}: pre_tokenizer {split.get('type')} must be a Split by a Regex, behavior Isolated, not inverted, "
-                         "followed by ByteLevel with use_regex false")
-    return regex
-
-
-def tokenizer_of_hf_dir(path: Path, recorded: dict) -> Tokenizer:
-    """The tokenizer of a Hugging Face directory: vocab.json + merges.txt, or the byte-level BPE
-    of a tokenizer.json (its vocabulary, merges, added tokens, and the split pattern its
-    pre-tokenizer applies, so ids are AutoTokenizer's)."""
-    spec = path / "tokenizer.json"
-    if not spec.exists():
-        if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-            return Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
-        raise RelayError(f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
-    try:
-        data = json.loads(spec.read_text(encoding="utf-8"))
-        model = data["model"]
-        if model.get("type") != "BPE":
-            raise RelayError(f"{spec}: a {model.get('type')} tokenizer; only byte-level BPE tokenizers can be imported")
-        vocab = dict(model["vocab"])
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        added = [(token["content"], int(token["id"])) for token in data.get("added_tokens") or []]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise RelayError(f"{spec}: not a readable BPE tokenizer.json ({type(exc).__name__}: {exc})") from None
-    pattern = recorded.get("pat_str") or _split_pattern(data, spec)
-    for content, idx in added:
-        vocab[content] = idx
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = Tokenizer.from_gpt2_files(tmp, recorded.get("name") or f"hf:{path.name}", pattern)
-    tokenizer.source = ("hf-json", str(path.resolve()))  # re-loaded from here, not the temporary copy
-    return tokenizer

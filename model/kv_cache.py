@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from model.config import GPTConfig
-from model.gpt import allowed_keys
+from model.masks import allowed_keys
 
 
 def _cache_shape(config: GPTConfig, batch_size: int, max_len: int) -> tuple[int, ...]:

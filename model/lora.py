@@ -61,23 +61,36 @@ def adapted_names(n_layer: int, targets) -> list[str]:
 
 def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets, seed: int = 0) -> int:
     """Freeze every parameter of `model` (a GPT) and put an adapter on each target projection of
-    every block. A's initial values come from `seed` alone, so every data-parallel replica starts
-    with the same adapters. Returns the number of trainable parameters."""
+    every block. A's initial values come from `seed` and the block's index alone
+    (`lora_generator`), so every data-parallel replica, and every pipeline stage holding the
+    block, starts with the same adapters. Returns the number of trainable parameters."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer, block in enumerate(model.transformer.h):
+        adapt_block(block, layer, rank=rank, alpha=alpha, dropout=dropout, targets=targets, seed=seed)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_generator(seed: int, layer: int) -> torch.Generator:
+    """The generator of block `layer`'s A matrices: a function of the seed and the block alone,
+    so a pipeline stage that builds only some blocks makes exactly the adapters the whole model has."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def adapt_block(block: nn.Module, layer: int, *, rank: int, alpha: float, dropout: float, targets, seed: int) -> None:
+    """Put an adapter on each target projection of one (frozen) transformer block, the `layer`-th."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(TARGETS)}")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    for name in adapted_names(model.config.n_layer, targets):
-        parent_name, child = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
+    generator = lora_generator(seed, layer)
+    for target in targets:
+        parent_name, child = target.rsplit(".", 1)
+        parent = block.get_submodule(parent_name)
         base = getattr(parent, child)
-        assert isinstance(base, nn.Linear) and not isinstance(base, LoRALinear), name
+        assert isinstance(base, nn.Linear) and not isinstance(base, LoRALinear), (layer, target)
         adapter = LoRALinear(base, rank, alpha, dropout, generator=None if base.weight.device.type == "meta" else generator)
         adapter.train(base.training)  # a new module trains by default: follow the model's mode (dropout)
         setattr(parent, child, adapter)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def lora_param_count(config, rank: int, targets) -> int:

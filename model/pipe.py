@@ -310,8 +310,14 @@ def load_gpt_state(pipe: nn.Module, config: GPTConfig, gpt_state: dict[str, torc
 
 
 def gpt_state_of_stage(pipe: nn.Module, config: GPTConfig) -> dict[str, torch.Tensor]:
-    """This stage's weights under their GPT names (a union over stages is the full model)."""
-    return {gpt_key(config, key): value for key, value in pipe.state_dict().items()}
+    """This stage's weights under their GPT names (a union over stages is the full model). An
+    adapted projection gives its merged weight (W + (alpha / r) B A), not its adapter."""
+    from model.lora import adapters, merged_weight
+
+    state = {gpt_key(config, key): value for key, value in pipe.state_dict().items() if ".lora_" not in key}
+    for name, module in adapters(pipe).items():
+        state[gpt_key(config, f"{name}.weight")] = merged_weight(module)
+    return state
 
 
 def parallelize_stage(pipe: nn.Module, config: GPTConfig, tp) -> None:
@@ -331,3 +337,17 @@ def parallelize_stage(pipe: nn.Module, config: GPTConfig, tp) -> None:
         elif isinstance(module, LMHeadPipe):
             module.lm_head = parallel_head(module.lm_head, config, tp)
     pipe.loss_fn = VocabParallelLoss(tp, config.padded_vocab_size // tp.size)
+
+
+def adapt_stage(pipe: nn.Module, config: GPTConfig, *, rank: int, alpha: float, dropout: float, targets, seed: int) -> int:
+    """LoRA on a pipeline stage: freeze its layers and put adapters on the blocks it holds, each
+    made as `model.lora.apply_lora` makes block i's in the whole GPT (the same A for the same
+    seed), so a pipeline trains the adapters a pp = 1 run trains. Returns the stage's trainable count."""
+    from model.lora import adapt_block
+
+    for param in pipe.parameters():
+        param.requires_grad_(False)
+    for name, layer in pipe.named_children():
+        if isinstance(layer, BlockPipe):
+            adapt_block(layer, int(name) - 2, rank=rank, alpha=alpha, dropout=dropout, targets=targets, seed=seed)
+    return sum(p.numel() for p in pipe.parameters() if p.requires_grad)

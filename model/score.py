@@ -13,9 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
-@torch.inference_mode()
 def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[float]:
     """The log-likelihood of each request's continuation, in input order."""
+    return [logprob for logprob, _ in continuation_scores(model, requests, batch_size)]
+
+
+@torch.inference_mode()
+def continuation_scores(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, bool]]:
+    """(log-likelihood, is greedy) of each request's continuation, in input order: is greedy
+    when every continuation token is the most likely one at its position (the harness's
+    `is_greedy`)."""
     window = model.config.block_size
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
@@ -28,7 +35,7 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], ba
             raise ValueError("a request needs at least two tokens (give the context an end-of-text)")
         prepared.append((ids, min(len(continuation), len(ids) - 1)))
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
-    scores = [0.0] * len(prepared)
+    scores = [(0.0, False)] * len(prepared)
     was_training = model.training
     model.eval()
     try:
@@ -45,7 +52,8 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], ba
                 ids, count = prepared[i]
                 targets = torch.tensor(ids[-count:], device=device)
                 positions = torch.arange(len(ids) - 1 - count, len(ids) - 1, device=device)
-                scores[i] = float(logprobs[row, positions, targets].sum())
+                greedy = bool((logprobs[row, positions].argmax(-1) == targets).all())
+                scores[i] = (float(logprobs[row, positions, targets].sum()), greedy)
     finally:
         model.train(was_training)
     return scores

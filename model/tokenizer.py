@@ -93,6 +93,9 @@ class Tokenizer:
         self.eot_id = specials[EOT]
         self.system_id, self.user_id = specials[SYSTEM], specials[USER]
         self.assistant_id, self.end_of_turn_id = specials[ASSISTANT], specials[END_OF_TURN]
+        # A published model's own Jinja chat template (model/chat_template.py), used instead of
+        # relaygpt's role tokens when set; None for relaygpt's template.
+        self.chat_template = None
 
     # ---- construction ------------------------------------------------------------------
 
@@ -128,9 +131,7 @@ class Tokenizer:
         path = Path(path)
         meta_path = path / META_FILE
         if not (path / RANK_FILE).exists() and (meta_path.exists() or (path / "vocab.json").exists()):
-            from model.hf import tokenizer_of_hf_dir
-
-            return tokenizer_of_hf_dir(path, {})
+            return cls.from_hf_dir(path, {})
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -144,7 +145,12 @@ class Tokenizer:
         if not isinstance(meta, dict) or not all(isinstance(meta.get(k), str) for k in ("name", "pat_str")):
             raise RelayError(f"{meta_path}: expected a JSON object with the tokenizer's name and pat_str")
         ranks, digest = load_rank_file(path / RANK_FILE, meta.get("sha256"))
-        return cls(meta["name"], ranks, meta["pat_str"], meta.get("special_tokens", {}), digest, ("dir", str(path.resolve())))
+        tok = cls(meta["name"], ranks, meta["pat_str"], meta.get("special_tokens", {}), digest, ("dir", str(path.resolve())))
+        if meta.get("chat_template") is not None:
+            from model.chat_template import ChatTemplate
+
+            tok.chat_template = ChatTemplate.from_dict(meta["chat_template"], f"{meta_path}: chat_template")
+        return tok
 
     @classmethod
     def from_gpt2_files(cls, path: str | Path, name: str | None = None, pat_str: str | None = None) -> Tokenizer:
@@ -164,6 +170,32 @@ class Tokenizer:
             pat_str = _standard_meta("r50k_base")[0] if is_gpt2 else GPT2_PATTERN
         name = name or ("gpt2" if is_gpt2 else f"hf:{path.name}")
         return cls(name, ranks, pat_str, specials, digest, ("hf", str(path.resolve())))
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, recorded: dict) -> Tokenizer:
+        """The tokenizer of a Hugging Face directory: vocab.json + merges.txt, or the byte-level
+        BPE of a tokenizer.json (its vocabulary, merges, added tokens, and the split pattern its
+        pre-tokenizer applies, so ids are AutoTokenizer's). `recorded`: the name / pat_str a
+        relaygpt export wrote."""
+        import tempfile
+
+        from model.hf_tokenizer import hub_chat_template, read_tokenizer_json
+
+        spec = path / "tokenizer.json"
+        if not spec.exists():
+            if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+                tokenizer = cls.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
+                tokenizer.chat_template = hub_chat_template(path)
+                return tokenizer
+            raise RelayError(f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+        vocab, merges, pattern = read_tokenizer_json(spec, recorded.get("pat_str"))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+            (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+            tokenizer = cls.from_gpt2_files(tmp, recorded.get("name") or f"hf:{path.name}", pattern)
+        tokenizer.source = ("hf-json", str(path.resolve()))  # re-loaded from here, not the temporary copy
+        tokenizer.chat_template = hub_chat_template(path)
+        return tokenizer
 
     @classmethod
     def load(cls, spec: str | Path, sha256: str | None = None) -> Tokenizer:
@@ -195,6 +227,8 @@ class Tokenizer:
         data = ranks_to_tiktoken_bytes(self.encoding._mergeable_ranks)
         (path / RANK_FILE).write_bytes(data)
         meta = {"name": self.name, "pat_str": self.pat_str, "sha256": sha256_bytes(data), "special_tokens": self.special_tokens}
+        if self.chat_template is not None:
+            meta["chat_template"] = self.chat_template.to_dict()
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if self.source[0] == "memory":
             self.source = ("dir", str(path.resolve()))
@@ -212,7 +246,13 @@ class Tokenizer:
         return (_restore, (self.source, self.sha256, self.name, self.pat_str))
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Tokenizer) and self.identity == other.identity and self.special_tokens == other.special_tokens
+        return isinstance(other, Tokenizer) and self.identity == other.identity and self.special_tokens == other.special_tokens \
+            and self.chat_template_sha256 == other.chat_template_sha256
+
+    @property
+    def chat_template_sha256(self) -> str | None:
+        """sha256 of the model's own chat template, None for relaygpt's."""
+        return None if self.chat_template is None else self.chat_template.sha256
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab}, sha256={self.sha256[:12]}…)"
@@ -276,11 +316,12 @@ def _restore(source: tuple[str, str], sha256: str, name: str, pat_str: str) -> T
     elif kind == "file":
         tok = Tokenizer.from_file(ref, sha256, pat_str=pat_str, name=name)
     elif kind == "hf":
-        tok = Tokenizer.from_gpt2_files(ref, name, pat_str)
-    elif kind == "hf-json":
-        from model.hf import tokenizer_of_hf_dir
+        from model.hf_tokenizer import hub_chat_template
 
-        tok = tokenizer_of_hf_dir(Path(ref), {"name": name, "pat_str": pat_str})
+        tok = Tokenizer.from_gpt2_files(ref, name, pat_str)
+        tok.chat_template = hub_chat_template(Path(ref))
+    elif kind == "hf-json":
+        tok = Tokenizer.from_hf_dir(Path(ref), {"name": name, "pat_str": pat_str})
     else:
         tok = Tokenizer.from_dir(ref)
     if tok.sha256 != sha256:

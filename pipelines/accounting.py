@@ -42,6 +42,17 @@ class Prices:
         return None if self.per_core_hour is None else usage.core_hours * self.per_core_hour
 
 
+def stage_usage(stage: str, seconds: float, cluster, eval_pool=None, data_workers: int = 1) -> Usage:
+    """The resources a stage holds while it runs: a training stage its workers (`cluster`: the
+    job's cluster settings), the eval stage its generation pool (`eval_pool`: the eval stage's
+    settings), data preparation `data_workers` tasks of one CPU."""
+    if stage in ("pretrain", "sft"):
+        return Usage(stage, seconds, cluster.num_workers, cluster.gpus_per_worker, cluster.cpus_per_worker)
+    if stage == "eval":
+        return Usage(stage, seconds, eval_pool.workers, eval_pool.gpus_per_worker, eval_pool.cpus_per_worker)
+    return Usage(stage, seconds, data_workers, 0.0, 1.0)
+
+
 def account(usages: list[Usage], prices: Prices) -> dict:
     """Per usage and in total: GPU-hours, core-hours and cost (None where no price applies)."""
     rows = {}

@@ -177,6 +177,24 @@ class StageDir:
     def read_status(self) -> dict:
         return json.loads(self.status_file.read_text()) if self.status_file.exists() else {}
 
+    def begin(self, fingerprint: str, inputs: dict[str, str]) -> dict:
+        """Record the stage as running (with the inputs it reads, so that a re-run can say which
+        one changed); returns that record, for `complete` or `fail`."""
+        running = {"stage": self.name, "status": "running", "fingerprint": fingerprint, "inputs": inputs, "started": time.time()}
+        self.write_status(running)
+        return running
+
+    def complete(self, running: dict, result: dict) -> float:
+        """Record the stage begun as `running` as completed with `result`; returns its seconds."""
+        seconds = time.time() - running["started"]
+        self.write_status({**running, "status": "completed", "seconds": seconds, "result": result})
+        return seconds
+
+    def fail(self, running: dict, exc: BaseException) -> None:
+        """Record the stage begun as `running` as failed, or interrupted (Ctrl-C), by `exc`."""
+        self.write_status({**running, "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                           "error": f"{type(exc).__name__}: {exc}"[:500]})
+
     def write_status(self, status: dict) -> None:
         write_json_atomically(self.status_file, status, durable=True)  # commits the stage
 

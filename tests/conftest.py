@@ -63,6 +63,14 @@ def gpt2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def llama3_style_tokenizer(tmp_path_factory, shakespeare):
+    """A hub tokenizer directory in Llama 3's form with its chat template (helpers.llama3_style_tokenizer_dir)."""
+    from helpers import llama3_style_tokenizer_dir
+
+    return llama3_style_tokenizer_dir(tmp_path_factory.mktemp("llama3-tokenizer"), shakespeare[:200_000])
+
+
+@pytest.fixture(scope="session")
 def trained_tokenizer(tmp_path_factory, shakespeare):
     """A 1024-token BPE trained on tinyshakespeare and saved (so it pickles by path)."""
     from model.tokenizer import Tokenizer

@@ -248,7 +248,15 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
 def train_layouts(job_path: str, runs: list[tuple], stage: str) -> list[dict]:
     """`train_and_record` for each (overrides, run directory, until_step) in turn, in the same
     processes (one start-up for all; a run directory named again resumes)."""
-    return [train_and_record(job_path, overrides, stage, run_dir, until) for overrides, run_dir, until in runs]
+    results = []
+    for overrides, run_dir, until in runs:
+        results.append(train_and_record(job_path, overrides, stage, run_dir, until))
+        # A pipeline engine leaves its grid as DeepSpeed's global model-parallel unit, which a later
+        # engine in the same process would take for its own: forget it (a new stage is a new process).
+        from deepspeed.utils import groups
+
+        groups.mpu = None
+    return results
 
 
 def engine_throughput(config_kwargs: dict, stage_kwargs: dict, steps: int, warmup: int, threads: int,
@@ -392,9 +400,10 @@ def reads_while_training(job_path: str, overrides: list, run_dir: str, warmup: i
     return {"reads": dict(counts), "notes": trainer.plan.engine_notes}
 
 
-def clipped_losses(config_kwargs: dict, stage_kwargs: dict, steps: int, clip_by: str) -> dict:
+def clipped_losses(config_kwargs: dict, stage_kwargs: dict, steps: int, clip_by: list[str]) -> dict:
     """Losses of `steps` steps on random batches, with the gradients clipped by the engine (as
-    planned), by DeepSpeed, or not at all (`clip_by`: planned | deepspeed | none)."""
+    planned), by DeepSpeed, or not at all: one engine after another in the same process group,
+    keyed by `clip_by` (planned | deepspeed | none)."""
     from dataclasses import replace
 
     from model.config import GPTConfig
@@ -402,16 +411,19 @@ def clipped_losses(config_kwargs: dict, stage_kwargs: dict, steps: int, clip_by:
     from pipelines.train.engine import Engine
 
     init_distributed()
-    plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps})
-    if clip_by != "planned":
-        clip = plan.settings.optimizer.grad_clip if clip_by == "deepspeed" else 0.0
-        plan = replace(plan, clip_in_optimizer=False, deepspeed_config={**plan.deepspeed_config, "gradient_clipping": clip})
-    engine = Engine(plan, init_state=None)
-    it = _random_batches(plan)
-    outs = [engine.train_step(it) for _ in range(steps)]
-    values = [engine.read(out) for out in outs]
-    return {"losses": [v["loss"] for v in values], "grad_norms": [v["grad_norm"] for v in values],
-            "clip_in_optimizer": plan.clip_in_optimizer}
+    results = {}
+    for how in clip_by:
+        plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps})
+        if how != "planned":
+            clip = plan.settings.optimizer.grad_clip if how == "deepspeed" else 0.0
+            plan = replace(plan, clip_in_optimizer=False, deepspeed_config={**plan.deepspeed_config, "gradient_clipping": clip})
+        engine = Engine(plan, init_state=None)
+        it = _random_batches(plan)
+        values = [engine.read(out) for out in [engine.train_step(it) for _ in range(steps)]]
+        results[how] = {"losses": [v["loss"] for v in values], "grad_norms": [v["grad_norm"] for v in values],
+                        "clip_in_optimizer": plan.clip_in_optimizer}
+        del engine
+    return results
 
 def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
     """A one-stage PipelineModule on packed rows whose documents are kept apart, against the

@@ -85,3 +85,53 @@ def hub_gpt2_dir(path, shared_data, *, seed: int, n_positions: int = 128, n_laye
     shutil.copy(shared_data / "tiktoken" / "encoder.json", path / "vocab.json")
     shutil.copy(shared_data / "tiktoken" / "vocab.bpe", path / "merges.txt")
     return path
+
+
+# Llama 3's split pattern (also cl100k's): case-insensitive contractions, letters with one
+# leading non-letter, digits in threes, punctuation runs, newlines apart.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEXTS = [
+    "Hello, world! It's 2026; we'll train 1234567 tokens.",
+    "Ça va? Größe, naïve façade — déjà vu. Привет, как дела? 你好，世界。 こんにちは",
+    "def f(x):\n\treturn {'a': [x ** 2, x // 3]}  # comment\n\n\nclass A:  pass\r\n",
+    "emoji 🚀🔥👩‍💻 and flags 🇫🇷, math ∑∫√ ≤ ≥, tabs\t\tand   spaces   ",
+    "   leading spaces, trailing newline\n",
+]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# A Llama-3-Instruct-style chat template: bos, then per message a role header, the trimmed
+# content and <|eot_id|>; the generation prompt opens an assistant header.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- for message in messages %}\n"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def llama3_style_tokenizer_dir(out, corpus: str, *, chat_template: bool = True):
+    """A tokenizer.json as Llama 3 ships one, trained here with `tokenizers`: a Split by its
+    regex, then ByteLevel without a regex, and added special tokens, saved beside the
+    tokenizer_config.json AutoTokenizer reads (with LLAMA3_TEMPLATE as its chat_template)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=LLAMA3_SPECIALS, show_progress=False)
+    tok.train_from_iterator([corpus, *TEXTS], trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    if chat_template:
+        config["chat_template"] = LLAMA3_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out

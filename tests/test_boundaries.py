@@ -1,4 +1,4 @@
-"""Import boundaries that keep the CLI fast and model/ portable."""
+"""Import boundaries that keep the CLI fast and model/ portable, and the structure rules (sizes, layers, cycles)."""
 
 import subprocess
 import sys
@@ -46,3 +46,93 @@ def test_imports_run_downward():
         assert packages <= {"model"}, (path, packages)
     for path, packages in _imported_packages("pipelines").items():
         assert packages <= {"model", "pipelines"}, (path, packages)
+
+
+# --- structure: sizes, layers and cycles, read from the source (no imports, a few ms) ---------------
+
+_LAYERS = {"model": 0, "pipelines": 1, "jobs": 2, "cluster": 3}
+_MAX_FUNCTION_LINES = 60
+_MAX_FILE_LINES = 400
+
+
+def _project_modules() -> dict:
+    """dotted module name -> (path in the repository, parsed tree, line count) for every module of ours."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    modules = {}
+    for package in _LAYERS:
+        for path in sorted((root / package).rglob("*.py")):
+            name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            text = path.read_text()
+            modules[name] = (str(path.relative_to(root)), ast.parse(text), text.count("\n"))
+    return modules
+
+
+def _module_imports(tree, known: set[str]) -> set[str]:
+    """Our modules a tree imports, at top level or inside a function: `from a.b import c` names a.b.c
+    when that is a module, else a.b."""
+    import ast
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in known else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name in known}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _project_modules()
+    return {name: _module_imports(tree, set(modules)) - {name} for name, (_, tree, _) in modules.items()}
+
+
+def test_functions_and_files_stay_small():
+    import ast
+
+    long_functions, large_files = [], []
+    for path, tree, file_lines in _project_modules().values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > _MAX_FUNCTION_LINES:
+                    long_functions.append(f"{path}:{node.lineno} {node.name} ({lines} lines)")
+        if file_lines > _MAX_FILE_LINES:
+            large_files.append(f"{path} ({file_lines} lines)")
+    assert not long_functions, long_functions
+    assert not large_files, large_files
+
+
+def test_no_module_imports_a_higher_layer():
+    """model < pipelines < jobs < cluster: a module imports only its own layer and those below it."""
+    upward = [
+        f"{name} -> {target}"
+        for name, targets in _import_graph().items()
+        for target in targets
+        if _LAYERS[target.split(".")[0]] > _LAYERS[name.split(".")[0]]
+    ]
+    assert not upward, upward
+
+
+def test_no_import_cycle():
+    """Counting imports inside functions too: a lazy import that closes a loop is still a loop."""
+    graph = _import_graph()
+    cycles, state = [], {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join(stack[stack.index(target):] + [name, target]))
+            elif target not in state:
+                visit(target, stack + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not cycles, cycles

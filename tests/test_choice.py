@@ -73,7 +73,7 @@ def test_acc_and_acc_norm_follow_from_the_scores():
     example = {"continuations": [" a", " much longer answer", " mid one"], "label": 1}
     picked = choice_scores(example, [-3.0, -9.5, -6.0])
     assert picked["prediction"] == 0 and picked["acc"] == 0.0  # the highest log-likelihood
-    assert picked["prediction_norm"] == 1 and picked["acc_norm"] == 1.0  # -9.5/19 beats -3/2 and -6/8
+    assert picked["prediction_norm"] == 1 and picked["acc_norm"] == 1.0  # -9.5/18 beats -3/1 and -6/7 (the joining space not counted)
 
 
 @pytest.mark.slow

@@ -98,16 +98,16 @@ def test_the_main_job_end_to_end(ray_head, tmp_path):
         return again.stdout.splitlines()
 
     assert sum("up to date" in line for line in rerun(on_head=True)) == 4
-    # A changed SFT setting re-runs SFT and eval only; --from-stage eval re-runs eval only.
-    changed = rerun(*_set("stages.sft.steps=20", "stages.eval.models=[assistant]"))  # eval re-runs: the tuned model only
-    assert [line.split("]")[0] for line in changed if "up to date" in line] == ["[data", "[pretrain"]
-    assert json.loads((run / "sft" / "stage.json").read_text())["result"]["step"] == 20
-    # On a terminal: the same lines, and generation progress redrawn in place.
+    # On a terminal, from the SFT stage with a changed SFT setting: data and pretraining stay up to
+    # date, SFT and eval re-run (eval: the tuned model only), and generation progress is redrawn in
+    # place. (Which stages a changed input re-runs without --from-stage: tests/test_inputs.py.)
     code, screen = relaygpt_on_a_terminal("run", JOB, "--out", out, *_set("stages.sft.steps=20", "stages.eval.models=[assistant]"),
-                                          "--from-stage", "eval")
+                                          "--from-stage", "sft")
     assert code == 0, screen[-3000:]
     last = screen.replace("\r\n", "\n").split("\n")
-    assert sum("up to date" in line for line in last) == 3 and any(line.startswith("[eval] assistant: synthetic") for line in last)
+    assert [line.split("]")[0] for line in last if "up to date" in line] == ["[data", "[pretrain"]
+    assert json.loads((run / "sft" / "stage.json").read_text())["result"]["step"] == 20
+    assert any(line.startswith("[eval] assistant: synthetic") for line in last)
     assert re.search(r"\r\[eval\] assistant \[[#.]+\] \d+/\d+ rows  eta \d+s", screen), screen[-3000:]
     assert_only_relaygpt_lines(screen)
 

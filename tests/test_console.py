@@ -119,7 +119,7 @@ def test_output_to_restores_the_terminal_after_an_error_inside(tmp_path):
 
 def test_a_failed_stage_is_named_by_its_cause_not_by_a_lost_connection_or_a_header(tmp_path):
     from cluster.driver import _failure
-    from cluster.launch import WorkerFailed, _first_worker_failure
+    from cluster.failures import WorkerFailed, first_worker_failure
     from pipelines.rundir import RunDir
 
     class WorkerGroupError(Exception):  # the shape of Ray Train's: one exception per failed rank
@@ -129,10 +129,10 @@ def test_a_failed_stage_is_named_by_its_cause_not_by_a_lost_connection_or_a_head
 
     knock_on = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
     cause = IndexError("index out of range in self")
-    assert _first_worker_failure(WorkerGroupError({0: knock_on, 1: cause})) == (
+    assert first_worker_failure(WorkerGroupError({0: knock_on, 1: cause})) == (
         "rank 1: IndexError: index out of range in self (and 1 other rank(s); all in the log)")
-    assert _first_worker_failure(WorkerGroupError({3: cause})) == "rank 3: IndexError: index out of range in self"
-    assert _first_worker_failure(RuntimeError("no ranks")) is None
+    assert first_worker_failure(WorkerGroupError({3: cause})) == "rank 3: IndexError: index out of range in self"
+    assert first_worker_failure(RuntimeError("no ranks")) is None
     run_dir = RunDir(tmp_path / "run")
     failed = _failure(run_dir, "pretrain", RuntimeError("Training failed due to a controller error:\nthe placement group was removed"))
     assert str(failed) == "pretrain failed: RuntimeError: the placement group was removed" and failed.log == str(run_dir.log_file)

@@ -122,7 +122,7 @@ def test_bits_per_byte_task_matches_a_direct_computation(tmp_path, trained_token
     (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     task = load_task("text_bpb", data_file=str(tmp_path / "held.jsonl"))
     assert task.metric == "bpb" and [e["target"] for e in task.examples] == texts
-    scored = GenerationWorker(str(model_dir), {}, False).generate_rows([{"score_text": t} for t in texts])  # what the pool runs
+    scored = GenerationWorker(str(model_dir), {}, False, work="score_texts").run([{"score_text": t} for t in texts])  # what the pool runs
     got = bits_per_byte(sum(r["nats"] for r in scored), sum(r["bytes"] for r in scored))
     # Reference: token by token with the full preceding context of each 64-token window.
     nats, nbytes = 0.0, 0
@@ -189,8 +189,8 @@ def test_an_interrupted_evaluation_leaves_no_metrics_json(tmp_path, trained_toke
     out.root.mkdir()
     out.metrics.write_text('{"model": {"gsm8k": 1.0}}\n')  # an earlier run's result
 
-    def generate(model_dir, rows, params, chat):
-        return GenerationWorker(model_dir, params, chat, 4).generate_rows(rows)
+    def generate(model_dir, rows, *, work, params=None, chat=False):
+        return GenerationWorker(model_dir, params or {}, chat, 4, work=work).run(rows)
 
     with pytest.raises(RelayError, match="no model directory"):
         evaluate_models({"first": model_dir, "second": tmp_path / "missing"}, [task], generate, out=out)
@@ -198,3 +198,80 @@ def test_an_interrupted_evaluation_leaves_no_metrics_json(tmp_path, trained_toke
     evaluate_models({"first": model_dir}, [task], generate, out=out)
     assert json.loads(out.metrics.read_text())["first"].keys() == {"gsm8k"}
     assert out.predictions.exists() and out.report.exists()
+
+
+# ---- preference tasks (pipelines/eval/preference.py) ----------------------------------------
+
+PAIRS = [
+    {"prompt": "Who wrote Hamlet?", "chosen": "William Shakespeare.", "rejected": "Christopher Marlowe."},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France?"}],
+     "chosen": "Paris", "rejected": "Lyon, I think"},
+    {"prompt": [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."},
+                {"role": "user", "content": "And three plus three?"}], "chosen": "Six.", "rejected": "Seven."},
+    {"prompt": "Say yes.", "chosen": "yes", "rejected": "no"},
+]
+
+
+def _preference_task_file(directory, rows) -> str:
+    (directory / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "prefs.yaml").write_text("name: prefs\nsource: {file: pairs.jsonl}\nmetric: preference_accuracy\n")
+    return str(directory / "prefs.yaml")
+
+
+def test_preference_accuracy_equals_a_direct_computation_with_the_model(tmp_path, trained_tokenizer):
+    """Each side's summed log-probability of its answer (content and <|end|>, after the rendered
+    prompt and the open assistant header), by one forward of the whole rendered conversation,
+    against the scores the worker gives through the actor pool's own entry point (JSON batches)."""
+    from model.chat import render_chat
+    from pipelines.eval.run import evaluate_models
+    from pipelines.generation.worker import GenerationWorker
+    from pipelines.rundir import EvalDir
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(trained_tokenizer.n_vocab, block_size=64)).eval()
+    model_dir = save_model_dir(model, trained_tokenizer, tmp_path / "m")
+    task = load_task(_preference_task_file(tmp_path, PAIRS))
+    worker = GenerationWorker(str(model_dir), {}, False, batch_size=3, work="score_choices")
+
+    def generate(model_dir, rows, *, work, params=None, chat=False):  # what the Ray Data pool does: JSON rows in batches of 3
+        assert work == "score_choices"
+        out = []
+        for start in range(0, len(rows), 3):
+            batch = {"_index": list(range(start, start + 3))[: len(rows) - start], "_row": [json.dumps(r) for r in rows[start:start + 3]]}
+            out += [json.loads(r) for r in worker(batch)["_result"]]
+        return out
+
+    out = EvalDir(tmp_path / "e")
+    out.root.mkdir()
+    metrics = evaluate_models({"m": model_dir}, [task], generate, out=out)
+    expected = []
+    for row in PAIRS:
+        messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+        context = len(render_chat(trained_tokenizer, messages, add_generation_prompt=True)[0])
+        sums = []
+        for side in ("chosen", "rejected"):
+            ids = render_chat(trained_tokenizer, messages + [{"role": "assistant", "content": row[side]}])[0]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0, :, :trained_tokenizer.n_vocab].float(), -1)
+            sums.append(sum(float(logp[i - 1, ids[i]]) for i in range(context, len(ids))))
+        expected.append(sums)
+    predictions = [json.loads(line) for line in out.predictions.read_text().splitlines()]
+    for (chosen, rejected), p in zip(expected, predictions):
+        assert p["chosen_logprob"] == pytest.approx(chosen, abs=1e-4) and p["rejected_logprob"] == pytest.approx(rejected, abs=1e-4)
+    assert metrics["m"]["prefs"] == sum(c > r for c, r in expected) / len(PAIRS)
+    assert json.loads(out.metrics.read_text()) == metrics
+    assert "| prefs | " in out.report.read_text() and "(likelihood)" in out.report.read_text()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Hi", "chosen": "Hello"}, "pairs.jsonl: row 2: no 'rejected' (fields: chosen, prompt)"),
+    ({"chosen": "a", "rejected": "b"}, "pairs.jsonl: row 2: no 'prompt'"),
+    ({"prompt": "Hi", "chosen": "Hello", "rejected": " Hello "}, "pairs.jsonl: row 2: chosen and rejected are identical"),
+    ({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, "pairs.jsonl: row 2: prompt message 0 must be"),
+])
+def test_bad_preference_rows_are_one_line_naming_the_file_and_row(tmp_path, row, message):
+    from model.errors import RelayError
+
+    with pytest.raises(RelayError) as error:
+        load_task(_preference_task_file(tmp_path, [PAIRS[0], row]))
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)

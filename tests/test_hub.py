@@ -4,10 +4,12 @@ index, and read tensor by tensor (never the whole model on a rank)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from distributed import run_distributed
+from helpers import LLAMA3_PATTERN, LLAMA3_TEMPLATE, TEXTS
 from dist_workers import init_build_memory
 from model.export import load_model_dir, open_model_weights
 from model.hf import tokenizer_files
@@ -144,50 +146,13 @@ def test_zero_3_builds_a_sharded_hub_checkpoint_holding_only_its_shard(tmp_path,
         assert sharded["increase"] <= sharded["shard"] + sharded["largest"] + 32 * 2**20, (rank, sharded)
 
 
-# Llama 3's split pattern (also cl100k's): case-insensitive contractions, letters with one
-# leading non-letter, digits in threes, punctuation runs, newlines apart.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-TEXTS = [
-    "Hello, world! It's 2026; we'll train 1234567 tokens.",
-    "Ça va? Größe, naïve façade — déjà vu. Привет, как дела? 你好，世界。 こんにちは",
-    "def f(x):\n\treturn {'a': [x ** 2, x // 3]}  # comment\n\n\nclass A:  pass\r\n",
-    "emoji 🚀🔥👩‍💻 and flags 🇫🇷, math ∑∫√ ≤ ≥, tabs\t\tand   spaces   ",
-    "   leading spaces, trailing newline\n",
-]
-
-
-@pytest.fixture(scope="module")
-def llama3_style_tokenizer(tmp_path_factory, shared_data):
-    """A tokenizer.json as Llama 3 ships one, trained here with `tokenizers`: a Split by its
-    regex, then ByteLevel without a regex, and added special tokens, saved beside the
-    tokenizer_config.json AutoTokenizer reads."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    out = tmp_path_factory.mktemp("llama3-tokenizer")
-    tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"], show_progress=False)
-    corpus = (shared_data / "pretrain" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
-    tok.train_from_iterator([corpus, *TEXTS], trainer=trainer)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
-    return out
-
-
 def test_a_llama3_style_tokenizer_gives_autotokenizers_ids(llama3_style_tokenizer):
     from transformers import AutoTokenizer
 
-    from model.hf import tokenizer_of_hf_dir
+    from model.tokenizer import Tokenizer
 
     theirs = AutoTokenizer.from_pretrained(llama3_style_tokenizer)
-    ours = tokenizer_of_hf_dir(llama3_style_tokenizer, {})
+    ours = Tokenizer.from_hf_dir(llama3_style_tokenizer, {})
     assert ours.pat_str == LLAMA3_PATTERN
     for text in TEXTS:
         ids = theirs.encode(text, add_special_tokens=False)
@@ -201,9 +166,9 @@ def test_a_hub_tokenizer_survives_the_trip_to_a_worker(llama3_style_tokenizer):
     """Workers receive the tokenizer pickled: it re-loads from the directory it came from."""
     import pickle
 
-    from model.hf import tokenizer_of_hf_dir
+    from model.tokenizer import Tokenizer
 
-    ours = tokenizer_of_hf_dir(llama3_style_tokenizer, {})
+    ours = Tokenizer.from_hf_dir(llama3_style_tokenizer, {})
     again = pickle.loads(pickle.dumps(ours))
     assert again.sha256 == ours.sha256 and again.encode(TEXTS[1]) == ours.encode(TEXTS[1])
 
@@ -217,7 +182,7 @@ def test_a_tokenizer_json_we_cannot_reproduce_is_refused(llama3_style_tokenizer,
     import shutil
 
     from model.errors import RelayError
-    from model.hf import tokenizer_of_hf_dir
+    from model.tokenizer import Tokenizer
 
     copy = tmp_path / "tok"
     shutil.copytree(llama3_style_tokenizer, copy)
@@ -225,7 +190,7 @@ def test_a_tokenizer_json_we_cannot_reproduce_is_refused(llama3_style_tokenizer,
     edit(data)
     (copy / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(RelayError, match=says):
-        tokenizer_of_hf_dir(copy, {})
+        Tokenizer.from_hf_dir(copy, {})
 
 
 @pytest.mark.parametrize("shape", [
@@ -277,9 +242,10 @@ def test_a_bad_shard_size_is_one_line(tmp_path):
 
 
 def test_sft_of_a_hub_model_under_zero_3_exports_what_transformers_loads(tmp_path, llama3_style_tokenizer):
-    """A Llama 3.x-shaped hub directory (sharded, rope_scaling, its own tokenizer.json) named as
-    the job's tokenizer and as stages.sft.init: `relaygpt run` fine-tunes it under ZeRO-3 (the
-    local launcher, one worker), the tokenizer keeps AutoTokenizer's ids, and the export loads
+    """A Llama 3.x-shaped hub directory (sharded, rope_scaling, its own tokenizer.json and chat
+    template) named as the job's tokenizer and as stages.sft.init: `relaygpt run` fine-tunes it
+    under ZeRO-3 (the local launcher, one worker) on data its template rendered, the tokenizer
+    keeps AutoTokenizer's ids, and the export (template included) loads
     with from_pretrained: the same logits and greedy tokens as relaygpt's own load of it."""
     import shutil
 
@@ -314,6 +280,14 @@ def test_sft_of_a_hub_model_under_zero_3_exports_what_transformers_loads(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     ours, tokenizer, _ = load_model_dir(tuned)
+    # The SFT data was rendered with the model's own chat template (not relaygpt's role tokens),
+    # and the tuned model and its export carry it.
+    data = tmp_path / "runs" / "hubsft" / "default" / "data" / "sft"
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokens = np.concatenate([np.fromfile(data / s["file"], dtype=manifest["dtype"]) for s in manifest["splits"]["train"]["shards"]])
+    assert tokenizer.special_tokens["<|start_header_id|>"] in tokens and tokenizer.user_id not in tokens
+    assert tokenizer.chat_template.source == LLAMA3_TEMPLATE
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == LLAMA3_TEMPLATE
     assert tokenizer.encode(TEXTS[1]) == transformers.AutoTokenizer.from_pretrained(hub).encode(TEXTS[1], add_special_tokens=False)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert theirs.config.rope_scaling["rope_type"] == "llama3" or theirs.config.rope_parameters["rope_type"] == "llama3"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster.driver import fingerprints, stage_inputs
+from jobs.fingerprints import fingerprints, stage_inputs
 from helpers import relaygpt
 from jobs.spec import load_job
 from pipelines.inputs import SETTLED_NS, FileHashes, describe_change

@@ -69,7 +69,7 @@ def _alive(pid: int) -> bool:
 ])
 def test_the_launcher_a_job_gets(launcher, workers, joins, expected):
     from cluster.launch import choose_launcher
-    from cluster.settings import ClusterSpec
+    from jobs.cluster import ClusterSpec
 
     assert choose_launcher(ClusterSpec(launcher=launcher, num_workers=workers), joins_a_cluster=joins) == expected
 
@@ -77,7 +77,7 @@ def test_the_launcher_a_job_gets(launcher, workers, joins, expected):
 def test_a_local_launcher_that_would_join_a_cluster_is_refused_in_one_line(tmp_path, shakespeare, capsys):
     from cluster import cli
     from cluster.launch import choose_launcher
-    from cluster.settings import ClusterSpec
+    from jobs.cluster import ClusterSpec
     from model.errors import RelayError
 
     with pytest.raises(RelayError, match="cluster.launcher: local starts the training workers on this machine"):
@@ -124,7 +124,9 @@ def test_a_one_worker_run_trains_in_a_local_process_and_records_its_start_up(tmp
     from model.export import load_model_dir
 
     run = _run_dir(tmp_path)
-    proc = _start("run", _job(tmp_path, shakespeare), "--out", tmp_path / "runs")
+    job = _job(tmp_path, shakespeare)  # also tracked in MLflow (its file store in the run directory)
+    job.write_text(yaml.safe_dump({**yaml.safe_load(job.read_text()), "tracking": {"mlflow": {"experiment": "local-exp"}}}))
+    proc = _start("run", job, "--out", tmp_path / "runs")
     seen = []
     for line in proc.stdout:
         seen.append(line.rstrip("\n"))
@@ -156,6 +158,29 @@ def test_a_one_worker_run_trains_in_a_local_process_and_records_its_start_up(tmp
     assert "RayTrainWorker" not in (run / "logs" / "run.log").read_text()
     manifest = json.loads((run / "data" / "pretrain" / "manifest.json").read_text())
     assert manifest["workers"] == [{"node": "local", "blocks": 1}]
+    _assert_mlflow_holds_the_scalars(run)
+
+
+def _assert_mlflow_holds_the_scalars(run: Path) -> None:
+    """MLflow's file store holds the stage's run: every TensorBoard scalar of metrics.jsonl at
+    its step, and the resolved plan as parameters (read back with mlflow's own client)."""
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("local-exp")
+    (tracked,) = client.search_runs([experiment.experiment_id])
+    assert tracked.info.run_name == "local/default/pretrain" and tracked.info.status == "FINISHED"
+    assert tracked.data.tags["relaygpt.stage"] == "pretrain"
+    assert json.loads((run / "pretrain" / "tracking.json").read_text())["mlflow_run_id"] == tracked.info.run_id
+    params = tracked.data.params
+    assert params["job.name"] == "local" and params["plan.micro_batch"] == "4" and params["plan.total_steps"] == str(STEPS)
+    logged = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("train/loss", "train/lr", "val/loss"):
+        expected = [(m["step"], m[name]) for m in logged if name in m]
+        history = sorted((h.step, h.value) for h in client.get_metric_history(tracked.info.run_id, name))
+        assert expected and [s for s, _ in history] == [s for s, _ in expected], name
+        assert [v for _, v in history] == pytest.approx([v for _, v in expected], rel=1e-6), name
 
 
 @pytest.mark.slow

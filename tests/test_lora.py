@@ -96,12 +96,17 @@ def test_a_is_the_same_for_the_same_seed():
     assert all(torch.equal(x, y.lora_A) for x, y in zip(a, adapters(two).values())) and not torch.equal(a[0], a[1])
 
 
-def _trained_adapter_weights(config, targets, rank=4):
-    model = GPT(config)
-    apply_lora(model, rank=rank, alpha=8, dropout=0.0, targets=targets)
+def _randomised_adapters(model, rank, targets):
+    """Adapters on `model` (alpha 2 rank) with a random B, as if trained."""
+    apply_lora(model, rank=rank, alpha=2 * rank, dropout=0.0, targets=targets)
     with torch.no_grad():
         for module in adapters(model).values():
             module.lora_B.normal_()
+    return model
+
+
+def _trained_adapter_weights(config, targets, rank=4):
+    model = _randomised_adapters(GPT(config), rank, targets)
     return model, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
@@ -134,6 +139,45 @@ def test_peft_layout_for_a_llama_base_cuts_fused_projections_exactly():
         assert tensors[f"{prefix}.k_proj.lora_B.weight"].shape == (config.kv_heads * config.head_dim, 4)
 
 
+@pytest.fixture(scope="module")
+def small_tokenizer(shakespeare):
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.train([shakespeare[:20_000]], 300, name="shakespeare-300")
+
+
+@pytest.mark.parametrize("fields", [GPT2_SHAPED, LLAMA_SHAPED, {**LLAMA_SHAPED, "tie_embeddings": True}],
+                         ids=["gpt2-tied", "llama", "llama-tied"])
+def test_peft_loads_the_adapter_onto_the_hf_export_with_our_logits(tmp_path, small_tokenizer, fields):
+    """What a user does with <stage>/adapter/: `peft` puts it on the HF export of the base, and the
+    result computes what our adapted model computes (a tied head stays the embedding, untouched)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from model.export import export_hf
+    from model.lora import write_peft_adapter
+
+    vocab = small_tokenizer.n_vocab
+    config = preset("tiny", vocab, **fields)
+    torch.manual_seed(0)
+    ours = GPT(config).eval()
+    export_hf(ours, small_tokenizer, tmp_path / "base")
+    targets = list(TARGETS)
+    _randomised_adapters(ours, rank=4, targets=targets)
+    weights = {n: p.detach() for n, p in ours.named_parameters() if ".lora_" in n}
+    write_peft_adapter(tmp_path / "adapter", config, weights, rank=4, alpha=8, dropout=0.0, targets=targets)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.randint(0, vocab, (2, 12))
+    with torch.no_grad():
+        expected = ours(ids)[0][..., :vocab]
+        got = theirs(ids).logits
+        with theirs.disable_adapter():
+            without = theirs(ids).logits
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (without - expected).abs().max().item() > 1e-2  # the adapter is what makes them equal
+
+
 # ---- settings ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("lora, message", [
@@ -159,19 +203,22 @@ def test_bad_lora_settings_are_one_line_naming_the_field(tmp_path, lora, message
     assert message in str(error.value) and "\n" not in str(error.value).strip(), str(error.value)
 
 
-def test_a_pipeline_is_refused_by_plan_with_exit_2(tmp_path):
-    deepspeed, reason = {"zero_stage": 1, "pipeline_stages": 2}, "stages.sft.lora: adapters are not implemented with pipeline_stages 2"
-    from train_helpers import BASE_JOB
+def test_a_pipeline_stage_without_a_block_is_refused_by_the_plan():
+    """A uniform cut of 8 pipeline layers over 4 stages leaves stage 0 the embeddings alone: nothing
+    to adapt. (`relaygpt plan` lists a plan's ConfigError as a problem and exits 2.)"""
+    from model.errors import ConfigError
+    from pipelines.train.plan import plan_training
+    from pipelines.train.settings import TrainStageSpec
 
-    job = json.loads(json.dumps(BASE_JOB))
-    job["cluster"] = {"num_workers": 2}
-    job["stages"]["sft"].update(lora={"rank": 4}, deepspeed=deepspeed)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", str(path)], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=60)
-    assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    def plan(method):
+        settings = TrainStageSpec(steps=4, lora={"rank": 4}, deepspeed={"zero_stage": 1, "pipeline_stages": 4, "partition_method": method})
+        return plan_training("sft", settings, tiny(n_layer=4, n_head=4, n_embd=32, block_size=16), world_size=4, seq_len=16,
+                             device="cpu", data_dir=Path("."), init_model=None, seed=0)
+
+    assert plan("type:BlockPipe").stage_layers == (0, 3, 4, 5, 8)
+    with pytest.raises(ConfigError) as error:
+        plan("uniform")
+    assert str(error.value).startswith("stages.sft.lora: pipeline stage 0 (layers 0..1) holds no transformer block"), str(error.value)
 
 
 def test_the_planner_counts_adapter_gradients_and_optimizer_state_only():
@@ -225,29 +272,40 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
     job_path, template, root = engine_job
     common = ["cluster.num_workers=2", f"stages.sft.init={init_dir}", "stages.sft.lora.rank=4", "stages.sft.lora.alpha=8",
               "stages.sft.optimizer.lr=0.01", "stages.sft.optimizer.warmup_steps=0", "stages.sft.steps=4", "stages.sft.eval_every=100"]
-    run, run_2, resumed = (prepared_run(job_path, template, root / f"lora-z{zero}") for zero in (0, 2, 3))
+    run, run_2, resumed, piped = (prepared_run(job_path, template, root / f"lora-{name}") for name in ("z0", "z2", "z3", "pp2"))
     zero_3 = common + ["stages.sft.deepspeed.zero_stage=3", "stages.sft.checkpoint_every=2"]
-    z0, z2, first, rest = run_distributed(train_layouts, 2, str(job_path), [
+    pp_2 = common + ["stages.sft.deepspeed.zero_stage=1", "stages.sft.deepspeed.pipeline_stages=2", "stages.sft.checkpoint_every=2",
+                     "stages.sft.grad_accum=2"]  # data-parallel 1: the same 8 rows a step
+    # The pipeline runs first: its start-up would meet the collectives ZeRO-3 leaves behind in these processes.
+    pp_first, pp_rest, z0, z2, first, rest = run_distributed(train_layouts, 2, str(job_path), [
+        (pp_2, str(piped), 2), (pp_2, str(piped), None),
         (common + ["stages.sft.deepspeed.zero_stage=0", "stages.sft.save_checkpoints=false"], str(run), None),
-        (common + ["stages.sft.deepspeed.zero_stage=2", "stages.sft.save_checkpoints=false"], str(run_2), None),
+        (common + ["stages.sft.deepspeed.zero_stage=2", "stages.sft.checkpoint_every=4"], str(run_2), None),
         (zero_3, str(resumed), 2), (zero_3, str(resumed), None)], "sft")[0]
     assert sorted(z0["losses"]) == [1, 2, 3, 4] and z0["losses"][4] < z0["losses"][1]
-    z3 = {**first["losses"], **rest["losses"]}
-    assert sorted(first["losses"]) == [1, 2] and sorted(rest["losses"]) == [3, 4]
+    z3, pp = {**first["losses"], **rest["losses"]}, {**pp_first["losses"], **pp_rest["losses"]}
+    assert sorted(first["losses"]) == [1, 2] and sorted(rest["losses"]) == [3, 4] and sorted(pp_rest["losses"]) == [3, 4]
     for step, loss in z0["losses"].items():
-        assert abs(loss - z2["losses"][step]) < 1e-5 and abs(loss - z3[step]) < 1e-5, (step, loss, z2["losses"][step], z3[step])
+        others = (z2["losses"][step], z3[step], pp[step])
+        assert all(abs(loss - other) < 1e-5 for other in others), (step, loss, others)
     config = preset("tiny", 97, **ENGINE_MODEL)
     expected = lora_param_count(config, 4, list(TARGETS))
-    for result in (z0, z2, rest):
+    for result in (z0, z2, rest, pp_rest):
         assert result["result"]["trainable_params"] == expected  # the optimizer's parameters
+    lora_names = {f"{n}.lora_{x}" for n in adapted_names(config.n_layer, TARGETS) for x in "AB"}
+    states = next((run_2 / "sft" / "checkpoints").glob("step_*/*model_states.pt"))
+    assert set(checkpoint_file(states)["module"]) == lora_names  # ZeRO-2: the adapters whole; no tied head (the embedding)
     states = next((resumed / "sft" / "checkpoints").glob("step_*/*model_states.pt"))
     module = checkpoint_file(states)["module"]  # as a resume reads it: weights only
     # Under ZeRO-3 the module state holds placeholders, the values are in the optimizer's partitions:
-    # none for a base weight, except the tied head (DeepSpeed drops the frozen parameters that
-    # named_parameters() lists, where a tied head appears only as the embedding).
-    assert set(module) <= {f"{n}.lora_{x}" for n in adapted_names(config.n_layer, TARGETS) for x in "AB"} | {"lm_head.weight"}
+    # none for a base weight, the tied head included (an alias of the frozen embedding).
+    assert set(module) <= lora_names
     assert all(t.numel() <= 1 for n, t in module.items() if "lora_" not in n), {n: t.shape for n, t in module.items()}
 
+    layer_files = (piped / "sft" / "checkpoints").glob("step_*/layer_*-model_states.pt")
+    layers = {f"{path.parent.name}/{path.name}": checkpoint_file(path) for path in layer_files}
+    assert len(layers) == 2 * (config.n_layer + 3)  # two checkpoints (steps 2 and 4), every layer but the tied head
+    assert all(key.split(".")[-1] in ("lora_A", "lora_B") for state in layers.values() for key in state), layers  # no base weight
     base = load_file(str(init_dir / "model.safetensors"))
     adapter = load_file(str(run / "sft" / "adapter" / "adapter_model.safetensors"))
     adapter_config = json.loads((run / "sft" / "adapter" / "adapter_config.json").read_text())
@@ -262,6 +320,6 @@ def test_lora_sft_trains_only_adapters_with_equal_losses_at_zero_0_2_and_3(engin
             torch.testing.assert_close(exported[name], tensor + b @ a * 2, atol=1e-6, rtol=0)
         else:
             assert torch.equal(exported[name], tensor), name  # frozen
-    for other in (run_2, resumed):
+    for other in (run_2, resumed, piped):
         torch.testing.assert_close(weights(other, "sft"), exported, atol=1e-5, rtol=0)
-        assert (other / "sft" / "adapter" / "adapter_model.safetensors").read_bytes() != b""
+        torch.testing.assert_close(load_file(str(other / "sft" / "adapter" / "adapter_model.safetensors")), adapter, atol=1e-5, rtol=0)

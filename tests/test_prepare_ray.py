@@ -107,7 +107,7 @@ def test_lines_are_read_a_chunk_at_a_time_exactly(tmp_path, monkeypatch):
     """Lines longer than a chunk, invalid UTF-8 and multi-byte characters across chunks read as
     decoding the whole range would, with the same replaced bytes."""
     from pipelines.data import records
-    from pipelines.data.sources import decode_counting
+    from pipelines.data.text import decode_counting
 
     monkeypatch.setattr(records, "READ_CHUNK", 7)
     rng = random.Random(1)

@@ -231,3 +231,15 @@ def test_a_step_log_damaged_after_preflight_is_named_where_it_is_read(tmp_path):
     path.write_bytes(b'{"step": 1}\n\xff\n')
     with pytest.raises(RelayError, match="not UTF-8 at byte 12"):
         MetricsLog(path).records()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_whose_package_is_not_installed_is_refused_before_launch(tmp_path, monkeypatch, capsys):
+    """tracking.wandb without the wandb package (the `wandb` extra): one line, exit 2, before Ray."""
+    monkeypatch.setattr(cluster.runtime, "ray_session", lambda *a, **k: pytest.fail("Ray started"))
+    job = {**yaml.safe_load(yaml.safe_dump(TINY)), "tracking": {"wandb": {"mode": "offline", "project": "p"}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    code = cli.main(["run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "tracking.wandb: the wandb package is not installed; pip install 'relaygpt[wandb]'" in err, err

@@ -126,7 +126,8 @@ def test_the_engine_clips_bf16_zero_gradients_as_deepspeed_would(zero_stage):
     the norm spans both ranks' partitions), and not the same as no clipping at all."""
     stage = {"micro_batch": 2, "optimizer": {"lr": 1e-2, "grad_clip": 0.05},
              "deepspeed": {"zero_stage": zero_stage, "precision": "bf16"}}
-    engine, deepspeed, none = (run_distributed(clipped_losses, 2, TINY, stage, 6, how)[0] for how in ("planned", "deepspeed", "none"))
+    runs = run_distributed(clipped_losses, 2, TINY, stage, 6, ["planned", "deepspeed", "none"])[0]
+    engine, deepspeed, none = runs["planned"], runs["deepspeed"], runs["none"]
     assert engine["clip_in_optimizer"] and not deepspeed["clip_in_optimizer"]
     assert engine["losses"] == pytest.approx(deepspeed["losses"], rel=2e-3)
     assert engine["grad_norms"] == pytest.approx(deepspeed["grad_norms"], rel=2e-3)

@@ -196,8 +196,9 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *,
             _check_one_window(job, out["pretrain"]["splits"]["train"]["tokens"])
         if "sft" in stages and job.data.sft is not None:
             seq_len = sft_seq_len(job)
+            template = {"chat_template": tokenizer.chat_template_sha256} if tokenizer.chat_template is not None else {}
             fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len)
+                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len, **template)
             out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
     hashes.save()
     return out
@@ -231,5 +232,13 @@ def validation_warning(stage: str, train_tokens: int, val_tokens: int) -> str | 
 
 
 def sft_seq_len(job) -> int:
-    """Length of a packed SFT row: data.sft.seq_len, default the model's context."""
-    return job.data.sft.seq_len or job.model.block_size
+    """Length of a packed SFT row: data.sft.seq_len, default the context of the model the SFT
+    stage trains (its `init` model directory's, when it names one)."""
+    if job.data.sft.seq_len:
+        return job.data.sft.seq_len
+    stage = job.stages.sft
+    if stage is not None and stage.init:
+        from model.export import read_model_config
+
+        return read_model_config(job.path(stage.init)).block_size
+    return job.model.block_size

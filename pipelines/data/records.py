@@ -11,13 +11,12 @@ N` for Parquet and CSV, `file record N` for a JSON array.
 from __future__ import annotations
 
 import functools
-import io
 import json
 from pathlib import Path
 from typing import Iterator
 
 from model.errors import RelayError
-from pipelines.data.sources import SourceStats, decode_counting, read_text
+from pipelines.data.text import SourceStats, decode_counting, read_csv, read_text
 
 READ_CHUNK = 1 << 20
 PARQUET_BATCH = 4096
@@ -169,27 +168,6 @@ def _parquet(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[obje
         raise RelayError(f"{block['label']}: cannot read as parquet ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
-def csv_header(path: str | Path, header_end: int, label: str) -> list[str]:
-    """The column names of a CSV file (its first record)."""
-    with open(path, "rb") as f:
-        header = decode_counting(f.read(header_end), SourceStats())
-    return _read_csv(header, None, label).column_names
-
-
-def _read_csv(text: str, columns: list[str] | None, label: str, names: list[str] | None = None):
-    """A table of CSV text (header first). Every column is text: CSV has no types, and a
-    column read as numbers in one block and as text in the next would differ by block."""
-    import pyarrow as pa
-    import pyarrow.csv as pv
-
-    convert = pv.ConvertOptions(column_types={n: pa.string() for n in names or []}, include_columns=columns or [])
-    try:
-        return pv.read_csv(io.BytesIO(text.encode("utf-8", "surrogatepass")), read_options=pv.ReadOptions(use_threads=False),
-                           parse_options=pv.ParseOptions(newlines_in_values=True), convert_options=convert)
-    except (OSError, ValueError) as exc:  # pyarrow.lib.ArrowInvalid derives from ValueError
-        raise RelayError(f"{label}: cannot read as csv ({type(exc).__name__}: {str(exc)[:160]})") from None
-
-
 def _csv(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[object, object]]:
     path = part["path"]
     with open(path, "rb") as f:
@@ -199,8 +177,8 @@ def _csv(block: dict, part: dict, stats: SourceStats) -> Iterator[tuple[object, 
     # The header's replaced bytes count once, with the file's first block.
     encoding = block.get("encoding", "utf-8")
     header_text = decode_counting(header, stats if part["start"] == part["header_end"] else SourceStats(), encoding)
-    names = _read_csv(header_text, None, block["label"]).column_names
-    table = _read_csv(header_text + decode_counting(data, stats, encoding), block["columns"], block["label"], names)
+    names = read_csv(header_text, None, block["label"]).column_names
+    table = read_csv(header_text + decode_counting(data, stats, encoding), block["columns"], block["label"], names)
     row = part["first_row"]
     for batch in table.to_batches(max_chunksize=PARQUET_BATCH):
         for record in batch.to_pylist():

@@ -20,28 +20,19 @@ import codecs
 import glob
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from model.errors import RelayError
+from pipelines.data.text import SourceStats, csv_header
 
-REPLACEMENT = "\ufffd"
 LOCAL_TYPES = ("text", "json", "parquet", "csv")
 DEFAULT_BLOCK_BYTES = 64 << 20  # what the driver-side readers (SFT, tokenizer training) cut sources into
 SCAN_CHUNK = 1 << 20
 NEWLINE = re.compile(rb"\n")
 BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # a line holding only spaces: where blank_line documents part
-
-
-@dataclass
-class SourceStats:
-    """What reading the sources noticed, reported in the manifest."""
-
-    replaced_bytes: int = 0
-    files: list[str] = field(default_factory=list)
 
 
 def _files(job, source) -> list[Path]:
@@ -84,35 +75,6 @@ def check_text_file(path: Path, encoding: str | None) -> None:
             base, pending = base + cut, data[cut:]
             if not chunk:
                 return
-
-
-def decode_counting(data: bytes, stats: SourceStats, encoding: str = "utf-8") -> str:
-    """Text of `data` in `encoding`, any invalid bytes replaced by U+FFFD and counted in `stats`
-    (planning has refused files with invalid bytes, so this counts none for a file left alone).
-
-    Cut at a newline, a file decodes piece by piece exactly as it does whole: an ASCII byte
-    always ends an invalid sequence, so every piece sees the same replacements."""
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError:
-        pass
-    count = 0
-
-    def handler(exc: UnicodeDecodeError):
-        nonlocal count
-        count += exc.end - exc.start
-        return REPLACEMENT, exc.end
-
-    name = f"relaygpt-count-{id(handler)}"
-    codecs.register_error(name, handler)
-    text = data.decode(encoding, errors=name)
-    stats.replaced_bytes += count
-    return text
-
-
-def read_text(path: Path, stats: SourceStats, encoding: str = "utf-8") -> str:
-    """A whole file as text, invalid bytes replaced and counted."""
-    return decode_counting(Path(path).read_bytes(), stats, encoding)
 
 
 def source_label(source) -> str:
@@ -257,8 +219,6 @@ def _check_columns(columns: list[str] | None, names: list[str], where: str) -> N
 
 
 def _csv_parts(files: list[Path], columns: list[str] | None, block_bytes: int, label: str) -> Iterator[tuple[dict, int]]:
-    from pipelines.data.records import csv_header
-
     for path in files:
         header_end, ranges = csv_record_ranges(path, block_bytes)
         if header_end == 0:

@@ -6,7 +6,7 @@ A task is a YAML file (shipped ones live in pipelines/eval/tasks/, any other pat
     source: {file: path/to/test.jsonl}          # or {hub: openai/gsm8k, config: main, split: test}
     input_field: question
     target_field: answer
-    metric: numeric          # exact_match | numeric | multiple_choice | bpb | loglikelihood
+    metric: numeric          # exact_match | numeric | multiple_choice | bpb | loglikelihood | preference_accuracy
     style: completion        # or chat (rendered with the chat template)
     prompt: "Question: {input}\\nAnswer:"
     shots: 0                 # few-shot examples, taken from the front and not scored
@@ -41,7 +41,7 @@ from model.errors import RelayError
 from pipelines.yaml_file import read_yaml
 
 TASK_DIR = Path(__file__).with_name("tasks")
-METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood")
+METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood", "preference_accuracy")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Task:
     examples: list[dict] = field(default_factory=list)  # {"input", "target"} (+ "messages" for chat)
     fewshot: list[dict] = field(default_factory=list)   # loglikelihood: + "context", "continuations", "label"
     format: str = ""
+    limit: int | None = None  # harness tasks (metric "harness"): examples the harness evaluates
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -142,9 +143,20 @@ def _read_rows(source: dict, where: str, base: Path) -> list[dict]:
     raise RelayError(f"{where}: source needs 'file' or 'hub'")
 
 
+def _source_label(source: dict, base: Path) -> str:
+    """The rows' file as errors name it (or the hub dataset)."""
+    if "file" in source:
+        path = Path(source["file"]).expanduser()
+        return str(path if path.is_absolute() else base / path)
+    return f"hub dataset {source.get('hub')}"
+
+
 def task_files(name_or_file: str) -> list[Path]:
     """The files of the user's that a task reads: its YAML file (a shipped one is part of
     relaygpt) and the local data file its `source` names; none for `synthetic` or hub data."""
+    if name_or_file.startswith("harness:"):  # a local harness task file is read by the harness
+        local = Path(name_or_file[len("harness:"):])
+        return [local] if local.suffix in (".yaml", ".yml") and local.is_file() else []
     if name_or_file == "synthetic" or not Path(name_or_file).suffix:
         return []
     path = Path(name_or_file)
@@ -165,6 +177,12 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     """A shipped task by name, a task YAML file, or `synthetic` (needs the job)."""
     if name_or_file == "synthetic":
         return _synthetic_task(job, limit)
+    from pipelines.eval.harness import check_harness, harness_target, is_harness_task
+
+    if is_harness_task(name_or_file):  # lm-evaluation-harness runs it (pipelines/eval/harness.py)
+        check_harness(name_or_file)
+        harness_target(name_or_file)
+        return Task(name=name_or_file, metric="harness", style="likelihood", limit=limit)
     path = Path(name_or_file)
     if not path.suffix:
         path = TASK_DIR / f"{name_or_file}.yaml"
@@ -188,6 +206,10 @@ def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_fil
     rows = _read_rows(source, "--data" if data_file else where, path.parent)
     if metric == "loglikelihood":
         return _choice_task(spec, rows, where, path.stem, limit)
+    if metric == "preference_accuracy":  # pairs scored by log-probability (pipelines/eval/preference.py)
+        from pipelines.eval.preference import preference_task
+
+        return preference_task(spec, rows, where, _source_label(source, path.parent), path.stem, limit)
     input_field, target_field = spec.get("input_field", "input"), spec.get("target_field", "target")
     examples = []
     for i, row in enumerate(rows):
@@ -302,8 +324,9 @@ def choice_row(task: Task, example: dict) -> dict:
 
 def choice_scores(example: dict, loglikelihoods: list[float]) -> dict:
     """acc and acc_norm of one example (the harness's: the highest log-likelihood, and the
-    highest log-likelihood per character of the continuation)."""
-    per_char = [ll / max(1, len(c)) for ll, c in zip(loglikelihoods, example["continuations"])]
+    highest log-likelihood per character of the choice; the space that joins it to the context,
+    the harness's target delimiter, is not counted, as the harness does not count it)."""
+    per_char = [ll / max(1, len(c) - c.startswith(" ")) for ll, c in zip(loglikelihoods, example["continuations"])]
     pick = max(range(len(loglikelihoods)), key=lambda i: loglikelihoods[i])
     pick_norm = max(range(len(per_char)), key=lambda i: per_char[i])
     return {"prediction": pick, "prediction_norm": pick_norm,

@@ -12,7 +12,7 @@ import codecs
 from collections.abc import Iterator
 from dataclasses import replace
 
-from model.chat import render_chat
+from model.chat import chat_stop_ids, render_chat
 from model.errors import RelayError
 from model.generate import SamplingParams, stream
 from model.tokenizer import Tokenizer
@@ -27,7 +27,7 @@ class ChatSession:
         self.params = params or SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.95)
         self.turns: list[dict] = []  # user / assistant messages, oldest first
         self.min_reply_tokens = min_reply_tokens
-        self.uses_chat_tokens = model.config.vocab_size > tokenizer.end_of_turn_id
+        self.uses_chat_tokens = tokenizer.chat_template is not None or model.config.vocab_size > tokenizer.end_of_turn_id
         self.dropped_turns = 0
 
     # ---- rendering ---------------------------------------------------------------------
@@ -65,10 +65,11 @@ class ChatSession:
             self.turns.pop()
             raise
         budget = min(self.params.max_new_tokens, self.model.config.block_size - len(ids))
-        stops = (self.tokenizer.end_of_turn_id, self.tokenizer.eot_id) if self.uses_chat_tokens else (self.tokenizer.eot_id,)
+        stops = chat_stop_ids(self.tokenizer) if self.uses_chat_tokens else (self.tokenizer.eot_id,)
         # A reply never contains the markers that open a turn: a model that would produce one (an
         # untrained one, say) must not put "<|assistant|>" text into the conversation.
-        roles = (self.tokenizer.system_id, self.tokenizer.user_id, self.tokenizer.assistant_id) if self.uses_chat_tokens else ()
+        roles = (self.tokenizer.system_id, self.tokenizer.user_id, self.tokenizer.assistant_id) \
+            if self.uses_chat_tokens and self.tokenizer.chat_template is None else ()
         params = replace(self.params, max_new_tokens=budget, stop_token_ids=stops, suppress_token_ids=roles)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         answer = ""

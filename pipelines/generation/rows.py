@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.chat import render_chat
+from model.chat import chat_stop_ids, render_chat
 from model.errors import RelayError
 from model.generate import SamplingParams, generate
 from model.tokenizer import Tokenizer
@@ -83,7 +83,7 @@ def _row_ids(row: dict, tokenizer: Tokenizer, chat: bool, where: str) -> list[in
 def complete_rows(model, tokenizer: Tokenizer, rows: list[dict], params: SamplingParams, *, chat: bool, batch_size: int, where: str = "") -> list[dict]:
     """Generate for `rows` (batched, sorted by length to limit padding); results in input order."""
     if chat:
-        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, tokenizer.end_of_turn_id, tokenizer.eot_id)})
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, *chat_stop_ids(tokenizer))})
     elif not params.stop_token_ids:
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": (tokenizer.eot_id,)})
     prompts = [prompt_ids(row, tokenizer, chat, f"{where}:{row.get('_line', i + 1)}", model.config.block_size)
@@ -119,21 +119,47 @@ def choice_requests(tokenizer: Tokenizer, context: str, continuation: str) -> tu
 
 
 def score_rows(model, tokenizer: Tokenizer, rows: list[dict], *, batch_size: int) -> list[dict]:
-    """Rows of {"context", "continuations"} -> the same rows with per choice `loglikelihoods`
-    and `num_tokens` (model/score.py), in input order."""
-    from model.score import continuation_logprobs
+    """Rows of {"context", "continuations"} (text), or {"context_tokens", "continuation_tokens"}
+    (ids, already rendered) -> the same rows with per continuation `loglikelihoods`, `num_tokens`
+    and `greedy` (every token the most likely: model/score.py), in input order."""
+    from model.score import continuation_scores
 
     requests, owners = [], []
     for i, row in enumerate(rows):
+        if "continuation_tokens" in row:
+            requests += [(row["context_tokens"], ids) for ids in row["continuation_tokens"]]
+            owners += [i] * len(row["continuation_tokens"])
+            continue
         for continuation in row["continuations"]:
             requests.append(choice_requests(tokenizer, row["context"], continuation))
             owners.append(i)
-    scores = continuation_logprobs(model, requests, batch_size=batch_size)
-    results = [{**row, "loglikelihoods": [], "num_tokens": []} for row in rows]
-    for (_, continuation), owner, value in zip(requests, owners, scores):
+    scores = continuation_scores(model, requests, batch_size=batch_size)
+    results = [{**row, "loglikelihoods": [], "num_tokens": [], "greedy": []} for row in rows]
+    for (_, continuation), owner, (value, greedy) in zip(requests, owners, scores):
         results[owner]["loglikelihoods"].append(value)
         results[owner]["num_tokens"].append(len(continuation))
+        results[owner]["greedy"].append(greedy)
     return results
+
+
+def score_rolling(model, tokenizer: Tokenizer, rows: list[dict], *, batch_size: int) -> list[dict]:
+    """Rows of {"rolling_text"} -> {"loglikelihood"}: the log-likelihood of the whole text as
+    lm-evaluation-harness's loglikelihood_rolling reads it: end-of-text first, the tokens
+    predicted in disjoint windows of the context length, each from the tokens before it within
+    the window, the last window filled out to its length with earlier tokens as context."""
+    from model.score import continuation_scores
+
+    window = model.config.block_size
+    requests, owners = [], []
+    for i, row in enumerate(rows):
+        ids = [tokenizer.eot_id] + tokenizer.encode(row["rolling_text"])
+        for start in range(1, len(ids), window):
+            requests.append((ids[:start], ids[start : start + window]))  # the scorer keeps the last window + 1 ids
+            owners.append(i)
+    totals = [0.0] * len(rows)
+    for owner, (value, _) in zip(owners, continuation_scores(model, requests, batch_size=batch_size)):
+        totals[owner] += value
+    return [{"loglikelihood": total} for total in totals]
 
 
 def text_nats(model, tokenizer: Tokenizer, text: str) -> tuple[float, int]:

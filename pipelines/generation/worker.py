@@ -29,17 +29,24 @@ def pick_device(requested: str = "auto", *, cuda_available: bool | None = None, 
     return "cuda", torch.bfloat16 if bf16 else torch.float32
 
 
+WORK = ("complete", "score_choices", "score_texts")
+
+
 class GenerationWorker:
-    """Loads a model directory once, on its device (pick_device); turns batches of rows into
-    completions or choice scores (a Ray Data actor)."""
+    """Loads a model directory once, on its device (pick_device); answers batches of rows with
+    one kind of work, named when it is built (a Ray Data actor runs one kind for its pool):
+    `complete` (generation), `score_choices` (multiple choice) or `score_texts` (bits per byte)."""
 
     def __init__(self, model_dir: str, params: dict, chat: bool, batch_size: int = 16, threads: int | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", work: str = "complete") -> None:
         import torch
 
+        from model.errors import RelayError
         from model.export import load_model_dir
         from model.generate import SamplingParams, prepare_for_inference
 
+        if work not in WORK:
+            raise RelayError(f"generation worker: work must be one of {', '.join(WORK)}, got {work!r}")
         if threads:
             torch.set_num_threads(threads)
         self.device, dtype = pick_device(device)
@@ -48,24 +55,41 @@ class GenerationWorker:
             prepare_for_inference(self.model)  # the fastest CPU matrix kernel of this machine, measured
         self.model.eval()
         self.params = SamplingParams(**params)
-        self.chat, self.batch_size = chat, batch_size
+        self.chat, self.batch_size, self.work = chat, batch_size, work
 
-    def generate_rows(self, rows: list[dict]) -> list[dict]:
-        """Completions; or, for rows of {"context", "continuations"} (multiple choice), the
-        log-likelihood of every continuation; or, for rows of {"score_text"}, its nats and bytes."""
-        from pipelines.generation.rows import complete_rows, score_rows, score_texts
+    def complete(self, rows: list[dict]) -> list[dict]:
+        """Completions of prompt rows (pipelines/generation/rows.py)."""
+        from pipelines.generation.rows import complete_rows
 
-        if rows and "continuations" in rows[0]:
-            return score_rows(self.model, self.tokenizer, rows, batch_size=self.batch_size)
-        if rows and "score_text" in rows[0]:
-            return score_texts(self.model, self.tokenizer, rows)
         return complete_rows(self.model, self.tokenizer, rows, self.params, chat=self.chat, batch_size=self.batch_size)
+
+    def score_choices(self, rows: list[dict]) -> list[dict]:
+        """Rows of {"context", "continuations"} (multiple choice): every continuation's log-likelihood."""
+        from pipelines.generation.rows import score_rows
+
+        return score_rows(self.model, self.tokenizer, rows, batch_size=self.batch_size)
+
+    def score_texts(self, rows: list[dict]) -> list[dict]:
+        """Rows of {"score_text"}: its nats and bytes."""
+        from pipelines.generation.rows import score_texts
+
+        return score_texts(self.model, self.tokenizer, rows)
+
+    def score_rolling(self, rows: list[dict]) -> list[dict]:
+        """Rows of {"rolling_text"}: the whole text's log-likelihood in the harness's rolling windows."""
+        from pipelines.generation.rows import score_rolling
+
+        return score_rolling(self.model, self.tokenizer, rows, batch_size=self.batch_size)
+
+    def run(self, rows: list[dict]) -> list[dict]:
+        """`rows` through the work this worker was built for."""
+        return getattr(self, self.work)(rows)
 
     def __call__(self, batch: dict) -> dict:
         """A Ray Data batch of {"_index", "_row" (JSON)} -> {"_index", "_result" (JSON)}."""
         indices = [int(i) for i in _plain(batch["_index"])]
         rows = [json.loads(r) for r in _plain(batch["_row"])]
-        done = self.generate_rows(rows)
+        done = self.run(rows)
         return {"_index": indices, "_result": [json.dumps(d, ensure_ascii=False) for d in done]}
 
 

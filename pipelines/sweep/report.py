@@ -91,17 +91,23 @@ def write_plots(rows: list[dict], axes: list[str], fit: PowerLaw | None, out: Pa
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     measured = [r for r in rows if r["status"] == "measured"]
     if not measured:
         return []
+    written = [_plot_scaling(measured, axes, out / "throughput_efficiency.png"), _plot_memory(measured, out / "memory_per_worker.png")]
+    if fit is not None:
+        written.append(_plot_loss(measured, fit, out / "loss_vs_compute.png"))
+    return written
+
+
+def _plot_scaling(measured: list[dict], axes: list[str], path: Path) -> str:
+    """Throughput and scaling efficiency against workers, one line per series of the other axes."""
+    import matplotlib.pyplot as plt
+
     series_axes = [a for a in axes if a != "workers"]
     series: dict[str, list[dict]] = {}
     for r in measured:
         series.setdefault(", ".join(f"{a}={r.get(a)}" for a in series_axes) or "all", []).append(r)
-    written = []
-
     fig, (tput, eff) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, group in sorted(series.items()):
         group = sorted(group, key=lambda r: r["workers"])
@@ -122,32 +128,38 @@ def write_plots(rows: list[dict], axes: list[str], fit: PowerLaw | None, out: Pa
         ax.set_xticks(ticks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    written.append(_save(fig, out / "throughput_efficiency.png"))
+    return _save(fig, path)
+
+
+def _plot_memory(measured: list[dict], path: Path) -> str:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(measured) + 2), 4.5))
     ax.bar([r["point"] for r in measured], [r["peak_memory_gb_per_worker"] for r in measured], color="tab:blue")
     ax.set(xlabel="point", ylabel="GB (largest rank)", title="Peak memory per worker")
     ax.tick_params(axis="x", rotation=60)
     ax.grid(axis="y", alpha=0.3)
-    written.append(_save(fig, out / "memory_per_worker.png"))
+    return _save(fig, path)
 
-    if fit is not None:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        pts = [(r["train_flops"], r["val_loss"] if r["val_loss"] is not None else r["final_loss"], r["model"]) for r in measured]
-        for c, loss, model in pts:
-            ax.loglog(c, loss, "o", label=model)
-        xs = np.geomspace(min(p[0] for p in pts), max(p[0] for p in pts), 50)
-        ax.loglog(xs, fit(xs), "k--", label=f"{fit.coefficient:.3g}·C^-{fit.exponent:.3f} (R²={fit.r2:.2f})")
-        from matplotlib.ticker import ScalarFormatter
 
-        for axis in (ax.yaxis,):
-            axis.set_major_formatter(ScalarFormatter())
-            axis.set_minor_formatter(ScalarFormatter())
-        ax.set(xlabel="training compute (FLOPs)", ylabel="final loss (validation when measured)", title="Loss vs compute")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-        written.append(_save(fig, out / "loss_vs_compute.png"))
-    return written
+def _plot_loss(measured: list[dict], fit: PowerLaw, path: Path) -> str:
+    """Final loss against training compute, log-log, with the fitted power law."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [(r["train_flops"], r["val_loss"] if r["val_loss"] is not None else r["final_loss"], r["model"]) for r in measured]
+    for c, loss, model in pts:
+        ax.loglog(c, loss, "o", label=model)
+    xs = np.geomspace(min(p[0] for p in pts), max(p[0] for p in pts), 50)
+    ax.loglog(xs, fit(xs), "k--", label=f"{fit.coefficient:.3g}·C^-{fit.exponent:.3f} (R²={fit.r2:.2f})")
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    ax.set(xlabel="training compute (FLOPs)", ylabel="final loss (validation when measured)", title="Loss vs compute")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> str:

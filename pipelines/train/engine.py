@@ -177,6 +177,24 @@ def lr_multiplier(opt: OptimizerSpec, total_steps: int):
     return fn
 
 
+def without_frozen_aliases(engine):
+    """The engine's `module_state_dict`, leaving every name of a frozen parameter out of an
+    adapter-only checkpoint. DeepSpeed's own exclusion walks `named_parameters()`, which names a
+    tied head once (as the embedding), so `lm_head.weight` stayed: the whole embedding matrix in
+    a checkpoint meant to hold the adapters (and, resumed, merely loaded over itself)."""
+    original = engine.module_state_dict
+    frozen = [name for name, param in engine.module.named_parameters(remove_duplicate=False) if not param.requires_grad]
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters and state is not None:
+            for name in frozen:
+                state.pop(name, None)
+        return state
+
+    return module_state_dict
+
+
 class Engine:
     """A DeepSpeed engine over a GPT, with one `train_step` whatever the parallel layout."""
 
@@ -203,7 +221,9 @@ class Engine:
         if self.device_type == "cuda" and plan.deepspeed_zero_stage < 3:
             module.to(torch.device("cuda", torch.cuda.current_device()))  # a fused AdamW wants its parameters on the GPU
         groups = param_groups(module.named_parameters(), opt.weight_decay)  # trainable parameters only (LoRA: the adapters)
-        self.trainable_params = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
+        # Counted now: a ZeRO optimizer puts its flat partitions in these groups' place.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"]
+                        if not getattr(p, "ds_pipe_replicated", False))
         optimizer, self.optimizer_name = build_optimizer(groups, opt,
                                                          offload=plan.settings.deepspeed.offload_optimizer, device_type=self.device_type)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(opt, plan.total_steps))
@@ -215,6 +235,8 @@ class Engine:
             mpu=self.grid if not self.pipelined_plan else None)  # a PipelineModule brings its own grid
         # DeepSpeed's loader unpickles with weights_only=False; checkpoints are read without running code.
         self.engine.checkpoint_engine = WeightsOnlyLoading(self.engine.checkpoint_engine)
+        if self.frozen_base and plan.pipeline_stages == 1:  # a pipeline saves by layer, the tied head with none
+            self.engine.module_state_dict = without_frozen_aliases(self.engine)
         world, rank = plan.world_size, dist.get_rank()
         if plan.pipeline_stages > 1:
             grid = self.engine.grid
@@ -226,6 +248,16 @@ class Engine:
             self.topology = Topology(world, rank, 1, plan.data_parallel, rank // plan.sequence_parallel, 0)
         else:
             self.topology = Topology(world, rank, 1, world, rank, 0)
+        self.trainable_params = self._count_trainable(trainable)
+
+    def _count_trainable(self, own: int) -> int:
+        """Parameters the optimizer steps in the whole model, from this rank's `own` count (a tied
+        embedding's replicated copy left out): a pipeline sums its stages (a collective there)."""
+        if not self.pipelined:
+            return own
+        total = torch.tensor(own, dtype=torch.int64, device=self.reduce_device)
+        dist.all_reduce(total, group=self.engine.grid.get_pipe_parallel_group())
+        return int(total.item())
 
     def _build_module(self, init_state: dict | None) -> torch.nn.Module:
         """This rank's part of the model: a pipeline stage's layers, ZeRO-3 shards, or the whole GPT
@@ -236,14 +268,13 @@ class Engine:
         interval = plan.settings.deepspeed.activation_checkpoint_interval
         loss_fn = loss_function(plan.loss_kernel)
         if plan.pipeline_stages > 1:
-            from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
+            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
             if plan.compile == "model":
                 loss_fn = torch.compile(loss_fn)  # the stage's layers are compiled one by one (_compile)
             module = build_pipeline(config, plan.pipeline_stages, parts=plan.stage_layers, loss_fn=loss_fn,
                                     topology=PipeModelDataParallelTopology(num_pp=plan.pipeline_stages, num_mp=plan.tensor_parallel,
-                                                                           num_dp=plan.data_parallel) if plan.tensor_parallel > 1
-                                    else PipeDataParallelTopology(num_pp=plan.pipeline_stages, num_dp=plan.data_parallel),
+                                                                           num_dp=plan.data_parallel),
                                     activation_checkpoint_interval=interval, seed=plan.seed)
             if init_state is not None:
                 load_gpt_state(module, config, init_state)
@@ -253,6 +284,11 @@ class Engine:
 
                 self.grid = module._grid
                 parallelize_stage(module, config, tp_group_of(self.grid))
+            if plan.settings.lora is not None:  # after the base weights are in place, before compile
+                from model.pipe import adapt_stage
+
+                lora = plan.settings.lora
+                adapt_stage(module, config, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets, seed=plan.seed)
             # DeepSpeed sums gradient norms over the model-parallel group (pipe x tensor) but counts
             # only the parameters marked model-parallel (or on model-parallel rank 0), which would
             # leave every later stage out of the global norm used for clipping. Mark each stage's
@@ -477,9 +513,12 @@ class Engine:
                     yield params[name].detach().float().cpu()
 
     def adapter_weights(self) -> dict[str, torch.Tensor]:
-        """Each adapter's A and B as fp32 CPU tensors, under the names the module has them
+        """Each adapter's A and B as fp32 CPU tensors, under the names the GPT has them
         (`transformer.h.0.attn.c_attn.lora_A`); empty without LoRA. A collective under ZeRO-3
-        (each is gathered in turn; small), where every rank gets them; elsewhere they are whole."""
+        (each is gathered in turn; small), where every rank gets them, and in a pipeline (each
+        stage sends its own to rank 0, which alone gets them); elsewhere they are whole."""
+        if self.pipelined:
+            return self._adapters_from_stages()
         out = {}
         for name, param in self.engine.module.named_parameters():
             if not name.endswith((".lora_A", ".lora_B")):
@@ -493,18 +532,45 @@ class Engine:
                 out[name] = param.detach().float().cpu()
         return out
 
-    def _stream_from_stages(self, order: list[str]):
-        from model.pipe import gpt_state_of_stage, layer_of
+    def _adapters_from_stages(self) -> dict[str, torch.Tensor]:
+        from model.lora import adapted_names, projection_shape
+        from model.pipe import gpt_key
 
-        config, rank, specs = self.plan.model, self.topology.rank, self.export_specs()
+        lora, config = self.plan.settings.lora, self.plan.model
+        if lora is None:
+            return {}
+        specs = {}
+        for name in adapted_names(config.n_layer, lora.targets):
+            fan_in, fan_out = projection_shape(config, name.split(".", 3)[3])
+            specs[f"{name}.lora_A"] = (torch.float32, (lora.rank, fan_in))
+            specs[f"{name}.lora_B"] = (torch.float32, (fan_out, lora.rank))
+        mine = {}
+        if self.topology.dp_rank == 0:
+            mine = {gpt_key(config, key): param for key, param in self.engine.module.named_parameters() if ".lora_" in key}
+        received = self._send_to_rank_0(list(specs), specs, mine)
+        return {name: tensor for name, tensor in zip(specs, received) if tensor is not None}
+
+    def _stream_from_stages(self, order: list[str]):
+        from model.pipe import gpt_state_of_stage
+
+        mine = gpt_state_of_stage(self.engine.module, self.plan.model) if self.topology.dp_rank == 0 else {}
+        yield from self._send_to_rank_0(order, self.export_specs(), mine)
+
+    def _send_to_rank_0(self, order: list[str], specs: dict, mine: dict):
+        """Each tensor named in `order` (GPT names: `layer_of` says which stage holds it), taken
+        from `mine` on the data-parallel rank 0 of that stage, as an fp32 CPU tensor on rank 0
+        (None elsewhere), in turn. A collective: every rank iterates it to the end."""
+        from model.pipe import layer_of
+
+        config, rank = self.plan.model, self.topology.rank
         wire = self.reduce_device  # NCCL moves GPU tensors, gloo CPU ones
         parts = self.plan.stage_layers
         topo = self.engine.grid.topology()
-        mine = gpt_state_of_stage(self.engine.module, config) if self.topology.dp_rank == 0 else {}
+        tensor_rank_0 = {"model": 0} if "model" in topo.get_axis_names() else {}
         for name in order:
             layer = layer_of(config, name)
             stage = next(s for s in range(len(parts) - 1) if parts[s] <= layer < parts[s + 1])
-            owner = topo.get_rank(pipe=stage, data=0)
+            owner = topo.get_rank(pipe=stage, data=0, **tensor_rank_0)
             if rank == owner:
                 tensor = mine[name].detach().float()
                 if rank == 0:

@@ -125,14 +125,17 @@ def progress_line(metrics: dict) -> str:
 
 
 class MetricsLogger:
-    """A stage's metrics on rank 0: TensorBoard scalars, the metrics.jsonl step log and, under
-    torchrun, the console line. Every method is a no-op on the other ranks."""
+    """A stage's metrics on rank 0: TensorBoard scalars, the same scalars to the job's run
+    trackers (MLflow, W&B: pipelines/train/tracking.py, with `params` once), the metrics.jsonl
+    step log and, under torchrun, the console line. Every method is a no-op on the other ranks."""
 
-    def __init__(self, stage_dir, *, rank: int, console: bool) -> None:
+    def __init__(self, stage_dir, *, rank: int, console: bool, tracking=None, params: dict | None = None) -> None:
         from pipelines.rundir import MetricsLog
+        from pipelines.train.tracking import Trackers
 
         writer = rank == 0
         self.board = Board(stage_dir.tensorboard if writer else None)
+        self.trackers = Trackers(tracking if writer else None, stage_dir.root, params or {})
         self.log_file = MetricsLog(stage_dir.metrics.path) if writer else None
         self.console = console and writer
 
@@ -141,7 +144,9 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict) -> None:
         """`metrics` holds `stage`, `step`, `total_steps` and the values; names with a '/' are scalars."""
-        self.board.scalars(step, {k: v for k, v in metrics.items() if "/" in k})
+        scalars = {k: v for k, v in metrics.items() if "/" in k}
+        self.board.scalars(step, scalars)
+        self.trackers.scalars(step, scalars)
         if self.log_file is not None:
             self.log_file.append(metrics)
         if self.console:
@@ -149,3 +154,4 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.board.close()
+        self.trackers.close()

@@ -261,7 +261,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     def render(cut) -> dict:
         sizes = layer_params(model, pp)
         largest = max(sum(sizes[a:b]) for a, b in zip(cut, cut[1:]))
-        if settings.lora is not None and zero_stage < 3:  # only the adapters have gradients to bucket (LoRA runs at pp 1);
+        if settings.lora is not None and zero_stage < 3:  # only the adapters have gradients to bucket;
             # ZeRO-3 keeps the whole count: its prefetch bucket gathers the frozen weights too
             from model.lora import lora_param_count
 
@@ -281,19 +281,41 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
         loss_kernel=loss_kernel(precision, compile_scope, tp), tensor_parallel=tp, sequence_parallel=sp,
     )
     if memory_budget and pp > 1 and method == "compute":
-        from pipelines.train.memory import segment_memory, stage_memory
-
-        over = [m.stage for m in stage_memory(plan) if m.total > memory_budget]
-        if over:
-            try:
-                cut = stage_boundaries(model, pp, method, seq_len,
-                                       fits=lambda s, a, b: segment_memory(plan, s, a, b).total <= memory_budget)
-            except ValueError:
-                return plan  # nothing fits: the compute cut, and the fit check names the stage
-            plan = replace(plan, stage_layers=tuple(cut), deepspeed_config=render(cut),
-                           partition_note=f"the compute-balanced cut puts stage {over[0]} over the device memory; "
-                                          "this is the most balanced cut that fits")
+        plan = _cut_to_fit(plan, memory_budget, render)
+    _check_adapted_stages(plan)
     return plan
+
+
+def _cut_to_fit(plan: TrainPlan, memory_budget: float, render) -> TrainPlan:
+    """`plan` with the most balanced pipeline cut in which every stage fits `memory_budget`, when
+    its compute-balanced cut puts a stage over it; `render(cut)` is the DeepSpeed config of a cut."""
+    from pipelines.train.memory import segment_memory, stage_memory
+
+    over = [m.stage for m in stage_memory(plan) if m.total > memory_budget]
+    if not over:
+        return plan
+    try:
+        cut = stage_boundaries(plan.model, plan.pipeline_stages, "compute", plan.seq_len,
+                               fits=lambda s, a, b: segment_memory(plan, s, a, b).total <= memory_budget)
+    except ValueError:
+        return plan  # nothing fits: the compute cut, and the fit check names the stage
+    return replace(plan, stage_layers=tuple(cut), deepspeed_config=render(cut),
+                   partition_note=f"the compute-balanced cut puts stage {over[0]} over the device memory; "
+                                  "this is the most balanced cut that fits")
+
+
+def _check_adapted_stages(plan: TrainPlan) -> None:
+    """LoRA in a pipeline: every stage must hold a block, or it would have nothing to train (and
+    the first stage's output no gradient to send back)."""
+    if plan.settings.lora is None or plan.pipeline_stages == 1:
+        return
+    n_layer, cut = plan.model.n_layer, plan.stage_layers
+    for stage, (start, stop) in enumerate(zip(cut, cut[1:])):
+        if not any(2 <= layer < n_layer + 2 for layer in range(start, stop)):
+            from model.errors import ConfigError
+
+            raise ConfigError(f"stages.{plan.stage}.lora: pipeline stage {stage} (layers {start}..{stop - 1}) holds no transformer "
+                              f"block, so it has no adapter to train; use fewer pipeline_stages than {plan.pipeline_stages}")
 
 
 @dataclass(frozen=True)
@@ -311,6 +333,7 @@ class RunPlan:
     device: str
     training: dict[str, TrainPlan]
     job: dict[str, Any]
+    tracking: Any = None        # pipelines/train/tracking.py TrackingPlan: MLflow / W&B beside TensorBoard, or None
 
     def stage(self, name: str) -> TrainPlan:
         return self.training[name]

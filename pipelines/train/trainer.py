@@ -33,6 +33,7 @@ from model.gpt import IGNORE_INDEX
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.distributed import all_ranks, from_rank_0
 from pipelines.train.metrics import MetricsLogger, StepTimer, bits_per_byte, device_peak_flops, peak_memory_bytes, token_byte_lengths
+from pipelines.train.tracking import plan_params
 
 
 @dataclass
@@ -164,7 +165,8 @@ class Trainer:
                                   separate_documents=separate) if self.topo.needs_data else None
         self.batches = CountingIterator(self.loader) if self.loader is not None else None
         self.state = TrainState()
-        self.logger = MetricsLogger(self.dir, rank=self.topo.rank, console=self.console)
+        self.logger = MetricsLogger(self.dir, rank=self.topo.rank, console=self.console, tracking=self.run.tracking,
+                                    params=plan_params(self.run.job, plan) if self.topo.rank == 0 and self.run.tracking else None)
         self.byte_lengths = token_byte_lengths(self.tokenizer)
         self.peak_flops = device_peak_flops(plan.settings.peak_tflops)
         self.flops_per_token = plan.model.flops_per_token(plan.seq_len)

@@ -42,7 +42,7 @@ def test_generation_worker_pool(ray_cluster, tmp_path, shared_data, record):
     def direct():
         worker = GenerationWorker(str(model_dir), params, chat=False, batch_size=BATCH, threads=1)
         start = time.perf_counter()
-        worker.generate_rows([dict(r) for r in rows])
+        worker.complete([dict(r) for r in rows])
         return time.perf_counter() - start
 
     def pool(workers, cpus, subset=None):

@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every no
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from cluster.driver import run_job  # noqa: E402
+from cluster.driver import RunOptions, run_job  # noqa: E402
 from jobs.spec import load_job  # noqa: E402
 from pipelines.rundir import RunDir  # noqa: E402
 
@@ -31,7 +31,7 @@ def main(job_path: str, run_dir: str) -> None:
                                   "stages.pretrain.steps=6", "stages.pretrain.optimizer.warmup_steps=2", "stages.pretrain.log_every=1",
                                   "data.synthetic.mentions_per_fact=6",
                                   "data.num_proc=1", "stages.sft=null", "stages.eval=null"])
-        summary = run_job(job, RunDir(run_dir), show=lambda line: print(line, flush=True))
+        summary = run_job(job, RunDir(run_dir), RunOptions(show=lambda line: print(line, flush=True)))
         workers = [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "pretrain" / "workers").glob("rank_*.json"))]
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print("RESULT " + json.dumps({"workers": workers, "nodes": nodes, "step": summary["stages"]["pretrain"]["step"]}), flush=True)

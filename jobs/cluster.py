@@ -1,4 +1,4 @@
-"""Where a job runs: the cluster section of the job file (Ray placement, resources, the
+"""Where a job runs: the cluster section of the job file's schema (Ray placement, resources, the
 training launcher, prices)."""
 
 from __future__ import annotations
