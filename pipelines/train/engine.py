@@ -313,17 +313,22 @@ class Engine:
                 init_like_pipeline(module, plan.seed)
             if plan.settings.lora is not None:  # after the base weights are in place; before recompute and compile wrap the blocks
                 _apply_lora(module, plan)
-        if plan.sequence_parallel > 1:
-            from model.sequence_parallel import sequence_parallelize
-            from pipelines.train.tensor_parallel import sequence_group
-
-            self.sp = sequence_group(plan.sequence_parallel)
-            module = sequence_parallelize(module, self.sp)
+        module = self._split_sequences(module)
         if interval:
             from pipelines.train.recompute import checkpoint_blocks
 
             checkpoint_blocks(module, interval)
         return module
+
+    def _split_sequences(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Sequence parallelism: this rank runs its chunk of every row (model/sequence_parallel.py)."""
+        if self.plan.sequence_parallel == 1:
+            return module
+        from model.sequence_parallel import sequence_parallelize
+        from pipelines.train.tensor_parallel import sequence_group
+
+        self.sp = sequence_group(self.plan.sequence_parallel)
+        return sequence_parallelize(module, self.sp)
 
     def _compile(self, module: torch.nn.Module) -> int:
         """torch.compile what the plan says (`compile`: model | blocks | off); returns the

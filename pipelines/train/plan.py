@@ -218,6 +218,19 @@ class TrainPlan:
         return self.tokens_per_step * self.total_steps
 
 
+def _check_split_layout(stage: str, model: GPTConfig, tp: int, sp: int, seq_len: int) -> None:
+    """Refuse, in one line, a model that tensor / sequence parallelism cannot split (what needs the
+    tokenizer's vocabulary or the resolved sequence length; the job checks the rest)."""
+    from model.errors import ConfigError
+    from model.sequence_parallel import sequence_parallel_problems
+    from model.tensor_parallel import tensor_parallel_problems
+
+    for field, problems in (("tensor_parallel", tensor_parallel_problems(model, tp)),
+                            ("sequence_parallel", sequence_parallel_problems(model, sp, seq_len))):
+        if problems:
+            raise ConfigError(f"stages.{stage}.deepspeed.{field}: {problems[0]}")
+
+
 def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, world_size: int, seq_len: int, device: str,
                   data_dir: Path, init_model: Path | None, seed: int, memory_budget: float | None = None,
                   separate_documents: bool = False) -> TrainPlan:
@@ -237,20 +250,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     method = settings.deepspeed.partition_method
     parts = stage_boundaries(model, pp, method, seq_len) if pp > 1 else (0, model.n_layer + 4)
 
-    if tp > 1:
-        from model.errors import ConfigError
-        from model.tensor_parallel import tensor_parallel_problems
-
-        problems = tensor_parallel_problems(model, tp)
-        if problems:
-            raise ConfigError(f"stages.{stage}.deepspeed.tensor_parallel: {problems[0]}")
-    if sp > 1:
-        from model.errors import ConfigError
-        from model.sequence_parallel import sequence_parallel_problems
-
-        problems = sequence_parallel_problems(model, sp, seq_len)
-        if problems:
-            raise ConfigError(f"stages.{stage}.deepspeed.sequence_parallel: {problems[0]}")
+    _check_split_layout(stage, model, tp, sp, seq_len)
     steps = total_steps(settings, tokens_per_step)
     if settings.optimizer.warmup_steps > steps:  # a budget in tokens: steps are known only now
         from model.errors import ConfigError
