@@ -90,7 +90,7 @@ def _run_args(p):
     _job_args(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster.address, else embedded)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its newest checkpoint")
-    p.add_argument("--from-stage", default=None, choices=("data", "pretrain", "sft", "eval"), help="re-run this stage and the ones after it")
+    p.add_argument("--from-stage", default=None, choices=("data", "pretrain", "sft", "dpo", "eval"), help="re-run this stage and the ones after it")
 
 
 def _submit_args(p):

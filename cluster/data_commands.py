@@ -39,7 +39,7 @@ def cmd_data_prepare(args) -> int:
     with run_dir.hold(), third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
         result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
         if stage in result:
             m = result[stage]
             state = "up to date" if m["cached"] else "prepared"
@@ -57,7 +57,7 @@ def cmd_data_verify(args) -> int:
 
     job, run_dir = job_and_run_dir(args)
     checked = 0
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "dpo"):
         if getattr(job.data, stage) is None:
             continue
         directory = run_dir.data(stage)

@@ -30,7 +30,7 @@ import yaml
 
 from cluster.runtime import RayOnDemand
 from cluster.startup import StartupClock
-from jobs.fingerprints import eval_task_path, fingerprints, stage_inputs
+from jobs.fingerprints import fingerprints, stage_inputs
 from model.atomic import write_json_atomically, write_text_atomically
 from model.errors import RelayError, StageFailed
 from pipelines.rundir import TRAINING_STAGES, RunDir
@@ -38,11 +38,11 @@ from pipelines.rundir import TRAINING_STAGES, RunDir
 
 def stages_of(job) -> list[str]:
     present = ["data"]
-    present += [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
+    present += [s for s in ("pretrain", "sft", "dpo", "eval") if getattr(job.stages, s) is not None]
     return present
 
 
-RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "eval": "re-evaluating"}
+RERUN = {"data": "re-preparing", "pretrain": "retraining", "sft": "retraining", "dpo": "retraining", "eval": "re-evaluating"}
 
 
 def _clear_stage(run_dir: RunDir, stage: str) -> None:
@@ -190,7 +190,7 @@ def _run_recorded(ctx: Driving, run, stage: str, fingerprint: str, status: dict,
         elif stage in TRAINING_STAGES:
             result = _run_training(ctx, run, stage)
         else:
-            result = _run_eval(ctx, run_dir)
+            result = _run_eval(ctx, run.eval, run_dir)
     except BaseException as exc:
         record.fail(running, exc)
         if isinstance(exc, (RelayError, StageFailed)) or not isinstance(exc, Exception):
@@ -279,19 +279,16 @@ def _first_step(ctx: Driving, marks: dict) -> None:
     ctx.show(ctx.clock.line())
 
 
-def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
+def _run_eval(ctx: Driving, plan, run_dir: RunDir) -> dict:
+    """The eval stage from its EvalPlan (pipelines/eval/settings.py) on a Ray Data pool."""
     from cluster import launch
     from pipelines.eval.run import evaluate_models
     from pipelines.eval.task import load_task
 
-    job, show, live = ctx.job, ctx.show, ctx.live if ctx.progress else None
-    spec = job.stages.eval
-    show(f"[eval] {len(spec.models)} model(s) x {len(spec.tasks)} task(s) on {spec.workers} generation worker(s)")
+    show, live = ctx.show, ctx.live if ctx.progress else None
+    show(f"[eval] {len(plan.models)} model(s) x {len(plan.tasks)} task(s) on {plan.workers} generation worker(s)")
     ctx.ray.ensure()
-
-    named = {"base": run_dir.model("pretrain"), "assistant": run_dir.model("sft")}
-    models = {m: named.get(m) or job.path(m) for m in spec.models}
-    names = {str(path): m for m, path in models.items()}
+    names = {str(path): m for m, path in plan.models.items()}
 
     def generate(model_dir, rows, *, work, params=None, chat=False):
         progress = None
@@ -301,16 +298,16 @@ def _run_eval(ctx: Driving, run_dir: RunDir) -> dict:
             label, meter = f"[eval] {names.get(str(model_dir), model_dir)}", RateMeter(len(rows))
             progress = lambda done: live(f"{label} {bar(done, len(rows))} {done}/{len(rows)} rows  eta {eta(meter.eta_s(done))}")
         try:
-            return launch.generate_on_ray(model_dir, rows, params or {}, chat=chat, work=work, workers=spec.workers,
-                                          cpus_per_worker=spec.cpus_per_worker, gpus_per_worker=spec.gpus_per_worker,
-                                          batch_size=spec.batch_size, progress=progress)
+            return launch.generate_on_ray(model_dir, rows, params or {}, chat=chat, work=work, workers=plan.workers,
+                                          cpus_per_worker=plan.cpus_per_worker, gpus_per_worker=plan.gpus_per_worker,
+                                          batch_size=plan.batch_size, progress=progress)
         finally:
             if live is not None:
                 live(None)  # the last bar stays as a line (also when generation fails)
 
-    tasks = [load_task(eval_task_path(job, t), job=job, limit=spec.limit) for t in spec.tasks]
-    metrics = evaluate_models(models, tasks, generate, out=run_dir.eval, temperature=spec.temperature, seed=job.seed,
-                              samples_in_report=spec.samples_in_report, system=spec.system_prompt)
+    tasks = [load_task(task, synthetic=plan.synthetic, limit=plan.limit) for task in plan.tasks]
+    metrics = evaluate_models(plan.models, tasks, generate, out=run_dir.eval, temperature=plan.temperature, seed=plan.seed,
+                              samples_in_report=plan.samples_in_report, system=plan.system_prompt)
     for model, scores in metrics.items():
         show(f"[eval] {model}: " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
     return {"scores": metrics}

@@ -115,7 +115,8 @@ def cmd_eval(args) -> int:
         from jobs.spec import load_job
 
         job = load_job(args.job)
-    tasks = [load_task(t, job=job, limit=args.limit, data_file=args.data) for t in args.task]
+    synthetic = job.data.synthetic if job is not None else None
+    tasks = [load_task(t, synthetic=synthetic, limit=args.limit, data_file=args.data) for t in args.task]
     load_model_dir(args.model_dir)
 
     import tempfile

@@ -151,7 +151,7 @@ def _train_loop(config: dict) -> None:
     import ray
     import ray.train
 
-    from pipelines.train.trainer import train_stage
+    from pipelines.train.entry import train_stage
 
     run, stage = config["run"], config["stage"]
     record_where(run.run_dir.stage(stage), ray.train.get_context().get_world_rank(), ray.get_runtime_context().get_node_id())

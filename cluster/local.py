@@ -193,7 +193,7 @@ def main() -> int:
     run, stage = pickle.load(sys.stdin.buffer)
     from cluster.failures import describe_error
     from cluster.launch import record_where
-    from pipelines.train.trainer import train_stage
+    from pipelines.train.entry import train_stage
 
     try:
         record_where(run.run_dir.stage(stage), int(os.environ["RANK"]), "local")

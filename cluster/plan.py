@@ -11,6 +11,7 @@ import glob
 import os
 
 from model.errors import RelayError
+from pipelines.rundir import TRAINING_STAGES
 from pipelines.train.memory import GIB, stage_memory
 
 
@@ -20,7 +21,7 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
     from jobs.plan import resolve_plan
     from pipelines.run_state import run_dir_problems
 
-    order = ["data"] + [s for s in ("pretrain", "sft", "eval") if getattr(job.stages, s) is not None]
+    order = ["data"] + [s for s in ("pretrain", "sft", "dpo", "eval") if getattr(job.stages, s) is not None]
     rerun = set(order[order.index(from_stage):]) if from_stage in order else set()
     from pipelines.train.tracking import missing_packages
 
@@ -54,7 +55,7 @@ def _init_tokenizers(job, run_dir) -> list[str]:
     from model.export import read_model_tokenizer
     from pipelines.data.prepare import known_tokenizer
 
-    stages = [(name, getattr(job.stages, name)) for name in ("pretrain", "sft")]
+    stages = [(name, getattr(job.stages, name)) for name in TRAINING_STAGES]
     stages = [(name, stage) for name, stage in stages if stage is not None and stage.init]
     if not stages:
         return []
@@ -84,7 +85,7 @@ def _deepspeed_extra(job) -> list[str]:
     from pipelines.train.deepspeed_keys import extra_problems
 
     problems = []
-    for name in ("pretrain", "sft"):
+    for name in TRAINING_STAGES:
         stage = getattr(job.stages, name)
         if stage is not None:
             problems += extra_problems(f"stages.{name}.deepspeed.extra", stage.deepspeed.extra)
@@ -109,7 +110,7 @@ def missing_inputs(job, run_dir) -> list[str]:
             problems.append(f"tokenizer.{field}: {path} is a {'directory' if path.is_dir() else 'file'}; tokenizer.{field} names a "
                             + ("directory holding tokenizer.json (relaygpt tokenizer train --out DIR)" if field == "dir" else
                                ".tiktoken rank file"))
-    for name in ("pretrain", "sft"):
+    for name in TRAINING_STAGES:
         section = getattr(job.data, name)
         for i, source in enumerate(section.sources if section else []):
             if source.type in ("text", "json", "parquet", "csv") and not glob.glob(str(job.path(source.path)), recursive=True):
@@ -118,7 +119,7 @@ def missing_inputs(job, run_dir) -> list[str]:
         value = getattr(job.tokenizer, field)
         if value and not job.path(value).exists():
             problems.append(f"tokenizer.{field}: {job.path(value)} does not exist")
-    for name in ("pretrain", "sft"):
+    for name in TRAINING_STAGES:
         stage = getattr(job.stages, name)
         if stage is not None and stage.init and not job.path(stage.init).is_dir():
             problems.append(f"stages.{name}.init: model directory {job.path(stage.init)} does not exist")
@@ -126,17 +127,14 @@ def missing_inputs(job, run_dir) -> list[str]:
 
 
 def _eval_inputs(job, run_dir) -> list[str]:
-    from pipelines.eval.task import TASK_DIR
-
-    from pipelines.eval.task import load_task
-
-    from cluster.driver import eval_task_path
+    from jobs.fingerprints import eval_task_path
+    from pipelines.eval.task import TASK_DIR, load_task
 
     problems = []
     for i, task in enumerate(job.stages.eval.tasks):
         if task.startswith("harness:"):  # lm_eval installed, a local task file present
             try:
-                load_task(eval_task_path(job, task), job=job, limit=1)
+                load_task(eval_task_path(job, task), synthetic=job.data.synthetic, limit=1)
             except RelayError as exc:
                 problems.append(f"stages.eval.tasks[{i}]: {exc}")
             continue
@@ -145,7 +143,7 @@ def _eval_inputs(job, run_dir) -> list[str]:
             problems.append(f"stages.eval.tasks[{i}]: {task!r} is neither a task file nor a shipped task ({shipped})")
             continue
         try:  # its data too (a hub dataset the workers could not load would fail after the training)
-            load_task(task if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists() else str(job.path(task)), job=job, limit=1)
+            load_task(eval_task_path(job, task), synthetic=job.data.synthetic, limit=1)
         except RelayError as exc:
             problems.append(f"stages.eval.tasks[{i}]: {exc}")
     for i, model in enumerate(job.stages.eval.models):
@@ -153,7 +151,9 @@ def _eval_inputs(job, run_dir) -> list[str]:
             problems.append(f"stages.eval.models[{i}]: 'base' is the pretrain export, but the job has no pretrain stage")
         if model == "assistant" and job.stages.sft is None and not run_dir.model("sft").exists():
             problems.append(f"stages.eval.models[{i}]: 'assistant' is the SFT export, but the job has no sft stage")
-        if model not in ("base", "assistant") and not job.path(model).is_dir():
+        if model == "dpo" and job.stages.dpo is None and not run_dir.model("dpo").exists():
+            problems.append(f"stages.eval.models[{i}]: 'dpo' is the DPO export, but the job has no dpo stage")
+        if model not in ("base", "assistant", "dpo") and not job.path(model).is_dir():
             problems.append(f"stages.eval.models[{i}]: model directory {job.path(model)} does not exist")
     return problems
 
@@ -271,6 +271,12 @@ def _format_stage(p) -> list[str]:
              f"  global batch {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x data-parallel {p.data_parallel}"
              f"; {p.tokens_per_step:,} tokens/step ({p.seq_len} per sequence) x {p.total_steps} steps = {p.total_tokens:,} tokens"]
     lines += [f"  engine: {note}" for note in p.engine_notes]
+    if hasattr(p.settings, "beta"):
+        s = p.settings
+        lines.append(f"  dpo: loss {s.loss}, beta {s.beta}" + (f", label smoothing {s.label_smoothing}" if s.label_smoothing else "")
+                     + f"; micro batch {p.micro_batch} pairs = {2 * p.micro_batch} rows. Reference: the starting model, frozen; its "
+                     "log-probabilities of every prepared pair are computed once, at the start of the stage (one forward per pair), "
+                     "and cached in RUN/dpo/reference/ (no second model is held while training)")
     if p.partition_note:
         lines.append(f"  pipeline cut: {p.partition_note}")
     if p.pipeline_stages > 1:

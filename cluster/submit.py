@@ -52,7 +52,7 @@ def _absolute_paths(job) -> dict:
     """The resolved job with every path made absolute (the copy travels; relative paths would not)."""
     data = job.resolved_dict()
     data["output_dir"] = str(job.path(job.output_dir).resolve())
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "dpo"):
         section = data["data"].get(name)
         for source in (section or {}).get("sources", []):
             if source.get("path"):

@@ -27,7 +27,7 @@ def _step(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.torchrun")
     parser.add_argument("job", metavar="JOB.yaml")
-    parser.add_argument("--stage", choices=("pretrain", "sft"), required=True)
+    parser.add_argument("--stage", choices=("pretrain", "sft", "dpo"), required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--run-dir", default=None, help="default: OUT/<name>/default from the job file")
     parser.add_argument("--until-step", type=_step, default=None, help="stop (checkpointed) at this step (1 or more)")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.data.prepare import prepare_data
         from pipelines.rundir import RunDir
         from pipelines.train.distributed import init_distributed
-        from pipelines.train.trainer import train_stage
+        from pipelines.train.entry import train_stage
 
         job = load_job(args.job, args.overrides)
         from pipelines.run_state import check_output_path

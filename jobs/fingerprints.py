@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pipelines.rundir import TRAINING_STAGES
+from pipelines.rundir import EXPORT_NAMES, TRAINING_STAGES
 
 
 def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
@@ -31,7 +31,7 @@ def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
             for path in task_files(str(eval_task_path(job, task))):
                 files[input_label(job, path)] = hashes.sha256(path)
         for model in job.stages.eval.models:
-            if model not in ("base", "assistant") and job.path(model).is_dir():
+            if model not in EXPORT_NAMES and job.path(model).is_dir():
                 files.update(hashes.directory(job.path(model), input_label(job, job.path(model))))
         if files:
             out["eval"] = files
@@ -64,5 +64,6 @@ def fingerprints(job, inputs: dict[str, dict[str, str]] | None = None) -> dict[s
     layout = d["cluster"]["num_workers"]
     out["pretrain"] = digest("pretrain", out["data"], d["model"], d["stages"].get("pretrain"), layout)
     out["sft"] = digest("sft", out["pretrain"], d["stages"].get("sft"), layout)
-    out["eval"] = digest("eval", out["sft"], d["stages"].get("eval"), d["data"]["synthetic"])
+    out["dpo"] = digest("dpo", out["sft"], d["stages"].get("dpo"), layout)
+    out["eval"] = digest("eval", out["dpo"], d["stages"].get("eval"), d["data"]["synthetic"])
     return out

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from jobs.spec import ModelSpec
 from model.errors import RelayError
-from pipelines.rundir import RunDir
+from pipelines.eval.settings import EvalPlan
+from pipelines.rundir import EXPORT_NAMES, RunDir
 from pipelines.train.plan import RunPlan, plan_training
 from pipelines.train.tracking import resolve_tracking
 
@@ -26,7 +27,7 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
                  device: str | None = None) -> RunPlan:
     """The job's plan for `run_dir`. `vocab_size` is the run's tokenizer size; by default it is
     looked up (the prepared tokenizer, else the one the job names, else a trained one's target)."""
-    from pipelines.data.prepare import sft_seq_len, tokenizer_vocabulary
+    from pipelines.data.prepare import dpo_seq_len, sft_seq_len, tokenizer_vocabulary
 
     if vocab_size is None:
         vocab_size, vocab_exact = tokenizer_vocabulary(job, run_dir.tokenizer)
@@ -35,16 +36,17 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
     # depend on the machine it is resolved on).
     budget = job.cluster.device_memory_gb * 1024**3 if device == "cuda" and job.cluster.device_memory_gb else None
     training = {}
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "dpo"):
         settings = getattr(job.stages, name)
         if settings is None:
             continue
         init = _init_model(job, name, settings, run_dir)
-        if name == "sft" and not settings.init and "pretrain" in training:
-            model = training["pretrain"].model  # starts from the export of the pretrain stage above
+        upstream = UPSTREAM.get(name)
+        if not settings.init and upstream in training:
+            model = training[upstream].model  # starts from the export of the stage above
         else:
             model = _model(name, settings, init, job.model if "model" in job.model_fields_set else None, vocab_size)
-        seq_len = sft_seq_len(job) if name == "sft" else settings.seq_len or model.block_size
+        seq_len = {"sft": sft_seq_len, "dpo": dpo_seq_len}[name](job) if name != "pretrain" else settings.seq_len or model.block_size
         if settings.init:  # the directory's architecture, checked here (the job file's model: section is not it)
             _check_init_fits(name, settings, model, seq_len)
         training[name] = plan_training(name, settings, model, world_size=job.cluster.num_workers, seq_len=seq_len, device=device,
@@ -52,11 +54,27 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
                                        separate_documents=_separate_documents(job, name))
     return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
                    device=device, training=training, job=job.resolved_dict(),
-                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root))
+                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root), eval=eval_plan(job, run_dir))
+
+
+def eval_plan(job, run_dir: RunDir) -> EvalPlan | None:
+    """The eval stage resolved: its model directories and task files as absolute paths, its pool
+    and its generation settings. Reads no file."""
+    from jobs.fingerprints import eval_task_path
+
+    spec = job.stages.eval
+    if spec is None:
+        return None
+    named = {name: run_dir.model(stage) for name, stage in EXPORT_NAMES.items()}
+    return EvalPlan(models={m: named.get(m) or job.path(m) for m in spec.models},
+                    tasks=tuple(eval_task_path(job, t) for t in spec.tasks), synthetic=job.data.synthetic, seed=job.seed,
+                    limit=spec.limit, workers=spec.workers, cpus_per_worker=spec.cpus_per_worker,
+                    gpus_per_worker=spec.gpus_per_worker, batch_size=spec.batch_size, temperature=spec.temperature,
+                    system_prompt=spec.system_prompt, samples_in_report=spec.samples_in_report)
 
 
 def _check_init_fits(name: str, settings, model, seq_len: int) -> None:
-    field = "data.sft.seq_len" if name == "sft" else f"stages.{name}.seq_len"
+    field = f"data.{name}.seq_len" if name in ("sft", "dpo") else f"stages.{name}.seq_len"
     if seq_len > model.block_size:
         raise RelayError(f"{field}: {seq_len} exceeds the block_size {model.block_size} of the model stages.{name}.init "
                          f"({settings.init}) trains")
@@ -66,17 +84,23 @@ def _check_init_fits(name: str, settings, model, seq_len: int) -> None:
                          f"({settings.init}) has {model.n_layer} layers (at most one stage per layer)")
 
 
+UPSTREAM = {"sft": "pretrain", "dpo": "sft"}  # the stage whose export a stage starts from by default
+
+
 def _separate_documents(job, name: str) -> bool:
-    """data.<stage>.separate_documents (its defaults: on for SFT, off for pretraining)."""
+    """data.<stage>.separate_documents (its defaults: on for SFT, off for pretraining; DPO rows hold one pair side each)."""
+    if name == "dpo":
+        return False
     section = getattr(job.data, name, None)
     return section.separate_documents if section is not None else name == "sft"
 
 
 def _init_model(job, name: str, settings, run_dir: RunDir) -> Path | None:
-    """The model directory a stage starts from: its `init`, for SFT by default the pretrain export."""
+    """The model directory a stage starts from: its `init`, by default the export of the stage
+    above (SFT: pretrain; DPO: SFT, which is also DPO's frozen reference model)."""
     if settings.init:
         return job.path(settings.init).absolute()
-    return run_dir.model("pretrain") if name == "sft" else None
+    return run_dir.model(UPSTREAM[name]) if name in UPSTREAM else None
 
 
 def _model(name: str, settings, init: Path | None, model_spec, vocab_size: int):
@@ -91,7 +115,7 @@ def _model(name: str, settings, init: Path | None, model_spec, vocab_size: int):
     from model.export import read_model_config  # imports torch: only for a stage that starts from a model directory
 
     if not (init / "config.json").is_file():
-        hint = "" if settings.init else " (the job has no pretrain stage; set stages.sft.init to a model directory)"
+        hint = "" if settings.init else f" (the job has no {UPSTREAM[name]} stage; set stages.{name}.init to a model directory)"
         raise RelayError(f"stages.{name}.init: no model directory at {init}{hint}")
     config = read_model_config(init)
     if model_spec is not None and settings.init:

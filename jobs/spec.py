@@ -9,16 +9,15 @@ file are relative to the job file's own folder.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from jobs.cluster import ClusterSpec
+from jobs.job_file import JobError, apply_override, did_you_mean, line_map, override_path
 from model.config import PRESETS, GPTConfig, architecture_problems
 from model.errors import RelayError
 from pipelines.data.config import DataSpec, TokenizerSpec
@@ -26,17 +25,9 @@ from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
 from jobs.parallel_layout import sequence_parallel_problems, tensor_parallel_problems
 from pipelines.train.plan import data_parallel_size
-from pipelines.train.settings import TrainStageSpec
+from pipelines.train.settings import DPOStageSpec, TrainStageSpec
 from pipelines.train.tracking import TrackingSpec
-from pipelines.yaml_file import parse_bounded, read_yaml
-
-
-class JobError(RelayError):
-    """Problems with a job file; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+from pipelines.yaml_file import read_yaml
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -96,6 +87,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 class StagesSpec(Strict):
     pretrain: TrainStageSpec | None = None
     sft: TrainStageSpec | None = None
+    dpo: DPOStageSpec | None = None
     eval: EvalStageSpec | None = None
 
 
@@ -147,10 +139,11 @@ class JobSpec(Strict):
                                 "reads the one text column named by 'field'")
         # A stage that starts from a model directory trains that model: its context and layers are
         # checked against the directory in the plan (jobs/plan.py), not against the model: section.
-        sft_init = self.stages.sft is not None and self.stages.sft.init
-        if self.data.sft and self.data.sft.seq_len and self.data.sft.seq_len > block_size and not sft_init:
-            problems.append(f"data.sft.seq_len: {self.data.sft.seq_len} exceeds the model's block_size {block_size}")
-        for name in ("pretrain", "sft"):
+        for name in ("sft", "dpo"):
+            section, stage = getattr(self.data, name), getattr(self.stages, name)
+            if section and section.seq_len and section.seq_len > block_size and not (stage is not None and stage.init):
+                problems.append(f"data.{name}.seq_len: {section.seq_len} exceeds the model's block_size {block_size}")
+        for name in ("pretrain", "sft", "dpo"):
             stage = getattr(self.stages, name)
             if stage is None:
                 continue
@@ -177,8 +170,7 @@ class JobSpec(Strict):
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
             if stage.seq_len is not None and stage.seq_len > block_size and not stage.init:
                 problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
-            if name == "sft" and stage.seq_len is not None:
-                problems.append(f"{where}.seq_len: SFT rows are packed at data.sft.seq_len; set that instead")
+            problems += _row_stage_problems(name, stage)
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
             if not workers % (pp * tp * sp):
                 problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp, tp))
@@ -217,6 +209,26 @@ class JobSpec(Strict):
         data = self.model_dump(mode="json")
         data["model"] = {"preset": self.model.preset, **self.model.overrides}
         return data
+
+
+def _row_stage_problems(name: str, stage: TrainStageSpec) -> list[str]:
+    """SFT and DPO make their rows at data.<stage>.seq_len; DPO needs each row's log-probability
+    over the whole vocabulary, which the pipeline engine and tensor parallelism do not give."""
+    where, ds, problems = f"stages.{name}", stage.deepspeed, []
+    if name != "pretrain" and stage.seq_len is not None:
+        problems.append(f"{where}.seq_len: {name} rows are made at data.{name}.seq_len; set that instead")
+    if name == "dpo" and ds.pipeline_stages > 1:
+        problems.append(f"{where}.deepspeed.pipeline_stages: DPO needs each row's log-probability of its answer, and DeepSpeed's "
+                        "pipeline engine returns only one loss per batch from its last stage; use pipeline_stages 1 (ZeRO-3 and "
+                        "LoRA hold a large model instead)")
+    if name == "dpo" and ds.tensor_parallel > 1:
+        problems.append(f"{where}.deepspeed.tensor_parallel: DPO sums each row's log-probabilities over the whole vocabulary's "
+                        "softmax, and tensor parallelism splits the vocabulary over ranks; use tensor_parallel 1 (ZeRO-3 shards "
+                        "a large model instead)")
+    if name == "dpo" and ds.sequence_parallel > 1:
+        problems.append(f"{where}.deepspeed.sequence_parallel: DPO sums each row's log-probabilities over the whole row, and "
+                        "sequence parallelism gives each rank a chunk of it; use sequence_parallel 1")
+    return problems
 
 
 def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int) -> list[str]:
@@ -265,27 +277,6 @@ def _settings_that_would_do_nothing(where: str, stage: TrainStageSpec, cluster: 
 
 
 # ---- loading -----------------------------------------------------------------------------
-
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def line_map(node, path=(), out=None) -> dict[tuple, int]:
-    """YAML path -> 1-based line of every mapping key and sequence item."""
-    out = {} if out is None else out
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = (*path, key.value)
-            out[child] = key.start_mark.line + 1
-            line_map(value, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[(*path, i)] = item.start_mark.line + 1
-            line_map(item, (*path, i), out)
-    return out
-
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> set[str]:
     """Field names of the model that `loc` (a path into the job) points into."""
@@ -366,43 +357,6 @@ def validation_problems(exc: ValidationError, where: str, lines: dict[tuple, int
                 msg += f" (got {err['input']!r})"[:120]
         problems.append(f"{prefix}: {field}: {msg}")
     return problems
-
-
-def override_path(assignment: str) -> tuple:
-    """The field path `a.b.0.c=value` sets, as a tuple ("a", "b", 0, "c"); a malformed
-    assignment (no '=', an empty key or an empty part of one) is an error naming it."""
-    key, equals, _ = assignment.partition("=")
-    parts = key.strip().split(".")
-    if not equals or not all(part.strip() for part in parts):
-        raise JobError([f"--set {assignment!r}: expected KEY=VALUE with a dotted field name as KEY, e.g. data.num_proc=4"])
-    return tuple(int(p) if re.fullmatch(r"\d+", p) else p for p in (part.strip() for part in parts))
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one `a.b.c=value` (value parsed as YAML; list items by index: sources.0.path)."""
-    parts = list(override_path(assignment))
-    key, raw = assignment.split("=", 1)
-    try:
-        value, _ = parse_bounded(raw, f"--set {key}")
-    except RelayError as exc:
-        if "invalid YAML" not in str(exc):
-            raise JobError([str(exc)]) from None
-        value = raw
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        try:
-            if isinstance(part, int):
-                node = node[part]
-            else:
-                node = node.setdefault(part, {})
-        except (IndexError, KeyError, TypeError, AttributeError):
-            raise JobError([f"--set {key}: {'.'.join(map(str, parts[: i + 1]))} does not exist in the job"]) from None
-        if not isinstance(node, (dict, list)):
-            raise JobError([f"--set {key}: {'.'.join(map(str, parts[: i + 1]))} is a value, not a section"])
-    try:
-        node[parts[-1]] = value
-    except (IndexError, TypeError):
-        raise JobError([f"--set {key}: {'.'.join(map(str, parts))} does not exist in the job"]) from None
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobSpec:

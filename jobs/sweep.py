@@ -199,7 +199,7 @@ def expand_points(sweep: SweepSpec) -> list[Point]:
 
 def _point_overrides(sweep: SweepSpec, axes: dict[str, Any]) -> list[str]:
     stage = sweep.stage
-    out = list(sweep.set) + [f"stages.{s}=null" for s in ("pretrain", "sft", "eval") if s != stage]
+    out = list(sweep.set) + [f"stages.{s}=null" for s in ("pretrain", "sft", "dpo", "eval") if s != stage]
     out += [f"{axis_key(k, stage)}={v if isinstance(v, str) else json.dumps(v)}" for k, v in axes.items()]
     # Each point logs every step (the timing), validates only at the end, and leaves no checkpoints or export behind.
     out += [f"stages.{stage}.log_every=1", f"stages.{stage}.eval_every=1000000000", f"stages.{stage}.save_checkpoints=false",

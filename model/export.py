@@ -9,7 +9,7 @@ Hugging Face (`--format hf`): config.json (model_type gpt2, or llama for RoPE / 
 SwiGLU models: model/hf.py), model.safetensors (Conv1D layouts for GPT-2), the unpadded
 vocabulary, and tokenizer files AutoTokenizer loads with the chat template.
 
-Loading never unpickles: weights come from safetensors only. Directories are written under a
+Reading a Hugging Face directory lives in model/hf_import.py. Loading never unpickles: weights come from safetensors only. Directories are written under a
 temporary name and renamed into place, so an interrupted export never looks complete.
 """
 
@@ -21,19 +21,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from model.atomic import atomic_dir
 from model.chat import chat_info
 from model.config import GPTConfig
-from model.errors import ConfigError, RelayError
+from model.errors import RelayError
 from model.gpt import GPT
+from model.hf_import import CONV1D_SUFFIXES, LlamaWeights, gpt2_config_from_hf, import_hf, import_llama, llama_config_and_tokenizer
+from model.model_files import assign_state, load_safetensors, read_config_json
 from model.tokenizer import Tokenizer
-from model.weights_file import CheckpointFiles, SafetensorsReader, ShardedSafetensors, StreamingSafetensors, file_order
+from model.weights_file import SafetensorsReader, ShardedSafetensors, StreamingSafetensors, file_order
 
 NATIVE_FORMAT = "relaygpt-native"
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2")  # model/hf.py reads them
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def _weights_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -73,22 +73,6 @@ def write_model_dir(config: GPTConfig, tokenizer: Tokenizer, out: str | Path, sp
         tokenizer.save(tmp / "tokenizer")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(out)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RelayError(f"{path.parent}: not a model directory (no config.json)") from None
-    except json.JSONDecodeError as exc:
-        raise RelayError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    except RecursionError:
-        raise RelayError(f"{path}: nested too deeply to be a model's settings (thousands of levels); is it the right file?") from None
-    except UnicodeDecodeError as exc:
-        raise RelayError(f"{path}: not UTF-8 text (byte at offset {exc.start}); a config.json is JSON in UTF-8") from None
-    if not isinstance(meta, dict):
-        raise RelayError(f"{path}: expected a JSON object of model settings, got a JSON {type(meta).__name__}")
-    return meta
 
 
 def _native_meta(path: Path, meta: dict) -> dict:
@@ -132,7 +116,7 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     path = Path(path)
     if not path.is_dir():
         raise RelayError(f"{path}: model directory does not exist")
-    meta = _read_json(path / "config.json")
+    meta = read_config_json(path / "config.json")
     if meta.get("model_type") == "gpt2":
         model, tokenizer, meta = import_hf(path)
     elif meta.get("model_type") in LLAMA_FAMILIES:
@@ -145,10 +129,10 @@ def load_model_dir(path: str | Path, *, device: str | torch.device = "cpu", dtyp
             raise RelayError(f"{path / 'tokenizer'}: tokenizer sha256 does not match config.json; the directory was modified")
         with torch.device("meta"):
             model = GPT(config)
-        state = _load_safetensors(path / "model.safetensors")
+        state = load_safetensors(path / "model.safetensors")
         if config.tie_embeddings:
             state["lm_head.weight"] = state["transformer.wte.weight"]
-        _assign(model, state, path)
+        assign_state(model, state, path)
     else:
         raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 or Llama (model_type gpt2 / llama)")
     if dtype is not None or device != "cpu":
@@ -204,9 +188,9 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
     path = Path(path)
     if not path.is_dir():
         raise RelayError(f"{path}: model directory does not exist")
-    meta = _read_json(path / "config.json")
+    meta = read_config_json(path / "config.json")
     if meta.get("model_type") in LLAMA_FAMILIES:
-        config, tokenizer = _llama_config_and_tokenizer(path, meta)
+        config, tokenizer = llama_config_and_tokenizer(path, meta)
         return config, tokenizer, LlamaWeights(path, config)
     if meta.get("format") != NATIVE_FORMAT:
         model, tokenizer, _ = load_model_dir(path)
@@ -222,7 +206,7 @@ def open_model_weights(path: str | Path) -> tuple[GPTConfig, Tokenizer, Mapping]
 def read_model_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a native or Hugging Face model directory, without its weights."""
     path = Path(path)
-    meta = _read_json(path / "config.json")
+    meta = read_config_json(path / "config.json")
     if meta.get("format") == NATIVE_FORMAT:
         _native_meta(path, meta)
         return Tokenizer.from_dir(tokenizer_dir(path, meta))
@@ -233,9 +217,9 @@ def read_model_config(path: str | Path) -> GPTConfig:
     """The architecture of a native or Hugging Face GPT-2 model directory, from its config.json
     alone (no weights are read): what a run plan needs of a model it will start from."""
     path = Path(path)
-    meta = _read_json(path / "config.json")
+    meta = read_config_json(path / "config.json")
     if meta.get("model_type") == "gpt2":
-        return _hf_config(meta, path / "config.json")
+        return gpt2_config_from_hf(meta, path / "config.json")
     if meta.get("model_type") in LLAMA_FAMILIES:
         from model.hf import config_from_llama
 
@@ -244,30 +228,6 @@ def read_model_config(path: str | Path) -> GPTConfig:
         _native_meta(path, meta)
         return GPTConfig.from_dict(meta["model"], where=f"{path / 'config.json'}: model")
     raise RelayError(f"{path / 'config.json'}: neither a relaygpt model ({NATIVE_FORMAT}) nor a Hugging Face GPT-2 or Llama (model_type gpt2 / llama)")
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise RelayError(f"{path}: missing") from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise RelayError(f"{path}: cannot read weights ({exc})") from None
-
-
-def _assign(model: GPT, state: dict[str, torch.Tensor], where: Path) -> None:
-    """Load `state` into a model built on the meta device (no double allocation)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise RelayError(f"{where}: weights do not match the config (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise RelayError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[name].shape)}")
-    model.load_state_dict(state, assign=True)
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
 
 
 # ---- Hugging Face GPT-2 ------------------------------------------------------------------
@@ -354,140 +314,3 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, max_shard_bytes
         for name, text in tokenizer_files(tokenizer, config.block_size).items():
             (tmp / name).write_text(text, encoding="utf-8")
     return Path(out)
-
-
-def _llama_config_and_tokenizer(path: Path, hf: dict) -> tuple[GPTConfig, Tokenizer]:
-    from model.hf import config_from_llama
-
-    config = config_from_llama(hf, path / "config.json")
-    recorded = hf.get("relaygpt", {}).get("tokenizer", {})
-    tokenizer = Tokenizer.from_hf_dir(path, recorded)
-    if recorded and recorded.get("sha256") != tokenizer.sha256:
-        raise RelayError(f"{path}: the tokenizer files do not match the tokenizer recorded in config.json")
-    return config, tokenizer
-
-
-def _checkpoint_files(path: Path) -> CheckpointFiles:
-    try:
-        return CheckpointFiles(path)
-    except FileNotFoundError:
-        raise RelayError(f"{path}: no model.safetensors or {CheckpointFiles.INDEX} "
-                         "(only safetensors weights are loaded; pickled .bin files are refused)") from None
-    except ValueError as exc:
-        raise RelayError(f"cannot read weights: {exc}") from None
-
-
-class LlamaWeights(Mapping):
-    """A Llama-family directory's weights (one safetensors file or shards through their index)
-    under our GPT names, each assembled from its Llama tensors only when asked for: a ZeRO-3 rank
-    or a pipeline stage holds one tensor at a time, never the whole model. Every shape is
-    checked against the config from the headers before any tensor is read."""
-
-    def __init__(self, path: Path, config: GPTConfig) -> None:
-        from model.hf import llama_recipe
-
-        self._path, self._config = path, config
-        self._files = _checkpoint_files(path)
-        self._recipe = llama_recipe(config)
-        with torch.device("meta"):
-            expected = GPT(config).state_dict()
-        for name, (sources, vocabulary) in self._recipe.items():
-            absent = [s for s in sources if s not in self._files]
-            if absent:
-                raise RelayError(f"{path}: no tensor {absent[0]!r}; not a checkpoint of this config")
-            shapes = [self._files.spec(s)[1] for s in sources]
-            rows = sum(shape[0] for shape in shapes)
-            if vocabulary:
-                rows = max(rows, config.padded_vocab_size)
-            shape = (rows, *shapes[0][1:])
-            if any(tuple(s[1:]) != tuple(shapes[0][1:]) for s in shapes) or shape != tuple(expected[name].shape):
-                raise RelayError(f"{path}: {' + '.join(sources)} has shape {[list(s) for s in shapes]}, "
-                                 f"the config needs {list(expected[name].shape)} for {name}")
-        self._keys = list(expected)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from model.hf import llama_tensor
-
-        stored = "transformer.wte.weight" if (self._config.tie_embeddings and name == "lm_head.weight") else name
-        if stored not in self._recipe:
-            raise KeyError(name)
-        return llama_tensor(self._files, *self._recipe[stored], self._config, self._path)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def import_llama(path: Path) -> tuple[GPT, Tokenizer, dict]:
-    """A Llama, Mistral or Qwen2 directory (config.json; model.safetensors or shards with their
-    index; a byte-level BPE tokenizer)."""
-    hf = _read_json(path / "config.json")
-    config, tokenizer = _llama_config_and_tokenizer(path, hf)
-    weights = LlamaWeights(path, config)
-    with torch.device("meta"):
-        model = GPT(config)
-    tied = config.tie_embeddings
-    state = {name: weights[name] for name in weights if not (tied and name == "lm_head.weight")}
-    if tied:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    _assign(model, state, path)
-    meta = {"format": f"hf-{hf.get('model_type', 'llama')}", "model": config.to_dict(), "tokenizer": tokenizer.identity,
-            "provenance": {"imported_from": str(path.resolve())}}
-    return model, tokenizer, meta
-
-
-def _hf_config(hf: dict, where: Path) -> GPTConfig:
-    """Our config for a transformers GPT-2 config.json (`where`): the sizes it must state."""
-    missing = [key for key in ("vocab_size", "n_layer", "n_head", "n_embd") if key not in hf]
-    if missing:
-        raise RelayError(f"{where}: no {', '.join(missing)}; a GPT-2 config.json states vocab_size, n_layer, n_head "
-                         "and n_embd (positive integers)")
-    recorded = hf.get("relaygpt")
-    try:
-        return GPTConfig(
-            vocab_size=recorded.get("vocab_size", hf["vocab_size"]) if isinstance(recorded, dict) else hf["vocab_size"],
-            block_size=hf.get("n_positions", 1024),
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-            n_inner=hf.get("n_inner") or None,
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            dropout=0.0,
-            pad_vocab_multiple=64,
-        )
-    except ConfigError as exc:
-        raise RelayError(f"{where}: {exc}") from None
-
-
-def import_hf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
-    """A transformers GPT-2 directory (config.json, model.safetensors, vocab.json, merges.txt)."""
-    path = Path(path)
-    hf = _read_json(path / "config.json")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise RelayError(f"{path / 'config.json'}: activation_function {activation!r} is not supported (gelu_new only)")
-    config = _hf_config(hf, path / "config.json")
-    recorded = hf.get("relaygpt", {}).get("tokenizer", {})
-    tokenizer = Tokenizer.from_gpt2_files(path, recorded.get("name"), recorded.get("pat_str"))
-    if recorded and recorded.get("sha256") != tokenizer.sha256:
-        raise RelayError(f"{path}: vocab.json / merges.txt do not match the tokenizer recorded in config.json")
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise RelayError(f"{path}: no model.safetensors (only safetensors weights are loaded; pickled .bin files are refused)")
-    raw = _load_safetensors(weights)
-    state = {}
-    for name, tensor in raw.items():
-        key = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers of old checkpoints
-        state[key] = tensor.t().contiguous() if key.endswith(CONV1D_SUFFIXES) else tensor
-    state.pop("lm_head.weight", None)
-    wte = state["transformer.wte.weight"]
-    if wte.size(0) < config.padded_vocab_size:  # pad the vocabulary with zero rows
-        state["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(config.padded_vocab_size - wte.size(0), wte.size(1))])
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    with torch.device("meta"):
-        model = GPT(config)
-    _assign(model, {k: v.float() for k, v in state.items()}, weights)
-    meta = {"format": "hf-gpt2", "model": config.to_dict(), "tokenizer": tokenizer.identity, "provenance": {"imported_from": str(path.resolve())}}
-    return model, tokenizer, meta

@@ -30,7 +30,7 @@ def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
     """{file name: text} of the tokenizer of an export: vocab.json, merges.txt, tokenizer.json,
     tokenizer_config.json (with the chat template when the tokenizer has the chat tokens) and
     special_tokens_map.json."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as FastTokenizer
 
     from model.bpe import gpt2_files_from_ranks
@@ -44,6 +44,8 @@ def tokenizer_files(tokenizer: Tokenizer, context: int) -> dict[str, str]:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     fast.decoder = decoders.ByteLevel()
+    if tokenizer.normalizer is not None:
+        fast.normalizer = getattr(normalizers, tokenizer.normalizer)()
     for token, _ in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1]):
         fast.add_special_tokens([AddedToken(token, special=True, normalized=False)])
     for token, idx in tokenizer.special_tokens.items():

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from model.errors import RelayError
 
+NORMALIZERS = ("NFC",)  # Unicode normalizations a tokenizer may apply before splitting (unicodedata's names)
 
-def read_tokenizer_json(spec: Path, pat_str: str | None = None) -> tuple[dict[str, int], list[str], str | None]:
-    """(vocabulary, merges, split pattern) of a tokenizer.json; `pat_str` (recorded by a
-    relaygpt export) stands for the pattern its pre-tokenizer would give."""
+
+def read_tokenizer_json(spec: Path, pat_str: str | None = None) -> tuple[dict[str, int], list[str], str | None, str | None]:
+    """(vocabulary, merges, split pattern, normalizer) of a tokenizer.json; `pat_str` (recorded
+    by a relaygpt export) stands for the pattern its pre-tokenizer would give."""
     try:
         data = json.loads(spec.read_text(encoding="utf-8"))
         model = data["model"]
@@ -22,21 +24,32 @@ def read_tokenizer_json(spec: Path, pat_str: str | None = None) -> tuple[dict[st
         added = [(token["content"], int(token["id"])) for token in data.get("added_tokens") or []]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise RelayError(f"{spec}: not a readable BPE tokenizer.json ({type(exc).__name__}: {exc})") from None
+    normalizer = _normalizer(data, spec)
     pattern = pat_str or _split_pattern(data, spec)
     for content, idx in added:
         vocab[content] = idx
-    return vocab, merges, pattern
+    return vocab, merges, pattern, normalizer
+
+
+def _normalizer(data: dict, spec: Path) -> str | None:
+    """The Unicode normalization a tokenizer.json's normalizer applies (Qwen2's NFC, alone or as a
+    one-step Sequence), or None; any other normalizer is refused naming it."""
+
+    normalizer = data.get("normalizer")
+    if normalizer is None:
+        return None
+    steps = normalizer.get("normalizers") if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence" else [normalizer]
+    kinds = [step.get("type") if isinstance(step, dict) else step for step in steps or [None]]
+    if len(kinds) != 1 or kinds[0] not in NORMALIZERS:
+        raise RelayError(f"{spec}: normalizer {' + '.join(map(str, kinds))} is not supported (none, or {', '.join(NORMALIZERS)})")
+    return kinds[0]
 
 
 def _split_pattern(data: dict, spec: Path) -> str | None:
     """The split pattern a tokenizer.json's pre-tokenizer applies before byte-level BPE: a
     `Split` regex followed by `ByteLevel` without its own regex (Llama 3, Qwen2, and relaygpt's
-    exports), or None for a lone `ByteLevel` that splits with GPT-2's pattern. Anything else,
-    or a normalizer (which tiktoken cannot apply), is refused naming the key."""
-    normalizer = data.get("normalizer")
-    if normalizer is not None:
-        raise RelayError(f"{spec}: normalizer {normalizer.get('type') if isinstance(normalizer, dict) else normalizer!r} "
-                         "is not supported (byte-level BPE tokenizers without a normalizer only)")
+    exports), or None for a lone `ByteLevel` that splits with GPT-2's pattern. Anything else is
+    refused naming the key."""
     pre = data.get("pre_tokenizer")
     steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
     if not isinstance(steps, list) or not steps or not all(isinstance(step, dict) for step in steps):

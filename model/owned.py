@@ -64,7 +64,7 @@ def _written_before_markers(path: Path) -> str | None:
     def has(*names: str) -> bool:
         return all((path / name).is_file() for name in names)
 
-    if has("job.yaml") and (has("summary.json") or any((path / s / "stage.json").is_file() for s in ("data", "pretrain", "sft", "eval"))):
+    if has("job.yaml") and (has("summary.json") or any((path / s / "stage.json").is_file() for s in ("data", "pretrain", "sft", "dpo", "eval"))):
         return "run"
     if has("config.json"):
         try:

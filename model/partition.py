@@ -135,3 +135,14 @@ def _uniform(num_items: int, num_parts: int) -> list[int]:
         for p in range(i + 1, num_parts + 1):
             parts[p] += 1
     return parts
+
+
+def layer_of(config: GPTConfig, gpt_name: str) -> int:
+    """The pipeline layer that holds a GPT parameter (the inverse of `gpt_key`)."""
+    if gpt_name.startswith("transformer.h."):
+        return 2 + int(gpt_name.split(".")[2])
+    for prefix, layer in (("transformer.wte.", 0), ("transformer.wpe.", 1), ("transformer.ln_f.", config.n_layer + 2),
+                          ("lm_head.", config.n_layer + 3)):
+        if gpt_name.startswith(prefix):
+            return layer
+    raise KeyError(f"not a GPT parameter name: {gpt_name}")

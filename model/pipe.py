@@ -292,17 +292,6 @@ def gpt_key(config: GPTConfig, pipe_key: str) -> str:
     return rest  # lm_head.weight
 
 
-def layer_of(config: GPTConfig, gpt_name: str) -> int:
-    """The pipeline layer that holds a GPT parameter (the inverse of `gpt_key`)."""
-    if gpt_name.startswith("transformer.h."):
-        return 2 + int(gpt_name.split(".")[2])
-    for prefix, layer in (("transformer.wte.", 0), ("transformer.wpe.", 1), ("transformer.ln_f.", config.n_layer + 2),
-                          ("lm_head.", config.n_layer + 3)):
-        if gpt_name.startswith(prefix):
-            return layer
-    raise KeyError(f"not a GPT parameter name: {gpt_name}")
-
-
 def load_gpt_state(pipe: nn.Module, config: GPTConfig, gpt_state: dict[str, torch.Tensor]) -> None:
     """Copy GPT weights into the layers this pipeline stage holds."""
     own = pipe.state_dict()

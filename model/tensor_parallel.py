@@ -284,7 +284,7 @@ _LOCAL_PARAMS: dict[tuple, list[int]] = {}
 
 
 def _count_local_layer_params(config: GPTConfig, size: int, num_stages: int) -> list[int]:
-    from model.pipe import layer_of
+    from model.partition import layer_of
 
     with torch.device("meta"):
         model = GPT(config, initialize=False)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from pathlib import Path
 
 import tiktoken
 
 from model.bpe import GPT2_PATTERN, ranks_from_gpt2_files, ranks_to_tiktoken_bytes, train_bpe
 from model.errors import RelayError
+from model.hf_tokenizer import NORMALIZERS
 
 EOT = "<|endoftext|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -96,6 +98,9 @@ class Tokenizer:
         # A published model's own Jinja chat template (model/chat_template.py), used instead of
         # relaygpt's role tokens when set; None for relaygpt's template.
         self.chat_template = None
+        # A Unicode normalization form applied to text before it is split ("NFC", from a hub
+        # tokenizer.json's normalizer), or None.
+        self.normalizer: str | None = None
 
     # ---- construction ------------------------------------------------------------------
 
@@ -146,6 +151,10 @@ class Tokenizer:
             raise RelayError(f"{meta_path}: expected a JSON object with the tokenizer's name and pat_str")
         ranks, digest = load_rank_file(path / RANK_FILE, meta.get("sha256"))
         tok = cls(meta["name"], ranks, meta["pat_str"], meta.get("special_tokens", {}), digest, ("dir", str(path.resolve())))
+        if meta.get("normalizer") is not None:
+            if meta["normalizer"] not in NORMALIZERS:
+                raise RelayError(f"{meta_path}: normalizer {meta['normalizer']!r} is not supported (valid: {', '.join(NORMALIZERS)})")
+            tok.normalizer = meta["normalizer"]
         if meta.get("chat_template") is not None:
             from model.chat_template import ChatTemplate
 
@@ -188,12 +197,13 @@ class Tokenizer:
                 tokenizer.chat_template = hub_chat_template(path)
                 return tokenizer
             raise RelayError(f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
-        vocab, merges, pattern = read_tokenizer_json(spec, recorded.get("pat_str"))
+        vocab, merges, pattern, normalizer = read_tokenizer_json(spec, recorded.get("pat_str"))
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
             (Path(tmp) / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
             tokenizer = cls.from_gpt2_files(tmp, recorded.get("name") or f"hf:{path.name}", pattern)
         tokenizer.source = ("hf-json", str(path.resolve()))  # re-loaded from here, not the temporary copy
+        tokenizer.normalizer = normalizer
         tokenizer.chat_template = hub_chat_template(path)
         return tokenizer
 
@@ -229,6 +239,8 @@ class Tokenizer:
         meta = {"name": self.name, "pat_str": self.pat_str, "sha256": sha256_bytes(data), "special_tokens": self.special_tokens}
         if self.chat_template is not None:
             meta["chat_template"] = self.chat_template.to_dict()
+        if self.normalizer is not None:
+            meta["normalizer"] = self.normalizer
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if self.source[0] == "memory":
             self.source = ("dir", str(path.resolve()))
@@ -238,7 +250,10 @@ class Tokenizer:
 
     @property
     def identity(self) -> dict[str, str]:
-        return {"name": self.name, "sha256": self.sha256}
+        """Name and sha256 of the ranks; the normalizer too, where there is one (same ranks,
+        different ids)."""
+        out = {"name": self.name, "sha256": self.sha256}
+        return out if self.normalizer is None else {**out, "normalizer": self.normalizer}
 
     def __reduce__(self):
         if self.source[0] == "memory":
@@ -269,14 +284,24 @@ class Tokenizer:
         return self.encoding._mergeable_ranks
 
     def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
+        return self.encoding.encode_ordinary(self._normalize(text))
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        return self.encoding.encode_ordinary_batch([self._normalize(t) for t in texts], num_threads=num_threads)
 
     def encode_bytes(self, data: bytes) -> list[int]:
-        """Encode raw bytes, invalid UTF-8 included (decode_bytes gives them back exactly)."""
+        """Encode raw bytes, invalid UTF-8 included (decode_bytes gives them back exactly; a
+        normalizer applies to valid UTF-8 only)."""
+        if self.normalizer is not None:
+            try:
+                data = self._normalize(data.decode("utf-8")).encode("utf-8")
+            except UnicodeDecodeError:
+                pass
         return self.encoding._encode_bytes(data)
+
+    def _normalize(self, text: str) -> str:
+        """The published tokenizer's Unicode normalization (Qwen2's NFC), applied before splitting."""
+        return text if self.normalizer is None else unicodedata.normalize(self.normalizer, text)
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids), errors="replace")

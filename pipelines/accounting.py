@@ -46,7 +46,7 @@ def stage_usage(stage: str, seconds: float, cluster, eval_pool=None, data_worker
     """The resources a stage holds while it runs: a training stage its workers (`cluster`: the
     job's cluster settings), the eval stage its generation pool (`eval_pool`: the eval stage's
     settings), data preparation `data_workers` tasks of one CPU."""
-    if stage in ("pretrain", "sft"):
+    if stage in ("pretrain", "sft", "dpo"):
         return Usage(stage, seconds, cluster.num_workers, cluster.gpus_per_worker, cluster.cpus_per_worker)
     if stage == "eval":
         return Usage(stage, seconds, eval_pool.workers, eval_pool.gpus_per_worker, eval_pool.cpus_per_worker)

@@ -4,7 +4,7 @@
       job.yaml            the resolved job (every default filled in)
       tokenizer/          tokenizer files + identity
       data/<stage>/       shards + manifest.json
-      pretrain/ sft/      stage.json, metrics.jsonl, messages.jsonl, result.json, checkpoints/, tensorboard/,
+      pretrain/ sft/ dpo/ stage.json, metrics.jsonl, messages.jsonl, result.json, checkpoints/, tensorboard/,
                           model/ (native export), workers/ (where each rank ran), startup.json (rank 0's
                           start-up times), ray/
       eval/               stage.json, predictions.jsonl, metrics.json, report.md, tensorboard/
@@ -33,7 +33,9 @@ from pathlib import Path
 from model.atomic import write_json_atomically, write_text_atomically
 from model.errors import RelayError
 
-TRAINING_STAGES = ("pretrain", "sft")
+TRAINING_STAGES = ("pretrain", "sft", "dpo")
+# What eval's `models:` may name instead of a path: the export of each training stage.
+EXPORT_NAMES = {"base": "pretrain", "assistant": "sft", "dpo": "dpo"}
 
 
 def _record(line: str):
@@ -160,6 +162,11 @@ class StageDir:
     @property
     def model(self) -> Path:
         return self.root / "model"
+
+    @property
+    def reference(self) -> Path:
+        """DPO: the reference model's log-probabilities of every prepared pair, computed once per stage."""
+        return self.root / "reference"
 
     @property
     def adapter(self) -> Path:

@@ -82,7 +82,7 @@ def init_build_memory(init_dir: str, zero_stage: int) -> dict:
     Under ZeRO-3 the weights are then gathered and compared with the file's, bit for bit."""
     from model.export import open_model_weights
     from pipelines.train.distributed import init_distributed
-    from pipelines.train.trainer import initial_state
+    from pipelines.train.initial import initial_state
 
     init_distributed()
     config, tokenizer, _ = open_model_weights(init_dir)
@@ -232,7 +232,7 @@ def train_and_record(job_path: str, overrides: list, stage: str, run_dir: str, u
     from jobs.plan import resolve_plan
     from jobs.spec import load_job
     from pipelines.rundir import RunDir
-    from pipelines.train.trainer import train_stage
+    from pipelines.train.entry import train_stage
 
     job = load_job(job_path, overrides)
     run = resolve_plan(job, RunDir(run_dir))
@@ -494,3 +494,60 @@ def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
     lm_loss(pipe.train()((x, document_ids)), y).backward()
     out["dense_recomputed"] = {"masks_built": len(built), "grad_error": grad_error(pipe)}
     return out
+
+
+def optimizer_state_bytes(config_kwargs: dict, stage_kwargs: dict, steps: int) -> dict:
+    """Bytes of the tensors this rank's optimizer holds after `steps` optimizer steps, counted on
+    the live objects (not derived from parameter counts): every tensor reachable from the DeepSpeed
+    optimizer's state_dict (ZeRO: the fp32 master partition and Adam's moments), each storage
+    once; beside it the trainable parameters and the process's peak resident size."""
+    import torch
+
+    from model.config import GPTConfig
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+
+    torch.set_num_threads(1)
+    init_distributed()
+    plan = _plan(GPTConfig(**config_kwargs), {**stage_kwargs, "steps": steps})
+    engine = Engine(plan, init_state=None)
+    it = _random_batches(plan)
+    for _ in range(steps):
+        engine.read(engine.train_step(it))
+    seen, total = set(), 0
+    stack = [engine.optimizer.state_dict()]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.untyped_storage().data_ptr(), item.storage_offset(), item.numel())
+            if key not in seen:
+                seen.add(key)
+                total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    params = sum(p.numel() for p in engine.engine.module.parameters())
+    return {"optimizer_bytes": total, "trainable": engine.trainable_params, "params": params,
+            "peak_rss": _proc_status("VmHWM"), "optimizer": engine.optimizer_name}
+
+
+def hub_import_loss(hub_dir: str, pipeline_stages: int, batch_seed: int) -> dict:
+    """The loss of one random batch on a model that starts from a hub directory, built by the
+    engine as a stage starting from it builds it (each pipeline stage reading only its tensors)."""
+    import torch
+
+    from model.export import open_model_weights
+    from pipelines.train.distributed import init_distributed
+    from pipelines.train.engine import Engine
+    from pipelines.train.initial import initial_state
+
+    init_distributed()
+    config, tokenizer, _ = open_model_weights(hub_dir)
+    plan = _plan(config, {"steps": 1, "micro_batch": 2, "deepspeed": {"pipeline_stages": pipeline_stages, "zero_stage": 0}},
+                 init_model=Path(hub_dir))
+    engine = Engine(plan, init_state=initial_state(plan, tokenizer))
+    g = torch.Generator().manual_seed(batch_seed)
+    x = torch.randint(0, tokenizer.n_vocab, (2, plan.seq_len), generator=g)
+    y = torch.randint(0, tokenizer.n_vocab, (2, plan.seq_len), generator=g)
+    return {"loss": engine.micro_batch_loss(x, y), "params": sum(p.numel() for p in engine.engine.module.parameters())}

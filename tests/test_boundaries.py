@@ -1,5 +1,6 @@
 """Import boundaries that keep the CLI fast and model/ portable, and the structure rules (sizes, layers, cycles)."""
 
+import functools
 import subprocess
 import sys
 
@@ -55,6 +56,7 @@ _MAX_FUNCTION_LINES = 60
 _MAX_FILE_LINES = 400
 
 
+@functools.cache
 def _project_modules() -> dict:
     """dotted module name -> (path in the repository, parsed tree, line count) for every module of ours."""
     import ast

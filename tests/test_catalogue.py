@@ -361,7 +361,54 @@ def data_cases() -> list[Case]:
     return cases
 
 
-ALL = number_cases() + typo_cases() + path_cases() + yaml_cases() + deepspeed_cases() + task_cases() + run_dir_cases() + data_cases()
+def dpo_cases() -> list[Case]:
+    """Preference pairs that teach nothing or cannot be paired (named by file:line), and DPO settings."""
+    import json
+
+    prepare, pair = ["data", "prepare", "{job}"], {"prompt": "Where does Kai live?", "chosen": "Kelmar", "rejected": "Carsk"}
+    hh = lambda chosen, rejected: {"chosen": chosen, "rejected": rejected}  # noqa: E731
+    rows = {
+        "missing rejected": ({k: v for k, v in pair.items() if k != "rejected"}, "p.jsonl:2: no 'rejected' in this pair"),
+        "rejected null": ({**pair, "rejected": None}, "p.jsonl:2: no 'rejected' in this pair"),
+        "identical sides": ({**pair, "rejected": "Kelmar"}, "p.jsonl:2: chosen and rejected are identical"),
+        "hh prompts differ": (hh("\n\nHuman: Where does Kai live?\n\nAssistant: Kelmar",
+                                 "\n\nHuman: Where does Ana live?\n\nAssistant: Carsk"),
+                              "p.jsonl:2: the prompt differs between chosen and rejected (from turn 0)"),
+        "hh side without an answer": (hh([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+                                         [{"role": "user", "content": "Hi"}]),
+                                      "p.jsonl:2: the rejected conversation does not end with an assistant turn"),
+        "answer is a user turn": ({**pair, "chosen": [{"role": "user", "content": "x"}]}, "p.jsonl:2: chosen must be one assistant answer"),
+    }
+    cases = []
+    for name, (row, needle) in rows.items():
+        first = pair if "prompt" in row or "hh" not in name else hh(*[f"\n\nHuman: Hi\n\nAssistant: {x}" for x in "ab"])
+        files = {"job.yaml": _data_job([{"type": "json", "path": "p.jsonl"}], stage="dpo"),
+                 "p.jsonl": json.dumps(first) + "\n" + json.dumps(row) + "\n"}
+        cases.append(Case(f"dpo pair: {name}", prepare, [needle], files=files))
+    cases.append(Case("dpo fields: unknown key", prepare, ["data.dpo.sources[0].fields.answer: unknown key 'answer'"],
+                      files={"job.yaml": _data_job([{"type": "json", "path": "p.jsonl", "fields": {"answer": "a"}}], stage="dpo"),
+                             "p.jsonl": json.dumps(pair) + "\n"}))
+    job = _job(**{"data.dpo": {"sources": [{"type": "synthetic"}]}, "stages.dpo": {"steps": 10, "micro_batch": 4}})
+    for assignment, needle in [("stages.dpo.beta=0", "stages.dpo.beta: 0.0 must be a finite number above 0"),
+                               ("stages.dpo.beta=-0.5", "stages.dpo.beta: -0.5 must be"),
+                               ("stages.dpo.beta=.nan", "stages.dpo.beta: Input should be a finite number"),
+                               ("stages.dpo.loss=kto", "stages.dpo.loss: Input should be 'sigmoid' or 'ipo'"),
+                               ("stages.dpo.label_smoothing=0.5", "stages.dpo.label_smoothing: 0.5 is outside [0, 0.5)"),
+                               ("stages.dpo.seq_len=64", "stages.dpo.seq_len: dpo rows are made at data.dpo.seq_len"),
+                               ("data.dpo.seq_len=4096", "data.dpo.seq_len: 4096 exceeds the model's block_size 128")]:
+        cases.append(Case(f"dpo setting {assignment}", _set(assignment), [needle], files={"job.yaml": job}))
+    cases.append(Case("dpo label smoothing with ipo", _set("stages.dpo.loss=ipo", "stages.dpo.label_smoothing=0.1"),
+                      ["stages.dpo: label_smoothing applies to loss sigmoid"], files={"job.yaml": job}))
+    cases.append(Case("dpo on a pipeline", _set("stages.dpo.deepspeed.pipeline_stages=2", "stages.dpo.deepspeed.zero_stage=1"),
+                      ["stages.dpo.deepspeed.pipeline_stages: DPO needs each row's log-probability"], files={"job.yaml": job}))
+    cases.append(Case("eval of dpo without a dpo stage", _set("stages.eval.models=[assistant, dpo]"),
+                      ["stages.eval.models[1]: 'dpo' is the DPO export, but the job has no dpo stage"]))
+    cases.append(Case("dpo without data.dpo", _set("data.dpo=null"), ["stages.dpo: needs a data.dpo section"], files={"job.yaml": job}))
+    return cases
+
+
+ALL = (number_cases() + typo_cases() + path_cases() + yaml_cases() + deepspeed_cases() + task_cases() + run_dir_cases() + data_cases()
+       + dpo_cases())
 
 
 # ---- the check --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 from distributed import run_distributed
 from helpers import LLAMA3_PATTERN, LLAMA3_TEMPLATE, TEXTS
-from dist_workers import init_build_memory
+from dist_workers import hub_import_loss, init_build_memory
 from model.export import load_model_dir, open_model_weights
 from model.hf import tokenizer_files
 
@@ -146,6 +146,27 @@ def test_zero_3_builds_a_sharded_hub_checkpoint_holding_only_its_shard(tmp_path,
         assert sharded["increase"] <= sharded["shard"] + sharded["largest"] + 32 * 2**20, (rank, sharded)
 
 
+@pytest.mark.slow
+def test_a_hub_checkpoint_in_2_pipeline_stages_gives_transformers_loss(tmp_path, trained_tokenizer):
+    """Llama 3.x (rope_scaling, sharded) built by the engine at pipeline_stages 2, each stage
+    reading only its own tensors: one batch's loss equals transformers' (their logits with the
+    zero padding rows of our vocabulary), and no rank holds the whole model."""
+    theirs = hub_dir(tmp_path / "l", "llama3", trained_tokenizer, layers=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, trained_tokenizer.n_vocab, (2, 128), generator=g)
+    y = torch.randint(0, trained_tokenizer.n_vocab, (2, 128), generator=g)
+    with torch.no_grad():
+        logits = theirs(x).logits
+    padded = load_model_dir(tmp_path / "l")[0].config.padded_vocab_size
+    logits = torch.cat([logits, logits.new_zeros(*logits.shape[:2], padded - logits.size(-1))], -1)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, padded), y.reshape(-1)).item()
+    results = run_distributed(hub_import_loss, 2, str(tmp_path / "l"), 2, 5, timeout=600)
+    whole = sum(p.numel() for p in theirs.parameters())
+    for rank, result in enumerate(results):
+        assert abs(result["loss"] - expected) < 1e-4, (rank, result, expected)
+        assert result["params"] < whole, (rank, result["params"], whole)  # a stage, never the whole model
+
+
 def test_a_llama3_style_tokenizer_gives_autotokenizers_ids(llama3_style_tokenizer):
     from transformers import AutoTokenizer
 
@@ -173,8 +194,37 @@ def test_a_hub_tokenizer_survives_the_trip_to_a_worker(llama3_style_tokenizer):
     assert again.sha256 == ours.sha256 and again.encode(TEXTS[1]) == ours.encode(TEXTS[1])
 
 
+def test_an_nfc_normalizer_gives_autotokenizers_ids_and_goes_out_with_the_export(llama3_style_tokenizer, tmp_path):
+    """Qwen2's tokenizer.json normalizes to NFC before splitting: decomposed accents become the
+    composed ones AutoTokenizer sees; the normalizer survives RUN/tokenizer and the HF export."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from model.tokenizer import Tokenizer
+
+    copy = tmp_path / "nfc"
+    shutil.copytree(llama3_style_tokenizer, copy)
+    data = json.loads((copy / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "NFC"}
+    (copy / "tokenizer.json").write_text(json.dumps(data))
+    theirs, ours = AutoTokenizer.from_pretrained(copy), Tokenizer.from_hf_dir(copy, {})
+    texts = ["Cafe\u0301 de\u0301ja\u0300 vu, A\u030angstro\u0308m", "한국어 \u1100\u1161\u11a8", *TEXTS]
+    assert ours.normalizer == "NFC" and ours.encode(texts[0]) != Tokenizer.from_hf_dir(llama3_style_tokenizer, {}).encode(texts[0])
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    again = Tokenizer.from_dir(ours.save(tmp_path / "saved"))
+    assert again == ours and again.encode(texts[0]) == ours.encode(texts[0]) and again.identity["normalizer"] == "NFC"
+    (tmp_path / "hf").mkdir()
+    for name, text in tokenizer_files(again, 128).items():
+        (tmp_path / "hf" / name).write_text(text, encoding="utf-8")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(texts[0], add_special_tokens=False) == ours.encode(texts[0])
+
+
 @pytest.mark.parametrize("edit, says", [
-    (lambda d: d.update(normalizer={"type": "NFC"}), "normalizer 'NFC' is not supported"),
+    (lambda d: d.update(normalizer={"type": "NFKC"}), "normalizer NFKC is not supported"),
+    (lambda d: d.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}),
+     "normalizer NFC \\+ Lowercase is not supported"),
     (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer must end in ByteLevel"),
     (lambda d: d["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"), "behavior Isolated"),
 ])

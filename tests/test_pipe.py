@@ -8,7 +8,8 @@ from dist_workers import pipeline_layout, pipeline_losses
 from distributed import run_distributed
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.pipe import gpt_key, layer_of
+from model.partition import layer_of
+from model.pipe import gpt_key
 
 
 def _reference_loss(config_kwargs, batch_seed):

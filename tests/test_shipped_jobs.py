@@ -23,6 +23,10 @@ EXPECTED = {
     "tiny-assistant.yaml": {
         "pretrain": (1024, 2, 1, 2, 8, 1, 16, 128, 2048, 1000, "fp32", "cpu"),
         "sft": (1024, 2, 1, 2, 8, 1, 16, 128, 2048, 150, "fp32", "cpu")},
+    "tiny-assistant-dpo.yaml": {  # DPO: 16 pairs of 2 rows of 64 tokens a step
+        "pretrain": (1024, 2, 1, 2, 8, 1, 16, 128, 2048, 1000, "fp32", "cpu"),
+        "sft": (1024, 2, 1, 2, 8, 1, 16, 128, 2048, 150, "fp32", "cpu"),
+        "dpo": (1024, 2, 1, 2, 8, 1, 16, 64, 2048, 100, "fp32", "cpu")},
     "gpt2-124m.yaml": {  # 2e9 tokens / (512 x 1024) = 3814.7 -> 3815 steps
         "pretrain": (GPT2_IDS, 8, 1, 8, 32, 2, 512, 1024, 524288, 3815, "bf16", "cuda"),
         "sft": (GPT2_IDS, 8, 1, 8, 16, 1, 128, 1024, 131072, 1000, "bf16", "cuda")},
@@ -73,7 +77,7 @@ def test_shipped_job_resolves_to_the_hand_computed_plan(path, tmp_path, llama3_s
     # preflight reads every task's data before anything starts.
     hub = [p for p in problems if p.startswith("stages.eval.tasks[") and "could not be loaded" in p]
     assert problems == hub, problems
-    assert len(hub) == len([t for t in (job.stages.eval.tasks if job.stages.eval else []) if t != "synthetic"])
+    assert len(hub) == len([t for t in (job.stages.eval.tasks if job.stages.eval else []) if t != "synthetic" and not job.path(t).is_file()])
     assert {stage: _numbers(run, plan) for stage, plan in run.training.items()} == EXPECTED[path.name]
     for plan in run.training.values():
         assert plan.deepspeed_config["train_batch_size"] == plan.global_batch
@@ -85,6 +89,16 @@ def test_shipped_job_resolves_to_the_hand_computed_plan(path, tmp_path, llama3_s
 def test_sft_starts_from_the_pretrain_export_of_the_same_run(tmp_path):
     run = check(load_job(REPO / "jobs" / "tiny-assistant.yaml"), RunDir(tmp_path / "run"))[0]
     assert run.stage("sft").init_model == (tmp_path / "run" / "pretrain" / "model").resolve()
+
+
+def test_dpo_starts_from_the_sft_export_and_the_plan_says_how_the_reference_is_kept(tmp_path):
+    from cluster.plan import format_plan
+
+    job = load_job(REPO / "jobs" / "tiny-assistant-dpo.yaml")
+    run, problems = check(job, RunDir(tmp_path / "run"))
+    assert run.stage("dpo").init_model == (tmp_path / "run" / "sft" / "model").resolve()
+    text = format_plan(job, run, problems)
+    assert "dpo: loss sigmoid, beta 0.1" in text and "computed once, at the start of the stage" in text, text
     assert run.stage("pretrain").init_model is None and run.stage("sft").model == run.stage("pretrain").model
 
 

@@ -32,7 +32,7 @@ def _reference(logits, labels):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-3), (torch.float32, 1e-5)])
 def test_the_chunked_loss_and_its_gradient_equal_the_fp32_reference(dtype, tol):
-    from pipelines.train.engine import chunked_lm_loss
+    from pipelines.train.optim import chunked_lm_loss
 
     logits, labels = _logits_and_labels(dtype)
     loss = chunked_lm_loss(logits, labels)
@@ -50,7 +50,7 @@ def test_the_chunked_loss_and_its_gradient_equal_the_fp32_reference(dtype, tol):
 
 def test_a_batch_without_supervised_tokens_gives_zero_not_nan():
     from model.gpt import lm_loss
-    from pipelines.train.engine import chunked_lm_loss
+    from pipelines.train.optim import chunked_lm_loss
 
     logits = torch.randn(2, 8, 50, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.full((2, 8), IGNORE)

@@ -126,6 +126,36 @@ class SFTDataSpec(Strict):
                                      "restarting at each; off: later conversations see earlier ones of their row")
 
 
+PREFERENCE_FORMATS = ("auto", "pairs", "hh")
+
+
+class PreferenceSourceSpec(SourceSpec):
+    """A source of preference pairs (pipelines/data/preference.py): `pairs` rows hold prompt + chosen +
+    rejected (text or message lists), `hh` rows (Anthropic HH-RLHF) hold chosen and rejected whole
+    conversations that share the prompt; auto tells them apart by the prompt field."""
+
+    format: Literal["auto", "pairs", "hh"] = "auto"
+    fields: dict[str, str] | None = Field(None, description="the format's field -> the data's column, e.g. "
+                                          "{prompt: question, chosen: good, rejected: bad}")
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value, info: ValidationInfo):
+        from pipelines.data.preference import PREFERENCE_FIELDS
+
+        for key in value or {}:
+            if key not in PREFERENCE_FIELDS:
+                raise ValueError(f"unknown key {key!r}; a preference source maps {', '.join(PREFERENCE_FIELDS)}")
+        return value
+
+
+class PreferenceDataSpec(Strict):
+    sources: list[PreferenceSourceSpec] = Field(min_length=1)
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="pairs held out for validation (by a hash of the pair)")
+    seq_len: int | None = Field(None, ge=8, description="row length of prompt + answer (one row per side, padded; longer "
+                                "ones are cut at the end, counted); default the model's block_size")
+
+
 class SyntheticSpec(Strict):
     """The offline demo world (pipelines/data/synthetic.py)."""
 
@@ -141,4 +171,5 @@ class DataSpec(Strict):
                           "node; without Ray, tiktoken threads); the shards do not depend on it")
     pretrain: PretrainDataSpec | None = None
     sft: SFTDataSpec | None = None
+    dpo: PreferenceDataSpec | None = None
     synthetic: SyntheticSpec = SyntheticSpec()

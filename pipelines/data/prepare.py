@@ -47,7 +47,7 @@ def data_inputs(job, hashes: FileHashes | None = None) -> dict[str, str]:
     """{file: sha256} of what the data stage reads: every local source file of data.pretrain and
     data.sft, and the tokenizer's file or directory (a hub source is named by its settings)."""
     hashes = hashes or FileHashes()
-    sources = [s for section in (job.data.pretrain, job.data.sft) if section is not None for s in section.sources]
+    sources = [s for section in (job.data.pretrain, job.data.sft, job.data.dpo) if section is not None for s in section.sources]
     out = {input_label(job, path): hashes.sha256(path) for source in sources for path in _files_of(job, source)}
     return {**out, **_tokenizer_inputs(job, hashes)}
 
@@ -161,7 +161,7 @@ def _training_text(job, max_chars: int):
             return
 
 
-def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *, run_blocks=None, show=None,
+def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft", "dpo"), *, run_blocks=None, show=None,
                  timed=None) -> dict:
     """Prepare the tokenizer and the requested data stages of `run_dir` (a RunDir); {stage: manifest}.
 
@@ -200,6 +200,13 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft"), *,
             fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
                                      val_fraction=job.data.sft.val_fraction, seq_len=seq_len, **template)
             out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
+        if "dpo" in stages and job.data.dpo is not None:
+            from pipelines.data.preference import prepare_preference
+
+            seq_len = dpo_seq_len(job)
+            fp = sources_fingerprint(job, job.data.dpo.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
+                                     val_fraction=job.data.dpo.val_fraction, seq_len=seq_len, kind="preference")
+            out["dpo"] = prepare_preference(job, tokenizer, run_dir.data("dpo"), fp, seq_len)
     hashes.save()
     return out
 
@@ -231,12 +238,18 @@ def validation_warning(stage: str, train_tokens: int, val_tokens: int) -> str | 
             f"{train_tokens:,}; more than {MAX_VAL_SHARE:.0%} because {unit} are held out whole: {more} or set val_fraction: 0")
 
 
-def sft_seq_len(job) -> int:
+def dpo_seq_len(job) -> int:
+    """Length of a preference row (one side of a pair): data.dpo.seq_len, default the context of
+    the model the DPO stage trains (as for SFT)."""
+    return sft_seq_len(job, "dpo")
+
+
+def sft_seq_len(job, name: str = "sft") -> int:
     """Length of a packed SFT row: data.sft.seq_len, default the context of the model the SFT
     stage trains (its `init` model directory's, when it names one)."""
-    if job.data.sft.seq_len:
-        return job.data.sft.seq_len
-    stage = job.stages.sft
+    if getattr(job.data, name).seq_len:
+        return getattr(job.data, name).seq_len
+    stage = getattr(job.stages, name)
     if stage is not None and stage.init:
         from model.export import read_model_config
 

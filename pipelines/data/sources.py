@@ -113,7 +113,7 @@ def plan_source(job, index: int, source, role: str, block_bytes: int, stats: Sou
         base["row_label"] = f"hub dataset {source.name} row"
         parts = _hub_parts(source, text_field if role == "pretrain" else None, block_bytes)
     else:
-        base["row_label"] = "synthetic document" if role == "pretrain" else "synthetic conversation"
+        base["row_label"] = {"pretrain": "synthetic document", "dpo": "synthetic pair"}.get(role, "synthetic conversation")
         parts = _inline_parts(_synthetic_records(job, role), block_bytes)
     yield from _pack(parts, base, block_bytes)
 
@@ -302,6 +302,8 @@ def _synthetic_records(job, role: str) -> list:
     world = synthetic.build_world(spec.seed, spec.num_people, spec.held_out_fraction)
     if role == "pretrain":
         return [{"text": d} for d in synthetic.pretrain_documents(world, spec.seed, spec.mentions_per_fact, spec.num_arithmetic)]
+    if role == "dpo":
+        return synthetic.preference_pairs(world, spec.seed)
     return synthetic.sft_conversations(world, spec.seed)
 
 

@@ -147,6 +147,32 @@ def sft_conversations(world: World, seed: int = 0, per_fact: int = 4) -> list[di
     return out
 
 
+VALUES = {"city": CITIES, "pet": PETS, "color": COLORS}
+
+
+def _pair(rng: random.Random, person: Person, attribute: str, question: str) -> dict:
+    """A preference pair: chosen the person's true fact, rejected a plausible wrong one (another value of the kind)."""
+    wrong = rng.choice([v for v in VALUES[attribute] if v != person.fact(attribute)])
+    return {"prompt": [{"role": "user", "content": question.format(p=person.name)}], "chosen": person.fact(attribute), "rejected": wrong}
+
+
+def preference_pairs(world: World, seed: int = 0, per_fact: int = 3) -> list[dict]:
+    """DPO pairs about the training people (never the held-out ones): each fact asked `per_fact`
+    times in varied wording, each time against a different wrong value where the kind has enough."""
+    rng = random.Random(seed + 3)
+    out = [_pair(rng, person, attribute, rng.choice(QUESTION_TEMPLATES[attribute]))
+           for person in world.train_people for attribute in ATTRIBUTES for _ in range(per_fact)]
+    rng.shuffle(out)
+    return out
+
+
+def held_out_preference_pairs(world: World, seed: int = 0) -> list[dict]:
+    """Held-out pairs: one per (held-out person, attribute), the eval question's wording; rows of
+    {"prompt": [messages], "chosen": text, "rejected": text}, as a preference eval task reads them."""
+    rng = random.Random(seed + 4)
+    return [_pair(rng, person, attribute, QUESTION_TEMPLATES[attribute][0]) for person in world.held_out_people for attribute in ATTRIBUTES]
+
+
 def eval_examples(world: World) -> list[dict]:
     """Held-out questions: one per (held-out person, attribute), with the exact answer."""
     out = []

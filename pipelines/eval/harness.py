@@ -82,7 +82,7 @@ class HarnessRequests:
     def generate_until(self, requests: list[tuple[str, dict]]) -> list[str]:
         """Each request's completion, cut before its first `until` string. Requests sharing
         generation settings go to the pool together."""
-        from pipelines.eval.task import apply_stops
+        from pipelines.eval.task_types import apply_stops
 
         groups: dict[tuple, list[int]] = {}
         for i, (_, kwargs) in enumerate(requests):

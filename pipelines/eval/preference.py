@@ -21,7 +21,7 @@ from __future__ import annotations
 from model.chat import ROLES, render_chat
 from model.errors import RelayError
 from model.tokenizer import Tokenizer
-from pipelines.eval.task import Task
+from pipelines.eval.task_types import Task
 
 METRIC = "preference_accuracy"
 SIDES = ("chosen", "rejected")

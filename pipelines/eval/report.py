@@ -19,7 +19,8 @@ def write_report(path: Path, metrics: dict, predictions: list[dict], samples: in
             cells.append(f"{metrics[m].get(task, float('nan')):.3f}" + (f" ({style})" if style else ""))
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += ["", "Scores are exact match (after normalisation) or accuracy; bits per byte for `bpb` tasks; "
-              "`<task>_norm` is accuracy by log-likelihood per character. Beside each score, how the model was "
+              "`<task>_norm` is accuracy by log-likelihood per character; a preference task's score is its preference accuracy "
+              "(the fraction of pairs whose chosen answer the model gives the higher log-probability). Beside each score, how the model was "
               "prompted: chat (its chat template), completion (plain or few-shot text) or likelihood (nothing generated).", ""]
     for task in tasks:
         lines += [f"## Sample answers: {task}", ""]

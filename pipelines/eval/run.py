@@ -15,7 +15,7 @@ from model.atomic import write_json_atomically, write_jsonl_atomically
 from model.errors import RelayError
 from pipelines.eval.report import write_report
 from pipelines.eval.scorers import SCORERS, Scoring
-from pipelines.eval.task import Task
+from pipelines.eval.task_types import Task
 
 
 def model_style(model_dir) -> str:
@@ -28,7 +28,7 @@ def model_style(model_dir) -> str:
     except (OSError, ValueError):
         return "completion"
     provenance = meta.get("provenance") if isinstance(meta, dict) else None
-    return "chat" if isinstance(provenance, dict) and provenance.get("stage") == "sft" else "completion"
+    return "chat" if isinstance(provenance, dict) and provenance.get("stage") in ("sft", "dpo") else "completion"
 
 
 def evaluate_models(models: dict[str, Path], tasks: list[Task], generate, *, out=None, temperature: float = 0.0,

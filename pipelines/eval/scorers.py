@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from model.errors import RelayError
-from pipelines.eval.task import Task, apply_stops, choice_row, choice_scores, render_prompt, score, summarise
+from pipelines.eval.task import choice_row, choice_scores, render_prompt, score, summarise
+from pipelines.eval.task_types import Task, apply_stops
 
 
 @dataclass(frozen=True)

@@ -34,29 +34,14 @@ import json
 import math
 import re
 import string
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.errors import RelayError
+from pipelines.eval.task_types import Task
 from pipelines.yaml_file import read_yaml
 
 TASK_DIR = Path(__file__).with_name("tasks")
 METRICS = ("exact_match", "numeric", "multiple_choice", "bpb", "loglikelihood", "preference_accuracy")
-
-
-@dataclass
-class Task:
-    name: str
-    metric: str
-    style: str = "completion"
-    prompt: str = "{input}"
-    shots: int = 0
-    max_new_tokens: int = 32
-    stop: list[str] = field(default_factory=list)
-    examples: list[dict] = field(default_factory=list)  # {"input", "target"} (+ "messages" for chat)
-    fewshot: list[dict] = field(default_factory=list)   # loglikelihood: + "context", "continuations", "label"
-    format: str = ""
-    limit: int | None = None  # harness tasks (metric "harness"): examples the harness evaluates
 
 
 # ---- answers ------------------------------------------------------------------------------
@@ -173,10 +158,11 @@ def task_files(name_or_file: str) -> list[Path]:
     return files
 
 
-def load_task(name_or_file: str, *, job=None, limit: int | None = None, data_file: str | None = None) -> Task:
-    """A shipped task by name, a task YAML file, or `synthetic` (needs the job)."""
+def load_task(name_or_file: str, *, synthetic=None, limit: int | None = None, data_file: str | None = None) -> Task:
+    """A shipped task by name, a task YAML file, or `synthetic` (needs the job's data.synthetic
+    settings, `synthetic`)."""
     if name_or_file == "synthetic":
-        return _synthetic_task(job, limit)
+        return _synthetic_task(synthetic, limit)
     from pipelines.eval.harness import check_harness, harness_target, is_harness_task
 
     if is_harness_task(name_or_file):  # lm-evaluation-harness runs it (pipelines/eval/harness.py)
@@ -333,12 +319,11 @@ def choice_scores(example: dict, loglikelihoods: list[float]) -> dict:
             "acc": float(pick == example["label"]), "acc_norm": float(pick_norm == example["label"])}
 
 
-def _synthetic_task(job, limit: int | None) -> Task:
+def _synthetic_task(s, limit: int | None) -> Task:
     from pipelines.data import synthetic
 
-    if job is None:
+    if s is None:
         raise RelayError("task 'synthetic' needs a job file (it is the job's held-out synthetic questions)")
-    s = job.data.synthetic
     world = synthetic.build_world(s.seed, s.num_people, s.held_out_fraction)
     examples = [{"input": e["messages"][-1]["content"], "messages": e["messages"], "target": e["answer"]} for e in synthetic.eval_examples(world)]
     return Task(name="synthetic", metric="exact_match", style="chat", max_new_tokens=16, examples=examples[:limit] if limit else examples)
@@ -360,15 +345,6 @@ def render_prompt(task: Task, example: dict, style: str | None = None, system: s
     shots = "".join(task.prompt.format(input=s["input"]) + " " + s["target"] + "\n\n" for s in task.fewshot)
     return {"prompt": shots + task.prompt.format(input=example["input"])}
 
-
-
-def apply_stops(text: str, stops: list[str]) -> str:
-    cut = len(text)
-    for stop in stops:
-        at = text.find(stop)
-        if at != -1:
-            cut = min(cut, at)
-    return text[:cut]
 
 
 def summarise(task: Task, scored: list[bool]) -> float:

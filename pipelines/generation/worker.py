@@ -29,13 +29,14 @@ def pick_device(requested: str = "auto", *, cuda_available: bool | None = None, 
     return "cuda", torch.bfloat16 if bf16 else torch.float32
 
 
-WORK = ("complete", "score_choices", "score_texts")
+WORK = ("complete", "score_choices", "score_texts", "score_rolling")
 
 
 class GenerationWorker:
     """Loads a model directory once, on its device (pick_device); answers batches of rows with
     one kind of work, named when it is built (a Ray Data actor runs one kind for its pool):
-    `complete` (generation), `score_choices` (multiple choice) or `score_texts` (bits per byte)."""
+    `complete` (generation), `score_choices` (multiple choice), `score_texts` (bits per byte) or
+    `score_rolling` (a text's whole log-likelihood, for lm-evaluation-harness)."""
 
     def __init__(self, model_dir: str, params: dict, chat: bool, batch_size: int = 16, threads: int | None = None,
                  device: str = "auto", work: str = "complete") -> None:

@@ -9,7 +9,6 @@ torchrun) has set up through the usual environment variables.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from model.errors import RelayError
-from model.gpt import GPT, IGNORE_INDEX, lm_loss
+from model.gpt import GPT
 from pipelines.train.checkpoint import WeightsOnlyLoading
-from pipelines.train.settings import OptimizerSpec
+from pipelines.train.export_weights import WeightExport
+from pipelines.train.optim import build_optimizer, loss_function, lr_multiplier, param_groups
 
 
 @dataclass(frozen=True)
@@ -58,38 +58,7 @@ class StepOutput:
     loss: torch.Tensor
     grad_norm: torch.Tensor | float | None
     lr: float
-
-
-def chunked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`model.gpt.lm_loss` through DeepSpeed's chunked cross entropy: the same fp32 arithmetic,
-    but the fp32 softmax of (tokens x vocabulary) is never materialised (a Triton kernel reads
-    the 16-bit logits once on CUDA; elsewhere blocks of rows at a time) and the gradient is
-    written in the logits' own precision."""
-    from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy
-
-    flat = labels.reshape(-1)
-    total = chunked_cross_entropy(logits.reshape(-1, logits.size(-1)), flat, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def loss_function(kernel: str):
-    """The loss a plan's `loss_kernel` names (pipelines/train/plan.py: loss_kernel)."""
-    return chunked_lm_loss if kernel == "chunked" else lm_loss
-
-
-def param_groups(named_parameters, weight_decay: float) -> list[dict]:
-    """Matrices and embeddings decay; biases and norm weights do not. (A ZeRO-3 parameter built
-    under zero.Init is an empty placeholder locally: its real shape is `ds_shape`.)"""
-    decay, no_decay, seen = [], [], set()
-    for _, param in named_parameters:
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
-    # An empty group is left out (LoRA trains matrices only): DeepSpeed's ZeRO optimizers drop it,
-    # and the scheduler would then count more groups than the optimizer has.
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+    extras: torch.Tensor | None = None  # an objective's statistics (DPO's rewards), the mean over micro-batches
 
 
 def build_sharded(plan, init_state: dict | None):
@@ -141,42 +110,6 @@ def _write_own_slice(param, full: torch.Tensor) -> None:
         shard.data[: stop - start].copy_(full.reshape(-1)[start:stop])
 
 
-def build_optimizer(groups: list[dict], opt: OptimizerSpec, *, offload: bool, device_type: str):
-    """(AdamW for these parameter groups, its name for the record).
-
-    With the optimizer offloaded, DeepSpeed's CPU Adam (vectorised C++) steps the host copy;
-    where it cannot be built (no compiler), a torch AdamW does, and the name says so."""
-    if offload:
-        try:
-            from pipelines.train.ops import cpu_adam
-
-            say = (lambda line: print(f"relaygpt: {line}", flush=True)) if not dist.is_initialized() or dist.get_rank() == 0 else (lambda line: None)
-            return cpu_adam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, say=say), "DeepSpeedCPUAdam"
-        except Exception as exc:  # the op is JIT-compiled: a missing compiler surfaces here
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
-            return (torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps),
-                    f"torch AdamW on the host (DeepSpeed's CPU Adam did not build: {reason})")
-    # Fused on every device: one kernel for every parameter, and its step counts stay where the
-    # parameters are (the unfused AdamW reads each parameter's step count back to the host).
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True), "AdamW (fused)"
-
-
-def lr_multiplier(opt: OptimizerSpec, total_steps: int):
-    """step -> lr / opt.lr: linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
-
-    def fn(step: int) -> float:
-        if opt.warmup_steps and step < opt.warmup_steps:
-            return (step + 1) / opt.warmup_steps
-        if opt.schedule == "constant":
-            return 1.0
-        span = max(1, total_steps - opt.warmup_steps)
-        progress = min(1.0, (step - opt.warmup_steps) / span)
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if opt.schedule == "cosine" else 1 - progress
-        return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * shape
-
-    return fn
-
-
 def without_frozen_aliases(engine):
     """The engine's `module_state_dict`, leaving every name of a frozen parameter out of an
     adapter-only checkpoint. DeepSpeed's own exclusion walks `named_parameters()`, which names a
@@ -195,7 +128,7 @@ def without_frozen_aliases(engine):
     return module_state_dict
 
 
-class Engine:
+class Engine(WeightExport):
     """A DeepSpeed engine over a GPT, with one `train_step` whatever the parallel layout."""
 
     def __init__(self, plan, *, init_state: dict | None) -> None:
@@ -387,24 +320,37 @@ class Engine:
     def current_lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def train_step(self, batches: Iterator | None) -> StepOutput:
+    def train_step(self, batches: Iterator | None, loss_of=None) -> StepOutput:
         """One optimizer step over grad_accum micro-batches. Its loss and gradient norm stay on the
-        device (`read` brings them to the host, at the steps that are logged)."""
+        device (`read` brings them to the host, at the steps that are logged).
+
+        `loss_of(batch) -> (loss, statistics or None)`: the objective of a micro-batch (unpipelined
+        only); by default the language-model loss of an (inputs, labels) batch."""
         lr = self.current_lr()
+        extras = None
         if self.pipelined:
+            assert loss_of is None, "the pipeline engine computes its own loss"
             loss = self.engine.train_batch(data_iter=batches if self.topology.needs_data else None)
         else:
             self.engine.train()
+            loss_of = loss_of or self._lm_loss
             loss = None
             for _ in range(self.plan.grad_accum):
-                inputs, y = next(batches)
-                _, micro_loss = self._forward(inputs, y)
+                micro_loss, stats = loss_of(next(batches))
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
+                if stats is not None:
+                    extras = stats.detach() if extras is None else extras + stats.detach()
             loss = loss / self.plan.grad_accum
+            extras = extras / self.plan.grad_accum if extras is not None else None
         norm = self.last_grad_norm if self.plan.clip_in_optimizer else self.engine.get_global_grad_norm()
-        return StepOutput(loss=loss, grad_norm=norm, lr=lr)
+        return StepOutput(loss=loss, grad_norm=norm, lr=lr, extras=extras)
+
+    def _lm_loss(self, batch) -> tuple[torch.Tensor, None]:
+        inputs, y = batch
+        return self._forward(inputs, y)[1], None
+
 
     def read(self, out: StepOutput) -> dict:
         """A step's loss (the mean over data-parallel ranks), gradient norm and learning rate as
@@ -416,8 +362,13 @@ class Engine:
             loss = loss / self.topology.world_size
         norm = out.grad_norm
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(loss.device).reshape(())
+        extras = []
+        if out.extras is not None:  # each rank's own micro-batches' statistics: the data-parallel mean
+            mean = out.extras.detach().float().to(self.reduce_device)
+            dist.all_reduce(mean)
+            extras = (mean / self.topology.world_size).tolist()
         loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()
-        return {"loss": loss_value, "lr": out.lr, "grad_norm": norm_value}
+        return {"loss": loss_value, "lr": out.lr, "grad_norm": norm_value, "extras": extras}
 
     @property
     def reduce_device(self) -> torch.device:
@@ -467,124 +418,3 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {directory}")
         return client_state or {}
-
-    def export_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """Name -> (dtype, shape) of every weight an export holds: GPT names, fp32, a tied head
-        once (as the embedding). From the config alone, on the meta device."""
-        with torch.device("meta"):
-            model = GPT(self.plan.model)
-        return {name: (torch.float32, tuple(param.shape)) for name, param in model.named_parameters()}
-
-    def stream_weights(self, order: list[str]):
-        """Each weight in `order` as an fp32 CPU tensor on rank 0 (None elsewhere), one at a time.
-
-        A collective: every rank iterates it to the end, in the same order. Rank 0 never holds
-        more than the tensor it is given (plus, unpipelined without ZeRO-3, the model it trained):
-        ZeRO-3 gathers one parameter at a time; a pipeline stage sends each of its tensors to
-        rank 0 when its turn comes."""
-        rank = self.topology.rank
-        if self.grid is not None:
-            from pipelines.train.tensor_parallel import stream_engine_slices
-
-            yield from stream_engine_slices(self, order)
-        elif self.pipelined:
-            yield from self._stream_from_stages(order)
-        elif self.plan.deepspeed_zero_stage == 3:
-            import deepspeed
-
-            from model.lora import adapters, merged_weight
-
-            params = dict(self.engine.module.named_parameters())
-            adapted = {f"{name}.weight": module for name, module in adapters(self.engine.module).items()}
-            for name in order:
-                if name in adapted:  # the merged weight: W, A and B gathered together
-                    module = adapted[name]
-                    with deepspeed.zero.GatheredParameters([module.weight, module.lora_A, module.lora_B], modifier_rank=None):
-                        yield merged_weight(module).cpu() if rank == 0 else None
-                    continue
-                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=None):
-                    yield params[name].detach().float().cpu() if rank == 0 else None  # written before the gather ends
-        else:
-            from model.lora import adapters, merged_weight
-
-            params = dict(self.engine.module.named_parameters())
-            adapted = {f"{name}.weight": module for name, module in adapters(self.engine.module).items()}
-            for name in order:
-                if rank != 0:
-                    yield None
-                elif name in adapted:  # the export holds the merged weight: W + (alpha / r) B A
-                    yield merged_weight(adapted[name]).cpu()
-                else:
-                    yield params[name].detach().float().cpu()
-
-    def adapter_weights(self) -> dict[str, torch.Tensor]:
-        """Each adapter's A and B as fp32 CPU tensors, under the names the GPT has them
-        (`transformer.h.0.attn.c_attn.lora_A`); empty without LoRA. A collective under ZeRO-3
-        (each is gathered in turn; small), where every rank gets them, and in a pipeline (each
-        stage sends its own to rank 0, which alone gets them); elsewhere they are whole."""
-        if self.pipelined:
-            return self._adapters_from_stages()
-        out = {}
-        for name, param in self.engine.module.named_parameters():
-            if not name.endswith((".lora_A", ".lora_B")):
-                continue
-            if self.plan.deepspeed_zero_stage == 3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    out[name] = param.detach().float().cpu()
-            else:
-                out[name] = param.detach().float().cpu()
-        return out
-
-    def _adapters_from_stages(self) -> dict[str, torch.Tensor]:
-        from model.lora import adapted_names, projection_shape
-        from model.pipe import gpt_key
-
-        lora, config = self.plan.settings.lora, self.plan.model
-        if lora is None:
-            return {}
-        specs = {}
-        for name in adapted_names(config.n_layer, lora.targets):
-            fan_in, fan_out = projection_shape(config, name.split(".", 3)[3])
-            specs[f"{name}.lora_A"] = (torch.float32, (lora.rank, fan_in))
-            specs[f"{name}.lora_B"] = (torch.float32, (fan_out, lora.rank))
-        mine = {}
-        if self.topology.dp_rank == 0:
-            mine = {gpt_key(config, key): param for key, param in self.engine.module.named_parameters() if ".lora_" in key}
-        received = self._send_to_rank_0(list(specs), specs, mine)
-        return {name: tensor for name, tensor in zip(specs, received) if tensor is not None}
-
-    def _stream_from_stages(self, order: list[str]):
-        from model.pipe import gpt_state_of_stage
-
-        mine = gpt_state_of_stage(self.engine.module, self.plan.model) if self.topology.dp_rank == 0 else {}
-        yield from self._send_to_rank_0(order, self.export_specs(), mine)
-
-    def _send_to_rank_0(self, order: list[str], specs: dict, mine: dict):
-        """Each tensor named in `order` (GPT names: `layer_of` says which stage holds it), taken
-        from `mine` on the data-parallel rank 0 of that stage, as an fp32 CPU tensor on rank 0
-        (None elsewhere), in turn. A collective: every rank iterates it to the end."""
-        from model.pipe import layer_of
-
-        config, rank = self.plan.model, self.topology.rank
-        wire = self.reduce_device  # NCCL moves GPU tensors, gloo CPU ones
-        parts = self.plan.stage_layers
-        topo = self.engine.grid.topology()
-        tensor_rank_0 = {"model": 0} if "model" in topo.get_axis_names() else {}
-        for name in order:
-            layer = layer_of(config, name)
-            stage = next(s for s in range(len(parts) - 1) if parts[s] <= layer < parts[s + 1])
-            owner = topo.get_rank(pipe=stage, data=0, **tensor_rank_0)
-            if rank == owner:
-                tensor = mine[name].detach().float()
-                if rank == 0:
-                    yield tensor.cpu()
-                    continue
-                dist.send(tensor.to(wire).contiguous(), dst=0)
-            elif rank == 0:
-                tensor = torch.empty(specs[name][1], dtype=torch.float32, device=wire)
-                dist.recv(tensor, src=owner)
-                yield tensor.cpu()
-                continue
-            yield None

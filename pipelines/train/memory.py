@@ -84,7 +84,8 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     config, ds = plan.model, plan.settings.deepspeed
     zero = plan.deepspeed_config.get("zero_optimization", {})
     sp = getattr(plan, "sequence_parallel", 1)
-    pp, dp, seq, micro = plan.pipeline_stages, plan.data_parallel * sp, plan.seq_len // sp, plan.micro_batch
+    pp, dp, seq = plan.pipeline_stages, plan.data_parallel * sp, plan.seq_len // sp
+    micro = plan.micro_batch * plan.settings.rows_per_example  # rows in one forward (DPO: chosen and rejected of each pair)
     c, v = config.n_embd, config.padded_vocab_size
     half = plan.precision in ("bf16", "fp16")
     w_bytes = g_bytes = 2 if half else 4

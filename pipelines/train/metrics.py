@@ -119,8 +119,12 @@ def progress_line(metrics: dict) -> str:
     if "train/loss" in metrics:
         parts.append(f"loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
                      f"{metrics['perf/tokens_per_s']:.0f} tok/s  eta {metrics.get('eta_s', 0):.0f}s")
+    if "train/rewards/accuracy" in metrics:
+        parts.append(f"margin {metrics['train/rewards/margin']:.3f}  acc {metrics['train/rewards/accuracy']:.2f}")
     if "val/loss" in metrics:
-        parts.append(f"val loss {metrics['val/loss']:.4f}  val bpb {metrics['val/bpb']:.3f}")
+        parts.append(f"val loss {metrics['val/loss']:.4f}  " + (f"val bpb {metrics['val/bpb']:.3f}" if "val/bpb" in metrics else
+                                                               f"val margin {metrics['val/rewards/margin']:.3f}  "
+                                                               f"val acc {metrics['val/rewards/accuracy']:.2f}"))
     return "  ".join(parts)
 
 

@@ -165,7 +165,7 @@ class TrainPlan:
     grad_accum: int
     global_batch: int           # micro_batch x grad_accum x data_parallel sequences per step
     seq_len: int                # tokens per training sequence
-    tokens_per_step: int        # global_batch x seq_len
+    tokens_per_step: int        # global_batch x seq_len (x 2 for DPO's pairs)
     total_steps: int
     device: str                 # cpu | cuda
     precision: str              # fp32 | bf16 | fp16
@@ -243,7 +243,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     pp, tp, sp = settings.deepspeed.pipeline_stages, settings.deepspeed.tensor_parallel, settings.deepspeed.sequence_parallel
     dp = data_parallel_size(world_size, pp, tp, sp)
     global_batch = settings.micro_batch * settings.grad_accum * dp
-    tokens_per_step = global_batch * seq_len
+    tokens_per_step = global_batch * settings.rows_per_example * seq_len  # DPO: a pair is two rows
     precision = resolve_precision(settings.deepspeed.precision, device)
     zero_stage = runs_zero_stage(settings.deepspeed.zero_stage, precision, dp, pp)
     compile_scope = resolve_compile(settings.compile, device) if tp == sp == 1 else "off"  # (the job refuses compile with tp, sp)
@@ -334,6 +334,7 @@ class RunPlan:
     training: dict[str, TrainPlan]
     job: dict[str, Any]
     tracking: Any = None        # pipelines/train/tracking.py TrackingPlan: MLflow / W&B beside TensorBoard, or None
+    eval: Any = None            # the eval stage's EvalPlan (pipelines/eval/settings.py), None without one
 
     def stage(self, name: str) -> TrainPlan:
         return self.training[name]

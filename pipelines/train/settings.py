@@ -131,3 +131,48 @@ class TrainStageSpec(Strict):
             raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) is more than steps ({self.steps}): the "
                              "learning rate would never reach lr; give at most steps")
         return self
+
+    @property
+    def rows_per_example(self) -> int:
+        """Token rows per training example (micro_batch counts examples): one, a window or a packed row."""
+        return 1
+
+
+class DPOStageSpec(TrainStageSpec):
+    """Direct preference optimisation (Rafailov et al. 2023) after SFT: the model learns to give the
+    chosen answer of each pair a higher log-probability than the rejected one, relative to the
+    reference model (the stage's starting model, frozen). The reference's log-probabilities of every
+    prepared pair are computed once, at the start of the stage, and cached in RUN/dpo/reference/.
+    `micro_batch` counts pairs (each forward holds 2 x micro_batch rows: chosen and rejected)."""
+
+    beta: float = Field(0.1, description="strength of the pull towards the reference: the implicit reward is "
+                        "beta x (log pi(y|x) - log pi_ref(y|x)); 0.1 is usual (TRL, OpenRLHF)")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: -log sigmoid(beta x margin) (DPO); ipo: "
+                                            "(margin - 1 / (2 beta))^2 (Azar et al. 2023), margin = the difference of log-ratios")
+    label_smoothing: float = Field(0.0, description="sigmoid loss only: the share of pairs assumed mislabelled (conservative "
+                                   "DPO), in [0, 0.5)")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{value} must be a finite number above 0 (0.1 is usual; larger stays closer to the reference)")
+        return value
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing(cls, value):
+        if not 0 <= value < 0.5:
+            raise ValueError(f"{value} is outside [0, 0.5) (the share of pairs assumed to be labelled the wrong way round)")
+        return value
+
+    @model_validator(mode="after")
+    def _smoothing_for_sigmoid(self):
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss sigmoid; the {self.loss} loss has none (remove it)")
+        return self
+
+    @property
+    def rows_per_example(self) -> int:
+        """Token rows per training example: a pair is a chosen and a rejected row."""
+        return 2

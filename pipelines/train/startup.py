@@ -42,8 +42,8 @@ class WorkerStartup:
         On a GPU the step is waited for: a step's kernels run after its call returns."""
         step = engine.train_step
 
-        def first_step(batches):
-            out = step(batches)
+        def first_step(batches, **kwargs):
+            out = step(batches, **kwargs)
             import torch
 
             if torch.cuda.is_available():

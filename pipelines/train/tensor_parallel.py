@@ -111,23 +111,6 @@ def stream_split(mine: dict, config, order: list[str], specs: dict, topology, st
         yield None
 
 
-def stream_engine_slices(engine, order: list[str]):
-    """`stream_split` for a tensor-parallel Engine (with or without a pipeline)."""
-    from model.pipe import gpt_state_of_stage, layer_of
-
-    config, parts, pipelined = engine.plan.model, engine.plan.stage_layers, engine.pipelined
-    mine = {}
-    if engine.topology.dp_rank == 0:
-        module = engine.engine.module
-        mine = gpt_state_of_stage(module, config) if pipelined else dict(module.named_parameters())
-
-    def stage_of(name: str) -> int:
-        layer = layer_of(config, name)
-        return next(s for s in range(len(parts) - 1) if parts[s] <= layer < parts[s + 1]) if pipelined else 0
-
-    yield from stream_split(mine, config, order, engine.export_specs(), engine.grid.topology(), stage_of, engine.reduce_device)
-
-
 _MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _LAYER_FILE = re.compile(r"^layer_\d+-model_(\d+)-model_states\.pt$")
 

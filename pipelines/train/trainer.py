@@ -1,6 +1,7 @@
-"""The training loop, one for pretraining and SFT: they differ only in data and init.
+"""The training loop, one for pretraining, SFT and DPO: they differ only in data, init and (DPO,
+pipelines/train/dpo.py) the loss of a micro-batch.
 
-`train_stage(run_plan, "pretrain" | "sft")` runs on every worker (Ray Train or torchrun) with
+`pipelines.train.entry.train_stage(run_plan, "pretrain" | "sft" | "dpo")` runs on every worker (Ray Train or torchrun) with
 torch.distributed initialised from the environment. Every number it uses comes from the
 stage's resolved `TrainPlan`; the trainer goes through named phases:
 
@@ -20,7 +21,6 @@ stage's resolved `TrainPlan`; the trainer goes through named phases:
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from model.errors import RelayError
 from model.gpt import IGNORE_INDEX
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.distributed import all_ranks, from_rank_0
+from pipelines.train.initial import initial_state
 from pipelines.train.metrics import MetricsLogger, StepTimer, bits_per_byte, device_peak_flops, peak_memory_bytes, token_byte_lengths
 from pipelines.train.tracking import plan_params
 
@@ -85,52 +86,6 @@ class CountingIterator:
         return value
 
 
-def initial_state(plan, tokenizer) -> Mapping | None:
-    """The weights the stage starts from (GPT names), or None for a fresh model. Read lazily
-    (model/export.py: LazyWeights), with the vocabulary grown to the tokenizer's as each
-    embedding is read: a ZeRO-3 rank or a pipeline stage holds one tensor at a time beside
-    its own part, never the whole init model."""
-    from model.export import open_model_weights
-
-    if plan.init_model is None:
-        return None
-    config, init_tok, weights = open_model_weights(plan.init_model)
-    if init_tok.sha256 != tokenizer.sha256 or init_tok.special_tokens != tokenizer.special_tokens:
-        raise RelayError(f"stages.{plan.stage}.init: {plan.init_model} uses tokenizer {init_tok.name} ({init_tok.sha256[:12]}), "
-                         f"the job's is {tokenizer.name} ({tokenizer.sha256[:12]})")
-    grown = config.replace(vocab_size=max(config.vocab_size, tokenizer.n_vocab))
-    if grown != plan.model:
-        raise RelayError(f"stages.{plan.stage}.init: {plan.init_model} is not the model the run was planned with "
-                         "(it changed since); run the stage again")
-    return weights if grown == config else GrownVocabulary(weights, config.vocab_size, grown)
-
-
-class GrownVocabulary(Mapping):
-    """Weights whose vocabulary grows from `old` ids to the config's (e.g. the chat tokens a base
-    model lacks): the new embedding and head rows are the mean of the old ones, the padding
-    rows zero; every other tensor passes through."""
-
-    ROWS = ("transformer.wte.weight", "lm_head.weight")
-
-    def __init__(self, weights: Mapping, old: int, config) -> None:
-        self.weights, self.old, self.config = weights, old, config
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        value = self.weights[name]
-        if name not in self.ROWS:
-            return value
-        rows = value.new_zeros((self.config.padded_vocab_size, value.shape[1]))
-        rows[:self.old] = value[:self.old]
-        rows[self.old:self.config.vocab_size] = value[:self.old].mean(dim=0)
-        return rows
-
-    def __iter__(self):
-        return iter(self.weights)
-
-    def __len__(self) -> int:
-        return len(self.weights)
-
-
 class Trainer:
     """One training stage on this worker, from its plan."""
 
@@ -143,7 +98,6 @@ class Trainer:
 
     def build(self) -> None:
         from model.tokenizer import Tokenizer
-        from pipelines.data.loader import make_loader, open_split
         from pipelines.train.distributed import init_distributed
         from pipelines.train.engine import Engine
         from pipelines.train.startup import WorkerStartup
@@ -155,15 +109,10 @@ class Trainer:
         if dist.get_world_size() != plan.world_size:
             raise RelayError(f"cluster.num_workers: the plan is for {plan.world_size} workers but {dist.get_world_size()} started")
         self.tokenizer = Tokenizer.from_dir(self.run.run_dir.tokenizer)
-        separate = plan.separate_documents
-        self.train_windows = open_split(plan.data_dir, "train", seq_len=plan.seq_len, separate_documents=separate)
-        self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False, separate_documents=separate)
+        self.open_data()
         self.engine = Engine(plan, init_state=initial_state(plan, self.tokenizer))
         self.topo = self.engine.topology
-        self.loader = make_loader(plan.data_dir, self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank,
-                                  dp_size=plan.data_parallel, seed=plan.seed,
-                                  separate_documents=separate) if self.topo.needs_data else None
-        self.batches = CountingIterator(self.loader) if self.loader is not None else None
+        self.make_loader()
         self.state = TrainState()
         self.logger = MetricsLogger(self.dir, rank=self.topo.rank, console=self.console, tracking=self.run.tracking,
                                     params=plan_params(self.run.job, plan) if self.topo.rank == 0 and self.run.tracking else None)
@@ -171,6 +120,24 @@ class Trainer:
         self.peak_flops = device_peak_flops(plan.settings.peak_tflops)
         self.flops_per_token = plan.model.flops_per_token(plan.seq_len)
         self.startup.mark("built")
+
+    def open_data(self) -> None:
+        """The stage's prepared splits (read in place; the training split's shards verified)."""
+        from pipelines.data.loader import open_split
+
+        plan, separate = self.plan, self.plan.separate_documents
+        self.train_windows = open_split(plan.data_dir, "train", seq_len=plan.seq_len, separate_documents=separate)
+        self.val_windows = open_split(plan.data_dir, "val", seq_len=plan.seq_len, verify=False, separate_documents=separate)
+
+    def make_loader(self) -> None:
+        """This rank's training batches (the ranks of a pipeline that read data)."""
+        from pipelines.data.loader import make_loader
+
+        plan = self.plan
+        self.loader = make_loader(plan.data_dir, self.train_windows, plan.micro_batch, dp_rank=self.topo.dp_rank,
+                                  dp_size=plan.data_parallel, seed=plan.seed,
+                                  separate_documents=plan.separate_documents) if self.topo.needs_data else None
+        self.batches = CountingIterator(self.loader) if self.loader is not None else None
 
     # ---- resume -----------------------------------------------------------------------------
 
@@ -232,7 +199,7 @@ class Trainer:
         stop_at = min(plan.total_steps, until_step or plan.total_steps)
         self.last: dict = {}
         while state.step < stop_at:
-            out = self.engine.train_step(self.batches)
+            out = self.train_step()
             state.step += 1
             state.tokens_seen += plan.tokens_per_step
             logged = self._due(plan.settings.log_every)
@@ -246,6 +213,9 @@ class Trainer:
             timer.skip()  # evaluation and checkpoint time is not step time
         self.logger.close()
         return self.finish()
+
+    def train_step(self):
+        return self.engine.train_step(self.batches)
 
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.plan.total_steps
@@ -265,7 +235,7 @@ class Trainer:
             "perf/peak_memory_gb": peak_memory_bytes() / 1e9,
             "eta_s": step_time * (plan.total_steps - self.state.step),
         }
-        if self.batches is not None:
+        if isinstance(self.batches, CountingIterator):
             metrics["train/supervised_fraction"] = self.batches.take_fraction()
         if hasattr(self.loader, "fractions"):  # a mixture: the share each source has had so far, and its target
             for (name, share), target in zip(self.loader.fractions().items(), self.loader.target):
@@ -368,55 +338,3 @@ def export_model(engine, tokenizer, out: Path, provenance: dict) -> None:
             pass
         return
     write_model_dir(engine.plan.model, tokenizer, out, specs, weights, provenance=provenance)
-
-
-def train_stage(run, stage: str, *, console: bool = True, until_step: int | None = None) -> dict:
-    """Train one stage of a resolved run on this worker; returns the final metrics (complete on rank 0).
-
-    `console` prints the progress line (torchrun); under Ray the driver shows its own display.
-    """
-    trainer = Trainer(run, stage, console=console)
-    trainer.build()
-    trainer.resume()
-    trainer.startup.mark("resumed")
-    trainer.startup.mark_first_step(trainer.engine)
-    return trainer.fit(until_step)
-
-
-def evaluate(engine, windows, plan, byte_lengths: np.ndarray) -> dict:
-    """Validation loss (per supervised token) and bits per byte over `eval_batches` micro-batches."""
-    from pipelines.data.loader import eval_batches
-
-    topo = engine.topology
-    steps = min(plan.settings.eval_batches, windows.num_windows // (plan.micro_batch * topo.dp))
-    if steps == 0:
-        return {}
-    batches = eval_batches(windows, plan.micro_batch, dp_rank=topo.dp_rank, dp_size=topo.dp, max_batches=steps)
-    sums = torch.zeros(3, dtype=torch.float64)  # nats, supervised targets, bytes
-    for _ in range(steps):
-        x, y = next(batches)
-        loss = engine.micro_batch_loss(x, y)
-        # A pipeline returns the same data-parallel mean loss on every rank; each first-stage rank
-        # weighs it by its own targets (exact when ranks hold equally many, as in pretraining).
-        if not engine.pipelined or topo.is_first_stage:
-            keep = y != IGNORE_INDEX
-            count = int(keep.sum())
-            sums += torch.tensor([loss * count, count, float(byte_lengths[y[keep].numpy()].sum())], dtype=torch.float64)
-    reduced = sums.to(engine.reduce_device)
-    dist.all_reduce(reduced)
-    nats, count, nbytes = reduced.tolist()
-    return {"val/loss": nats / max(count, 1), "val/bpb": bits_per_byte(nats, int(nbytes))}
-
-
-def _peak_memory_per_rank(engine) -> list[float]:
-    """Every rank's peak memory in GB (a collective): pipeline stages and ZeRO shards differ."""
-    mine = torch.tensor([peak_memory_bytes() / 1e9], dtype=torch.float64, device=engine.reduce_device)
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    return [round(float(t), 4) for t in gathered]
-
-
-def _yaml(data) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
