@@ -338,3 +338,42 @@ def export_model(engine, tokenizer, out: Path, provenance: dict) -> None:
             pass
         return
     write_model_dir(engine.plan.model, tokenizer, out, specs, weights, provenance=provenance)
+
+
+def evaluate(engine, windows, plan, byte_lengths: np.ndarray) -> dict:
+    """Validation loss (per supervised token) and bits per byte over `eval_batches` micro-batches."""
+    from pipelines.data.loader import eval_batches
+
+    topo = engine.topology
+    steps = min(plan.settings.eval_batches, windows.num_windows // (plan.micro_batch * topo.dp))
+    if steps == 0:
+        return {}
+    batches = eval_batches(windows, plan.micro_batch, dp_rank=topo.dp_rank, dp_size=topo.dp, max_batches=steps)
+    sums = torch.zeros(3, dtype=torch.float64)  # nats, supervised targets, bytes
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = engine.micro_batch_loss(x, y)
+        # A pipeline returns the same data-parallel mean loss on every rank; each first-stage rank
+        # weighs it by its own targets (exact when ranks hold equally many, as in pretraining).
+        if not engine.pipelined or topo.is_first_stage:
+            keep = y != IGNORE_INDEX
+            count = int(keep.sum())
+            sums += torch.tensor([loss * count, count, float(byte_lengths[y[keep].numpy()].sum())], dtype=torch.float64)
+    reduced = sums.to(engine.reduce_device)
+    dist.all_reduce(reduced)
+    nats, count, nbytes = reduced.tolist()
+    return {"val/loss": nats / max(count, 1), "val/bpb": bits_per_byte(nats, int(nbytes))}
+
+
+def _peak_memory_per_rank(engine) -> list[float]:
+    """Every rank's peak memory in GB (a collective): pipeline stages and ZeRO shards differ."""
+    mine = torch.tensor([peak_memory_bytes() / 1e9], dtype=torch.float64, device=engine.reduce_device)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [round(float(t), 4) for t in gathered]
+
+
+def _yaml(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
