@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from jobs.cluster import ClusterSpec
 from jobs.job_file import JobError, apply_override, did_you_mean, line_map, override_path
+from jobs.parallel_layout import sequence_parallel_problems, tensor_parallel_problems
 from model.config import PRESETS, GPTConfig, architecture_problems
 from model.errors import RelayError
 from pipelines.data.config import DataSpec, TokenizerSpec
 from pipelines.eval.settings import EvalStageSpec
 from pipelines.settings import Strict
-from jobs.parallel_layout import sequence_parallel_problems, tensor_parallel_problems
 from pipelines.train.plan import data_parallel_size
 from pipelines.train.settings import DPOStageSpec, TrainStageSpec
 from pipelines.train.tracking import TrackingSpec
