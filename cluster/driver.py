@@ -245,7 +245,9 @@ def _run_training(ctx: Driving, run, stage: str) -> dict:
     from cluster.local import train_locally
 
     plan, record = run.stage(stage), run.run_dir.stage(stage)
-    ctx.show(f"[{stage}] {plan.world_size} worker(s), data {plan.data_parallel} x pipeline {plan.pipeline_stages}, "
+    split = (f" x tensor {plan.tensor_parallel}" if plan.tensor_parallel > 1 else "") + (
+        f" x sequence {plan.sequence_parallel}" if plan.sequence_parallel > 1 else "")
+    ctx.show(f"[{stage}] {plan.world_size} worker(s), data {plan.data_parallel}{split} x pipeline {plan.pipeline_stages}, "
              f"ZeRO-{plan.zero_stage}, {plan.precision}, {plan.total_steps} steps of {plan.tokens_per_step:,} tokens")
     record.startup.unlink(missing_ok=True)  # an earlier run's; rank 0 writes this one's at its first step
     if ctx.launcher == "ray":

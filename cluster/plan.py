@@ -263,7 +263,8 @@ def _launcher_note(job) -> str:
 
 def _format_stage(p) -> list[str]:
     m = p.model
-    tensor = f" x tensor {p.tensor_parallel}" if p.tensor_parallel > 1 else ""
+    tensor = (f" x tensor {p.tensor_parallel}" if p.tensor_parallel > 1 else "") + (
+        f" x sequence {p.sequence_parallel}" if p.sequence_parallel > 1 else "")
     lines = [f"\n[{p.stage}] data {p.data_parallel}{tensor} x pipe {p.pipeline_stages}  (ZeRO-{p.zero_stage}, {p.precision}); "
              f"model {m.num_params() / 1e6:.1f}M parameters, {m.n_layer} layers, vocabulary {m.vocab_size}"
              + (f", from {p.init_model}" if p.init_model else ""),

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from jobs.cluster import ClusterSpec
 from jobs.job_file import JobError, apply_override, did_you_mean, line_map, override_path
+from jobs.parallel_layout import sequence_parallel_problems, tensor_parallel_problems
 from model.config import PRESETS, GPTConfig, architecture_problems
 from model.errors import RelayError
 from pipelines.data.config import DataSpec, TokenizerSpec
@@ -155,13 +156,15 @@ class JobSpec(Strict):
                                 "DeepSpeed's pipeline engine supports ZeRO 0 and 1")
             if pp > n_layer and not stage.init:
                 problems.append(f"{where}.deepspeed.pipeline_stages: {pp} stages but the model has {n_layer} layers (at most one stage per layer)")
-            tp = ds.tensor_parallel
-            problems += _tensor_parallel_problems(where, stage, self.model.config(vocab_size=256))
-            if workers % (pp * tp):
+            tp, sp = ds.tensor_parallel, ds.sequence_parallel
+            problems += tensor_parallel_problems(where, stage, self.model.config(vocab_size=256))
+            problems += sequence_parallel_problems(where, stage, self.model.config(vocab_size=256))
+            if workers % (pp * tp * sp):
                 problems.append(f"cluster.num_workers: {workers} workers is not a multiple of {where}.deepspeed.pipeline_stages ({pp})"
-                                + (f" x tensor_parallel ({tp}) = {pp * tp}" if tp > 1 else ""))
+                                + (f" x tensor_parallel ({tp})" if tp > 1 else "") + (f" x sequence_parallel ({sp})" if sp > 1 else "")
+                                + (f" = {pp * tp * sp}" if tp * sp > 1 else ""))
             elif stage.global_batch is not None:
-                dp = data_parallel_size(workers, pp, tp)
+                dp = data_parallel_size(workers, pp, tp, sp)
                 if stage.global_batch != stage.micro_batch * stage.grad_accum * dp:
                     problems.append(f"{where}.global_batch: {stage.global_batch} != micro_batch {stage.micro_batch} x grad_accum "
                                     f"{stage.grad_accum} x data-parallel {dp} = {stage.micro_batch * stage.grad_accum * dp}")
@@ -169,7 +172,7 @@ class JobSpec(Strict):
                 problems.append(f"{where}.seq_len: {stage.seq_len} exceeds the model's block_size {block_size}")
             problems += _row_stage_problems(name, stage)
             problems += _settings_that_would_do_nothing(where, stage, self.cluster)
-            if not workers % (pp * tp):
+            if not workers % (pp * tp * sp):
                 problems += _extra_contradictions(where, stage, data_parallel_size(workers, pp, tp))
             checkpointing = stage.deepspeed.extra.get("checkpoint")
             if isinstance(checkpointing, dict) and checkpointing.get("load_universal"):
@@ -222,6 +225,9 @@ def _row_stage_problems(name: str, stage: TrainStageSpec) -> list[str]:
         problems.append(f"{where}.deepspeed.tensor_parallel: DPO sums each row's log-probabilities over the whole vocabulary's "
                         "softmax, and tensor parallelism splits the vocabulary over ranks; use tensor_parallel 1 (ZeRO-3 shards "
                         "a large model instead)")
+    if name == "dpo" and ds.sequence_parallel > 1:
+        problems.append(f"{where}.deepspeed.sequence_parallel: DPO sums each row's log-probabilities over the whole row, and "
+                        "sequence parallelism gives each rank a chunk of it; use sequence_parallel 1")
     return problems
 
 
@@ -255,29 +261,6 @@ def _extra_contradictions(where: str, stage: TrainStageSpec, data_parallel: int)
 
 
 _ABSENT = object()
-
-
-def _tensor_parallel_problems(where: str, stage: TrainStageSpec, model) -> list[str]:
-    """What tensor parallelism cannot be combined with (yet), and a model it cannot split; one line
-    each. (The vocabulary is checked by the plan, once the tokenizer's size is known.)"""
-    from model.tensor_parallel import tensor_parallel_problems
-
-    ds, tp = stage.deepspeed, stage.deepspeed.tensor_parallel
-    if tp == 1:
-        return []
-    field = f"{where}.deepspeed.tensor_parallel"
-    problems = [f"{field}: {line}" for line in tensor_parallel_problems(model, tp) if not line.startswith("padded_vocab_size")]
-    if ds.zero_stage > 1:
-        problems.append(f"{where}.deepspeed.zero_stage: ZeRO-{ds.zero_stage} is not supported with tensor_parallel {tp} "
-                        "(only ZeRO 0 and 1 are verified to shard over the data-parallel ranks alone); use zero_stage 0 or 1")
-    if stage.lora is not None:
-        problems.append(f"{where}.lora: adapters are not implemented with tensor_parallel {tp}; use tensor_parallel 1")
-    if stage.compile not in ("auto", "off"):
-        problems.append(f"{where}.compile: {stage.compile!r} is not supported with tensor_parallel {tp} (its all-reduces run "
-                        "eagerly); use off or auto (which runs eagerly with tensor parallelism)")
-    if ds.offload_optimizer:
-        problems.append(f"{where}.deepspeed.offload_optimizer: not verified with tensor_parallel {tp}; use one of the two")
-    return problems
 
 
 def _settings_that_would_do_nothing(where: str, stage: TrainStageSpec, cluster: ClusterSpec) -> list[str]:

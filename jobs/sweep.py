@@ -40,6 +40,8 @@ from pipelines.yaml_file import read_yaml
 AXES = {
     "workers": "cluster.num_workers",
     "pipeline_stages": "stages.{stage}.deepspeed.pipeline_stages",
+    "tensor_parallel": "stages.{stage}.deepspeed.tensor_parallel",
+    "sequence_parallel": "stages.{stage}.deepspeed.sequence_parallel",
     "zero_stage": "stages.{stage}.deepspeed.zero_stage",
     "micro_batch": "stages.{stage}.micro_batch",
     "grad_accum": "stages.{stage}.grad_accum",
@@ -212,7 +214,8 @@ def _point_overrides(sweep: SweepSpec, axes: dict[str, Any]) -> list[str]:
 def _strong_accum(sweep: SweepSpec, job) -> int:
     """grad_accum that keeps micro x accum x data-parallel equal to the sweep's global batch."""
     spec = getattr(job.stages, sweep.stage)
-    dp = data_parallel_size(job.cluster.num_workers, spec.deepspeed.pipeline_stages, spec.deepspeed.tensor_parallel)
+    ds = spec.deepspeed
+    dp = data_parallel_size(job.cluster.num_workers, ds.pipeline_stages, ds.tensor_parallel, ds.sequence_parallel)
     per_step = spec.micro_batch * dp
     if sweep.global_batch % per_step:
         raise JobError([f"global_batch: {sweep.global_batch} sequences do not split into micro_batch {spec.micro_batch} "

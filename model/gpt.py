@@ -176,6 +176,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hs)
+        q, k, v = self.gather_sequence(q, k, v)  # (sequence parallelism: this rank's heads, every token)
         if isinstance(attn_mask, BlockMask):
             # Kept-apart documents on CUDA (see uses_flex_attention, which never picks
             # FlexAttention while attention dropout is active: it has none).
@@ -184,7 +185,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # Without a cache or a mask the plain causal kernel applies; a cache or padding
             # brings its own mask (built once per forward, by the cache or GPT.attention_mask).
-            is_causal = attn_mask is None and kv_cache is None and T > 1
+            is_causal = attn_mask is None and kv_cache is None and q.size(2) > 1
             y = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=attn_mask,
@@ -192,8 +193,21 @@ class CausalSelfAttention(nn.Module):
                 is_causal=is_causal,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, nh, T, hs)
+        y = self.scatter_sequence(y)  # (sequence parallelism: every head, this rank's tokens)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh * hs): C, or its slice under tensor parallelism
         return self.resid_dropout(self.c_proj(y))
+
+
+    @staticmethod
+    def gather_sequence(q, k, v):
+        """Identity; model/sequence_parallel.py replaces it on a layer by an all-to-all that gives
+        this rank every token of its share of the heads."""
+        return q, k, v
+
+    @staticmethod
+    def scatter_sequence(y):
+        """Identity; under sequence parallelism the inverse all-to-all of `gather_sequence`."""
+        return y
 
 
 class MLP(nn.Module):

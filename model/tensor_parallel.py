@@ -270,9 +270,20 @@ def parallelize(model: GPT, tp: TPGroup) -> GPT:
     return model
 
 
-def local_layer_params(config: GPTConfig, size: int) -> list[int]:
+def local_layer_params(config: GPTConfig, size: int, num_stages: int = 1) -> list[int]:
     """Parameters one rank of a `size`-way tensor-parallel group holds in each pipeline layer
-    (the indices of model/pipe.py; a tied head counts with the embedding), from the config alone."""
+    (the indices of model/pipe.py), from the config alone; as model/partition.py: layer_params, a
+    tied head counts again on the last layer when a pipeline puts it on another stage."""
+    key = (repr(config), size, num_stages)  # the planner's cut search asks again and again
+    if key not in _LOCAL_PARAMS:
+        _LOCAL_PARAMS[key] = _count_local_layer_params(config, size, num_stages)
+    return list(_LOCAL_PARAMS[key])
+
+
+_LOCAL_PARAMS: dict[tuple, list[int]] = {}
+
+
+def _count_local_layer_params(config: GPTConfig, size: int, num_stages: int) -> list[int]:
     from model.partition import layer_of
 
     with torch.device("meta"):
@@ -281,4 +292,6 @@ def local_layer_params(config: GPTConfig, size: int) -> list[int]:
     for name, param in model.named_parameters():
         split = shard_layout(config, name) is not None
         counts[layer_of(config, name)] += param.numel() // size if split else param.numel()
+    if config.tie_embeddings and num_stages > 1:
+        counts[-1] = config.padded_vocab_size * config.n_embd // size
     return counts

@@ -216,7 +216,7 @@ def test_tensorboard_has_the_scalars(base):
     acc = EventAccumulator(str(run / "pretrain" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/achieved_tflops_per_device",
+    expected = {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tokens_per_s_per_device", "perf/achieved_tflops_per_device",
                 "perf/step_time_s", "perf/peak_memory_gb", "val/loss", "val/bpb"}
     assert expected <= tags, expected - tags
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

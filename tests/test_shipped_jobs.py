@@ -34,6 +34,10 @@ EXPECTED = {
         "pretrain": (CL100K_IDS, 8, 4, 2, 4, 32, 256, 2048, 524288, 49592, "bf16", "cuda")},
     "gpt-6.7b-pp8-dp4.yaml": {  # 1e11 / (512 x 2048) = 95367.4 -> 95368
         "pretrain": (CL100K_IDS, 32, 8, 4, 2, 64, 512, 2048, 1048576, 95368, "bf16", "cuda")},
+    "gpt-6.7b-tp8-dp4.yaml": {  # tensor 8 x data 4; the same batch arithmetic as the pipeline version
+        "pretrain": (CL100K_IDS, 32, 1, 4, 2, 64, 512, 2048, 1048576, 95368, "bf16", "cuda")},
+    "gpt-13b-tp8-pp2.yaml": {  # tensor 8 x pipe 2 x data 2; 2.6e11 / (512 x 2048) = 247955.1 -> 247956
+        "pretrain": (CL100K_IDS, 32, 2, 2, 2, 128, 512, 2048, 1048576, 247956, "bf16", "cuda")},
     "llama-1b-sft.yaml": {  # Llama 3.2 1B's own vocabulary (its config.json), 4 x 2 x 8 rows of 2048
         "sft": (128256, 8, 1, 8, 4, 2, 64, 2048, 131072, 120, "bf16", "cuda")},
 }
@@ -126,3 +130,17 @@ def test_the_llama_example_plans_from_a_config_json_alone(tmp_path, llama3_style
     assert cli.main(["plan", str(job), "--set", "stages.eval=null", "--out", str(tmp_path / "runs")]) == 2
     said = capsys.readouterr()  # `relaygpt plan` lists the problems it found
     assert "stages.sft.init: model directory" in said.out and "does not exist" in said.out and "Traceback" not in said.err, said
+
+
+def test_the_large_jobs_split_layers_within_a_node(tmp_path):
+    """6.7B and 13B: tensor parallel 8 (one 8-GPU node per tensor group), every rank of every stage
+    within an 80 GB GPU; and the 13B model on its 2 pipeline stages without tensor parallelism does not."""
+    for name, pp in (("gpt-6.7b-tp8-dp4.yaml", 1), ("gpt-13b-tp8-pp2.yaml", 2)):
+        plan = check(load_job(REPO / "jobs" / name), RunDir(tmp_path / name))[0].stage("pretrain")
+        assert (plan.tensor_parallel, plan.pipeline_stages) == (8, pp)
+        assert max(m.total for m in stage_memory(plan)) < 80 * 1024**3
+        assert any(note.startswith("tensor parallel 8") for note in plan.engine_notes)
+    whole = load_job(REPO / "jobs" / "gpt-13b-tp8-pp2.yaml", ["cluster.num_workers=2", "stages.pretrain.deepspeed.tensor_parallel=1",
+                                                             "stages.pretrain.global_batch=null"])
+    problems = check(whole, RunDir(tmp_path / "whole"))[1]
+    assert problems and "needs ~" in problems[0]

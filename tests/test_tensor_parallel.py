@@ -65,6 +65,11 @@ def _job(tmp_path, stage: dict, workers: int = 4, **model) -> str:
     ({"deepspeed": {"tensor_parallel": 2}, "compile": "model"}, 4, {}, "stages.pretrain.compile: 'model' is not supported with tensor_parallel 2"),
     ({"deepspeed": {"tensor_parallel": 2}, "lora": {"rank": 4}}, 4, {}, "stages.pretrain.lora: adapters are not implemented with tensor_parallel 2"),
     ({"deepspeed": {"tensor_parallel": 4}}, 4, {"n_kv_head": 2}, "n_kv_head 2 is not divisible by tensor_parallel 4"),
+    ({"deepspeed": {"tensor_parallel": 2}, "compile": "blocks"}, 4, {}, "stages.pretrain.compile: 'blocks' is not supported"),
+    ({"deepspeed": {"sequence_parallel": 3}}, 3, {}, "stages.pretrain.deepspeed.sequence_parallel: n_head 4 is not divisible by sequence_parallel 3"),
+    ({"deepspeed": {"sequence_parallel": 2, "tensor_parallel": 2}}, 4, {}, "sequence_parallel: 2 runs with pipeline_stages 1 and tensor_parallel 1 only"),
+    ({"deepspeed": {"sequence_parallel": 2, "zero_stage": 3}}, 4, {}, "stages.pretrain.deepspeed.zero_stage: ZeRO-3 is not verified with sequence_parallel 2"),
+    ({"deepspeed": {"sequence_parallel": 2}}, 3, {}, "3 workers is not a multiple of stages.pretrain.deepspeed.pipeline_stages (1) x sequence_parallel (2) = 2"),
 ])
 def test_bad_tensor_parallel_layouts_are_refused_in_one_line(tmp_path, stage, workers, model, words):
     with pytest.raises(JobError) as info:
@@ -83,27 +88,36 @@ def test_a_checkpoint_from_another_tensor_parallel_size_is_refused(tmp_path):
         check_checkpoint_layout(str(tmp_path), "step-10", 1)
 
 
-def test_tensor_parallel_trains_exports_and_resumes_like_one_device(tmp_path):
-    """One launch of 4 gloo processes, every rank reading the same batches (so any data-parallel
-    size computes what one process does): tp 1 x dp 4 (ZeRO-1), tp 2 x dp 2 (ZeRO-1: optimizer
-    state sharded over the 2 data ranks only; DeepSpeed clips), tp 2 x dp 2 (ZeRO-0: the engine
-    clips; the clip is tight, so a wrong norm shows), tp 2 x pp 2 (ZeRO-0 and ZeRO-1: the tied
-    embedding's slices on the first and last stage). Same initial export bytes, same losses and
-    gradient norms for 20 steps, the same trained weights, and the last layout (tp 2 x pp 2)
-    resumed half-way in a new engine continues exactly."""
-    layouts = [{"zero_stage": 1}, {"zero_stage": 1, "tensor_parallel": 2}, {"zero_stage": 0, "tensor_parallel": 2},
-               {"zero_stage": 0, "tensor_parallel": 2, "pipeline_stages": 2}, {"zero_stage": 1, "tensor_parallel": 2, "pipeline_stages": 2}]
-    results = run_distributed(tensor_parallel_layouts, 4, TINY, layouts, 20, str(tmp_path / "ckpt"))
+def test_split_layouts_train_export_and_resume_like_one_device(tmp_path):
+    """One launch of 4 gloo processes, every rank reading the same rows (so any data-parallel
+    size computes what one process does), rows packed with documents kept apart that cross every
+    split: tp 1 x dp 4 (ZeRO-1) is the reference for
+    - tp 2 x dp 2, ZeRO-1 (optimizer state sharded over the 2 data ranks only; DeepSpeed clips)
+      and ZeRO-0 (the engine clips; the clip is tight, so a wrong norm shows) with every block
+      recomputed in the backward pass (its all-reduces run again);
+    - tp 2 x pp 2, ZeRO-1 (with DeepSpeed's activation checkpointing) and ZeRO-0 (the tied
+      embedding's slices on the first and last stage);
+    - sp 2 x dp 2, ZeRO-1 (each rank runs half of every row; positions and masks of whole rows).
+    Same initial export bytes, same losses and gradient norms for 20 steps, the same trained
+    weights, and the last layout (tp 2 x pp 2) resumed half-way in a new engine continues exactly."""
+    # (sequence parallelism before the layouts that hand DeepSpeed a grid: DeepSpeed keeps the last
+    # engine's grid in a global, and one process of a real run builds one engine)
+    layouts = [{"zero_stage": 1}, {"zero_stage": 1, "sequence_parallel": 2}, {"zero_stage": 1, "tensor_parallel": 2},
+               {"zero_stage": 0, "tensor_parallel": 2, "activation_checkpoint_interval": 1},
+               {"zero_stage": 1, "tensor_parallel": 2, "pipeline_stages": 2, "activation_checkpoint_interval": 1},
+               {"zero_stage": 0, "tensor_parallel": 2, "pipeline_stages": 2}]
+    results = run_distributed(tensor_parallel_layouts, 4, TINY, layouts, 20, str(tmp_path / "ckpt"), True)
     runs = results[0]["runs"]
-    assert [(r["tp"], r["dp"]) for r in runs] == [(1, 4), (2, 2), (2, 2), (2, 1), (2, 1)]
-    assert [r["runs"][1]["dp_rank"] for r in results] == [0, 0, 1, 1]  # the model axis is innermost
+    assert [(r["tp"], r["dp"]) for r in runs] == [(1, 4), (1, 2), (2, 2), (2, 2), (2, 1), (2, 1)]
+    assert [r["runs"][1]["dp_rank"] for r in results] == [0, 0, 1, 1]  # the sequence axis is innermost
+    assert [r["runs"][2]["dp_rank"] for r in results] == [0, 0, 1, 1]  # so is the model axis
     reference = runs[0]
     for layout, run in zip(layouts[1:], runs[1:]):
         assert run["initial"] == reference["initial"], layout  # the gathered slices are the tp 1 weights, bit for bit
         assert np.allclose(run["losses"], reference["losses"], atol=1e-4, rtol=0), (layout, run["losses"], reference["losses"])
         assert np.allclose(run["grad_norms"], reference["grad_norms"], rtol=1e-4), (layout, run["grad_norms"], reference["grad_norms"])
         for name, weight in reference["trained"].items():
-            assert np.allclose(run["trained"][name], weight, atol=1e-4, rtol=0), (layout, name)
+            assert np.allclose(run["trained"][name], weight, atol=1e-3, rtol=0), (layout, name)  # (Adam at lr 1e-2 magnifies rounding)
     assert reference["losses"][-1] < reference["losses"][0] - 0.5  # it learned something
     assert max(reference["grad_norms"]) > 0.3  # and the clip (0.3) was at work
     resumed, straight = results[0]["resumed"], runs[-1]["losses"][10:]
@@ -135,3 +149,14 @@ def test_the_plan_counts_each_ranks_slices(tmp_path):
     assert two.logits < one.logits and two.activations < one.activations
     with pytest.raises(ConfigError, match=r"^stages.pretrain.deepspeed.tensor_parallel: padded_vocab_size 50257 is not divisible"):
         plan(2, GPTConfig(vocab_size=50257, pad_vocab_multiple=1, block_size=256, n_layer=2, n_head=4, n_embd=64))
+    def sequence_plan(sp, seq_len=256):
+        settings = TrainStageSpec(steps=1, micro_batch=4, deepspeed={"zero_stage": 0, "sequence_parallel": sp})
+        return plan_training("pretrain", settings, config, world_size=sp, seq_len=seq_len, device="cpu", data_dir=Path("."),
+                             init_model=None, seed=0)
+
+    whole, halves = stage_memory(sequence_plan(1))[0], stage_memory(sequence_plan(2))[0]
+    assert halves.activations == whole.activations / 2 and halves.logits == whole.logits / 2 and halves.weights == whole.weights
+    assert halves.flops_per_step == whole.flops_per_step / 2
+    settings = TrainStageSpec(steps=1, deepspeed={"sequence_parallel": 4})
+    with pytest.raises(ConfigError, match=r"^stages.pretrain.deepspeed.sequence_parallel: seq_len 30 is not divisible by sequence_parallel 4"):
+        plan_training("pretrain", settings, config, world_size=4, seq_len=30, device="cpu", data_dir=Path("."), init_model=None, seed=0)

@@ -17,7 +17,7 @@ import numpy as np
 
 # Row columns in the order results.csv writes them; the axis columns come right after `reason`.
 LEADING = ["point", "status", "reason"]
-METRICS = ["model", "params_m", "workers", "pipeline_stages", "data_parallel", "zero_stage", "micro_batch", "grad_accum",
+METRICS = ["model", "params_m", "workers", "pipeline_stages", "tensor_parallel", "sequence_parallel", "data_parallel", "zero_stage", "micro_batch", "grad_accum",
            "global_batch", "seq_len", "timed_steps", "step_time_s", "tokens_per_s", "tokens_per_s_per_worker",
            "achieved_tflops_per_worker", "mfu", "peak_memory_gb_per_worker", "final_loss", "val_loss", "train_flops",
            "efficiency", "baseline", "wall_s", "gpu_hours", "core_hours", "cost"]
@@ -37,7 +37,8 @@ def measure(plan, model: str, records: list[dict], result: dict, warmup_steps: i
     return {
         "model": model,
         "params_m": round(plan.model.num_params() / 1e6, 3),
-        "workers": plan.world_size, "pipeline_stages": plan.pipeline_stages, "data_parallel": plan.data_parallel,
+        "workers": plan.world_size, "pipeline_stages": plan.pipeline_stages, "tensor_parallel": plan.tensor_parallel,
+        "sequence_parallel": plan.sequence_parallel, "data_parallel": plan.data_parallel,
         "zero_stage": plan.zero_stage, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "global_batch": plan.global_batch,
         "seq_len": plan.seq_len, "timed_steps": len(timed), "step_time_s": step_time,
         "tokens_per_s": plan.tokens_per_step / step_time, "tokens_per_s_per_worker": plan.tokens_per_step / step_time / plan.world_size,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from model.errors import RelayError
 from model.gpt import GPT
+from pipelines.train import tensor_parallel as split  # (imports deepspeed only inside its functions)
 from pipelines.train.checkpoint import WeightsOnlyLoading
 from pipelines.train.export_weights import WeightExport
 from pipelines.train.optim import build_optimizer, loss_function, lr_multiplier, param_groups
@@ -144,9 +145,8 @@ class Engine(WeightExport):
             raise RelayError(f"stages.{plan.stage}.deepspeed.precision: this GPU has no bf16; set precision to fp16 or fp32")
         self.grid = None  # DeepSpeed's process grid when tensor parallelism needs one
         if plan.tensor_parallel > 1 and plan.pipeline_stages == 1:
-            from pipelines.train.tensor_parallel import make_grid
-
-            self.grid = make_grid(plan.pipeline_stages, plan.tensor_parallel, plan.data_parallel)
+            self.grid = split.make_grid(plan.pipeline_stages, plan.tensor_parallel, plan.data_parallel)
+        self.sp = None  # this rank's sequence-parallel group, when rows are split
         module = self._build_module(init_state)
         self.compiled_blocks = self._compile(module)
         opt = plan.settings.optimizer
@@ -176,6 +176,8 @@ class Engine(WeightExport):
                                      plan.tensor_parallel)
         elif self.grid is not None:
             self.topology = Topology(world, rank, 1, plan.data_parallel, self.grid.get_data_parallel_id(), 0, plan.tensor_parallel)
+        elif self.sp is not None:  # the ranks of a group read the same rows
+            self.topology = Topology(world, rank, 1, plan.data_parallel, rank // plan.sequence_parallel, 0)
         else:
             self.topology = Topology(world, rank, 1, world, rank, 0)
         self.trainable_params = self._count_trainable(trainable)
@@ -210,10 +212,8 @@ class Engine(WeightExport):
                 load_gpt_state(module, config, init_state)
             if plan.tensor_parallel > 1:
                 from model.pipe import parallelize_stage
-                from pipelines.train.tensor_parallel import tp_group_of
-
                 self.grid = module._grid
-                parallelize_stage(module, config, tp_group_of(self.grid))
+                parallelize_stage(module, config, split.tp_group_of(self.grid))
             if plan.settings.lora is not None:  # after the base weights are in place, before compile
                 from model.pipe import adapt_stage
 
@@ -230,9 +230,7 @@ class Engine(WeightExport):
                     param.model_parallel = getattr(param, "tensor_model_parallel", False) or whole_counts
             return module
         if self.grid is not None:
-            from pipelines.train.tensor_parallel import build_tensor_parallel
-
-            module = build_tensor_parallel(plan, init_state, self.grid, loss_fn)
+            module = split.build_tensor_parallel(plan, init_state, self.grid, loss_fn)
         elif plan.deepspeed_zero_stage == 3:
             module = build_sharded(plan, init_state)
         else:
@@ -243,6 +241,7 @@ class Engine(WeightExport):
                 init_like_pipeline(module, plan.seed)
             if plan.settings.lora is not None:  # after the base weights are in place; before recompute and compile wrap the blocks
                 _apply_lora(module, plan)
+        module, self.sp = split.split_sequences(plan, module)
         if interval:
             from pipelines.train.recompute import checkpoint_blocks
 
@@ -280,9 +279,7 @@ class Engine(WeightExport):
             own = [(p, g) for p, g in zip(params, grads) if not getattr(p, "ds_pipe_replicated", False)]
             squares = torch.stack([g.detach().float().pow(2).sum() for _, g in own]).sum() if own else torch.zeros(())
             if self.grid is not None:
-                from pipelines.train.tensor_parallel import squared_norm
-
-                squares = squared_norm([p for p, _ in own], [g for _, g in own], self.grid.get_slice_parallel_group())
+                squares = split.squared_norm([p for p, _ in own], [g for _, g in own], self.grid.get_slice_parallel_group())
             if self.pipelined:
                 squares = squares.to(self.reduce_device)
                 dist.all_reduce(squares, group=self.engine.grid.get_pipe_parallel_group())
@@ -369,7 +366,7 @@ class Engine(WeightExport):
             return float(self.engine.eval_batch(batch, num_micro_batches=1))
         self.engine.eval()
         _, loss = self._forward(x, y)
-        return float(loss)
+        return float(split.group_mean(loss, self.sp, self.reduce_device))  # under sp each rank holds its chunk's share
 
     def _forward(self, inputs, labels: torch.Tensor):
         """The unpipelined model on one micro-batch: `inputs` are token ids, or (token ids,
@@ -391,9 +388,7 @@ class Engine(WeightExport):
                                     exclude_frozen_parameters=self.frozen_base)
 
     def load(self, directory: str, tag: str) -> dict:
-        from pipelines.train.tensor_parallel import check_checkpoint_layout
-
-        check_checkpoint_layout(directory, tag, self.plan.tensor_parallel)
+        split.check_checkpoint_layout(directory, tag, self.plan.tensor_parallel)
         # Without the frozen weights in the checkpoint, its module state is the adapters alone: not strict.
         path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                                                          load_module_strict=not self.frozen_base)

@@ -26,6 +26,10 @@ gradients and optimizer state) plus the whole norms and row-parallel biases
 and norms stay whole, including the all-reduced copies of each row-parallel output, which are
 the communication buffers tp adds); the logits and the vocab-parallel loss's fp32 softmax are
 a 1/tp slice of the vocabulary; the FLOPs per rank are 1/tp of the replica's.
+With sequence parallelism (sp) each rank runs seq / sp tokens of every row: activations, the
+document mask's rows and the logits are 1/sp (plus, per block, the all-to-all's received q, k,
+v copies, which replace the local ones: the same size); ZeRO shards over dp x sp ranks (each is
+a data-parallel replica to DeepSpeed) and the FLOPs per rank are 1/sp.
 The buffers used during the backward pass add to the activations; the all-reduce copy and the
 pipeline's bucket (allocated after the backward pass) replace them at the peak. Measured against
 the profiler's allocation peak on CPU: within 21 % for ZeRO 0-3 and pp 2 (docs/PERFORMANCE.md).
@@ -79,7 +83,8 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
 
     config, ds = plan.model, plan.settings.deepspeed
     zero = plan.deepspeed_config.get("zero_optimization", {})
-    pp, dp, seq = plan.pipeline_stages, plan.data_parallel, plan.seq_len
+    sp = getattr(plan, "sequence_parallel", 1)
+    pp, dp, seq = plan.pipeline_stages, plan.data_parallel * sp, plan.seq_len // sp
     micro = plan.micro_batch * plan.settings.rows_per_example  # rows in one forward (DPO: chosen and rejected of each pair)
     c, v = config.n_embd, config.padded_vocab_size
     half = plan.precision in ("bf16", "fp16")
@@ -93,7 +98,7 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     if tp > 1:
         from model.tensor_parallel import local_layer_params
 
-        params = sum(local_layer_params(config, tp)[start:stop])
+        params = sum(local_layer_params(config, tp, pp)[start:stop])
     else:
         params = sum(layer_params(config, pp)[start:stop])
     trainable = params
@@ -120,11 +125,11 @@ def segment_memory(plan, stage: int, start: int, stop: int) -> StageMemory:
     k = ds.activation_checkpoint_interval
     per_micro = blocks * act_bytes if not k else (math.ceil(blocks / k) * seq * micro * c * w_bytes + min(k, blocks) * act_bytes)
     if plan.separate_documents and blocks:  # the (micro, 1, seq, seq) boolean document mask: one per
-        per_micro += micro * seq * seq * (blocks if pp > 1 else 1)  # forward, or per block in a stage
+        per_micro += micro * seq * seq * sp * (blocks if pp > 1 else 1)  # forward, or per block in a stage
     in_flight = min(plan.grad_accum, pp - stage) if pp > 1 else 1
     logits = _logits_memory(plan, micro * seq, v // tp) if stop == config.n_layer + 4 else 0.0
     layers = f"{first_block}-{first_block + blocks - 1}" if blocks else "-"
-    flops = sum(layer_flops(config, seq)[start:stop])
+    flops = sum(layer_flops(config, seq * sp)[start:stop])  # per token of whole rows; / dp below counts the sp ranks too
     return StageMemory(stage, layers, params, weights, grads, opt, buffers, per_micro * in_flight, logits,
                        flops * plan.tokens_per_step / dp / tp, buffers_with_activations=zero_stage >= 1 and pp == 1)
 

@@ -19,10 +19,12 @@ from pipelines.rundir import RunDir
 from pipelines.train.settings import TrainStageSpec
 
 
-def data_parallel_size(world_size: int, pipeline_stages: int, tensor_parallel: int = 1) -> int:
-    """Replicas of the model: world = pipeline x tensor-parallel x data-parallel. Callers validate divisibility first."""
-    assert world_size % (pipeline_stages * tensor_parallel) == 0, (world_size, pipeline_stages, tensor_parallel)
-    return world_size // (pipeline_stages * tensor_parallel)
+def data_parallel_size(world_size: int, pipeline_stages: int, tensor_parallel: int = 1, sequence_parallel: int = 1) -> int:
+    """Replicas reading different rows: world = pipeline x tensor x sequence x data-parallel.
+    Callers validate divisibility first."""
+    model_ranks = pipeline_stages * tensor_parallel * sequence_parallel
+    assert world_size % model_ranks == 0, (world_size, pipeline_stages, tensor_parallel, sequence_parallel)
+    return world_size // model_ranks
 
 
 def total_steps(settings: TrainStageSpec, tokens_per_step: int) -> int:
@@ -179,6 +181,7 @@ class TrainPlan:
     partition_note: str = ""    # why the pipeline cut is not the plain compute balance, when it is not
     separate_documents: bool = False  # packed rows keep their documents apart (data.<stage>.separate_documents)
     tensor_parallel: int = 1    # ranks each layer is split over (deepspeed.tensor_parallel)
+    sequence_parallel: int = 1  # ranks each row's tokens are split over (deepspeed.sequence_parallel)
 
     @property
     def engine_notes(self) -> list[str]:
@@ -188,10 +191,15 @@ class TrainPlan:
         if self.tensor_parallel > 1:
             tp, dp = self.tensor_parallel, self.data_parallel
             notes.append(f"tensor parallel {tp} (model/tensor_parallel.py): each rank holds {self.model.n_head // tp} of "
-                         f"{self.model.n_head} heads, 1/{tp} of the MLP width and of the vocabulary; ranks r..r+{tp - 1} form one "
-                         f"replica (one node), {dp} replicas average gradients"
+                         f"{self.model.n_head} heads, 1/{tp} of the MLP width and of the vocabulary; a tensor group is {tp} consecutive "
+                         f"ranks (keep it within a node); {dp} data-parallel replica(s) average gradients"
                          + (f" and shard ZeRO-1 state over {dp}" if self.deepspeed_zero_stage == 1 and dp > 1 else "")
                          + "; 2 all-reduces of (micro x seq x n_embd) per block each way; the loss never gathers the logits")
+        if self.sequence_parallel > 1:
+            sp = self.sequence_parallel
+            notes.append(f"sequence parallel {sp} (model/sequence_parallel.py): each rank runs {self.seq_len // sp} of every row's "
+                         f"{self.seq_len} tokens; per block 2 all-to-alls of q, k, v each way give attention all tokens of "
+                         f"{self.model.n_head // sp} heads; the {sp} ranks of a group average gradients like data-parallel replicas")
         lora = self.settings.lora
         if lora is not None:
             from model.lora import lora_param_count
@@ -210,6 +218,19 @@ class TrainPlan:
         return self.tokens_per_step * self.total_steps
 
 
+def _check_split_layout(stage: str, model: GPTConfig, tp: int, sp: int, seq_len: int) -> None:
+    """Refuse, in one line, a model that tensor / sequence parallelism cannot split (what needs the
+    tokenizer's vocabulary or the resolved sequence length; the job checks the rest)."""
+    from model.errors import ConfigError
+    from model.sequence_parallel import sequence_parallel_problems
+    from model.tensor_parallel import tensor_parallel_problems
+
+    for field, problems in (("tensor_parallel", tensor_parallel_problems(model, tp)),
+                            ("sequence_parallel", sequence_parallel_problems(model, sp, seq_len))):
+        if problems:
+            raise ConfigError(f"stages.{stage}.deepspeed.{field}: {problems[0]}")
+
+
 def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, world_size: int, seq_len: int, device: str,
                   data_dir: Path, init_model: Path | None, seed: int, memory_budget: float | None = None,
                   separate_documents: bool = False) -> TrainPlan:
@@ -219,23 +240,17 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
     compute-balanced pipeline cut would put a stage over it, the cut is the most balanced one
     in which every stage fits (pipelines/train/memory.py estimates each candidate); when none
     fits, the compute cut stays and the fit check reports the stage."""
-    pp, tp = settings.deepspeed.pipeline_stages, settings.deepspeed.tensor_parallel
-    dp = data_parallel_size(world_size, pp, tp)
+    pp, tp, sp = settings.deepspeed.pipeline_stages, settings.deepspeed.tensor_parallel, settings.deepspeed.sequence_parallel
+    dp = data_parallel_size(world_size, pp, tp, sp)
     global_batch = settings.micro_batch * settings.grad_accum * dp
     tokens_per_step = global_batch * settings.rows_per_example * seq_len  # DPO: a pair is two rows
     precision = resolve_precision(settings.deepspeed.precision, device)
     zero_stage = runs_zero_stage(settings.deepspeed.zero_stage, precision, dp, pp)
-    compile_scope = resolve_compile(settings.compile, device) if tp == 1 else "off"  # (the job refuses compile with tp)
+    compile_scope = resolve_compile(settings.compile, device) if tp == sp == 1 else "off"  # (the job refuses compile with tp, sp)
     method = settings.deepspeed.partition_method
     parts = stage_boundaries(model, pp, method, seq_len) if pp > 1 else (0, model.n_layer + 4)
 
-    if tp > 1:
-        from model.errors import ConfigError
-        from model.tensor_parallel import tensor_parallel_problems
-
-        problems = tensor_parallel_problems(model, tp)
-        if problems:
-            raise ConfigError(f"stages.{stage}.deepspeed.tensor_parallel: {problems[0]}")
+    _check_split_layout(stage, model, tp, sp, seq_len)
     steps = total_steps(settings, tokens_per_step)
     if settings.optimizer.warmup_steps > steps:  # a budget in tokens: steps are known only now
         from model.errors import ConfigError
@@ -251,7 +266,8 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
             from model.lora import lora_param_count
 
             largest = lora_param_count(model, settings.lora.rank, settings.lora.targets)
-        return deepspeed_config(settings, dp, precision, device, largest, zero_stage)
+        # DeepSpeed counts every rank of a sequence-parallel group as a data-parallel replica (they average gradients)
+        return deepspeed_config(settings, dp * sp, precision, device, largest, zero_stage)
 
     plan = TrainPlan(
         stage=stage, model=model, settings=settings, world_size=world_size, pipeline_stages=pp, data_parallel=dp,
@@ -262,7 +278,7 @@ def plan_training(stage: str, settings: TrainStageSpec, model: GPTConfig, *, wor
         deepspeed_config=render(parts),
         data_dir=Path(data_dir), init_model=None if init_model is None else Path(init_model), seed=seed,
         separate_documents=separate_documents, deepspeed_zero_stage=zero_stage, compile=compile_scope,
-        loss_kernel=loss_kernel(precision, compile_scope, tp), tensor_parallel=tp,
+        loss_kernel=loss_kernel(precision, compile_scope, tp), tensor_parallel=tp, sequence_parallel=sp,
     )
     if memory_budget and pp > 1 and method == "compute":
         plan = _cut_to_fit(plan, memory_budget, render)

@@ -33,7 +33,9 @@ class DeepSpeedSpec(Strict):
     offload_optimizer: bool = Field(False, description="keep optimizer states (and the step) on the CPU")
     pipeline_stages: int = Field(1, ge=1, description="pp: >1 cuts the model into a DeepSpeed PipelineModule")
     tensor_parallel: int = Field(1, ge=1, description="tp: split every layer's heads, MLP width and vocabulary over this many "
-                                 "ranks (Megatron-style; keep it within a node); world = pp x tp x data-parallel")
+                                 "ranks (Megatron-style; keep it within a node); world = pp x tp x sp x data-parallel")
+    sequence_parallel: int = Field(1, ge=1, description="sp: split every row's tokens over this many ranks, attention by an all-to-all "
+                                   "over heads (DeepSpeed-Ulysses style), for long context; pipeline_stages 1 and tensor_parallel 1")
     partition_method: Literal["compute", "type:BlockPipe", "parameters", "uniform"] = Field(
         "compute", description="how layers are spread over pipeline stages (model/partition.py): compute balances training FLOPs, "
                                "counting the LM head and the loss over the vocabulary; type:BlockPipe the same number of blocks each")

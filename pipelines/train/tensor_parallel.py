@@ -31,6 +31,40 @@ def make_grid(pipeline_stages: int, tensor_parallel: int, data_parallel: int):
     return PipelineParallelGrid(topology=topology)
 
 
+def sequence_group(size: int):
+    """This rank's sequence-parallel group: `size` consecutive ranks (every rank creates every group)."""
+    from model.sequence_parallel import SPGroup
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(ranks=list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return SPGroup(mine, rank % size, size)
+
+
+def split_sequences(plan, module):
+    """(module, this rank's sequence-parallel group): the GPT made to run its chunk of every row
+    (model/sequence_parallel.py) under sequence parallelism; unchanged, and None, without."""
+    if plan.sequence_parallel == 1:
+        return module, None
+    from model.sequence_parallel import sequence_parallelize
+
+    sp = sequence_group(plan.sequence_parallel)
+    return sequence_parallelize(module, sp), sp
+
+
+def group_mean(loss: torch.Tensor, sp, device: torch.device) -> torch.Tensor:
+    """A micro-batch's loss: under sequence parallelism the mean of the group's chunk losses
+    (each is its chunk's share of the rows' mean; a collective over the group), else as is."""
+    if sp is None:
+        return loss
+    loss = loss.detach().float().to(device)
+    dist.all_reduce(loss, group=sp.group)
+    return loss / sp.size
+
+
 def tp_group_of(grid):
     from model.tensor_parallel import TPGroup
 

@@ -229,6 +229,7 @@ class Trainer:
             "train/loss": out["loss"], "train/lr": out["lr"], "train/grad_norm": out["grad_norm"],
             "train/tokens_seen": self.state.tokens_seen,
             "perf/tokens_per_s": plan.tokens_per_step / step_time, "perf/step_time_s": step_time,
+            "perf/tokens_per_s_per_device": plan.tokens_per_step / step_time / plan.world_size,  # comparable across layouts
             "perf/achieved_tflops_per_device": achieved / 1e12,
             "perf/mfu": achieved / self.peak_flops if self.peak_flops else None,
             "perf/peak_memory_gb": peak_memory_bytes() / 1e9,
