@@ -325,10 +325,10 @@ def plain_loop_throughput(config_kwargs: dict, micro_batch: int, steps: int, war
     return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
 
 
-def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int, document_end: int) -> list[dict]:
-    """Losses of `steps` optimizer steps on packed rows whose documents are kept apart, then one
-    evaluation loss, for each layout (DeepSpeed settings) in turn; every rank reads the same
-    batches, so every layout trains on the same data whatever its data-parallel size."""
+def packed_document_losses(configs: list[dict], layouts: list[dict], steps: int, document_end: int) -> list[list[dict]]:
+    """For each model config, for each layout (DeepSpeed settings) in turn: losses of `steps`
+    optimizer steps on packed rows whose documents are kept apart, then one evaluation loss; every
+    rank reads the same batches, so every layout trains on the same data whatever its data-parallel size."""
     import numpy as np
 
     from model.config import GPTConfig
@@ -337,19 +337,20 @@ def packed_document_losses(config_kwargs: dict, layouts: list[dict], steps: int,
     from pipelines.train.engine import Engine
 
     init_distributed()
-    config = GPTConfig(**config_kwargs)
     rng = np.random.default_rng(5)
     stream = rng.integers(0, document_end, 4000)
     stream[rng.random(4000) < 0.08] = document_end  # documents of about a dozen tokens
-    windows = TokenWindows(stream, config.block_size, document_end)
-    out = []
-    for deepspeed in layouts:
-        plan = _plan(config, {"steps": steps, "micro_batch": 2, "grad_accum": 2, "deepspeed": deepspeed})
-        engine = Engine(plan, init_state=None)
-        batches = BatchLoader(windows, plan.micro_batch, seed=1)  # data-parallel rank 0 on every rank
-        losses = [engine.read(engine.train_step(batches))["loss"] for _ in range(steps)]
-        inputs, y = next(eval_batches(windows, plan.micro_batch))
-        out.append({"train": losses, "eval": engine.micro_batch_loss(inputs, y)})
+    out = [[] for _ in configs]
+    for deepspeed in layouts:  # outermost: a process takes no plain engine after a pipeline one
+        for kwargs, results in zip(configs, out):
+            config = GPTConfig(**kwargs)
+            windows = TokenWindows(stream, config.block_size, document_end)
+            plan = _plan(config, {"steps": steps, "micro_batch": 2, "grad_accum": 2, "deepspeed": deepspeed})
+            engine = Engine(plan, init_state=None)
+            batches = BatchLoader(windows, plan.micro_batch, seed=1)  # data-parallel rank 0 on every rank
+            losses = [engine.read(engine.train_step(batches))["loss"] for _ in range(steps)]
+            inputs, y = next(eval_batches(windows, plan.micro_batch))
+            results.append({"train": losses, "eval": engine.micro_batch_loss(inputs, y)})
     return out
 
 
