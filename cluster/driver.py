@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import yaml
@@ -131,9 +131,10 @@ def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
     job, run_dir = ctx.job, run.run_dir
     write_text_atomically(run_dir.job_file, yaml.safe_dump(run.job, sort_keys=False))
     hashes = FileHashes(run_dir.input_hashes)
-    inputs = stage_inputs(job, hashes)
+    inputs = stage_inputs(job, hashes, run.data)
     hashes.save()
     prints = fingerprints(job, inputs)
+    run = replace(run, data=replace(run.data, fingerprint=prints["data"]))
     started = time.time()
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
@@ -161,7 +162,7 @@ def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
             if stage == "data" and not run.vocab_exact:  # the tokenizer now exists: plan with its real vocabulary
                 from jobs.plan import resolve_plan
 
-                run = resolve_plan(job, run_dir)
+                run = replace(resolve_plan(job, run_dir), data=run.data)
     summary = _summary(job, run_dir, results, timings, time.time() - started)
     if ctx.clock.seconds or ctx.clock.first_step_seen:
         summary["startup"] = ctx.clock.record()
@@ -186,7 +187,7 @@ def _run_recorded(ctx: Driving, run, stage: str, fingerprint: str, status: dict,
     running = record.begin(fingerprint, inputs)
     try:
         if stage == "data":
-            result = _run_data(ctx, run_dir)
+            result = _run_data(ctx, run)
         elif stage in TRAINING_STAGES:
             result = _run_training(ctx, run, stage)
         else:
@@ -215,17 +216,17 @@ def _failure(run_dir: RunDir, stage: str, exc: Exception) -> StageFailed:
     return StageFailed(f"{stage} failed: {what}", str(log))
 
 
-def _run_data(ctx: Driving, run_dir: RunDir) -> dict:
+def _run_data(ctx: Driving, run) -> dict:
     """The tokenizer and the token shards: the blocks in this process (cluster/launch.py
     prepares_here: an embedded run with one data worker), else as Ray Data tasks on every node."""
     from cluster import launch
     from pipelines.data.prepare import validation_warning
     from pipelines.data.pretrain import run_blocks_here
 
-    job, show = ctx.job, ctx.show
-    here = launch.prepares_here(job, joins_a_cluster=not ctx.embedded)
-    show(f"[data] tokenizer and token shards ({job.data.num_proc} worker(s){', in this process' if here else ''})")
-    result = launch.prepare_run_data(job, run_dir, show=lambda line: show(f"[data] {line}"), timed=ctx.clock.phase,
+    show = ctx.show
+    here = launch.prepares_here(ctx.job, joins_a_cluster=not ctx.embedded)
+    show(f"[data] tokenizer and token shards ({run.data.data.num_proc} worker(s){', in this process' if here else ''})")
+    result = launch.prepare_run_data(run.data, run.run_dir, show=lambda line: show(f"[data] {line}"), timed=ctx.clock.phase,
                                      run_blocks=run_blocks_here if here else launch.blocks_on_ray(ctx.ray))
     show(f"[data] tokenizer {result['tokenizer']['name']} ({result['tokenizer']['n_vocab']} ids); "
          + "; ".join(f"{k}: train {v.get('train')} / val {v.get('val')} tokens{' (cached)' if v['cached'] else ''}"
