@@ -162,7 +162,8 @@ def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
             if stage == "data" and not run.vocab_exact:  # the tokenizer now exists: plan with its real vocabulary
                 from jobs.plan import resolve_plan
 
-                run = replace(resolve_plan(job, run_dir), data=run.data)
+                vocab_size = results["data"].get("tokenizer", {}).get("n_vocab")  # known: not looked up (hashed) again
+                run = replace(resolve_plan(job, run_dir, vocab_size=vocab_size, device=run.device), data=run.data)
     summary = _summary(job, run_dir, results, timings, time.time() - started)
     if ctx.clock.seconds or ctx.clock.first_step_seen:
         summary["startup"] = ctx.clock.record()
@@ -281,36 +282,15 @@ def _first_step(ctx: Driving, marks: dict) -> None:
 
 
 def _run_eval(ctx: Driving, plan, run_dir: RunDir) -> dict:
-    """The eval stage from its EvalPlan (pipelines/eval/settings.py) on a Ray Data pool."""
-    from cluster import launch
-    from pipelines.eval.run import evaluate_models
-    from pipelines.eval.task import load_task
+    """The eval stage from its EvalPlan (pipelines/eval/settings.py) on a Ray Data pool: the
+    entry `relaygpt eval` shares (cluster/evaluation.py)."""
+    from cluster.evaluation import on_ray, run_eval
 
-    show, live = ctx.show, ctx.live if ctx.progress else None
-    show(f"[eval] {len(plan.models)} model(s) x {len(plan.tasks)} task(s) on {plan.workers} generation worker(s)")
+    ctx.show(f"[eval] {len(plan.models)} model(s) x {len(plan.tasks)} task(s) on {plan.workers} generation worker(s)")
     ctx.ray.ensure()
-    names = {str(path): m for m, path in plan.models.items()}
-
-    def generate(model_dir, rows, *, work, params=None, chat=False):
-        progress = None
-        if live is not None:
-            from cluster.console import RateMeter, bar, eta
-
-            label, meter = f"[eval] {names.get(str(model_dir), model_dir)}", RateMeter(len(rows))
-            progress = lambda done: live(f"{label} {bar(done, len(rows))} {done}/{len(rows)} rows  eta {eta(meter.eta_s(done))}")
-        try:
-            return launch.generate_on_ray(model_dir, rows, params or {}, chat=chat, work=work, workers=plan.workers,
-                                          cpus_per_worker=plan.cpus_per_worker, gpus_per_worker=plan.gpus_per_worker,
-                                          batch_size=plan.batch_size, progress=progress)
-        finally:
-            if live is not None:
-                live(None)  # the last bar stays as a line (also when generation fails)
-
-    tasks = [load_task(task, synthetic=plan.synthetic, limit=plan.limit) for task in plan.tasks]
-    metrics = evaluate_models(plan.models, tasks, generate, out=run_dir.eval, temperature=plan.temperature, seed=plan.seed,
-                              samples_in_report=plan.samples_in_report, system=plan.system_prompt)
+    metrics = run_eval(plan, run_dir.eval, on_ray(plan), live=ctx.live if ctx.progress else None)
     for model, scores in metrics.items():
-        show(f"[eval] {model}: " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
+        ctx.show(f"[eval] {model}: " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
     return {"scores": metrics}
 
 
