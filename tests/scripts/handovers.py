@@ -15,11 +15,12 @@ an event whose two sides lie in different modules: a call hands the object from 
 project frame of the caller to the callee, a return from the callee back to that frame. A
 hand-over goes back up a layer when a call hands it to a module of a higher layer than the
 caller's (model < pipelines < jobs < cluster): code below handing it back to code above.
-Prints one JSON line: events, hand-overs, modules, back_up (and the first few of each kind).
+Generator frames are left out (see GENERATORS). Prints one JSON line: events, hand-overs, modules, back_up (and the first few of each kind).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import tempfile
@@ -28,6 +29,10 @@ from pathlib import Path
 
 LAYERS = {"model": 0, "pipelines": 1, "jobs": 2, "cluster": 3}
 LIMIT = 400
+# A generator's frame is entered each time its consumer asks for the next item: that is the consumer
+# pulling values, not the object handed on (it was handed when the generator was made), so such
+# frames are left out (else BPE training reading the pretraining text counts model -> pipelines).
+GENERATORS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 OVERRIDES = ["data.num_proc=1", "data.synthetic.num_people=8", "data.synthetic.mentions_per_fact=2",
              "data.synthetic.num_arithmetic=10", "tokenizer.train.vocab_size=512", "cluster.num_workers=1",
              "stages.pretrain.steps=2", "stages.pretrain.optimizer.warmup_steps=0", "stages.sft.optimizer.warmup_steps=0", "stages.pretrain.micro_batch=2", "stages.pretrain.eval_every=2",
@@ -56,7 +61,7 @@ class Follower:
         return None if frame is None else self.module(frame)
 
     def __call__(self, frame, event, arg):
-        if event not in ("call", "return") or len(self.events) >= LIMIT:
+        if event not in ("call", "return") or len(self.events) >= LIMIT or frame.f_code.co_flags & GENERATORS:
             return
         here = self.module(frame)
         if here is None:
