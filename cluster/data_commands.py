@@ -86,7 +86,7 @@ def cmd_data_inspect(args) -> int:
         raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
     with run_dir.hold(), blocks_runner(job) as run_blocks:
         result = prepare_data(data_plan(job), run_dir, stages=(args.stage,), run_blocks=run_blocks)
-    training = resolve_plan(job, run_dir).training
+    training = resolve_plan(job, run_dir, vocab_size=result["tokenizer"].n_vocab).training
     seq_len = training[args.stage].seq_len if args.stage in training else job.model.block_size
     print(describe(run_dir.data(args.stage), result["tokenizer"], args.num_samples, seq_len))
     return 0

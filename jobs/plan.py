@@ -28,8 +28,10 @@ def device_of(job) -> str:
 
 def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_exact: bool = True,
                  device: str | None = None) -> RunPlan:
-    """The job's plan for `run_dir`. `vocab_size` is the run's tokenizer size; by default it is
-    looked up (the prepared tokenizer, else the one the job names, else a trained one's target)."""
+    """The job's plan for `run_dir`. `vocab_size` is the run's tokenizer size, from the tokenizer
+    step where it ran (prepare_data; the driver after its data stage): then nothing is read but the
+    config of an `init` model. Without it, the size is looked up (the prepared tokenizer when its
+    inputs' fingerprint is current, else the one the job names, else a trained one's target)."""
     from pipelines.data.prepare import tokenizer_vocabulary
 
     data = data_plan(job)

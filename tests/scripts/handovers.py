@@ -9,7 +9,8 @@ the project's own functions (cluster, jobs, pipelines, model) that carry the fol
     job   the JobSpec given to run_job (by identity)
     plan  the resolved plans: RunPlan, TrainPlan, EvalPlan and DataPlan (where it exists)
 
-An event carries the object when it is one of the called function's arguments (a call), or the
+An event carries the object when it is one of the called function's arguments (a call; not
+`self`: a method of the object is the object used, not handed on), or the
 returned value or a direct member of a returned tuple, list or dict (a return). A hand-over is
 an event whose two sides lie in different modules: a call hands the object from the nearest
 project frame of the caller to the callee, a return from the callee back to that frame. A
@@ -69,7 +70,8 @@ class Follower:
         if event == "call":
             code = frame.f_code
             count = code.co_argcount + code.co_kwonlyargcount
-            values = [frame.f_locals.get(n) for n in code.co_varnames[:count]]
+            names = code.co_varnames[:count]
+            values = [frame.f_locals.get(n) for n in (names[1:] if names[:1] == ("self",) else names)]  # a method of the object: used, not handed
         else:
             values = [arg, *(arg if isinstance(arg, (tuple, list)) else arg.values() if isinstance(arg, dict) else ())]
         if not any(self.carries(v) for v in values):
@@ -83,7 +85,8 @@ class Follower:
         handed = [(kind, a, b) for kind, a, b in self.events if a is not None and b is not None and a != b]
         back_up = [(a, b) for kind, a, b in handed if kind == "call" and LAYERS[b.split(".")[0]] > LAYERS[a.split(".")[0]]]
         modules = sorted({m for _, a, b in self.events for m in (a, b) if m is not None})
-        return {"events": len(self.events), "handovers": len(handed), "modules": len(modules), "back_up": len(back_up),
+        return {"events": len(self.events), "handovers": len(handed), "distinct_handovers": len({(a, b) for _, a, b in handed}),
+                "modules": len(modules), "back_up": len(back_up),
                 "module_list": modules, "back_up_first": [f"{a} -> {b}" for a, b in back_up[:10]],
                 "below_jobs": sorted({m for m in modules if LAYERS[m.split(".")[0]] < LAYERS["jobs"]})}
 
