@@ -26,6 +26,7 @@ import json
 import sys
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 LAYERS = {"model": 0, "pipelines": 1, "jobs": 2, "cluster": 3}
@@ -87,7 +88,7 @@ class Follower:
         modules = sorted({m for _, a, b in self.events for m in (a, b) if m is not None})
         return {"events": len(self.events), "handovers": len(handed), "distinct_handovers": len({(a, b) for _, a, b in handed}),
                 "modules": len(modules), "back_up": len(back_up),
-                "module_list": modules, "back_up_first": [f"{a} -> {b}" for a, b in back_up[:10]],
+                "module_list": modules, "pairs": dict(Counter(f"{kind} {a} -> {b}" for kind, a, b in handed).most_common()), "back_up_first": [f"{a} -> {b}" for a, b in back_up[:10]],
                 "below_jobs": sorted({m for m in modules if LAYERS[m.split(".")[0]] < LAYERS["jobs"]})}
 
 
