@@ -10,7 +10,8 @@ the project's own functions (cluster, jobs, pipelines, model) that carry the fol
     plan  the resolved plans: RunPlan, TrainPlan, EvalPlan and DataPlan (where it exists)
 
 An event carries the object when it is one of the called function's arguments (a call; not
-`self`: a method of the object is the object used, not handed on), or the
+`self`: a method of the object is the object used, not handed on, and so is what such a method
+returns), or the
 returned value or a direct member of a returned tuple, list or dict (a return). A hand-over is
 an event whose two sides lie in different modules: a call hands the object from the nearest
 project frame of the caller to the callee, a return from the callee back to that frame. A
@@ -74,6 +75,9 @@ class Follower:
             names = code.co_varnames[:count]
             values = [frame.f_locals.get(n) for n in (names[1:] if names[:1] == ("self",) else names)]  # a method of the object: used, not handed
         else:
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self" and self.carries(frame.f_locals.get("self")):
+                return  # a method of the object (RunPlan.stage) returning a part of it: the object used, not handed
             values = [arg, *(arg if isinstance(arg, (tuple, list)) else arg.values() if isinstance(arg, dict) else ())]
         if not any(self.carries(v) for v in values):
             return
