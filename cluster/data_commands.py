@@ -32,12 +32,13 @@ def cmd_data_prepare(args) -> int:
     import time
 
     from cluster.launch import blocks_runner
+    from jobs.plan import data_plan
     from pipelines.data.prepare import prepare_data, validation_warning
 
     job, run_dir = job_and_run_dir(args)
     start = time.perf_counter()
     with run_dir.hold(), third_party_to(run_dir.log_file) as console, blocks_runner(job) as run_blocks:
-        result = prepare_data(job, run_dir, run_blocks=run_blocks, show=console.line)
+        result = prepare_data(data_plan(job), run_dir, run_blocks=run_blocks, show=console.line)
     print(f"tokenizer {result['tokenizer'].name} ({result['tokenizer'].n_vocab} ids) -> {run_dir.tokenizer}")
     for stage in ("pretrain", "sft", "dpo"):
         if stage in result:
@@ -76,7 +77,7 @@ def cmd_data_verify(args) -> int:
 
 def cmd_data_inspect(args) -> int:
     from cluster.launch import blocks_runner
-    from jobs.plan import resolve_plan
+    from jobs.plan import data_plan, resolve_plan
     from pipelines.data.inspect import describe
     from pipelines.data.prepare import prepare_data
 
@@ -84,8 +85,8 @@ def cmd_data_inspect(args) -> int:
     if getattr(job.data, args.stage) is None:
         raise RelayError(f"{args.job}: the job has no data.{args.stage} section")
     with run_dir.hold(), blocks_runner(job) as run_blocks:
-        result = prepare_data(job, run_dir, stages=(args.stage,), run_blocks=run_blocks)
-    training = resolve_plan(job, run_dir).training
+        result = prepare_data(data_plan(job), run_dir, stages=(args.stage,), run_blocks=run_blocks)
+    training = resolve_plan(job, run_dir, vocab_size=result["tokenizer"].n_vocab).training
     seq_len = training[args.stage].seq_len if args.stage in training else job.model.block_size
     print(describe(run_dir.data(args.stage), result["tokenizer"], args.num_samples, seq_len))
     return 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import yaml
@@ -131,9 +131,10 @@ def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
     job, run_dir = ctx.job, run.run_dir
     write_text_atomically(run_dir.job_file, yaml.safe_dump(run.job, sort_keys=False))
     hashes = FileHashes(run_dir.input_hashes)
-    inputs = stage_inputs(job, hashes)
+    inputs = stage_inputs(job, hashes, run.data)
     hashes.save()
     prints = fingerprints(job, inputs)
+    run = replace(run, data=replace(run.data, fingerprint=prints["data"]))
     started = time.time()
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}
@@ -161,7 +162,8 @@ def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
             if stage == "data" and not run.vocab_exact:  # the tokenizer now exists: plan with its real vocabulary
                 from jobs.plan import resolve_plan
 
-                run = resolve_plan(job, run_dir)
+                vocab_size = results["data"].get("tokenizer", {}).get("n_vocab")  # known: not looked up (hashed) again
+                run = replace(resolve_plan(job, run_dir, vocab_size=vocab_size, device=run.device), data=run.data)
     summary = _summary(job, run_dir, results, timings, time.time() - started)
     if ctx.clock.seconds or ctx.clock.first_step_seen:
         summary["startup"] = ctx.clock.record()
@@ -186,7 +188,7 @@ def _run_recorded(ctx: Driving, run, stage: str, fingerprint: str, status: dict,
     running = record.begin(fingerprint, inputs)
     try:
         if stage == "data":
-            result = _run_data(ctx, run_dir)
+            result = _run_data(ctx, run)
         elif stage in TRAINING_STAGES:
             result = _run_training(ctx, run, stage)
         else:
@@ -215,17 +217,17 @@ def _failure(run_dir: RunDir, stage: str, exc: Exception) -> StageFailed:
     return StageFailed(f"{stage} failed: {what}", str(log))
 
 
-def _run_data(ctx: Driving, run_dir: RunDir) -> dict:
+def _run_data(ctx: Driving, run) -> dict:
     """The tokenizer and the token shards: the blocks in this process (cluster/launch.py
     prepares_here: an embedded run with one data worker), else as Ray Data tasks on every node."""
     from cluster import launch
     from pipelines.data.prepare import validation_warning
     from pipelines.data.pretrain import run_blocks_here
 
-    job, show = ctx.job, ctx.show
-    here = launch.prepares_here(job, joins_a_cluster=not ctx.embedded)
-    show(f"[data] tokenizer and token shards ({job.data.num_proc} worker(s){', in this process' if here else ''})")
-    result = launch.prepare_run_data(job, run_dir, show=lambda line: show(f"[data] {line}"), timed=ctx.clock.phase,
+    show = ctx.show
+    here = launch.prepares_here(ctx.job, joins_a_cluster=not ctx.embedded)
+    show(f"[data] tokenizer and token shards ({run.data.data.num_proc} worker(s){', in this process' if here else ''})")
+    result = launch.prepare_run_data(run.data, run.run_dir, show=lambda line: show(f"[data] {line}"), timed=ctx.clock.phase,
                                      run_blocks=run_blocks_here if here else launch.blocks_on_ray(ctx.ray))
     show(f"[data] tokenizer {result['tokenizer']['name']} ({result['tokenizer']['n_vocab']} ids); "
          + "; ".join(f"{k}: train {v.get('train')} / val {v.get('val')} tokens{' (cached)' if v['cached'] else ''}"
@@ -280,36 +282,15 @@ def _first_step(ctx: Driving, marks: dict) -> None:
 
 
 def _run_eval(ctx: Driving, plan, run_dir: RunDir) -> dict:
-    """The eval stage from its EvalPlan (pipelines/eval/settings.py) on a Ray Data pool."""
-    from cluster import launch
-    from pipelines.eval.run import evaluate_models
-    from pipelines.eval.task import load_task
+    """The eval stage from its EvalPlan (pipelines/eval/settings.py) on a Ray Data pool: the
+    entry `relaygpt eval` shares (cluster/evaluation.py)."""
+    from cluster.evaluation import on_ray, run_eval
 
-    show, live = ctx.show, ctx.live if ctx.progress else None
-    show(f"[eval] {len(plan.models)} model(s) x {len(plan.tasks)} task(s) on {plan.workers} generation worker(s)")
+    ctx.show(f"[eval] {len(plan.models)} model(s) x {len(plan.tasks)} task(s) on {plan.workers} generation worker(s)")
     ctx.ray.ensure()
-    names = {str(path): m for m, path in plan.models.items()}
-
-    def generate(model_dir, rows, *, work, params=None, chat=False):
-        progress = None
-        if live is not None:
-            from cluster.console import RateMeter, bar, eta
-
-            label, meter = f"[eval] {names.get(str(model_dir), model_dir)}", RateMeter(len(rows))
-            progress = lambda done: live(f"{label} {bar(done, len(rows))} {done}/{len(rows)} rows  eta {eta(meter.eta_s(done))}")
-        try:
-            return launch.generate_on_ray(model_dir, rows, params or {}, chat=chat, work=work, workers=plan.workers,
-                                          cpus_per_worker=plan.cpus_per_worker, gpus_per_worker=plan.gpus_per_worker,
-                                          batch_size=plan.batch_size, progress=progress)
-        finally:
-            if live is not None:
-                live(None)  # the last bar stays as a line (also when generation fails)
-
-    tasks = [load_task(task, synthetic=plan.synthetic, limit=plan.limit) for task in plan.tasks]
-    metrics = evaluate_models(plan.models, tasks, generate, out=run_dir.eval, temperature=plan.temperature, seed=plan.seed,
-                              samples_in_report=plan.samples_in_report, system=plan.system_prompt)
+    metrics = run_eval(plan, run_dir.eval, on_ray(plan), live=ctx.live if ctx.progress else None)
     for model, scores in metrics.items():
-        show(f"[eval] {model}: " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
+        ctx.show(f"[eval] {model}: " + ", ".join(f"{t} {v:.3f}" for t, v in scores.items()))
     return {"scores": metrics}
 
 

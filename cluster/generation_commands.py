@@ -99,10 +99,11 @@ def generate_rows(model_dir, rows, params: dict, chat: bool, workers: int, batch
 
 
 def cmd_eval(args) -> int:
-    """One model directory on the given tasks: the eval stage's own function, with a local pool."""
+    """One model directory on the given tasks: the eval stage's own entry (cluster/evaluation.py),
+    its generation in this process for one worker, else on a pool of its own."""
+    from cluster.evaluation import load_tasks, run_eval
     from model.export import load_model_dir
-    from pipelines.eval.run import evaluate_models
-    from pipelines.eval.task import load_task
+    from pipelines.eval.settings import EvalPlan
     from pipelines.rundir import EvalDir
 
     from pipelines.run_state import check_output_path
@@ -115,8 +116,9 @@ def cmd_eval(args) -> int:
         from jobs.spec import load_job
 
         job = load_job(args.job)
-    synthetic = job.data.synthetic if job is not None else None
-    tasks = [load_task(t, synthetic=synthetic, limit=args.limit, data_file=args.data) for t in args.task]
+    plan = EvalPlan(models={"model": Path(args.model_dir)}, tasks=tuple(args.task), synthetic=job.data.synthetic if job else None,
+                    seed=None, limit=args.limit, workers=args.workers, batch_size=args.batch_size, system_prompt=args.system)
+    tasks = load_tasks(plan, data_file=args.data)
     load_model_dir(args.model_dir)
 
     import tempfile
@@ -128,18 +130,16 @@ def cmd_eval(args) -> int:
         check_owned(out.root, "eval", "--out")  # a user's folder is refused before any work
     log = out.root / "logs" / "run.log" if out is not None else Path(tempfile.gettempdir()) / f"relaygpt-eval-{os.getpid()}.log"
 
-    def generate(model_dir, rows, *, work, params=None, chat=False):
+    def place(model_dir, rows, params, *, chat, work, progress):
         if out is not None:  # created and marked at the first write (the pool's log), not before the checks
             claim(out.root, "eval", "--out")
-        return generate_rows(model_dir, rows, params or {}, chat, args.workers, args.batch_size, args.address,
-                             device=args.device, log=log, work=work)
+        return generate_rows(model_dir, rows, params, chat, plan.workers, plan.batch_size, args.address, device=args.device,
+                             log=log, work=work)
 
     if args.workers > 1:
         print(f"[eval] Ray and generation worker output: {log}", flush=True)
-
-    styles = {"model": args.style} if args.style != "auto" else None
-    evaluate_models({"model": Path(args.model_dir)}, tasks, generate, out=out, show=lambda line: print(line, flush=True),
-                    styles=styles, system=args.system)
+    run_eval(plan, out, place, tasks=tasks, show=lambda line: print(line, flush=True),
+             styles={"model": args.style} if args.style != "auto" else None)
     if out is not None:
         print(f"wrote {out.root}")
     return 0

@@ -19,13 +19,13 @@ WINDOW_BLOCKS = 4096  # blocks handed to one Ray Data execution
 WINDOW_INLINE_BYTES = 256 << 20  # records carried inline (streamed from the hub) per execution
 
 
-def prepare_run_data(job, run_dir, show=None, *, run_blocks=None, timed=None) -> dict:
-    """Tokenizer and data preparation of `run_dir` (a RunDir): planned on this driver, the
+def prepare_run_data(data, run_dir, show=None, *, run_blocks=None, timed=None) -> dict:
+    """Tokenizer and data preparation of `run_dir` (a RunDir) from `data`, the job's DataPlan: planned on this driver, the
     pretraining blocks tokenized by `run_blocks` (default: Ray Data tasks on every node);
     returns the manifests' counts. `timed(phase)` times the tokenizer and the data apart."""
     from pipelines.data.prepare import prepare_data
 
-    out = prepare_data(job, run_dir, run_blocks=run_blocks or run_blocks_on_ray, show=show, timed=timed)
+    out = prepare_data(data, run_dir, run_blocks=run_blocks or run_blocks_on_ray, show=show, timed=timed)
     tok = out.pop("tokenizer")
     return {"tokenizer": {**tok.identity, "n_vocab": tok.n_vocab},
             **{stage: {"cached": m["cached"], **{name: split.get("tokens") for name, split in m["splits"].items()}}

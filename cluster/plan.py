@@ -34,7 +34,7 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
         except RelayError as exc:
             problems.append(str(exc))
     if run is not None:
-        problems += _init_tokenizers(job, run_dir)
+        problems += _init_tokenizers(job, run_dir, run.data)
     if job.stages.eval is not None:  # the eval stage's tasks and their data (the plan does not need them)
         problems += _eval_inputs(job, run_dir)
     if run is not None:
@@ -48,7 +48,7 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
     return run, problems
 
 
-def _init_tokenizers(job, run_dir) -> list[str]:
+def _init_tokenizers(job, run_dir, data) -> list[str]:
     """A stage's `init` model must use the job's tokenizer (its embedding rows are that
     tokenizer's ids). Checked where the job's tokenizer is known before preparing anything: named
     by the job, or already prepared; a tokenizer still to be trained is compared on rank 0."""
@@ -60,7 +60,7 @@ def _init_tokenizers(job, run_dir) -> list[str]:
     if not stages:
         return []
     try:
-        ours = known_tokenizer(job, run_dir.tokenizer)
+        ours = known_tokenizer(data, run_dir.tokenizer)
     except RelayError as exc:
         return [str(exc)]
     problems = []
@@ -127,7 +127,7 @@ def missing_inputs(job, run_dir) -> list[str]:
 
 
 def _eval_inputs(job, run_dir) -> list[str]:
-    from jobs.fingerprints import eval_task_path
+    from jobs.plan import eval_task_path
     from pipelines.eval.task import TASK_DIR, load_task
 
     problems = []

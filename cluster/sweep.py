@@ -94,14 +94,14 @@ def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
 def _run_point(sweep, point, out_dir: Path, show) -> dict:
     from cluster import launch
     from jobs.fingerprints import fingerprints
-    from jobs.plan import resolve_plan
+    from jobs.plan import data_plan, resolve_plan
     from pipelines.accounting import stage_usage
     from pipelines.rundir import RunDir
     from pipelines.sweep.measure import measure, model_label
 
     job, stage = point.job, sweep.stage
     data = RunDir(out_dir / "data" / fingerprints(job)["data"])
-    launch.prepare_run_data(job, data)
+    prepared = launch.prepare_run_data(data_plan(job), data)
     run_dir = _point_dir(out_dir, point)
     run_dir.remove(run_dir.stage(stage).root)
     run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def _run_point(sweep, point, out_dir: Path, show) -> dict:
         os.symlink(os.path.relpath(shared, run_dir.root), link)
     if stage == "sft" and not getattr(job.stages, stage).init:
         raise RelayError("stages.sft.init: an SFT sweep point needs a model directory to start from")
-    run = resolve_plan(job, run_dir)
+    run = resolve_plan(job, run_dir, vocab_size=prepared["tokenizer"]["n_vocab"])  # the tokenizer step's: not looked up again
     t0 = time.time()
     launch.train_on_ray(run, stage, job.cluster)
     wall = time.time() - t0

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         import torch.distributed as dist
 
-        from jobs.plan import resolve_plan
+        from jobs.plan import data_plan, resolve_plan
         from jobs.spec import load_job
         from pipelines.data.prepare import prepare_data
         from pipelines.rundir import RunDir
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 is the driver: it prepares the data and resolves the plan once; every rank trains on that plan.
         shipped = [None]
         if dist.get_rank() == 0:
-            prepare_data(job, run_dir, stages=(args.stage,))
-            shipped = [resolve_plan(job, run_dir, device="cuda" if torch.cuda.is_available() else "cpu")]
+            tokenizer = prepare_data(data_plan(job), run_dir, stages=(args.stage,))["tokenizer"]
+            shipped = [resolve_plan(job, run_dir, vocab_size=tokenizer.n_vocab, device="cuda" if torch.cuda.is_available() else "cpu")]
         dist.broadcast_object_list(shipped, src=0)
         result = train_stage(shipped[0], args.stage, until_step=args.until_step)
         if dist.get_rank() == 0:

@@ -9,45 +9,37 @@ import json
 from pipelines.rundir import EXPORT_NAMES, TRAINING_STAGES
 
 
-def stage_inputs(job, hashes=None) -> dict[str, dict[str, str]]:
+def stage_inputs(job, hashes=None, data=None) -> dict[str, dict[str, str]]:
     """{stage: {file: sha256}} of what each stage reads besides its upstream stage's output: the
     data stage its local source files and tokenizer files, a training stage its `init` directory,
-    the eval stage its task files, their local data and model directories named by path."""
-    from pipelines.data.prepare import data_inputs, input_label
+    the eval stage its task files, their local data and model directories named by path. `data`:
+    the job's DataPlan (jobs/plan.py data_plan), resolved here when not given."""
+    from jobs.plan import data_plan, eval_task_path
+    from pipelines.data.prepare import data_inputs
     from pipelines.inputs import FileHashes
 
     hashes = hashes or FileHashes()
-    out = {"data": data_inputs(job, hashes)}
+    data = data or data_plan(job)
+    input_label = data.label
+    out = {"data": data_inputs(data, hashes)}
     for name in TRAINING_STAGES:
         settings = getattr(job.stages, name)
         if settings is not None and settings.init:
             init = job.path(settings.init)
-            out[name] = hashes.directory(init, input_label(job, init))
+            out[name] = hashes.directory(init, input_label(init))
     if job.stages.eval is not None:
         from pipelines.eval.task import task_files
 
         files: dict[str, str] = {}
         for task in job.stages.eval.tasks:
             for path in task_files(str(eval_task_path(job, task))):
-                files[input_label(job, path)] = hashes.sha256(path)
+                files[input_label(path)] = hashes.sha256(path)
         for model in job.stages.eval.models:
             if model not in EXPORT_NAMES and job.path(model).is_dir():
-                files.update(hashes.directory(job.path(model), input_label(job, job.path(model))))
+                files.update(hashes.directory(job.path(model), input_label(job.path(model))))
         if files:
             out["eval"] = files
     return out
-
-
-def eval_task_path(job, task: str) -> str:
-    """A task as load_task takes it: a shipped name as written, a task file relative to the job file."""
-    from pipelines.eval.task import TASK_DIR
-
-    if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists():
-        return task
-    if task.startswith("harness:"):  # a harness registry name as written, a local harness task file from the job's folder
-        rest = task[len("harness:"):]
-        return task if not rest.endswith((".yaml", ".yml")) else "harness:" + str(job.path(rest))
-    return str(job.path(task))
 
 
 def fingerprints(job, inputs: dict[str, dict[str, str]] | None = None) -> dict[str, str]:

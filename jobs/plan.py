@@ -2,8 +2,10 @@
 
 This is the one place where a job's settings turn into numbers: the layout, the batch
 arithmetic, the sequence length, the budget in steps, the precision, the vocabulary of the
-run's real tokenizer, the absolute paths and the DeepSpeed config of every training stage.
-The driver calls it once and ships the result; `relaygpt plan` prints it.
+run's real tokenizer, the absolute paths and the DeepSpeed config of every training stage;
+the data stage's DataPlan (pipelines/data/data_plan.py) and the eval stage's EvalPlan.
+The driver calls it once and ships the result; `relaygpt plan` prints it. Below jobs/,
+nothing sees the job itself.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from jobs.spec import ModelSpec
 from model.errors import RelayError
+from pipelines.data.data_plan import DataPlan
 from pipelines.eval.settings import EvalPlan
 from pipelines.rundir import EXPORT_NAMES, RunDir
 from pipelines.train.plan import RunPlan, plan_training
@@ -25,12 +28,15 @@ def device_of(job) -> str:
 
 def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_exact: bool = True,
                  device: str | None = None) -> RunPlan:
-    """The job's plan for `run_dir`. `vocab_size` is the run's tokenizer size; by default it is
-    looked up (the prepared tokenizer, else the one the job names, else a trained one's target)."""
-    from pipelines.data.prepare import dpo_seq_len, sft_seq_len, tokenizer_vocabulary
+    """The job's plan for `run_dir`. `vocab_size` is the run's tokenizer size, from the tokenizer
+    step where it ran (prepare_data; the driver after its data stage): then nothing is read but the
+    config of an `init` model. Without it, the size is looked up (the prepared tokenizer when its
+    inputs' fingerprint is current, else the one the job names, else a trained one's target)."""
+    from pipelines.data.prepare import tokenizer_vocabulary
 
-    if vocab_size is None:
-        vocab_size, vocab_exact = tokenizer_vocabulary(job, run_dir.tokenizer)
+    data = data_plan(job)
+    if vocab_size is None:  # the tokenizer step: the prepared tokenizer when current, else the named one or a target
+        vocab_size, vocab_exact = tokenizer_vocabulary(data, run_dir.tokenizer)
     device = device or device_of(job)
     # The pipeline cut may move to fit a stated GPU memory (never the host's: the plan must not
     # depend on the machine it is resolved on).
@@ -46,7 +52,7 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
             model = training[upstream].model  # starts from the export of the stage above
         else:
             model = _model(name, settings, init, job.model if "model" in job.model_fields_set else None, vocab_size)
-        seq_len = {"sft": sft_seq_len, "dpo": dpo_seq_len}[name](job) if name != "pretrain" else settings.seq_len or model.block_size
+        seq_len = settings.seq_len or model.block_size if name == "pretrain" else {"sft": data.sft_seq_len, "dpo": data.dpo_seq_len}[name]
         if settings.init:  # the directory's architecture, checked here (the job file's model: section is not it)
             _check_init_fits(name, settings, model, seq_len)
         training[name] = plan_training(name, settings, model, world_size=job.cluster.num_workers, seq_len=seq_len, device=device,
@@ -54,14 +60,38 @@ def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_e
                                        separate_documents=_separate_documents(job, name))
     return RunPlan(job_name=job.name, seed=job.seed, run_dir=run_dir, vocab_size=vocab_size, vocab_exact=vocab_exact,
                    device=device, training=training, job=job.resolved_dict(),
-                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root), eval=eval_plan(job, run_dir))
+                   tracking=resolve_tracking(job.tracking, job.name, run_dir.root), eval=eval_plan(job, run_dir), data=data)
+
+
+def data_plan(job, fingerprint: str = "") -> DataPlan:
+    """The data stage resolved (pipelines/data/data_plan.py): the job's tokenizer and data
+    sections, its folder, seed and name, and the row lengths and pretraining window that other
+    sections decide. Reads only the config.json of a stage's `init` model directory (its context
+    is the default SFT / DPO row length); `fingerprint`: the data stage's input fingerprint."""
+    pretrain = job.stages.pretrain
+    return DataPlan(name=job.name, seed=job.seed, base_dir=Path(job.base_dir).absolute(), tokenizer=job.tokenizer, data=job.data,
+                    sft_seq_len=_row_len(job, "sft") if job.data.sft is not None else None,
+                    dpo_seq_len=_row_len(job, "dpo") if job.data.dpo is not None else None,
+                    pretrain_window=(pretrain.seq_len or job.model.block_size) if pretrain is not None else None,
+                    fingerprint=fingerprint)
+
+
+def _row_len(job, name: str) -> int:
+    """Length of a packed SFT row or of a preference row (one side of a pair): data.<name>.seq_len,
+    default the context of the model the stage trains (its `init` model directory's, when it names one)."""
+    if getattr(job.data, name).seq_len:
+        return getattr(job.data, name).seq_len
+    stage = getattr(job.stages, name)
+    if stage is not None and stage.init:
+        from model.export import read_model_config
+
+        return read_model_config(job.path(stage.init)).block_size
+    return job.model.block_size
 
 
 def eval_plan(job, run_dir: RunDir) -> EvalPlan | None:
     """The eval stage resolved: its model directories and task files as absolute paths, its pool
     and its generation settings. Reads no file."""
-    from jobs.fingerprints import eval_task_path
-
     spec = job.stages.eval
     if spec is None:
         return None
@@ -71,6 +101,18 @@ def eval_plan(job, run_dir: RunDir) -> EvalPlan | None:
                     limit=spec.limit, workers=spec.workers, cpus_per_worker=spec.cpus_per_worker,
                     gpus_per_worker=spec.gpus_per_worker, batch_size=spec.batch_size, temperature=spec.temperature,
                     system_prompt=spec.system_prompt, samples_in_report=spec.samples_in_report)
+
+
+def eval_task_path(job, task: str) -> str:
+    """A task as load_task takes it: a shipped name as written, a task file relative to the job file."""
+    from pipelines.eval.task import TASK_DIR
+
+    if task == "synthetic" or (TASK_DIR / f"{task}.yaml").exists():
+        return task
+    if task.startswith("harness:"):  # a harness registry name as written, a local harness task file from the job's folder
+        rest = task[len("harness:"):]
+        return task if not rest.endswith((".yaml", ".yml")) else "harness:" + str(job.path(rest))
+    return str(job.path(task))
 
 
 def _check_init_fits(name: str, settings, model, seq_len: int) -> None:

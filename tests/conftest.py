@@ -84,13 +84,14 @@ def trained_tokenizer(tmp_path_factory, shakespeare):
 def engine_job(tmp_path_factory):
     """(job file, prepared template run, root) of the tiny training job every engine and layout
     test trains: the tokenizer and data are prepared once per session and copied from there."""
+    from jobs.plan import data_plan
     from jobs.spec import load_job
     from pipelines.data.prepare import prepare_data
     from train_helpers import write_base_job
 
     root = tmp_path_factory.mktemp("engine")
     job_path = write_base_job(root)
-    prepare_data(load_job(job_path), root / "template")
+    prepare_data(data_plan(load_job(job_path)), root / "template")
     return job_path, root / "template", root
 
 

@@ -138,3 +138,31 @@ def test_no_import_cycle():
         if name not in state:
             visit(name, [])
     assert not cycles, cycles
+
+
+# Attributes only a whole job has: its stage and cluster sections, its resolved dict. A plan below jobs/ carries
+# none of these (DataPlan, TrainPlan, EvalPlan hold their own resolved fields).
+_JOB_ONLY_ATTRIBUTES = {"stages", "cluster", "resolved_dict", "model_fields_set"}
+
+
+def test_pipelines_never_see_the_raw_job():
+    """Below jobs/, every stage takes its plan (jobs/plan.py): no function in pipelines/ has a
+    parameter named `job`, no code there reads an attribute off a name `job`, and none reads a
+    section only a whole job has (`.stages`, `.cluster`, `.resolved_dict()`)."""
+    import ast
+
+    leaks = []
+    for name, (path, tree, _) in _project_modules().items():
+        if not name.startswith("pipelines."):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = node.args
+                params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *(p for p in (a.vararg, a.kwarg) if p)]
+                leaks += [f"{path}:{node.lineno} parameter {p.arg!r}" for p in params if p.arg == "job"]
+            elif isinstance(node, ast.Attribute):
+                if isinstance(node.value, ast.Name) and node.value.id == "job":
+                    leaks.append(f"{path}:{node.lineno} job.{node.attr}")
+                elif node.attr in _JOB_ONLY_ATTRIBUTES:
+                    leaks.append(f"{path}:{node.lineno} .{node.attr}")
+    assert not leaks, leaks

@@ -488,6 +488,7 @@ def test_the_catalogue_is_large():
 
 def test_a_symlink_loop_reads_each_file_once(tmp_path):
     """`**` through a link to its own folder reaches one file 41 times; it is read once."""
+    from jobs.plan import data_plan
     from jobs.spec import load_job
     from pipelines.data.sources import _files
 
@@ -496,10 +497,11 @@ def test_a_symlink_loop_reads_each_file_once(tmp_path):
     (tmp_path / "corpus" / "loop").symlink_to(".")
     (tmp_path / "job.yaml").write_text(_data_job([{"type": "text", "path": "corpus/**/*.txt"}]))
     job = load_job(tmp_path / "job.yaml")
-    assert [p.name for p in _files(job, job.data.pretrain.sources[0])] == ["a.txt"]
+    assert [p.name for p in _files(data_plan(job), job.data.pretrain.sources[0])] == ["a.txt"]
 
 
 def test_latin1_text_is_read_with_its_encoding(tmp_path):
+    from jobs.plan import data_plan
     from jobs.spec import load_job
     from pipelines.data.prepare import prepare_data
     from pipelines.rundir import RunDir
@@ -507,5 +509,5 @@ def test_latin1_text_is_read_with_its_encoding(tmp_path):
     (tmp_path / "fr.txt").write_bytes("Le café est très bon.\n".encode("latin-1") * 50)
     (tmp_path / "job.yaml").write_text(_data_job([{"type": "text", "path": "fr.txt", "encoding": "latin-1"}]))
     job = load_job(tmp_path / "job.yaml")
-    out = prepare_data(job, RunDir(job.run_dir()), stages=("pretrain",))
+    out = prepare_data(data_plan(job), RunDir(job.run_dir()), stages=("pretrain",))
     assert out["pretrain"]["stats"]["replaced_bytes"] == 0 and out["pretrain"]["stats"]["documents"] == 1

@@ -8,6 +8,7 @@ import tiktoken
 import torch
 import yaml
 
+from jobs.plan import data_plan
 from jobs.spec import load_job
 from model.chat import render_chat
 from pipelines.data.loader import BatchLoader, open_split
@@ -24,7 +25,7 @@ def write_job(tmp_path, data, tokenizer=None, name="t", **extra):
 
 def prepare(path, *overrides):
     job = load_job(path, list(overrides))
-    return job, prepare_data(job, job.run_dir())
+    return job, prepare_data(data_plan(job), job.run_dir())
 
 
 def test_shakespeare_shards_hold_exactly_the_gpt2_tokens(tmp_path, shared_data, shakespeare):

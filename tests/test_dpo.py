@@ -89,6 +89,7 @@ MODEL = dict(n_layer=2, n_embd=32, n_head=2, block_size=32)
 def dpo_job(engine_job, tmp_path_factory):
     """(job file, prepared template run, root, start model): the engine job's tokenizer; 27 pairs of
     the demo world (3 training people) at 24 tokens; a DPO stage from a small random model."""
+    from jobs.plan import data_plan
     from jobs.spec import load_job
     from model.export import save_model_dir
     from model.tokenizer import Tokenizer
@@ -110,7 +111,7 @@ def dpo_job(engine_job, tmp_path_factory):
                              "checkpoint_every": 2, "beta": 0.5, "optimizer": {"lr": 3e-3, "warmup_steps": 0}}}
     path = root / "dpo.yaml"
     path.write_text(yaml.safe_dump(job))
-    prepare_data(load_job(path), root / "template", stages=("dpo",))
+    prepare_data(data_plan(load_job(path)), root / "template", stages=("dpo",))
     return path, root / "template", root, init
 
 

@@ -85,6 +85,7 @@ def test_prepared_sources_with_weights_train_as_a_mixture(tmp_path, shared_data,
     loader is a mixture whose targets follow weight x windows, named after the files."""
     import yaml
 
+    from jobs.plan import data_plan
     from jobs.spec import load_job
     from pipelines.data.prepare import prepare_data
 
@@ -95,7 +96,7 @@ def test_prepared_sources_with_weights_train_as_a_mixture(tmp_path, shared_data,
                                                                  {"type": "text", "path": "b.txt", "weight": 3.0}]}}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     loaded = load_job(tmp_path / "job.yaml")
-    prepare_data(loaded, loaded.run_dir())
+    prepare_data(data_plan(loaded), loaded.run_dir())
     directory = loaded.run_dir() / "data" / "pretrain"
     windows = open_split(directory, "train", seq_len=64)
     loader = make_loader(directory, windows, 4, seed=1)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import relaygpt
+from jobs.plan import data_plan
 from jobs.spec import load_job
 from model.errors import RelayError
 from pipelines.data.pretrain import iter_documents, split_draw
@@ -98,8 +99,8 @@ def test_blank_line_blocks_give_the_documents_of_the_whole_file(tmp_path, monkey
         path = write_job(tmp_path, {"pretrain": {"block_bytes": 4096, "sources": [
             {"type": "text", "path": f"t{trial}.txt", "split_by": "blank_line"}]}}, name=f"t{trial}")
         job = load_job(path)
-        assert len(list(plan_blocks(job, job.data.pretrain.sources, "pretrain", 4096, SourceStats()))) >= 5
-        docs = list(iter_documents(job, SourceStats()))
+        assert len(list(plan_blocks(data_plan(job), job.data.pretrain.sources, "pretrain", 4096, SourceStats()))) >= 5
+        docs = list(iter_documents(data_plan(job), SourceStats()))
         assert docs == [b.strip() for b in re.split(r"\n[ \t\r\f\v]*\n", text) if b.strip()]
 
 
@@ -140,7 +141,7 @@ def test_csv_is_cut_between_records_only(tmp_path):
     for start, end, first_row in ranges:  # cut between records only, each knowing its first row
         assert start in ends and end in ends and first_row == ends.index(start)
     path = write_job(tmp_path, {"pretrain": {"block_bytes": 4096, "sources": [{"type": "csv", "path": "t.csv", "field": "text"}]}})
-    docs = list(iter_documents(load_job(path), SourceStats()))
+    docs = list(iter_documents(data_plan(load_job(path)), SourceStats()))
     assert docs == pv.read_csv(tmp_path / "t.csv").column("text").to_pylist()
 
 

@@ -37,6 +37,7 @@ from model.chat import render_chat
 from model.errors import RelayError
 from model.tokenizer import Tokenizer
 from pipelines.data.chat_formats import map_columns, to_messages
+from pipelines.data.data_plan import DataPlan
 from pipelines.data.pretrain import SPLITS, split_draw
 from pipelines.data.records import read_records
 from pipelines.data.shards import ShardWriter, load_split, read_manifest, token_dtype, write_manifest
@@ -127,10 +128,10 @@ def fit_row(ids: list[int], mask: list[int], row_len: int, pad_id: int, counts: 
     return ids + [pad_id] * pad, mask + [0] * pad
 
 
-def source_pairs(job, index: int, source, stats: SourceStats, found: dict):
+def source_pairs(plan: DataPlan, index: int, source, stats: SourceStats, found: dict):
     """(prompt, chosen, rejected, where) of every row of a source; its format goes to found["format"]."""
     fields, fmt = source.fields or {}, None
-    for block in plan_source(job, index, source, "dpo", DEFAULT_BLOCK_BYTES, stats):
+    for block in plan_source(plan, index, source, "dpo", DEFAULT_BLOCK_BYTES, stats):
         for row, where in read_records(block, stats):
             mapped = map_columns(row, fields, where, check=fields) if fields else row
             if fmt is None:
@@ -157,19 +158,19 @@ class _SplitWriter:
         return [{**t, "mask_file": m["file"], "mask_sha256": m["sha256"]} for t, m in zip(self.tokens.close(), self.masks.close())]
 
 
-def _write_pairs(job, tokenizer: Tokenizer, directory: Path, row_len: int, force_val: int | None) -> dict:
+def _write_pairs(plan: DataPlan, tokenizer: Tokenizer, directory: Path, row_len: int, force_val: int | None) -> dict:
     """Every source's pairs into the split writers; the counts, the formats and the smallest draw."""
-    spec, counts = job.data.dpo, dict.fromkeys(COUNTS, 0)
+    spec, counts = plan.data.dpo, dict.fromkeys(COUNTS, 0)
     writers = {split: _SplitWriter(directory, split, token_dtype(tokenizer.n_vocab)) for split in SPLITS}
     number, smallest, formats, files = 0, None, [], []
     for index, source in enumerate(spec.sources):
         stats, found = SourceStats(), {}
-        for prompt, chosen, rejected, _ in source_pairs(job, index, source, stats, found):
+        for prompt, chosen, rejected, _ in source_pairs(plan, index, source, stats, found):
             sides = [fit_row(*render_side(tokenizer, prompt, answer), row_len, tokenizer.eot_id, counts) for answer in (chosen, rejected)]
             if not all(sum(mask[1:]) for _, mask in sides):
                 counts["dropped_no_answer_tokens"] += 1
                 continue
-            draw = split_draw("\x00".join([*(m["content"] for m in prompt), chosen["content"], rejected["content"]]), job.seed)
+            draw = split_draw("\x00".join([*(m["content"] for m in prompt), chosen["content"], rejected["content"]]), plan.seed)
             if smallest is None or draw < smallest[0]:
                 smallest = (draw, number)
             split = "val" if draw < spec.val_fraction or number == force_val else "train"
@@ -181,20 +182,20 @@ def _write_pairs(job, tokenizer: Tokenizer, directory: Path, row_len: int, force
     return {"pairs": number, "smallest": smallest, "counts": counts, "formats": formats, "files": files, "splits": splits}
 
 
-def prepare_preference(job, tokenizer: Tokenizer, directory: Path, fingerprint: str, seq_len: int) -> dict:
+def prepare_preference(plan: DataPlan, tokenizer: Tokenizer, directory: Path, fingerprint: str, seq_len: int) -> dict:
     """Write data/dpo (or reuse it when the fingerprint matches); returns the manifest."""
     existing = read_manifest(directory)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return {**existing, "cached": True}
-    spec, row_len = job.data.dpo, seq_len + 1
+    spec, row_len = plan.data.dpo, seq_len + 1
     with atomic_dir(directory, durable=True) as tmp:
-        result = _write_pairs(job, tokenizer, Path(tmp), row_len, None)
+        result = _write_pairs(plan, tokenizer, Path(tmp), row_len, None)
         if spec.val_fraction and result["pairs"] >= 2 and not result["splits"]["val"]["pairs"]:
             for part in result["splits"].values():  # no pair drew validation: the smallest draw goes there
                 for shard in part["shards"]:
                     (Path(tmp) / shard["file"]).unlink()
                     (Path(tmp) / shard["mask_file"]).unlink()
-            result = _write_pairs(job, tokenizer, Path(tmp), row_len, result["smallest"][1])
+            result = _write_pairs(plan, tokenizer, Path(tmp), row_len, result["smallest"][1])
         if not result["splits"]["train"]["pairs"]:
             raise RelayError("data.dpo: no preference pair left for training (every pair was dropped or held out for validation)")
         manifest = {"kind": "preference", "fingerprint": fingerprint, "tokenizer": tokenizer.identity,
@@ -203,7 +204,7 @@ def prepare_preference(job, tokenizer: Tokenizer, directory: Path, fingerprint: 
                     "sources": [s.model_dump(mode="json") for s in spec.sources],
                     "stats": {"pairs": result["pairs"], **result["counts"], "files": result["files"]}}
         if any(source.type == "synthetic" for source in spec.sources):
-            manifest["held_out"] = _write_held_out(job, Path(tmp))
+            manifest["held_out"] = _write_held_out(plan, Path(tmp))
         write_manifest(tmp, manifest)
     return {**manifest, "cached": False}
 
@@ -211,14 +212,14 @@ def prepare_preference(job, tokenizer: Tokenizer, directory: Path, fingerprint: 
 HELD_OUT = "held_out_pairs.jsonl"
 
 
-def _write_held_out(job, directory: Path) -> str:
+def _write_held_out(plan: DataPlan, directory: Path) -> str:
     """The demo world's held-out pairs (about people no pair for training mentions), for a
     preference eval: one JSON object a line, {"prompt": [messages], "chosen": text, "rejected": text}."""
     import json
 
     from pipelines.data import synthetic
 
-    spec = job.data.synthetic
+    spec = plan.data.synthetic
     world = synthetic.build_world(spec.seed, spec.num_people, spec.held_out_fraction)
     rows = synthetic.held_out_preference_pairs(world, spec.seed)
     (directory / HELD_OUT).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

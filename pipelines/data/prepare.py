@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from model.errors import RelayError
 from model.atomic import atomic_dir
 from model.tokenizer import Tokenizer
+from pipelines.data.data_plan import DataPlan
 from pipelines.inputs import FileHashes
 
 PREP_VERSION = 4  # bump when the on-disk format or the processing changes (2: SFT manifests record eot_id;
@@ -28,60 +28,51 @@ PREP_VERSION = 4  # bump when the on-disk format or the processing changes (2: S
 MAX_VAL_SHARE = 0.25  # a validation split holding more of a stage's tokens than this is reported
 
 
-def _files_of(job, source) -> list[Path]:
+def _files_of(plan: DataPlan, source) -> list[Path]:
     from pipelines.data.sources import _files
 
-    return _files(job, source) if source.type in ("text", "json", "parquet", "csv") else []
+    return _files(plan, source) if source.type in ("text", "json", "parquet", "csv") else []
 
 
-def input_label(job, path: Path) -> str:
-    """How messages name an input file: relative to the job file's folder when it lies inside it."""
-    path = Path(os.path.abspath(path))
-    try:
-        return path.relative_to(job.base_dir).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def data_inputs(job, hashes: FileHashes | None = None) -> dict[str, str]:
+def data_inputs(plan: DataPlan, hashes: FileHashes | None = None) -> dict[str, str]:
     """{file: sha256} of what the data stage reads: every local source file of data.pretrain and
     data.sft, and the tokenizer's file or directory (a hub source is named by its settings)."""
     hashes = hashes or FileHashes()
-    sources = [s for section in (job.data.pretrain, job.data.sft, job.data.dpo) if section is not None for s in section.sources]
-    out = {input_label(job, path): hashes.sha256(path) for source in sources for path in _files_of(job, source)}
-    return {**out, **_tokenizer_inputs(job, hashes)}
+    sources = [s for section in (plan.data.pretrain, plan.data.sft, plan.data.dpo) if section is not None for s in section.sources]
+    out = {plan.label(path): hashes.sha256(path) for source in sources for path in _files_of(plan, source)}
+    return {**out, **_tokenizer_inputs(plan, hashes)}
 
 
-def _tokenizer_inputs(job, hashes: FileHashes) -> dict[str, str]:
-    spec = job.tokenizer
+def _tokenizer_inputs(plan: DataPlan, hashes: FileHashes) -> dict[str, str]:
+    spec = plan.tokenizer
     if spec.file:
-        return {input_label(job, job.path(spec.file)): hashes.sha256(job.path(spec.file))}
+        return {plan.label(plan.path(spec.file)): hashes.sha256(plan.path(spec.file))}
     if spec.dir:
-        return hashes.directory(job.path(spec.dir), input_label(job, job.path(spec.dir)))
+        return hashes.directory(plan.path(spec.dir), plan.label(plan.path(spec.dir)))
     return {}
 
 
-def sources_fingerprint(job, sources, hashes: FileHashes | None = None, **extra) -> str:
+def sources_fingerprint(plan: DataPlan, sources, hashes: FileHashes | None = None, **extra) -> str:
     """sha256 of everything that decides a stage's output."""
     hashes = hashes or FileHashes()
     digest = hashlib.sha256(json.dumps({"version": PREP_VERSION, **extra}, sort_keys=True, default=str).encode())
     for source in sources:
         digest.update(json.dumps(source.model_dump(mode="json"), sort_keys=True).encode())
         if source.type == "synthetic":
-            digest.update(json.dumps(job.data.synthetic.model_dump(mode="json"), sort_keys=True).encode())
-        for path in _files_of(job, source):
+            digest.update(json.dumps(plan.data.synthetic.model_dump(mode="json"), sort_keys=True).encode())
+        for path in _files_of(plan, source):
             digest.update(path.name.encode() + hashes.sha256(path).encode())
     return digest.hexdigest()
 
 
-def _tokenizer_fingerprint(job, hashes: FileHashes | None = None) -> str:
+def _tokenizer_fingerprint(plan: DataPlan, hashes: FileHashes | None = None) -> str:
     """The tokenizer's settings and the contents of what it is made from."""
-    spec = job.tokenizer
+    spec = plan.tokenizer
     if spec.train is not None:
-        if job.data.pretrain is None:
+        if plan.data.pretrain is None:
             raise RelayError("tokenizer.train: needs data.pretrain sources to train on")
-        return sources_fingerprint(job, job.data.pretrain.sources, hashes, seed=job.seed, train=spec.train.model_dump())
-    files = _tokenizer_inputs(job, hashes or FileHashes())
+        return sources_fingerprint(plan, plan.data.pretrain.sources, hashes, seed=plan.seed, train=spec.train.model_dump())
+    files = _tokenizer_inputs(plan, hashes or FileHashes())
     return hashlib.sha256(json.dumps([spec.model_dump(mode="json"), files], sort_keys=True).encode()).hexdigest()
 
 
@@ -97,50 +88,50 @@ def _prepared_tokenizer(out: Path, fingerprint: str) -> Tokenizer | None:
     return None
 
 
-def tokenizer_vocabulary(job, tokenizer_dir: Path) -> tuple[int, bool]:
+def tokenizer_vocabulary(plan: DataPlan, tokenizer_dir: Path) -> tuple[int, bool]:
     """(ids the run's tokenizer has, exact?) without preparing anything: the prepared tokenizer
     when it is current, else the one the job names; a tokenizer still to be trained counts its
     target size, not exact (a small corpus can give fewer merges)."""
-    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(job))
+    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(plan))
     if prepared is not None:
         return prepared.n_vocab, True
-    spec = job.tokenizer
+    spec = plan.tokenizer
     if spec.train is not None:
         return spec.train.vocab_size, False
-    return _load_named_tokenizer(job).n_vocab, True
+    return _load_named_tokenizer(plan).n_vocab, True
 
 
-def known_tokenizer(job, tokenizer_dir: Path) -> Tokenizer | None:
+def known_tokenizer(plan: DataPlan, tokenizer_dir: Path) -> Tokenizer | None:
     """The run's tokenizer where it is known without preparing anything (prepared and current,
     or named by the job); None for one still to be trained."""
-    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(job))
+    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(plan))
     if prepared is not None:
         return prepared
-    return None if job.tokenizer.train is not None else _load_named_tokenizer(job)
+    return None if plan.tokenizer.train is not None else _load_named_tokenizer(plan)
 
 
-def _load_named_tokenizer(job) -> Tokenizer:
-    spec = job.tokenizer
+def _load_named_tokenizer(plan: DataPlan) -> Tokenizer:
+    spec = plan.tokenizer
     if spec.encoding:
         return Tokenizer.from_name(spec.encoding)
     if spec.file:
-        return Tokenizer.from_file(job.path(spec.file), spec.sha256)
-    return Tokenizer.from_dir(job.path(spec.dir))
+        return Tokenizer.from_file(plan.path(spec.file), spec.sha256)
+    return Tokenizer.from_dir(plan.path(spec.dir))
 
 
-def prepare_tokenizer(job, out: Path, hashes: FileHashes | None = None) -> Tokenizer:
+def prepare_tokenizer(plan: DataPlan, out: Path, hashes: FileHashes | None = None) -> Tokenizer:
     """Resolve the job's tokenizer into `out` (RUN/tokenizer; trained if asked) and load it."""
-    spec = job.tokenizer
+    spec = plan.tokenizer
     out = Path(out)
-    fingerprint = _tokenizer_fingerprint(job, hashes)
+    fingerprint = _tokenizer_fingerprint(plan, hashes)
     prepared = _prepared_tokenizer(out, fingerprint)
     if prepared is not None:
         return prepared
     if spec.train is None:
-        tok = _load_named_tokenizer(job)
+        tok = _load_named_tokenizer(plan)
     else:
-        tok = Tokenizer.train(_training_text(job, spec.train.max_chars), spec.train.vocab_size,
-                              name=f"{job.name}-bpe{spec.train.vocab_size}")
+        tok = Tokenizer.train(_training_text(plan, spec.train.max_chars), spec.train.vocab_size,
+                              name=f"{plan.name}-bpe{spec.train.vocab_size}")
     with atomic_dir(out, durable=True) as tmp:
         tok.save(tmp)
         (tmp / "source.json").write_text(json.dumps({"fingerprint": fingerprint, "spec": spec.model_dump(mode="json")},
@@ -148,20 +139,20 @@ def prepare_tokenizer(job, out: Path, hashes: FileHashes | None = None) -> Token
     return Tokenizer.from_dir(out)
 
 
-def _training_text(job, max_chars: int):
+def _training_text(plan: DataPlan, max_chars: int):
     """The pretraining documents, streamed in source order until `max_chars` (BPE training reads them once)."""
     from pipelines.data.pretrain import iter_documents
     from pipelines.data.sources import SourceStats
 
     budget = max_chars
-    for doc in iter_documents(job, SourceStats()):
+    for doc in iter_documents(plan, SourceStats()):
         yield doc[:budget]
         budget -= min(len(doc), budget)
         if budget <= 0:
             return
 
 
-def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft", "dpo"), *, run_blocks=None, show=None,
+def prepare_data(plan: DataPlan, run_dir, stages: tuple[str, ...] = ("pretrain", "sft", "dpo"), *, run_blocks=None, show=None,
                  timed=None) -> dict:
     """Prepare the tokenizer and the requested data stages of `run_dir` (a RunDir); {stage: manifest}.
 
@@ -179,45 +170,44 @@ def prepare_data(job, run_dir, stages: tuple[str, ...] = ("pretrain", "sft", "dp
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     hashes = FileHashes(run_dir.input_hashes)
     with timed("tokenizer"):
-        tokenizer = prepare_tokenizer(job, run_dir.tokenizer, hashes)
-    if job.tokenizer.train is not None and show is not None:
+        tokenizer = prepare_tokenizer(plan, run_dir.tokenizer, hashes)
+    if plan.tokenizer.train is not None and show is not None:
         from model.tokenizer import vocabulary_shortfall
 
-        shortfall = vocabulary_shortfall(tokenizer, job.tokenizer.train.vocab_size)
+        shortfall = vocabulary_shortfall(tokenizer, plan.tokenizer.train.vocab_size)
         if shortfall:
             show(f"[data] warning: tokenizer.train.vocab_size: {shortfall}")
     out: dict = {"tokenizer": tokenizer}
     with timed("data"):
-        if "pretrain" in stages and job.data.pretrain is not None:
-            fp = sources_fingerprint(job, job.data.pretrain.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                     val_fraction=job.data.pretrain.val_fraction, shard_tokens=job.data.pretrain.shard_tokens,
-                                     block_bytes=job.data.pretrain.block_bytes)
-            out["pretrain"] = prepare_pretrain(job, tokenizer, run_dir.data("pretrain"), fp, run_blocks=run_blocks, show=show)
-            _check_one_window(job, out["pretrain"]["splits"]["train"]["tokens"])
-        if "sft" in stages and job.data.sft is not None:
-            seq_len = sft_seq_len(job)
+        if "pretrain" in stages and plan.data.pretrain is not None:
+            fp = sources_fingerprint(plan, plan.data.pretrain.sources, hashes, tokenizer=tokenizer.sha256, seed=plan.seed,
+                                     val_fraction=plan.data.pretrain.val_fraction, shard_tokens=plan.data.pretrain.shard_tokens,
+                                     block_bytes=plan.data.pretrain.block_bytes)
+            out["pretrain"] = prepare_pretrain(plan, tokenizer, run_dir.data("pretrain"), fp, run_blocks=run_blocks, show=show)
+            _check_one_window(plan, out["pretrain"]["splits"]["train"]["tokens"])
+        if "sft" in stages and plan.data.sft is not None:
+            seq_len = plan.sft_seq_len
             template = {"chat_template": tokenizer.chat_template_sha256} if tokenizer.chat_template is not None else {}
-            fp = sources_fingerprint(job, job.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                     val_fraction=job.data.sft.val_fraction, seq_len=seq_len, **template)
-            out["sft"] = prepare_sft(job, tokenizer, run_dir.data("sft"), fp, seq_len)
-        if "dpo" in stages and job.data.dpo is not None:
+            fp = sources_fingerprint(plan, plan.data.sft.sources, hashes, tokenizer=tokenizer.sha256, seed=plan.seed,
+                                     val_fraction=plan.data.sft.val_fraction, seq_len=seq_len, **template)
+            out["sft"] = prepare_sft(plan, tokenizer, run_dir.data("sft"), fp, seq_len)
+        if "dpo" in stages and plan.data.dpo is not None:
             from pipelines.data.preference import prepare_preference
 
-            seq_len = dpo_seq_len(job)
-            fp = sources_fingerprint(job, job.data.dpo.sources, hashes, tokenizer=tokenizer.sha256, seed=job.seed,
-                                     val_fraction=job.data.dpo.val_fraction, seq_len=seq_len, kind="preference")
-            out["dpo"] = prepare_preference(job, tokenizer, run_dir.data("dpo"), fp, seq_len)
+            seq_len = plan.dpo_seq_len
+            fp = sources_fingerprint(plan, plan.data.dpo.sources, hashes, tokenizer=tokenizer.sha256, seed=plan.seed,
+                                     val_fraction=plan.data.dpo.val_fraction, seq_len=seq_len, kind="preference")
+            out["dpo"] = prepare_preference(plan, tokenizer, run_dir.data("dpo"), fp, seq_len)
     hashes.save()
     return out
 
 
-def _check_one_window(job, train_tokens: int) -> None:
+def _check_one_window(plan: DataPlan, train_tokens: int) -> None:
     """A training split shorter than one window would fail on rank 0 after the workers started:
     said here, at preparation, with the numbers."""
-    stage = job.stages.pretrain
-    if stage is None:
+    seq_len = plan.pretrain_window
+    if seq_len is None:
         return
-    seq_len = stage.seq_len or job.model.block_size
     if train_tokens < seq_len + 1:  # a window is seq_len inputs and the next token of each as its target
         raise RelayError(f"data.pretrain: the training split holds {train_tokens} tokens, fewer than one window of {seq_len} + 1 "
                          f"(stages.pretrain.seq_len, default the model's block_size); add text or shorten the window")
@@ -236,22 +226,3 @@ def validation_warning(stage: str, train_tokens: int, val_tokens: int) -> str | 
         else ("conversations", "add conversations")
     return (f"data.{stage}.val_fraction: validation got {val_tokens:,} of {total:,} tokens ({val_tokens / total:.0%}), training "
             f"{train_tokens:,}; more than {MAX_VAL_SHARE:.0%} because {unit} are held out whole: {more} or set val_fraction: 0")
-
-
-def dpo_seq_len(job) -> int:
-    """Length of a preference row (one side of a pair): data.dpo.seq_len, default the context of
-    the model the DPO stage trains (as for SFT)."""
-    return sft_seq_len(job, "dpo")
-
-
-def sft_seq_len(job, name: str = "sft") -> int:
-    """Length of a packed SFT row: data.sft.seq_len, default the context of the model the SFT
-    stage trains (its `init` model directory's, when it names one)."""
-    if getattr(job.data, name).seq_len:
-        return getattr(job.data, name).seq_len
-    stage = getattr(job.stages, name)
-    if stage is not None and stage.init:
-        from model.export import read_model_config
-
-        return read_model_config(job.path(stage.init)).block_size
-    return job.model.block_size

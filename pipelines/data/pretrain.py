@@ -38,6 +38,7 @@ import numpy as np
 from model.atomic import atomic_dir
 from model.errors import RelayError
 from model.tokenizer import Tokenizer
+from pipelines.data.data_plan import DataPlan
 from pipelines.data.records import block_documents
 from pipelines.data.shards import ShardWriter, read_manifest, token_dtype, write_manifest
 from pipelines.data.sources import SourceStats, plan_blocks, plan_source, source_label
@@ -156,10 +157,10 @@ def run_blocks_here(blocks: Iterable[dict], work: Callable[..., dict], workers: 
             yield {**work(block, pool=pool, threads=workers), "node": "local"}
 
 
-def iter_documents(job, stats: SourceStats) -> Iterator[str]:
+def iter_documents(plan: DataPlan, stats: SourceStats) -> Iterator[str]:
     """Every pretraining document, in source order, read on this process a block at a time."""
-    spec = job.data.pretrain
-    for block in plan_blocks(job, spec.sources, "pretrain", spec.block_bytes, stats):
+    spec = plan.data.pretrain
+    for block in plan_blocks(plan, spec.sources, "pretrain", spec.block_bytes, stats):
         yield from block_documents(block, stats, {"rows": 0})
 
 
@@ -190,26 +191,26 @@ class Progress:
                 f"{self.tokens:,} tokens ({self.tokens / s:,.0f}/s), {self.workers} worker(s), {s:.1f}s")
 
 
-def prepare_pretrain(job, tokenizer: Tokenizer, directory: Path, fingerprint: str, run_blocks: RunBlocks | None = None,
+def prepare_pretrain(plan: DataPlan, tokenizer: Tokenizer, directory: Path, fingerprint: str, run_blocks: RunBlocks | None = None,
                      show: Callable[[str], None] | None = None) -> dict:
     """Write data/pretrain (or reuse it when the fingerprint matches); returns the manifest.
     `run_blocks` places the blocks' work (default: this process); `show` gets progress lines."""
     existing = read_manifest(directory)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return {**existing, "cached": True}
-    spec, workers = job.data.pretrain, job.data.num_proc
+    spec, workers = plan.data.pretrain, plan.data.num_proc
     run_blocks = run_blocks or run_blocks_here
     stats = SourceStats()
     with atomic_dir(directory, durable=True) as tmp:
-        settings = BlockSettings(str(tmp), tokenizer, job.seed, spec.val_fraction, spec.shard_tokens)
+        settings = BlockSettings(str(tmp), tokenizer, plan.seed, spec.val_fraction, spec.shard_tokens)
         work = functools.partial(tokenize_block, settings=settings)
-        blocks = plan_blocks(job, spec.sources, "pretrain", spec.block_bytes, stats)
+        blocks = plan_blocks(plan, spec.sources, "pretrain", spec.block_bytes, stats)
         first = next(blocks, None)  # a source that cannot be read fails here, before any Ray starts
         stream = run_blocks(chain([first], blocks), work, workers) if first is not None else iter(())
         progress = Progress(show, workers)  # from here: a Ray started for this is up
         results = sorted((progress.add(r) for r in stream), key=lambda r: (r["source"], r["index"]))
         _check_sources(spec.sources, results)
-        results = _ensure_validation(job, results, work, run_blocks, Path(tmp))
+        results = _ensure_validation(plan, results, work, run_blocks, Path(tmp))
         splits = split_tables(results, len(spec.sources))
         if splits["train"]["tokens"] == 0:
             raise RelayError("data.pretrain: no training tokens after the split; add data or lower val_fraction")
@@ -252,11 +253,11 @@ def _check_sources(sources, results: list[dict]) -> None:
         raise RelayError(f"{label}: the dataset is empty (no text in field {source.field or 'text'!r})")
 
 
-def _ensure_validation(job, results: list[dict], work, run_blocks: RunBlocks, directory: Path) -> list[dict]:
+def _ensure_validation(plan: DataPlan, results: list[dict], work, run_blocks: RunBlocks, directory: Path) -> list[dict]:
     """At least one validation document when there are two or more: when none drew one, the
     block holding the smallest draw (the first, on a tie) is written again with that document
     sent to validation. The block is planned again from its source, deterministically."""
-    spec = job.data.pretrain
+    spec = plan.data.pretrain
     if spec.val_fraction == 0 or sum(r["documents"] for r in results) < 2 or any(r["splits"]["val"]["documents"] for r in results):
         return results
     at = min((i for i, r in enumerate(results) if r["smallest"] is not None), key=lambda i: results[i]["smallest"][0])
@@ -265,7 +266,7 @@ def _ensure_validation(job, results: list[dict], work, run_blocks: RunBlocks, di
         for shard in part["shards"]:
             (directory / shard["file"]).unlink()
     source = spec.sources[target["source"]]
-    block = next(b for b in plan_source(job, target["source"], source, "pretrain", spec.block_bytes, SourceStats())
+    block = next(b for b in plan_source(plan, target["source"], source, "pretrain", spec.block_bytes, SourceStats())
                  if b["index"] == target["index"])
     (redone,) = list(run_blocks([{**block, "force_val": target["smallest"][1]}], work, 1))
     return results[:at] + [redone] + results[at + 1:]

@@ -29,6 +29,7 @@ from model.chat import render_chat
 from model.errors import RelayError
 from model.tokenizer import Tokenizer
 from pipelines.data.chat_formats import FORMAT_KEYS, detect_format, map_columns, to_messages
+from pipelines.data.data_plan import DataPlan
 from pipelines.data.pretrain import SPLITS, split_draw
 from pipelines.data.records import read_records
 from pipelines.data.shards import ShardWriter, read_manifest, token_dtype, write_manifest
@@ -110,17 +111,17 @@ class _SplitWriter:
                 for t, m in zip(self.tokens.close(), self.masks.close())]
 
 
-def iter_records(job, index: int, source, stats: SourceStats) -> Iterator[tuple[object, object]]:
+def iter_records(plan: DataPlan, index: int, source, stats: SourceStats) -> Iterator[tuple[object, object]]:
     """(record, where) of one source, streamed a block at a time."""
-    for block in plan_source(job, index, source, "sft", DEFAULT_BLOCK_BYTES, stats):
+    for block in plan_source(plan, index, source, "sft", DEFAULT_BLOCK_BYTES, stats):
         yield from read_records(block, stats)
 
 
-def conversations(job, index: int, source, stats: SourceStats, counts: dict, found: dict) -> Iterator[list[dict]]:
+def conversations(plan: DataPlan, index: int, source, stats: SourceStats, counts: dict, found: dict) -> Iterator[list[dict]]:
     """The messages of every conversation of a source that ends with an assistant turn; the
     source's format (read from its first record) goes to found["format"]."""
     fields, fmt = source.fields or {}, None
-    for row, where in iter_records(job, index, source, stats):
+    for row, where in iter_records(plan, index, source, stats):
         if fmt is None:  # all mapped columns must be in the first record; the format is read from it
             first = map_columns(row, fields, where, check=fields) if fields else row
             fmt = found["format"] = source.format if source.format != "auto" else detect_format(first, where)
@@ -133,16 +134,16 @@ def conversations(job, index: int, source, stats: SourceStats, counts: dict, fou
         raise RelayError(f"{source_label(source)}: the dataset is empty")
 
 
-def prepare_source(job, index: int, tokenizer: Tokenizer, directory: Path, row_len: int, force_val: int | None = None) -> dict:
+def prepare_source(plan: DataPlan, index: int, tokenizer: Tokenizer, directory: Path, row_len: int, force_val: int | None = None) -> dict:
     """Render, split and pack one SFT source into its shards; its counts, shards and smallest draw.
     `force_val` (a conversation's number) sends that conversation to validation."""
-    source, spec = job.data.sft.sources[index], job.data.sft
+    source, spec = plan.data.sft.sources[index], plan.data.sft
     stats, counts = SourceStats(), dict.fromkeys(COUNTS, 0)
     writers = {split: _SplitWriter(directory, split, index, token_dtype(tokenizer.n_vocab)) for split in SPLITS}
     packers = {split: RowPacker(row_len, tokenizer.eot_id, counts, writers[split].row) for split in SPLITS}
     number, smallest, found = 0, None, {}
-    for messages in conversations(job, index, source, stats, counts, found):
-        draw = split_draw("\x00".join(m["content"] for m in messages), job.seed)
+    for messages in conversations(plan, index, source, stats, counts, found):
+        draw = split_draw("\x00".join(m["content"] for m in messages), plan.seed)
         if smallest is None or draw < smallest[0]:
             smallest = [draw, number]
         split = "val" if draw < spec.val_fraction or number == force_val else "train"
@@ -159,9 +160,9 @@ def prepare_source(job, index: int, tokenizer: Tokenizer, directory: Path, row_l
             "replaced_bytes": stats.replaced_bytes, "files": stats.files, "splits": splits}
 
 
-def _ensure_validation(job, results: list[dict], tokenizer: Tokenizer, directory: Path, row_len: int) -> list[dict]:
+def _ensure_validation(plan: DataPlan, results: list[dict], tokenizer: Tokenizer, directory: Path, row_len: int) -> list[dict]:
     """At least one validation conversation when there are two or more (see the module's docstring)."""
-    if job.data.sft.val_fraction == 0 or sum(r["documents"] for r in results) < 2 \
+    if plan.data.sft.val_fraction == 0 or sum(r["documents"] for r in results) < 2 \
             or any(r["splits"]["val"]["documents"] for r in results):
         return results
     at = min((i for i, r in enumerate(results) if r["smallest"] is not None), key=lambda i: results[i]["smallest"][0])
@@ -169,7 +170,7 @@ def _ensure_validation(job, results: list[dict], tokenizer: Tokenizer, directory
         for shard in part["shards"]:
             (directory / shard["file"]).unlink()
             (directory / shard["mask_file"]).unlink()
-    redone = prepare_source(job, at, tokenizer, directory, row_len, force_val=results[at]["smallest"][1])
+    redone = prepare_source(plan, at, tokenizer, directory, row_len, force_val=results[at]["smallest"][1])
     return results[:at] + [redone] + results[at + 1:]
 
 
@@ -184,18 +185,18 @@ def _split_tables(results: list[dict]) -> dict:
     return splits
 
 
-def prepare_sft(job, tokenizer: Tokenizer, directory: Path, fingerprint: str, seq_len: int) -> dict:
+def prepare_sft(plan: DataPlan, tokenizer: Tokenizer, directory: Path, fingerprint: str, seq_len: int) -> dict:
     """Write data/sft (or reuse it when the fingerprint matches); returns the manifest."""
     existing = read_manifest(directory)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return {**existing, "cached": True}
-    spec = job.data.sft
+    spec = plan.data.sft
     row_len = seq_len + 1
     with atomic_dir(directory, durable=True) as tmp:
-        results = [prepare_source(job, i, tokenizer, Path(tmp), row_len) for i in range(len(spec.sources))]
+        results = [prepare_source(plan, i, tokenizer, Path(tmp), row_len) for i in range(len(spec.sources))]
         if not sum(r["documents"] for r in results):
             raise RelayError("data.sft: no conversation ends with an assistant turn; nothing to train on")
-        results = _ensure_validation(job, results, tokenizer, Path(tmp), row_len)
+        results = _ensure_validation(plan, results, tokenizer, Path(tmp), row_len)
         splits = _split_tables(results)
         if splits["train"]["supervised_tokens"] == 0:
             raise RelayError("data.sft: the training split has zero supervised (assistant) tokens")

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from model.errors import RelayError
+from pipelines.data.data_plan import DataPlan
 from pipelines.data.text import SourceStats, csv_header
 
 LOCAL_TYPES = ("text", "json", "parquet", "csv")
@@ -35,10 +36,10 @@ NEWLINE = re.compile(rb"\n")
 BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # a line holding only spaces: where blank_line documents part
 
 
-def _files(job, source) -> list[Path]:
+def _files(plan: DataPlan, source) -> list[Path]:
     """The files `source.path` matches, each once: a file reached through several links (a
     link loop makes `**` reach one file dozens of times) is read at its first match only."""
-    pattern = str(job.path(source.path))
+    pattern = str(plan.path(source.path))
     matches, seen = [], set()
     for p in sorted(Path(p) for p in glob.glob(pattern, recursive=True)):
         real = p.resolve()
@@ -84,20 +85,20 @@ def source_label(source) -> str:
 
 # ---- planning: sources -> blocks --------------------------------------------------------------
 
-def plan_blocks(job, sources, role: str, block_bytes: int, stats: SourceStats) -> Iterator[dict]:
+def plan_blocks(plan: DataPlan, sources, role: str, block_bytes: int, stats: SourceStats) -> Iterator[dict]:
     """The blocks of every source, in source order (role: "pretrain" | "sft")."""
     for index, source in enumerate(sources):
-        yield from plan_source(job, index, source, role, block_bytes, stats)
+        yield from plan_source(plan, index, source, role, block_bytes, stats)
 
 
-def plan_source(job, index: int, source, role: str, block_bytes: int, stats: SourceStats) -> Iterator[dict]:
+def plan_source(plan: DataPlan, index: int, source, role: str, block_bytes: int, stats: SourceStats) -> Iterator[dict]:
     """The blocks of one source, numbered from 0. Pretraining reads only the text column of
     Parquet and CSV, and carries only the text field of hub records."""
     text_field = source.field or "text"
     columns = [text_field] if role == "pretrain" and source.type in ("parquet", "csv") else None
     base = {"source": index, "type": source.type, "label": source_label(source), "split_by": source.split_by,
             "field": text_field if role == "pretrain" else None, "columns": columns, "encoding": source.encoding or "utf-8"}
-    files = _files(job, source) if source.type in LOCAL_TYPES else []
+    files = _files(plan, source) if source.type in LOCAL_TYPES else []
     for path in files if source.type in ("text", "json", "csv") else []:
         check_text_file(path, source.encoding)
     stats.files += [str(p) for p in files]
@@ -114,7 +115,7 @@ def plan_source(job, index: int, source, role: str, block_bytes: int, stats: Sou
         parts = _hub_parts(source, text_field if role == "pretrain" else None, block_bytes)
     else:
         base["row_label"] = {"pretrain": "synthetic document", "dpo": "synthetic pair"}.get(role, "synthetic conversation")
-        parts = _inline_parts(_synthetic_records(job, role), block_bytes)
+        parts = _inline_parts(_synthetic_records(plan, role), block_bytes)
     yield from _pack(parts, base, block_bytes)
 
 
@@ -295,10 +296,10 @@ def _hub_text(record, name: str, where: str):
     return value
 
 
-def _synthetic_records(job, role: str) -> list:
+def _synthetic_records(plan: DataPlan, role: str) -> list:
     from pipelines.data import synthetic
 
-    spec = job.data.synthetic
+    spec = plan.data.synthetic
     world = synthetic.build_world(spec.seed, spec.num_people, spec.held_out_fraction)
     if role == "pretrain":
         return [{"text": d} for d in synthetic.pretrain_documents(world, spec.seed, spec.mentions_per_fact, spec.num_arithmetic)]

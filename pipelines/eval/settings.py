@@ -39,7 +39,7 @@ class EvalPlan:
     models: dict[str, Path]
     tasks: tuple[str, ...]
     synthetic: Any
-    seed: int
+    seed: int | None  # the job's; None for `relaygpt eval` without a job
     limit: int | None = None
     workers: int = 1
     cpus_per_worker: float = 1

@@ -335,6 +335,7 @@ class RunPlan:
     job: dict[str, Any]
     tracking: Any = None        # pipelines/train/tracking.py TrackingPlan: MLflow / W&B beside TensorBoard, or None
     eval: Any = None            # the eval stage's EvalPlan (pipelines/eval/settings.py), None without one
+    data: Any = None            # the data stage's DataPlan (pipelines/data/data_plan.py)
 
     def stage(self, name: str) -> TrainPlan:
         return self.training[name]

@@ -99,9 +99,10 @@ def flat_params(value, prefix: str, out: dict | None = None) -> dict[str, str]:
     return out
 
 
-def plan_params(job: dict, stage_plan) -> dict[str, str]:
-    """The resolved plan as parameters: the job (`job.*`) and the stage's scalar numbers (`plan.*`)."""
-    params = flat_params(job, "job")
+def plan_params(resolved: dict, stage_plan) -> dict[str, str]:
+    """The resolved plan as parameters: `resolved`, the job with every default filled in (RunPlan.job),
+    as `job.*`, and the stage's scalar numbers (`plan.*`)."""
+    params = flat_params(resolved, "job")
     for field in dataclasses.fields(stage_plan):
         value = getattr(stage_plan, field.name)
         if isinstance(value, (bool, int, float, str, Path)) or value is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs.plan import data_plan
 from jobs.spec import load_job
 from model.tokenizer import Tokenizer
 from pipelines.data.pretrain import prepare_pretrain
@@ -59,8 +60,8 @@ def test_prepare_throughput(tmp_path, shared_data, record, ray_cluster):
     half = len(docs) // 2
     with ThreadPoolExecutor(PROCESSES) as pool:
         t_shares, _ = _best_seconds(lambda _: list(pool.map(lambda part: [tok.encode(d) for d in part], [docs[:half], docs[half:]])))
-    t_here, manifest = _best_seconds(lambda k: prepare_pretrain(job, tok, tmp_path / f"here{k}", fingerprint=f"here{k}"))
-    t_ray, on_ray = _best_seconds(lambda k: prepare_pretrain(job, tok, tmp_path / f"ray{k}", fingerprint=f"ray{k}", run_blocks=run_blocks_on_ray))
+    t_here, manifest = _best_seconds(lambda k: prepare_pretrain(data_plan(job), tok, tmp_path / f"here{k}", fingerprint=f"here{k}"))
+    t_ray, on_ray = _best_seconds(lambda k: prepare_pretrain(data_plan(job), tok, tmp_path / f"ray{k}", fingerprint=f"ray{k}", run_blocks=run_blocks_on_ray))
     tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     assert tokens == sum(map(len, ids)) + len(docs) and on_ray["splits"] == manifest["splits"]
     record("data_prepare", megabytes=megabytes, documents=len(docs), workers=PROCESSES, blocks=manifest["stats"]["blocks"],
@@ -74,13 +75,14 @@ def test_prepare_throughput(tmp_path, shared_data, record, ray_cluster):
 PEAK_SCRIPT = """
 import json, re, resource, sys
 from pathlib import Path
+from jobs.plan import data_plan
 from jobs.spec import load_job
 from model.tokenizer import Tokenizer
 from pipelines.data.pretrain import prepare_pretrain
 job, tok = load_job(sys.argv[1]), Tokenizer.from_name("gpt2")
 tok.encode("warm up")
 before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()  # resident now
-manifest = prepare_pretrain(job, tok, Path(sys.argv[2]), fingerprint="peak")
+manifest = prepare_pretrain(data_plan(job), tok, Path(sys.argv[2]), fingerprint="peak")
 # VmHWM, not ru_maxrss: after fork + exec, ru_maxrss starts at the parent's resident size.
 peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 print(json.dumps({"before": before, "peak": peak, "tokens": manifest["splits"]["train"]["tokens"]}))

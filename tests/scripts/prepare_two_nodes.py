@@ -11,6 +11,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.launch import run_blocks_on_ray  # noqa: E402
+from jobs.plan import data_plan  # noqa: E402
 from jobs.spec import load_job  # noqa: E402
 from pipelines.data.prepare import prepare_data  # noqa: E402
 from pipelines.rundir import RunDir  # noqa: E402
@@ -23,7 +24,7 @@ def main(job_path: str, run_dir: str) -> None:
     try:
         ray.init(address=cluster.address, _node_ip_address="127.0.0.1", logging_level="WARNING")
         job = load_job(job_path, ["data.num_proc=2"])
-        prepare_data(job, RunDir(run_dir), run_blocks=run_blocks_on_ray, show=lambda line: print(line, flush=True))
+        prepare_data(data_plan(job), RunDir(run_dir), run_blocks=run_blocks_on_ray, show=lambda line: print(line, flush=True))
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print("RESULT " + json.dumps({"nodes": nodes}), flush=True)
     finally:
