@@ -19,7 +19,8 @@ class TrainTokenizerSpec(Strict):
     """A byte-level BPE trained on the pretraining text."""
 
     vocab_size: int = Field(ge=512, description="full vocabulary, special tokens included")
-    max_chars: int = Field(20_000_000, ge=1, description="at most this much pretraining text is read for training")
+    max_chars: int | None = Field(None, ge=1, description="at most this much pretraining text is read for training "
+                                  "(default: all of it, streamed)")
 
 
 class TokenizerSpec(Strict):

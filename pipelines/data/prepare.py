@@ -80,7 +80,10 @@ def _tokenizer_fingerprint(job, hashes: FileHashes | None = None) -> str:
     if spec.train is not None:
         if job.data.pretrain is None:
             raise RelayError("tokenizer.train: needs data.pretrain sources to train on")
-        return sources_fingerprint(job, job.data.pretrain.sources, hashes, seed=job.seed, train=spec.train.model_dump())
+        from model.bpe import trainer_identity
+
+        return sources_fingerprint(job, job.data.pretrain.sources, hashes, seed=job.seed, train=spec.train.model_dump(),
+                                   trainer=trainer_identity())
     files = _tokenizer_inputs(job, hashes or FileHashes())
     return hashlib.sha256(json.dumps([spec.model_dump(mode="json"), files], sort_keys=True).encode()).hexdigest()
 
@@ -148,11 +151,15 @@ def prepare_tokenizer(job, out: Path, hashes: FileHashes | None = None) -> Token
     return Tokenizer.from_dir(out)
 
 
-def _training_text(job, max_chars: int):
-    """The pretraining documents, streamed in source order until `max_chars` (BPE training reads them once)."""
+def _training_text(job, max_chars: int | None):
+    """The pretraining documents, streamed in source order (all of them, or until `max_chars`):
+    BPE training reads them once, as they come."""
     from pipelines.data.pretrain import iter_documents
     from pipelines.data.sources import SourceStats
 
+    if max_chars is None:
+        yield from iter_documents(job, SourceStats())
+        return
     budget = max_chars
     for doc in iter_documents(job, SourceStats()):
         yield doc[:budget]
