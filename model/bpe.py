@@ -11,7 +11,7 @@ plain Python for one chunk.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from model.errors import RelayError
@@ -78,14 +78,15 @@ def ranks_from_trained(trained) -> dict[bytes, int]:
     return ranks
 
 
-def check_text_files(paths: Iterable[str | Path]) -> None:
+def check_text_files(paths: Sequence[str | Path]) -> None:
     """Refuse, before training, a file that cannot be read, and files holding no text at all
-    (a file is read only up to its first line that is not blank)."""
+    (each file is opened; read only until a line that is not blank has been seen)."""
     has_text = False
     for path in paths:
         try:
             with open(path, encoding="utf-8", errors="replace", newline="") as f:
-                has_text = has_text or any(line.strip() for line in f)
+                if not has_text:
+                    has_text = any(line.strip() for line in f)
         except OSError as exc:
             raise RelayError(f"{path}: cannot read ({exc.strerror})") from None
     if not has_text:
@@ -93,20 +94,13 @@ def check_text_files(paths: Iterable[str | Path]) -> None:
 
 
 def file_text_blocks(paths: Iterable[str | Path], block_chars: int = 1 << 20) -> Iterator[str]:
-    """The text of `paths` in blocks of whole lines of about `block_chars`, read as consumed (a
-    file of any size streams). Bytes that are not UTF-8 read as U+FFFD; line ends are kept."""
+    """The text of `paths`, read as it is consumed, in blocks of `block_chars` characters carried
+    on to the end of their line (a longer line is cut), so memory stays bounded whatever the
+    files. Bytes that are not UTF-8 read as U+FFFD; line ends are kept."""
     for path in paths:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            block: list[str] = []
-            size = 0
-            for line in f:
-                block.append(line)
-                size += len(line)
-                if size >= block_chars:
-                    yield "".join(block)
-                    block, size = [], 0
-            if block:
-                yield "".join(block)
+            while block := f.read(block_chars):
+                yield block + f.readline(block_chars)
 
 
 def bpe_split(ranks: dict[bytes, int], piece: bytes, max_rank: int | None = None) -> list[bytes]:

@@ -175,6 +175,16 @@ def test_merges_tiktoken_cannot_reproduce_are_refused():
         ranks_from_trained(Library(models.BPE(vocab=vocab, merges=[("a", "b"), ("b", "c")])))
 
 
+def test_files_stream_in_bounded_blocks_that_add_up_to_them(tmp_path):
+    from model.bpe import file_text_blocks
+
+    (tmp_path / "a.txt").write_bytes(b"one\ntwo lines\r\nthree" * 40 + b"x" * 300)
+    (tmp_path / "b.txt").write_bytes(b"\xff not utf-8\n")
+    blocks = list(file_text_blocks([tmp_path / "a.txt", tmp_path / "b.txt"], block_chars=64))
+    assert "".join(blocks) == (tmp_path / "a.txt").read_bytes().decode() + "\ufffd not utf-8\n"
+    assert max(map(len, blocks)) <= 128 and sum(b.endswith("\n") for b in blocks) > len(blocks) // 2
+
+
 def test_tokenizer_train_on_blank_files_is_refused_before_writing(tmp_path):
     from model.tokenizer import train_tokenizer_from_files
 
