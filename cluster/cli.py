@@ -303,7 +303,7 @@ COMMANDS = [
     ("data prepare", "tokenizer + token shards for every data stage of a job", _job_args, cmd_data_prepare),
     ("data inspect", "rendered samples and statistics of a prepared stage", _inspect_args, cmd_data_inspect),
     ("data verify", "re-hash every prepared shard against its manifest (training starts check sizes only)", _job_args, cmd_data_verify),
-    ("tokenizer train", "train a byte-level BPE on text files", _tokenizer_train_args, cmd_tokenizer_train),
+    ("tokenizer train", "train a byte-level BPE on text files (the tokenizers library's trainer)", _tokenizer_train_args, cmd_tokenizer_train),
     ("export", "write a model directory (native or Hugging Face GPT-2)", _export_args, cmd_export),
     ("generate", "generate completions for a JSONL file of prompts", _generate_args, cmd_generate),
     ("sweep", "measure a job across a grid of layouts / sizes: results.csv, report.md, plots", _sweep_args, cmd_sweep),

@@ -1,20 +1,18 @@
-"""Byte-level BPE: training on a corpus, a naive reference encoder, and GPT-2 file formats.
+"""Byte-level BPE: training on a corpus (the `tokenizers` library's trainer), tiktoken ranks
+from what it learned, and GPT-2 file formats.
 
 A vocabulary here is what tiktoken calls mergeable ranks: `dict[bytes, int]`, the 256 single
-bytes first, then every merged token in the order it was learned. Encoding merges, inside
-each pre-tokenised chunk, the adjacent pair whose concatenation has the lowest rank — the
-rule tiktoken applies, which `reference_encode` spells out in plain Python.
+bytes (in GPT-2's order: printable ones first), then every merged token in the order it was
+learned. Encoding merges, inside each pre-tokenised chunk, the adjacent pair whose
+concatenation has the lowest rank — the rule tiktoken applies, which `bpe_split` spells out in
+plain Python for one chunk.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-
-import regex
 
 from model.errors import RelayError
 
@@ -22,75 +20,87 @@ from model.errors import RelayError
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def train_bpe(texts: Iterable[str], num_ranks: int, pat_str: str = GPT2_PATTERN) -> dict[bytes, int]:
-    """Learn mergeable ranks (256 bytes + up to num_ranks - 256 merges) from `texts`.
+def train_bpe(texts: Iterable[str], num_ranks: int, pat_str: str = GPT2_PATTERN):
+    """A byte-level BPE of `num_ranks` tokens (the 256 bytes + merges) trained by the `tokenizers`
+    library on `texts`, which it reads once, as they come (an iterator streams).
 
-    Pair counts are kept incrementally: a merge only revisits the distinct pre-tokens that
-    contain the pair, so 4k merges over tinyshakespeare take seconds, not minutes. Ties
-    between equally frequent pairs go to the lexicographically smaller pair of bytes.
+    Its pre-tokenizer splits by `pat_str`, the regex the tiktoken encoding applies at run time,
+    then maps bytes to GPT-2's printable characters; every byte is in the alphabet whether seen
+    or not. No special tokens: the Tokenizer places them above the ranks. Returns the library's
+    trained `tokenizers.Tokenizer` (`ranks_from_trained` turns it into tiktoken ranks).
     """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
     if num_ranks < 256:
         raise RelayError(f"vocab size must leave room for the 256 byte tokens, got {num_ranks} ranks")
-    pattern = regex.compile(pat_str)
-    chunk_counts: Counter[str] = Counter()
-    for text in texts:
-        chunk_counts.update(pattern.findall(text))
-    token_bytes: list[bytes] = [bytes([b]) for b in range(256)]
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    freqs = list(chunk_counts.values())
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pat_str), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trained.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=num_ranks, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trained.train_from_iterator(texts, trainer=trainer)
+    return trained
 
-    pair_counts: Counter[tuple[int, int]] = Counter()
-    pair_words: dict[tuple[int, int], set[int]] = {}
-    for w, (ids, freq) in enumerate(zip(words, freqs)):
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += freq
-            pair_words.setdefault(pair, set()).add(w)
 
-    def heap_key(pair):
-        return (-pair_counts[pair], token_bytes[pair[0]], token_bytes[pair[1]], pair)
+def trainer_identity() -> str:
+    """What trains a BPE here, part of a training recipe's fingerprint: a tokenizer trained by
+    something else (relaygpt's own trainer before, another `tokenizers` release whose ties could
+    fall otherwise) is trained again rather than reused."""
+    from importlib.metadata import version
 
-    heap = [heap_key(p) for p in pair_counts]
-    heapq.heapify(heap)
-    ranks = {tok: i for i, tok in enumerate(token_bytes)}
-    while len(ranks) < num_ranks and heap:
-        neg_count, _, _, pair = heapq.heappop(heap)
-        if pair_counts.get(pair, 0) != -neg_count or neg_count == 0:
-            continue  # stale entry: the count changed since it was pushed
-        merged = token_bytes[pair[0]] + token_bytes[pair[1]]
-        if merged in ranks:  # the same bytes were already learned through another split
-            new_id = ranks[merged]
-        else:
-            new_id = len(token_bytes)
-            token_bytes.append(merged)
-            ranks[merged] = new_id
-        touched: set[tuple[int, int]] = set()
-        for w in pair_words.pop(pair, set()):
-            ids, freq = words[w], freqs[w]
-            for old in zip(ids, ids[1:]):
-                pair_counts[old] -= freq
-                touched.add(old)
-            words[w] = ids = _merge_pair(ids, pair, new_id)
-            for new in zip(ids, ids[1:]):
-                pair_counts[new] += freq
-                pair_words.setdefault(new, set()).add(w)
-                touched.add(new)
-        pair_counts.pop(pair, None)
-        for p in touched:
-            if pair_counts.get(p, 0) > 0:
-                heapq.heappush(heap, heap_key(p))
+    return f"tokenizers-bpe/{version('tokenizers')}"
+
+
+def ranks_from_trained(trained) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks of a byte-level BPE trained by `train_bpe`: each token's id.
+
+    tiktoken merges, in a chunk, the adjacent pair whose concatenation has the lowest rank;
+    `tokenizers` applies its merge rules in the order learned. They give the same ids when every
+    learned token's id follows its merge's position and tiktoken's rule splits each token back
+    into the very pair it was merged from. Both are checked here, so a library release that
+    trained otherwise is refused, not silently encoded differently.
+    """
+    model = json.loads(trained.to_str())["model"]
+    decoder = {ch: b for b, ch in bytes_to_unicode().items()}
+    ranks = {bytes(decoder[ch] for ch in token): idx for token, idx in model["vocab"].items()}
+    if sorted(ranks.values()) != list(range(len(ranks))) or sum(len(tok) == 1 for tok in ranks) != 256:
+        raise RelayError("tokenizers' BPE trainer gave a vocabulary that is not the 256 bytes and merges with ids 0..n-1")
+    for position, merge in enumerate(model["merges"]):
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        pair = [bytes(decoder[ch] for ch in left), bytes(decoder[ch] for ch in right)]
+        rank = ranks[pair[0] + pair[1]]
+        if rank != 256 + position or bpe_split(ranks, pair[0] + pair[1], max_rank=rank) != pair:
+            raise RelayError(f"tokenizers' BPE trainer learned merge {position} ({left!r} + {right!r}, id {rank}) in a way "
+                             "tiktoken's rank rule does not reproduce; this tokenizers release is not supported for training")
     return ranks
 
 
-def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+def check_text_files(paths: Sequence[str | Path]) -> None:
+    """Refuse, before training, a file that cannot be read, and files holding no text at all
+    (each file is opened; read only until a line that is not blank has been seen)."""
+    has_text = False
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace", newline="") as f:
+                if not has_text:
+                    has_text = any(line.strip() for line in f)
+        except OSError as exc:
+            raise RelayError(f"{path}: cannot read ({exc.strerror})") from None
+    if not has_text:
+        raise RelayError(f"{', '.join(map(str, paths))}: no text to train a tokenizer on")
+
+
+def file_text_blocks(paths: Iterable[str | Path], block_chars: int = 1 << 20) -> Iterator[str]:
+    """The text of `paths`, read as it is consumed, in blocks of `block_chars` characters carried
+    on to the end of their line (a longer line is cut), so memory stays bounded whatever the
+    files. Bytes that are not UTF-8 read as U+FFFD; line ends are kept."""
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            while block := f.read(block_chars):
+                yield block + f.readline(block_chars)
 
 
 def bpe_split(ranks: dict[bytes, int], piece: bytes, max_rank: int | None = None) -> list[bytes]:
@@ -107,14 +117,6 @@ def bpe_split(ranks: dict[bytes, int], piece: bytes, max_rank: int | None = None
             break
         parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
     return parts
-
-
-def reference_encode(ranks: dict[bytes, int], text: str, pat_str: str = GPT2_PATTERN) -> list[int]:
-    """Deliberately naive encoder (regex chunks, then merges by rank): the test oracle."""
-    ids: list[int] = []
-    for chunk in regex.findall(pat_str, text):
-        ids.extend(ranks[part] for part in bpe_split(ranks, chunk.encode("utf-8")))
-    return ids
 
 
 # ---- the .tiktoken rank file -------------------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import tiktoken
 
-from model.bpe import GPT2_PATTERN, ranks_from_gpt2_files, ranks_to_tiktoken_bytes, train_bpe
+from model.bpe import (GPT2_PATTERN, check_text_files, file_text_blocks, ranks_from_gpt2_files, ranks_from_trained,
+                       ranks_to_tiktoken_bytes, train_bpe)
 from model.errors import RelayError
 from model.hf_tokenizer import NORMALIZERS
 
@@ -225,9 +226,10 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int, name: str = "bpe", pat_str: str = GPT2_PATTERN) -> Tokenizer:
-        """Train a byte-level BPE whose full vocabulary (ranks + 5 special tokens) is vocab_size."""
+        """A byte-level BPE trained by `tokenizers` (model/bpe.py; `texts` are read once, as they
+        come) whose full vocabulary (ranks + 5 special tokens) is vocab_size."""
         num_special = 1 + len(CHAT_TOKENS)
-        ranks = train_bpe(texts, vocab_size - num_special, pat_str)
+        ranks = ranks_from_trained(train_bpe(texts, vocab_size - num_special, pat_str))
         return cls(name, ranks, pat_str, {}, sha256_bytes(ranks_to_tiktoken_bytes(ranks)), ("memory", name))
 
     def save(self, path: str | Path) -> Path:
@@ -361,17 +363,10 @@ def train_tokenizer_from_files(paths: list[str | Path], vocab_size: int, out: st
 
     _check_output_dir(Path(out))
     check_owned(out, "tokenizer", "--out")
-    texts = []
-    for p in paths:
-        try:
-            texts.append(Path(p).read_bytes().decode("utf-8", errors="replace"))
-        except OSError as exc:
-            raise RelayError(f"{p}: cannot read ({exc.strerror})") from None
-    if not any(t.strip() for t in texts):
-        raise RelayError(f"{', '.join(map(str, paths))}: no text to train a tokenizer on")
+    check_text_files(paths)
     if vocab_size < 256 + 1 + len(CHAT_TOKENS) + 1:
         raise RelayError(f"--vocab-size must be at least {256 + 2 + len(CHAT_TOKENS)} (256 bytes, special tokens, one merge), got {vocab_size}")
-    tok = Tokenizer.train(texts, vocab_size, name=name or Path(out).name)
+    tok = Tokenizer.train(file_text_blocks(paths), vocab_size, name=name or Path(out).name)
     tok.save(claim(out, "tokenizer", "--out"))
     return tok
 

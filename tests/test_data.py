@@ -265,6 +265,27 @@ def test_a_changed_tokenizer_directory_re_prepares(tmp_path, shared_data):
     assert changed["pretrain"]["tokenizer"]["sha256"] != first["pretrain"]["tokenizer"]["sha256"]
 
 
+def test_a_trained_tokenizer_is_trained_again_when_its_trainer_changes(tmp_path, shared_data, monkeypatch):
+    """The training recipe's fingerprint names what trains (the `tokenizers` release): a run's
+    tokenizer trained by anything else (relaygpt's earlier hand-written trainer included) is
+    trained again, not reused; with the same trainer it is reused and the data stays cached."""
+    import model.bpe
+
+    (tmp_path / "corpus.txt").write_text((shared_data / "pretrain" / "tinystories_sample.txt").read_text()[:30_000])
+    path = write_job(tmp_path, {"pretrain": {"sources": [{"type": "text", "path": "corpus.txt"}]}},
+                     tokenizer={"train": {"vocab_size": 512}})
+    job, first = prepare(path)
+    marker, ranks = job.run_dir() / "tokenizer" / "source.json", job.run_dir() / "tokenizer" / "ranks.tiktoken"
+    recorded, mtime = json.loads(marker.read_text())["fingerprint"], ranks.stat().st_mtime_ns
+    _, again = prepare(path)
+    assert again["pretrain"]["cached"] and ranks.stat().st_mtime_ns == mtime and again["tokenizer"] == first["tokenizer"]
+    monkeypatch.setattr(model.bpe, "trainer_identity", lambda: "another-trainer/1")
+    _, retrained = prepare(path)
+    assert json.loads(marker.read_text())["fingerprint"] != recorded and ranks.stat().st_mtime_ns != mtime
+    # The same trainer gave the same ids, so the shards made with them stay valid.
+    assert retrained["tokenizer"] == first["tokenizer"] and retrained["pretrain"]["cached"]
+
+
 def test_a_validation_split_taking_most_tokens_is_reported(tmp_path, shared_data):
     from helpers import relaygpt
     from pipelines.data.prepare import validation_warning

@@ -1,4 +1,5 @@
-"""Tokenizer: standard encodings match tiktoken, rank files are hash-checked, trained BPE is exact."""
+"""Tokenizer: standard encodings match tiktoken, rank files are hash-checked, a BPE trained by the
+`tokenizers` library encodes through tiktoken exactly as the library does."""
 
 import os
 import pickle
@@ -9,7 +10,7 @@ import sys
 import pytest
 import tiktoken
 
-from model.bpe import bpe_split, reference_encode
+from model.bpe import GPT2_PATTERN, bpe_split, train_bpe
 from model.errors import RelayError
 from model.tokenizer import CHAT_TOKENS, EOT, Tokenizer
 
@@ -78,11 +79,42 @@ def test_pickles_by_reference_and_works_in_datasets_map(gpt2_tokenizer, trained_
     assert out["ids"] == [tok.encode(t) for t in ds["text"]]
 
 
-def test_trained_bpe_matches_naive_reference(trained_tokenizer, shakespeare):
-    tok = trained_tokenizer
-    assert tok.n_vocab == 1024
-    sample = shakespeare[400_000:430_000] + " Ünïcödé, emoji 🤖🎉 and 数字 12345 "
-    assert tok.encode(sample) == reference_encode(tok.mergeable_ranks, sample, tok.pat_str)
+# Text the equality checks encode: prose, several scripts, code, emoji (with modifiers and ZWJ
+# sequences), digits, odd whitespace and contractions.
+MIXED_TEXTS = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "Grüße aus München! Ünïcödé façade naïve — «quotes» and ‘single’ ones; they'll, we've, I'd",
+    "Привет, мир! Как дела? Ελληνικά γράμματα. עברית ועוד. العربية هنا.",
+    "日本語のテキストと中文文本，还有한국어 문장도 있습니다。数字 12345 and ١٢٣ and ½ ²",
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # circle\n\n\tif (a && b) { x[i] += 1; }\r\n",
+    "emoji 🤖🎉 👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ and tabs\t\t, many   spaces   , trailing  \n\n\n",
+    "SELECT name, COUNT(*) FROM users WHERE id >= 10 GROUP BY name; -- sql\n<div class=\"x\">&amp;</div>",
+]
+
+
+def test_trained_bpe_gives_the_tokenizers_librarys_ids(shakespeare):
+    """The ranks converted from what `tokenizers` trained encode, through tiktoken, to the
+    library's own ids on mixed text (text it was trained on and text it was not)."""
+    corpus = [shakespeare[:60_000], *(MIXED_TEXTS[:-1] * 8)]
+    library = train_bpe(iter(corpus), 500, GPT2_PATTERN)
+    ours = Tokenizer.train(iter(corpus), 505, name="mixed")
+    assert ours.n_vocab == 505 and max(ours.mergeable_ranks.values()) == 499
+    assert any(len(t) > 1 and t[0] >= 0x80 for t in ours.mergeable_ranks)  # multi-byte characters were merged
+    for text in [*MIXED_TEXTS, shakespeare[400_000:420_000], "".join(MIXED_TEXTS)]:
+        ids = ours.encode(text)
+        assert ids == library.encode(text).ids, text[:40]
+        assert ours.decode(ids) == library.decode(ids) == text
+    assert [ours.special_tokens[t] for t in (EOT, *CHAT_TOKENS)] == [500, 501, 502, 503, 504]
+
+
+def test_training_is_deterministic_and_streams(tmp_path, shakespeare):
+    """Two trainings on the same text, one fed document by document from a generator, write
+    identical files."""
+    docs = [shakespeare[:40_000], *MIXED_TEXTS]
+    first = Tokenizer.train(docs, 400, name="det").save(tmp_path / "a")
+    second = Tokenizer.train((doc for doc in docs), 400, name="det").save(tmp_path / "b")
+    for name in ("ranks.tiktoken", "tokenizer.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
 
 
 def test_trained_bpe_round_trips_any_bytes(trained_tokenizer):
@@ -108,19 +140,58 @@ def test_saved_directory_reloads_identically(trained_tokenizer, tmp_path):
     assert again.special_tokens == trained_tokenizer.special_tokens
 
 
-def test_cli_trains_4096_vocab_on_shakespeare(shared_data, tmp_path):
-    out = tmp_path / "tok"
+def test_cli_trains_a_bpe_on_shakespeare(shared_data, tmp_path):
+    from model.tokenizer import train_tokenizer_from_files
+
+    corpus = shared_data / "pretrain" / "tinyshakespeare.txt"
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "tokenizer", "train", "--input", str(shared_data / "pretrain" / "tinyshakespeare.txt"),
-         "--vocab-size", "4096", "--out", str(out)],
+        [sys.executable, "-m", "cluster.cli", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "512",
+         "--out", str(tmp_path / "cli" / "tok")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    tok = Tokenizer.load(out)
-    assert tok.n_vocab == 4096
-    text = (shared_data / "pretrain" / "tinyshakespeare.txt").read_text()[:5000]
-    assert tok.encode(text) == reference_encode(tok.mergeable_ranks, text, tok.pat_str)
-    assert len(tok.encode(text)) < len(text) / 2.5  # it actually compresses
+    tok = Tokenizer.load(tmp_path / "cli" / "tok")
+    assert tok.n_vocab == 512
+    text = corpus.read_text()[:5000]
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) < len(text) / 1.8  # it actually compresses
+    # Another process, the same files: training does not depend on hash seeds or threads.
+    train_tokenizer_from_files([corpus], 512, tmp_path / "here" / "tok")
+    for name in ("ranks.tiktoken", "tokenizer.json"):
+        assert (tmp_path / "cli" / "tok" / name).read_bytes() == (tmp_path / "here" / "tok" / name).read_bytes()
+
+
+def test_merges_tiktoken_cannot_reproduce_are_refused():
+    """The conversion checks what it assumes of the trainer: here a learned token whose id does
+    not follow its merge's position (tiktoken would apply that merge too early)."""
+    from tokenizers import Tokenizer as Library
+    from tokenizers import models
+
+    from model.bpe import bytes_to_unicode, ranks_from_trained
+
+    alphabet = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab = {**alphabet, "ab": 257, "bc": 256}  # merged first, but with the later id
+    with pytest.raises(RelayError, match=r"merge 0 \('a' \+ 'b', id 257\).*not supported for training"):
+        ranks_from_trained(Library(models.BPE(vocab=vocab, merges=[("a", "b"), ("b", "c")])))
+
+
+def test_files_stream_in_bounded_blocks_that_add_up_to_them(tmp_path):
+    from model.bpe import file_text_blocks
+
+    (tmp_path / "a.txt").write_bytes(b"one\ntwo lines\r\nthree" * 40 + b"x" * 300)
+    (tmp_path / "b.txt").write_bytes(b"\xff not utf-8\n")
+    blocks = list(file_text_blocks([tmp_path / "a.txt", tmp_path / "b.txt"], block_chars=64))
+    assert "".join(blocks) == (tmp_path / "a.txt").read_bytes().decode() + "\ufffd not utf-8\n"
+    assert max(map(len, blocks)) <= 128 and sum(b.endswith("\n") for b in blocks) > len(blocks) // 2
+
+
+def test_tokenizer_train_on_blank_files_is_refused_before_writing(tmp_path):
+    from model.tokenizer import train_tokenizer_from_files
+
+    (tmp_path / "blank.txt").write_text(" \n\n\t\n")
+    with pytest.raises(RelayError, match=r"blank\.txt: no text to train a tokenizer on"):
+        train_tokenizer_from_files([tmp_path / "blank.txt"], 512, tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
 
 
 def test_cli_train_errors_are_one_line(tmp_path):

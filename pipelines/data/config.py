@@ -16,10 +16,11 @@ from pipelines.settings import Strict
 # ---- tokenizer ---------------------------------------------------------------------------
 
 class TrainTokenizerSpec(Strict):
-    """A byte-level BPE trained on the pretraining text."""
+    """A byte-level BPE trained on the pretraining text by the `tokenizers` library (model/bpe.py)."""
 
     vocab_size: int = Field(ge=512, description="full vocabulary, special tokens included")
-    max_chars: int = Field(20_000_000, ge=1, description="at most this much pretraining text is read for training")
+    max_chars: int | None = Field(None, ge=1, description="at most this much pretraining text is read for training "
+                                  "(default: all of it, streamed)")
 
 
 class TokenizerSpec(Strict):

@@ -71,7 +71,10 @@ def _tokenizer_fingerprint(plan: DataPlan, hashes: FileHashes | None = None) -> 
     if spec.train is not None:
         if plan.data.pretrain is None:
             raise RelayError("tokenizer.train: needs data.pretrain sources to train on")
-        return sources_fingerprint(plan, plan.data.pretrain.sources, hashes, seed=plan.seed, train=spec.train.model_dump())
+        from model.bpe import trainer_identity
+
+        return sources_fingerprint(plan, plan.data.pretrain.sources, hashes, seed=plan.seed, train=spec.train.model_dump(),
+                                   trainer=trainer_identity())
     files = _tokenizer_inputs(plan, hashes or FileHashes())
     return hashlib.sha256(json.dumps([spec.model_dump(mode="json"), files], sort_keys=True).encode()).hexdigest()
 
@@ -139,11 +142,15 @@ def prepare_tokenizer(plan: DataPlan, out: Path, hashes: FileHashes | None = Non
     return Tokenizer.from_dir(out)
 
 
-def _training_text(plan: DataPlan, max_chars: int):
-    """The pretraining documents, streamed in source order until `max_chars` (BPE training reads them once)."""
+def _training_text(plan: DataPlan, max_chars: int | None):
+    """The pretraining documents, streamed in source order (all of them, or until `max_chars`):
+    BPE training reads them once, as they come."""
     from pipelines.data.pretrain import iter_documents
     from pipelines.data.sources import SourceStats
 
+    if max_chars is None:
+        yield from iter_documents(plan, SourceStats())
+        return
     budget = max_chars
     for doc in iter_documents(plan, SourceStats()):
         yield doc[:budget]
