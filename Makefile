@@ -28,9 +28,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/relaygpt run jobs/tiny-assistant.yaml
 
-# Two pytest-xdist workers: the multi-process tests in order on one, the rest shared out (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests --ignore=tests/perf --durations=25
+	$(BIN)/python -m pytest -q tests --ignore=tests/perf --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -s tests/perf -o python_files="bench_*.py test_*.py"

@@ -171,12 +171,3 @@ def _stop_process_group(proc: subprocess.Popen, grace: float = 10) -> None:
         pass
     proc.wait()
 
-
-def pytest_collection_modifyitems(items):
-    """`make test` runs two pytest-xdist workers (`--dist loadgroup`). The tests that start
-    several processes (DeepSpeed ranks, relaygpt runs, the Ray head) form one group, run in
-    order on one worker, so they never compete with each other for the two cores; the
-    in-process tests share out over both workers."""
-    for item in items:
-        if item.get_closest_marker("slow") or "ray_head" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("processes"))
