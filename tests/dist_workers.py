@@ -13,8 +13,9 @@ def pipeline_losses(config_kwargs: dict, stage_counts: list[int], batch_seed: in
     from model.config import GPTConfig
     from model.gpt import GPT
     from model.pipe import build_pipeline, load_gpt_state
+    from pipelines.train.distributed import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()  # as training workers do: no JIT build of DeepSpeed's shm op, whose lock a killed process can leave behind
     config = GPTConfig(**config_kwargs)
     torch.manual_seed(0)
     reference = GPT(config)
@@ -38,12 +39,11 @@ def pipeline_losses(config_kwargs: dict, stage_counts: list[int], batch_seed: in
 
 def pipeline_layout(config_kwargs: dict, num_stages: int, partition_method: str) -> dict:
     """What this rank's PipelineModule holds: DeepSpeed's parts and its own parameter names."""
-    import deepspeed
-
     from model.config import GPTConfig
     from model.pipe import build_pipeline
+    from pipelines.train.distributed import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()  # as training workers do: no JIT build of DeepSpeed's shm op, whose lock a killed process can leave behind
     pipe = build_pipeline(GPTConfig(**config_kwargs), num_stages, partition_method=partition_method)
     return {"parts": list(pipe.parts), "params": sorted(name for name, _ in pipe.named_parameters())}
 
@@ -445,8 +445,9 @@ def pipeline_stage_document_masks(config_kwargs: dict) -> dict:
     from model.config import GPTConfig
     from model.gpt import GPT, lm_loss
     from model.pipe import build_pipeline, gpt_key, load_gpt_state
+    from pipelines.train.distributed import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()  # as training workers do: no JIT build of DeepSpeed's shm op, whose lock a killed process can leave behind
     config = GPTConfig(**config_kwargs)
     torch.manual_seed(0)
     reference = GPT(config)

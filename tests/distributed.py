@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 
@@ -43,14 +45,24 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # A rank that died without reporting (a crash in native code, a kill) fails the run
+                # now rather than at the deadline.
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} before reporting")
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result from ranks {sorted(set(range(world_size)) - set(results))} in {timeout:.0f} s")
+                continue
             if status == "ok":
                 results[rank] = value
             else:
                 errors.append(f"rank {rank}:\n{value}")
-                break
     finally:
         for p in procs:
             p.join(timeout=10 if not errors else 1)

@@ -107,18 +107,22 @@ def test_an_init_model_whose_template_the_job_tokenizer_lacks_is_refused_before_
     import yaml
 
     from cluster.plan import _init_tokenizers
+    from jobs.plan import data_plan
     from jobs.spec import load_job
     from pipelines.rundir import RunDir
 
     (tmp_path / "model").mkdir()
     shutil.copy(llama3_style_tokenizer / "tokenizer.json", tmp_path / "model" / "tokenizer.json")
     shutil.copy(llama3_style_tokenizer / "tokenizer_config.json", tmp_path / "model" / "tokenizer_config.json")
-    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "model" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 128}))
     (tmp_path / "bare").mkdir()
     shutil.copy(llama3_style_tokenizer / "tokenizer.json", tmp_path / "bare" / "tokenizer.json")
     job = {"name": "t", "tokenizer": {"dir": "bare"}, "data": {"sft": {"sources": [{"type": "synthetic"}]}},
            "stages": {"sft": {"init": "model", "steps": 2}}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    problems = _init_tokenizers(load_job(tmp_path / "job.yaml"), RunDir(tmp_path / "run"))
+    loaded = load_job(tmp_path / "job.yaml")
+    problems = _init_tokenizers(loaded, RunDir(tmp_path / "run"), data_plan(loaded))
     assert len(problems) == 1 and problems[0].startswith("stages.sft.init:")
     assert "has its own chat template, the job's tokenizer relaygpt's chat template" in problems[0]

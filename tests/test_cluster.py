@@ -95,7 +95,8 @@ def test_the_main_job_end_to_end(ray_head, tmp_path):
     # and eval re-run (eval: the tuned model only), and generation progress is redrawn in place.
     # (Which stages a changed input re-runs without --from-stage: tests/test_inputs.py.)
     code, screen = relaygpt_on_a_terminal("run", JOB, "--out", out, "--address", ray_head.address,
-                                          *_set("stages.sft.steps=8", "stages.eval.models=[assistant]", "stages.eval.limit=12"),
+                                          *_set("stages.sft.steps=8", "stages.sft.optimizer.warmup_steps=2",
+                                                "stages.eval.models=[assistant]", "stages.eval.limit=12"),
                                           "--from-stage", "sft", env=ray_head.env)
     assert code == 0, screen[-3000:]
     last = screen.replace("\r\n", "\n").split("\n")
