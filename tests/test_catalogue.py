@@ -404,6 +404,12 @@ def dpo_cases() -> list[Case]:
     cases.append(Case("eval of dpo without a dpo stage", _set("stages.eval.models=[assistant, dpo]"),
                       ["stages.eval.models[1]: 'dpo' is the DPO export, but the job has no dpo stage"]))
     cases.append(Case("dpo without data.dpo", _set("data.dpo=null"), ["stages.dpo: needs a data.dpo section"], files={"job.yaml": job}))
+    for assignment, needle in [
+            ("data.synthetic.held_out_preference_facts=[birthplace]",
+             "data.synthetic: held_out_preference_facts: 'birthplace' is not among facts ['city', 'pet', 'color']"),
+            ("data.synthetic.sft_facts=[city, city]", "data.synthetic: sft_facts lists a fact twice"),
+            ("data.synthetic.facts=[city, age]", "data.synthetic.facts[1]: Input should be 'city', 'pet', 'color' or 'birthplace'")]:
+        cases.append(Case(f"synthetic {assignment}", _set(assignment), [needle], files={"job.yaml": job}))
     return cases
 
 

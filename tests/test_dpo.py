@@ -7,6 +7,7 @@ Bad pairs and bad settings are in tests/test_catalogue.py (dpo_cases)."""
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -197,3 +198,48 @@ def test_the_shipped_held_out_pairs_are_the_generators():
     held_out = {p.name for p in synthetic.build_world(0, 48, 0.25).held_out_people}
     assert len(shipped) == 3 * len(held_out) and all(row["chosen"] != row["rejected"] for row in shipped)
     assert load_task(str(jobs / "tasks" / "tiny-world-preference.yaml")).metric == "preference_accuracy"
+    # The birthplace tasks of jobs/tiny-assistant-dpo.yaml: the held-out people's birthplace against their home city.
+    world = synthetic.build_world(0, 48, 0.25)
+    pairs = [json.loads(line) for line in (jobs / "tasks" / "tiny-world-birthplace.jsonl").read_text().splitlines()]
+    assert pairs == synthetic.held_out_preference_pairs(world, 0, facts=("birthplace",))
+    homes = {p.name: (p.birthplace, p.city) for p in world.held_out_people}
+    assert [(row["chosen"], row["rejected"]) for row in pairs] == [homes[n] for n in sorted(homes, key=[p.name for p in world.people].index)]
+    questions = [json.loads(line) for line in (jobs / "tasks" / "tiny-world-birthplace-questions.jsonl").read_text().splitlines()]
+    assert questions == [{"question": e["messages"][-1]["content"], "answer": e["answer"]}
+                         for e in synthetic.eval_examples(world, ("birthplace",))]
+    assert load_task(str(jobs / "tasks" / "tiny-world-birthplace.yaml")).metric == "preference_accuracy"
+    assert load_task(str(jobs / "tasks" / "tiny-world-birthplace-questions.yaml")).style == "chat"
+
+
+def test_the_birthplace_world_leaves_the_main_demo_as_it_was():
+    """Birthplaces come from a stream of their own and only the jobs that name them state or ask
+    them: the default facts give the same corpus, conversations and pairs as before birthplaces
+    existed (their digest, pinned), and the preference demo's SFT set never asks about them."""
+    import hashlib
+
+    from pipelines.data import synthetic
+
+    world = synthetic.build_world(0, 48, 0.25)
+    assert all(p.birthplace and p.birthplace != p.city for p in world.people)
+    default = synthetic.pretrain_documents(world, 0, 48, 300)
+    assert "born" not in " ".join(default) and hashlib.sha256("".join(default).encode()).hexdigest()[:16] == "4eb2b0191b5e3b74"
+    every = (synthetic.sft_conversations(world, 0) + synthetic.preference_pairs(world, 0)
+             + synthetic.held_out_preference_pairs(world, 0) + synthetic.eval_examples(world))
+    assert hashlib.sha256(json.dumps(every).encode()).hexdigest()[:16] == "6c77cb1702c4c12d"
+    facts = ("city", "pet", "color", "birthplace")
+    corpus = " ".join(synthetic.pretrain_documents(world, 0, 4, 0, facts=facts))
+    assert all(corpus.count(p.birthplace) >= 1 for p in world.people)
+    sft = " ".join(m["content"] for c in synthetic.sft_conversations(world, 0, facts=facts[:3]) for m in c["messages"])
+    assert "originally" not in sft and "born" not in sft
+    pairs = synthetic.preference_pairs(world, 0, facts=facts)
+    born = [r for r in pairs if r["prompt"][0]["content"] in
+            {q.format(p=p.name) for p in world.people for q in synthetic.QUESTION_TEMPLATES["birthplace"]}]
+    assert len(born) == 3 * len(world.train_people)
+    assert not [r for r in born for p in world.held_out_people if p.name in r["prompt"][0]["content"]]
+    by_name = {p.name: p for p in world.people}
+    for r in pairs:  # where both cities are asked about, each is the other's wrong answer
+        person = next(by_name[w] for w in re.findall(r"[A-Z][a-z]+", r["prompt"][0]["content"]) if w in by_name)
+        if r in born:
+            assert (r["chosen"], r["rejected"]) == (person.birthplace, person.city)
+        elif r["chosen"] == person.city:
+            assert r["rejected"] == person.birthplace

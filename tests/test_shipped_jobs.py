@@ -26,7 +26,7 @@ EXPECTED = {
     "tiny-assistant-dpo.yaml": {  # DPO: 16 pairs of 2 rows of 64 tokens a step
         "pretrain": (1024, 2, 1, 2, 8, 1, 16, 128, 2048, 1000, "fp32", "cpu"),
         "sft": (1024, 2, 1, 2, 8, 1, 16, 128, 2048, 150, "fp32", "cpu"),
-        "dpo": (1024, 2, 1, 2, 8, 1, 16, 64, 2048, 100, "fp32", "cpu")},
+        "dpo": (1024, 2, 1, 2, 8, 1, 16, 64, 2048, 150, "fp32", "cpu")},
     "gpt2-124m.yaml": {  # 2e9 tokens / (512 x 1024) = 3814.7 -> 3815 steps
         "pretrain": (GPT2_IDS, 8, 1, 8, 32, 2, 512, 1024, 524288, 3815, "bf16", "cuda"),
         "sft": (GPT2_IDS, 8, 1, 8, 16, 1, 128, 1024, 131072, 1000, "bf16", "cuda")},

@@ -157,14 +157,40 @@ class PreferenceDataSpec(Strict):
                                 "ones are cut at the end, counted); default the model's block_size")
 
 
+Fact = Literal["city", "pet", "color", "birthplace"]
+FACTS_DEFAULT = ["city", "pet", "color"]
+
+
 class SyntheticSpec(Strict):
     """The offline demo world (pipelines/data/synthetic.py)."""
 
     seed: int = Field(0, ge=0, le=2**32 - 1, description="0 to 2**32 - 1")
     num_people: int = Field(48, ge=4)
     held_out_fraction: float = Field(0.25, gt=0, lt=1)
-    mentions_per_fact: int = Field(48, ge=1, description="biographies per person in pretraining (each states all three facts, in random order and phrasing)")
+    mentions_per_fact: int = Field(48, ge=1, description="biographies per person in pretraining (each states all its facts, in random order and phrasing)")
     num_arithmetic: int = Field(300, ge=0)
+    facts: list[Fact] = Field(default_factory=lambda: list(FACTS_DEFAULT), min_length=1,
+                              description="what the pretraining biographies state: city, pet, color, birthplace")
+    sft_facts: list[Fact] = Field(default_factory=lambda: list(FACTS_DEFAULT), min_length=1,
+                                  description="what the instruction set and the held-out `synthetic` questions ask about")
+    preference_facts: list[Fact] = Field(default_factory=lambda: list(FACTS_DEFAULT), min_length=1,
+                                         description="what the DPO pairs (training people) ask about")
+    held_out_preference_facts: list[Fact] = Field(default_factory=lambda: list(FACTS_DEFAULT), min_length=1,
+                                                  description="what the held-out preference pairs (RUN/data/dpo/held_out_pairs.jsonl) ask about")
+
+    @model_validator(mode="after")
+    def _asked_facts_are_stated(self):
+        for name in ("sft_facts", "preference_facts", "held_out_preference_facts"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a fact twice: {values}")
+            unknown = [f for f in values if f not in self.facts]
+            if unknown:
+                raise ValueError(f"{name}: {unknown[0]!r} is not among facts {self.facts}; pretraining never states it, "
+                                 "so no model could know it")
+        if len(set(self.facts)) != len(self.facts):
+            raise ValueError(f"facts lists a fact twice: {self.facts}")
+        return self
 
 
 class DataSpec(Strict):

@@ -221,7 +221,7 @@ def _write_held_out(plan: DataPlan, directory: Path) -> str:
 
     spec = plan.data.synthetic
     world = synthetic.build_world(spec.seed, spec.num_people, spec.held_out_fraction)
-    rows = synthetic.held_out_preference_pairs(world, spec.seed)
+    rows = synthetic.held_out_preference_pairs(world, spec.seed, facts=tuple(spec.held_out_preference_facts))
     (directory / HELD_OUT).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return HELD_OUT
 

@@ -302,10 +302,11 @@ def _synthetic_records(plan: DataPlan, role: str) -> list:
     spec = plan.data.synthetic
     world = synthetic.build_world(spec.seed, spec.num_people, spec.held_out_fraction)
     if role == "pretrain":
-        return [{"text": d} for d in synthetic.pretrain_documents(world, spec.seed, spec.mentions_per_fact, spec.num_arithmetic)]
+        return [{"text": d} for d in synthetic.pretrain_documents(world, spec.seed, spec.mentions_per_fact, spec.num_arithmetic,
+                                                                    facts=tuple(spec.facts))]
     if role == "dpo":
-        return synthetic.preference_pairs(world, spec.seed)
-    return synthetic.sft_conversations(world, spec.seed)
+        return synthetic.preference_pairs(world, spec.seed, facts=tuple(spec.preference_facts))
+    return synthetic.sft_conversations(world, spec.seed, facts=tuple(spec.sft_facts))
 
 
 def _inline_parts(records: list, block_bytes: int) -> Iterator[tuple[dict, int]]:

@@ -325,7 +325,8 @@ def _synthetic_task(s, limit: int | None) -> Task:
     if s is None:
         raise RelayError("task 'synthetic' needs a job file (it is the job's held-out synthetic questions)")
     world = synthetic.build_world(s.seed, s.num_people, s.held_out_fraction)
-    examples = [{"input": e["messages"][-1]["content"], "messages": e["messages"], "target": e["answer"]} for e in synthetic.eval_examples(world)]
+    examples = [{"input": e["messages"][-1]["content"], "messages": e["messages"], "target": e["answer"]}
+                for e in synthetic.eval_examples(world, tuple(s.sft_facts))]
     return Task(name="synthetic", metric="exact_match", style="chat", max_new_tokens=16, examples=examples[:limit] if limit else examples)
 
 
