@@ -206,7 +206,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from cluster.plan import check, cluster_problems, format_plan
+    from cluster.preflight import check, cluster_problems, format_plan
 
     job, run_dir = job_and_run_dir(args)
     run, problems = check(job, run_dir)

@@ -99,7 +99,7 @@ def run_job(job, run_dir: RunDir, options: RunOptions | None = None) -> dict:
     training on Ray Train, or the eval stage's generation pool.
     """
     from cluster.launch import choose_launcher
-    from cluster.plan import check_local_resources, preflight
+    from cluster.preflight import check_local_resources, preflight
     from cluster.runtime import check_reachable, joins_a_cluster
 
     o = options or RunOptions()
@@ -125,7 +125,7 @@ def run_job(job, run_dir: RunDir, options: RunOptions | None = None) -> dict:
 
 
 def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
-    from cluster.plan import check_resources
+    from cluster.preflight import check_resources
     from pipelines.inputs import FileHashes, describe_change
 
     job, run_dir = ctx.job, run.run_dir

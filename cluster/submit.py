@@ -86,7 +86,7 @@ def submit(job, address: str, *, run_dir, run_id: str = "default", out: str | No
     """Submit `job` to the Ray cluster at `address` (http://host:8265); returns the job id.
     `run_dir` (a RunDir) is where the run will write, checked here before anything is sent."""
     from cluster.launch import choose_launcher
-    from cluster.plan import preflight
+    from cluster.preflight import preflight
 
     preflight(job, run_dir)
     choose_launcher(job.cluster, joins_a_cluster=True)  # the run joins the cluster: a local launcher is refused here

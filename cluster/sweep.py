@@ -29,7 +29,7 @@ from model.atomic import write_text_atomically
 
 def run_sweep(sweep, out_dir: Path, *, address: str | None = None, show=print) -> dict:
     """Every point of `sweep`, measured or skipped with its reason; returns the sweep summary."""
-    from cluster.plan import check
+    from cluster.preflight import check
     from cluster.runtime import ray_session
     from jobs.sweep import expand_points
 
@@ -64,7 +64,7 @@ def _point_dir(out_dir: Path, point):
 
 
 def _measured_or_run(sweep, point, out_dir: Path, row: dict, show) -> dict:
-    from cluster.plan import check_resources
+    from cluster.preflight import check_resources
 
     record = out_dir / "points" / point.id / "point.json"
     if record.exists():

@@ -106,7 +106,7 @@ def test_an_init_model_whose_template_the_job_tokenizer_lacks_is_refused_before_
     with relaygpt's role tokens: preflight names stages.sft.init and says which template is whose."""
     import yaml
 
-    from cluster.plan import _init_tokenizers
+    from cluster.preflight import _init_tokenizers
     from jobs.plan import data_plan
     from jobs.spec import load_job
     from pipelines.rundir import RunDir

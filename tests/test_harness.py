@@ -113,7 +113,7 @@ def test_a_harness_task_without_lm_eval_is_refused_in_one_line(scored, capsys, t
     # In a job's eval stage: named by preflight with its place in the list.
     import yaml
 
-    from cluster.plan import _eval_inputs
+    from cluster.preflight import _eval_inputs
     from jobs.spec import load_job
     from pipelines.rundir import RunDir
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.plan import check
+from cluster.preflight import check
 from jobs.spec import load_job
 from pipelines.rundir import RunDir
 from pipelines.train.memory import stage_memory
@@ -92,7 +92,7 @@ def test_sft_starts_from_the_pretrain_export_of_the_same_run(tmp_path):
 
 
 def test_dpo_starts_from_the_sft_export_and_the_plan_says_how_the_reference_is_kept(tmp_path):
-    from cluster.plan import format_plan
+    from cluster.preflight import format_plan
 
     job = load_job(REPO / "jobs" / "tiny-assistant-dpo.yaml")
     run, problems = check(job, RunDir(tmp_path / "run"))

@@ -142,7 +142,7 @@ def test_the_pipeline_cut_moves_to_fit_a_stated_gpu_memory(tmp_path):
     stage 0 (the head weighs as much). With a device memory that stage 0 of that cut exceeds,
     the plan takes the most balanced cut in which both stages fit, and says so; with a memory
     no cut fits, the compute cut stays and the fit check names the stage."""
-    from cluster.plan import check, format_plan
+    from cluster.preflight import check, format_plan
     from jobs.plan import resolve_plan
     from pipelines.rundir import RunDir
     from pipelines.train.memory import stage_memory
