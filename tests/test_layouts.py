@@ -162,8 +162,12 @@ def test_compiled_training_keeps_the_losses(engine_job, plain, scope, layout):
     assert "compiled_blocks" not in plain[1]["result"] or plain[1]["result"]["compiled_blocks"] == 0
     ours, reference = weights(run), weights(plain[0])
     assert ours.keys() == reference.keys()
+    # Weights to 1e-4 (3 % of one step at lr 3e-3), not 1e-5: Adam divides each gradient by its own
+    # running RMS, so where a gradient is near zero (a bias late in training) the compiled kernels'
+    # rounding-level differences move a weight by up to ~2e-5 over 6 steps on this CPU, while the
+    # losses agree to 1e-6.
     for name in reference:
-        assert torch.allclose(ours[name], reference[name], atol=1e-5), name
+        assert torch.allclose(ours[name], reference[name], atol=1e-4), name
 
 
 def test_a_compiled_pipeline_stage_keeps_the_losses(engine_job):
