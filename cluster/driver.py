@@ -105,7 +105,10 @@ def run_job(job, run_dir: RunDir, options: RunOptions | None = None) -> dict:
     o = options or RunOptions()
     if o.from_stage is not None and o.from_stage not in stages_of(job):
         raise RelayError(f"--from-stage: {o.from_stage!r} is not a stage of this job ({', '.join(stages_of(job))})")
-    run = preflight(job, run_dir, o.from_stage)
+    from pipelines.inputs import FileHashes
+
+    hashes = FileHashes(run_dir.input_hashes)  # one per run: pre-flight and the fingerprints read each input file once
+    run = preflight(job, run_dir, o.from_stage, hashes)
     address = o.address or job.cluster.address
     if address:
         check_reachable(address)
@@ -120,17 +123,16 @@ def run_job(job, run_dir: RunDir, options: RunOptions | None = None) -> dict:
 
             o.show(f"[run] Ray, DeepSpeed and worker output: {run_dir.log_file}")
             with output_to(run_dir.log_file):
-                return _run_stages(ctx, run, o.resume, o.from_stage)
-        return _run_stages(ctx, run, o.resume, o.from_stage)
+                return _run_stages(ctx, run, o.resume, o.from_stage, hashes)
+        return _run_stages(ctx, run, o.resume, o.from_stage, hashes)
 
 
-def _run_stages(ctx: Driving, run, resume: bool, from_stage) -> dict:
+def _run_stages(ctx: Driving, run, resume: bool, from_stage, hashes) -> dict:
     from cluster.preflight import check_resources
-    from pipelines.inputs import FileHashes, describe_change
+    from pipelines.inputs import describe_change
 
     job, run_dir = ctx.job, run.run_dir
     write_text_atomically(run_dir.job_file, yaml.safe_dump(run.job, sort_keys=False))
-    hashes = FileHashes(run_dir.input_hashes)
     inputs = stage_inputs(job, hashes, run.data)
     hashes.save()
     prints = fingerprints(job, inputs)

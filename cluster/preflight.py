@@ -15,9 +15,10 @@ from pipelines.rundir import TRAINING_STAGES
 from pipelines.train.memory import GIB, stage_memory
 
 
-def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, list[str]]:
+def check(job, run_dir, from_stage: str | None = None, hashes=None) -> tuple[object | None, list[str]]:
     """(the RunPlan, or None when it cannot be made; every problem found). `from_stage`: the
-    stages from it on are made again, so their old state in the run directory is not read."""
+    stages from it on are made again, so their old state in the run directory is not read.
+    `hashes`: the run's file hashes (pipelines/inputs.FileHashes), shared with its fingerprints."""
     from jobs.plan import resolve_plan
     from pipelines.run_state import run_dir_problems
 
@@ -30,11 +31,11 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
     run = None
     if not problems:
         try:
-            run = resolve_plan(job, run_dir)
+            run = resolve_plan(job, run_dir, hashes=hashes)
         except RelayError as exc:
             problems.append(str(exc))
     if run is not None:
-        problems += _init_tokenizers(job, run_dir, run.data)
+        problems += _init_tokenizers(job, run_dir, run.data, hashes)
     if job.stages.eval is not None:  # the eval stage's tasks and their data (the plan does not need them)
         problems += _eval_inputs(job, run_dir)
     if run is not None:
@@ -48,7 +49,7 @@ def check(job, run_dir, from_stage: str | None = None) -> tuple[object | None, l
     return run, problems
 
 
-def _init_tokenizers(job, run_dir, data) -> list[str]:
+def _init_tokenizers(job, run_dir, data, hashes=None) -> list[str]:
     """A stage's `init` model must use the job's tokenizer (its embedding rows are that
     tokenizer's ids). Checked where the job's tokenizer is known before preparing anything: named
     by the job, or already prepared; a tokenizer still to be trained is compared on rank 0."""
@@ -60,7 +61,7 @@ def _init_tokenizers(job, run_dir, data) -> list[str]:
     if not stages:
         return []
     try:
-        ours = known_tokenizer(data, run_dir.tokenizer)
+        ours = known_tokenizer(data, run_dir.tokenizer, hashes)
     except RelayError as exc:
         return [str(exc)]
     problems = []
@@ -92,9 +93,9 @@ def _deepspeed_extra(job) -> list[str]:
     return problems
 
 
-def preflight(job, run_dir, from_stage: str | None = None):
+def preflight(job, run_dir, from_stage: str | None = None, hashes=None):
     """The resolved plan, or a RelayError listing every problem (before Ray starts)."""
-    run, problems = check(job, run_dir, from_stage)
+    run, problems = check(job, run_dir, from_stage, hashes)
     if problems:
         raise RelayError(problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems))
     return run

@@ -27,16 +27,20 @@ def device_of(job) -> str:
 
 
 def resolve_plan(job, run_dir: RunDir, *, vocab_size: int | None = None, vocab_exact: bool = True,
-                 device: str | None = None) -> RunPlan:
+                 device: str | None = None, hashes=None) -> RunPlan:
     """The job's plan for `run_dir`. `vocab_size` is the run's tokenizer size, from the tokenizer
     step where it ran (prepare_data; the driver after its data stage): then nothing is read but the
     config of an `init` model. Without it, the size is looked up (the prepared tokenizer when its
-    inputs' fingerprint is current, else the one the job names, else a trained one's target)."""
+    inputs' fingerprint is current, else the one the job names, else a trained one's target);
+    `hashes` (pipelines/inputs.FileHashes): the run's, so its files are hashed once a run; by
+    default the run directory's cache, read and never written."""
     from pipelines.data.prepare import tokenizer_vocabulary
 
     data = data_plan(job)
     if vocab_size is None:  # the tokenizer step: the prepared tokenizer when current, else the named one or a target
-        vocab_size, vocab_exact = tokenizer_vocabulary(data, run_dir.tokenizer)
+        from pipelines.inputs import FileHashes
+
+        vocab_size, vocab_exact = tokenizer_vocabulary(data, run_dir.tokenizer, hashes or FileHashes(run_dir.input_hashes))
     device = device or device_of(job)
     # The pipeline cut may move to fit a stated GPU memory (never the host's: the plan must not
     # depend on the machine it is resolved on).

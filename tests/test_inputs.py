@@ -192,3 +192,33 @@ def test_the_eval_stage_fingerprint_covers_its_task_files_data_and_models(tmp_pa
     assert after["eval"] != before["eval"] and {k: after[k] for k in ("data", "pretrain")} == {k: before[k] for k in ("data", "pretrain")}
     (tmp_path / "other" / "model.safetensors").write_bytes(b"\x01" * 8)
     assert fingerprints(job)["eval"] != after["eval"]
+
+
+def test_a_run_reads_each_input_file_once_for_its_plan_and_its_fingerprints(tmp_path, monkeypatch):
+    """A tokenizer trained on the corpus: pre-flight's plan asks whether the prepared tokenizer is
+    current (a digest of the corpus), the driver fingerprints the stages (the same digest). With
+    the run's one FileHashes they read the corpus once; `relaygpt plan` reads the run's cache."""
+    import pipelines.inputs
+    from cluster.preflight import check
+    from pipelines.rundir import RunDir
+
+    (tmp_path / "corpus").mkdir()
+    corpus = tmp_path / "corpus" / "a.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    _age(corpus)
+    job = {"name": "fp", "model": {"preset": "tiny", "block_size": 32}, "tokenizer": {"train": {"vocab_size": 600}},
+           "data": {"num_proc": 1, "pretrain": {"sources": [{"type": "text", "path": "corpus/*.txt"}]}},
+           "stages": {"pretrain": {"steps": 2}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    loaded, run_dir = load_job(tmp_path / "job.yaml"), RunDir(tmp_path / "run")
+    reads = []
+    real = pipelines.inputs.sha256_of
+    monkeypatch.setattr(pipelines.inputs, "sha256_of", lambda path: reads.append(path.name) or real(path))
+    hashes = FileHashes(run_dir.input_hashes)
+    run, problems = check(loaded, run_dir, hashes=hashes)
+    assert not problems and not run.vocab_exact and reads == ["a.txt"]
+    stage_inputs(loaded, hashes, run.data)
+    assert reads == ["a.txt"]
+    hashes.save()
+    check(loaded, run_dir)  # relaygpt plan: a new process, the run's cache
+    assert reads == ["a.txt"]

@@ -91,11 +91,12 @@ def _prepared_tokenizer(out: Path, fingerprint: str) -> Tokenizer | None:
     return None
 
 
-def tokenizer_vocabulary(plan: DataPlan, tokenizer_dir: Path) -> tuple[int, bool]:
+def tokenizer_vocabulary(plan: DataPlan, tokenizer_dir: Path, hashes: FileHashes | None = None) -> tuple[int, bool]:
     """(ids the run's tokenizer has, exact?) without preparing anything: the prepared tokenizer
     when it is current, else the one the job names; a tokenizer still to be trained counts its
-    target size, not exact (a small corpus can give fewer merges)."""
-    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(plan))
+    target size, not exact (a small corpus can give fewer merges). `hashes`: the run's file
+    hashes, so a file the run also fingerprints is read once."""
+    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(plan, hashes))
     if prepared is not None:
         return prepared.n_vocab, True
     spec = plan.tokenizer
@@ -104,10 +105,10 @@ def tokenizer_vocabulary(plan: DataPlan, tokenizer_dir: Path) -> tuple[int, bool
     return _load_named_tokenizer(plan).n_vocab, True
 
 
-def known_tokenizer(plan: DataPlan, tokenizer_dir: Path) -> Tokenizer | None:
+def known_tokenizer(plan: DataPlan, tokenizer_dir: Path, hashes: FileHashes | None = None) -> Tokenizer | None:
     """The run's tokenizer where it is known without preparing anything (prepared and current,
     or named by the job); None for one still to be trained."""
-    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(plan))
+    prepared = _prepared_tokenizer(Path(tokenizer_dir), _tokenizer_fingerprint(plan, hashes))
     if prepared is not None:
         return prepared
     return None if plan.tokenizer.train is not None else _load_named_tokenizer(plan)
