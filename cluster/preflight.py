@@ -28,6 +28,9 @@ def check(job, run_dir, from_stage: str | None = None, hashes=None) -> tuple[obj
 
     problems = run_dir_problems(run_dir.root, order[1:], rerun) + missing_inputs(job, run_dir) + _deepspeed_extra(job) \
         + missing_packages(job.tracking)
+    from pipelines.inputs import FileHashes
+
+    hashes = hashes or FileHashes(run_dir.input_hashes)  # `relaygpt plan`: the run's cache, read only; one for both lookups
     run = None
     if not problems:
         try:
